@@ -1,0 +1,281 @@
+"""Noise schedules, the denoiser wrappers, training targets and guidance.
+
+Samplers (samplers.py) work in the variance-exploding (VE) scaling of k-diffusion: x = x0 +
+sigma * noise. Networks trained as DDPMs see the variance-preserving (VP) input
+x_vp = x / sqrt(sigma^2 + 1) at the discrete timestep t with sigma(t) = sqrt((1 - a_t) / a_t),
+a_t = alphas_cumprod[t]. `Denoiser` turns such a network into `denoiser(x, sigma) -> x0`
+(k-diffusion's `DiscreteEpsDDPMDenoiser`); guidance is one more wrapper around it.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _check(name, value, accepted):
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(accepted)}")
+
+
+@dataclass
+class ScheduleConfig:
+    """The training noise schedule and the inference timestep rule (diffusers' scheduler_config)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = False
+
+    def __post_init__(self):
+        _check("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 2")
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "ScheduleConfig":
+        """From a diffusers scheduler_config.json dict; keys we do not model are ignored, keys
+        that would change the math in a way we cannot express raise ValueError."""
+        if config.get("trained_betas") is not None:
+            raise ValueError("trained_betas is not supported; accepted: beta_schedule "
+                             f"in {', '.join(BETA_SCHEDULES)}")
+        if config.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr=True is not supported; accepted: False")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_diffusers(self) -> dict:
+        return asdict(self)
+
+
+def _betas(cfg: ScheduleConfig) -> torch.Tensor:
+    T = cfg.num_train_timesteps
+    if cfg.beta_schedule == "linear":
+        return torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float32)
+    if cfg.beta_schedule == "scaled_linear":  # diffusers: linspace of sqrt(beta), squared
+        lin = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=torch.float32)
+        return lin**2
+
+    # squaredcos_cap_v2: diffusers betas_for_alpha_bar (Nichol & Dhariwal cosine), beta <= 0.999
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+class NoiseSchedule:
+    """A discrete DDPM schedule seen as VE noise levels sigma(t), t = 0..T-1 (float32, CPU)."""
+
+    def __init__(self, config: ScheduleConfig | None = None):
+        self.config = config or ScheduleConfig()
+        self.num_train_timesteps = self.config.num_train_timesteps
+        # computed exactly as diffusers does (float32 cumprod), so sigmas agree bit for bit
+        self.betas = _betas(self.config)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timestep of `sigma`, interpolating linearly in log-sigma (diffusers'
+        `_sigma_to_t`, k-diffusion's `sigma_to_t`); clamped to [0, T-1]."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigma = sigma.clamp(min=1e-10).log()
+        low = torch.searchsorted(log_sigmas, log_sigma.reshape(-1).contiguous(), right=True) - 1
+        low = low.clamp(0, log_sigmas.shape[0] - 2).reshape(log_sigma.shape)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+    def t_to_sigma(self, t) -> torch.Tensor:
+        """sigma at (fractional) timesteps t, linear in sigma between integers (as diffusers'
+        Euler family); float32."""
+        t = torch.as_tensor(t, dtype=torch.float32)
+        return torch.from_numpy(self.interp_sigmas(t.cpu().numpy())).float().to(t.device)
+
+    def timesteps(self, steps: int, *, multistep: bool = False, rounded: bool = True) -> np.ndarray:
+        """The inference timesteps (descending, float64) of diffusers' `set_timesteps` under
+        the config's `timestep_spacing`. `multistep`: the DPMSolver/UniPC rule (steps + 1 points,
+        the last dropped); `rounded=False`: the Euler family's unrounded float32 linspace.
+        numpy, as in diffusers, so the float rounding agrees."""
+        cfg, T, n = self.config, self.num_train_timesteps, steps
+        if cfg.timestep_spacing == "linspace":
+            if multistep:
+                return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy()
+            ts = np.linspace(0, T - 1, n)
+            ts = ts.round() if rounded else ts.astype(np.float32).astype(np.float64)
+            return ts[::-1].copy()
+        if cfg.timestep_spacing == "leading":
+            if multistep:
+                ratio = T // (n + 1)
+                ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1]
+            else:
+                ts = (np.arange(0, n) * (T // n)).round()[::-1]
+            return (ts + cfg.steps_offset).astype(np.float64)
+        return (np.round(np.arange(T, 0, -T / n)) - 1).astype(np.float64)  # trailing
+
+    def interp_sigmas(self, timesteps) -> np.ndarray:
+        """sigma at fractional timesteps, linear in sigma (np.interp, as diffusers), float64."""
+        sig = self.sigmas.numpy()
+        return np.interp(np.asarray(timesteps, dtype=np.float64), np.arange(len(sig)), sig)
+
+    def snr(self, t) -> torch.Tensor:
+        """Signal-to-noise ratio a_t / (1 - a_t) = 1 / sigma(t)^2 at integer timesteps."""
+        t = torch.as_tensor(t)
+        a = self.alphas_cumprod.to(t.device)[t.long()]
+        return a / (1 - a)
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) or () -> (B, 1, ..., 1) to broadcast against x."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser:
+    """`denoiser(x, sigma, **cond) -> x0` around `model(x_in, t, **cond)` trained as a DDPM.
+
+    x is VE-scaled; the model sees x_in = x / sqrt(sigma^2 + 1) at t = sigma_to_t(sigma), rounded
+    when `quantize_t` (diffusers' integer timesteps). The prediction type (default: the
+    schedule's) is converted to x0 here, so samplers never branch on it. `clip_denoised` clamps
+    x0 (diffusers' clip_sample).
+    """
+
+    def __init__(self, model, schedule: NoiseSchedule, prediction_type: str | None = None,
+                 quantize_t: bool = False, clip_denoised: float | None = None):
+        prediction_type = prediction_type or schedule.config.prediction_type
+        _check("prediction_type", prediction_type, PREDICTION_TYPES)
+        self.model, self.schedule = model, schedule
+        self.prediction_type, self.quantize_t = prediction_type, quantize_t
+        self.clip_denoised = clip_denoised
+
+    def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.float()
+        t = self.schedule.sigma_to_t(sigma)
+        t = t.round() if self.quantize_t else t
+        s = _bcast(sigma, x)
+        c_in = (s**2 + 1) ** -0.5
+        out = self.model((x * c_in).to(dtype), t, **cond).float()
+        if self.prediction_type == "epsilon":
+            x0 = x - s * out
+        elif self.prediction_type == "v_prediction":  # x0 = sqrt(a) x_vp - sqrt(1-a) v
+            x0 = x * c_in**2 - s * c_in * out
+        else:
+            x0 = out
+        if self.clip_denoised is not None:
+            x0 = x0.clamp(-self.clip_denoised, self.clip_denoised)
+        return x0.to(dtype)
+
+
+class CFGDenoiser:
+    """Classifier-free guidance: uncond + g * (cond - uncond), both passes as ONE batch of 2B
+    ([uncond, cond], diffusers' order). `uncond` holds the unconditional kwargs (tensors with
+    batch dim 0, e.g. `context`); `cond` may be bound here or given per call. guidance == 1.0
+    runs the conditional pass alone."""
+
+    def __init__(self, denoiser, guidance: float, uncond: dict, cond: dict | None = None):
+        self.denoiser, self.guidance = denoiser, float(guidance)
+        self.uncond, self.cond = dict(uncond), dict(cond or {})
+
+    def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        cond = {**self.cond, **cond}
+        if self.guidance == 1.0:
+            return self.denoiser(x, sigma, **cond)
+        if set(cond) != set(self.uncond):
+            raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys "
+                             f"{sorted(self.uncond)}")
+        B = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
+        kw = {k: torch.cat([self.uncond[k], v]) if torch.is_tensor(v) else v
+              for k, v in cond.items()}
+        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **kw)  # (2B, ...)
+        uncond, cond_out = out.float().chunk(2)
+        return (uncond + self.guidance * (cond_out - uncond)).to(x.dtype)
+
+
+def cfg_denoiser(denoiser, guidance: float):
+    """Guidance for callers that batch the conditioning themselves: with guidance != 1 every
+    cond kwarg is (2B, ...) = [uncond; cond], x and sigma are (B,) and get doubled; with
+    guidance == 1 the kwargs are (B, ...) and the denoiser runs once as is."""
+    guidance = float(guidance)
+    if guidance == 1.0:
+        return denoiser
+
+    def guided(x, sigma, **cond):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **cond)  # (2B, ...)
+        uncond, cond_out = out.float().chunk(2)
+        return (uncond + guidance * (cond_out - uncond)).to(x.dtype)
+    return guided
+
+
+def _alpha_bar(schedule: NoiseSchedule, t, x: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod at integer timesteps t (scalar or (B,)), shaped to broadcast against x."""
+    t = torch.as_tensor(t, device=x.device).long()
+    return _bcast(schedule.alphas_cumprod.to(x.device)[t], x)
+
+
+def add_noise(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+    """Forward process in VP scaling at integer timesteps t (scalar or (B,)), diffusers'
+    `add_noise`: sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    a = _alpha_bar(schedule, t, x0)
+    return (a**0.5 * x0.float() + (1 - a) ** 0.5 * noise.float()).to(x0.dtype)
+
+
+def training_targets(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t,
+                     prediction_type: str = "epsilon"):
+    """(x_t, target): the VP-scaled model input at timesteps t and what the model should
+    predict (noise, v = sqrt(a) noise - sqrt(1-a) x0, or x0)."""
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
+    x_t = add_noise(schedule, x0, noise, t)
+    if prediction_type == "epsilon":
+        return x_t, noise
+    if prediction_type == "sample":
+        return x_t, x0
+    a = _alpha_bar(schedule, t, x0)
+    return x_t, (a**0.5 * noise.float() - (1 - a) ** 0.5 * x0.float()).to(x0.dtype)
+
+
+def snr(schedule: NoiseSchedule, t) -> torch.Tensor:
+    """Signal-to-noise ratio a_t / (1 - a_t) at integer timesteps t."""
+    return schedule.snr(t)
+
+
+def loss_weights(schedule: NoiseSchedule, t, prediction_type: str = "epsilon",
+                 min_snr_gamma: float | None = None) -> torch.Tensor:
+    """Per-sample MSE weights (B,): ones, or Min-SNR-gamma (Hang et al. 2023, as in diffusers'
+    train_text_to_image: min(snr, g) / snr for eps, / (snr + 1) for v, min(snr, g) for x0)."""
+    s = schedule.snr(t)
+    if min_snr_gamma is None:
+        return torch.ones_like(s)
+    clipped = s.clamp(max=min_snr_gamma)
+    if prediction_type == "epsilon":
+        return clipped / s
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1)
+    return clipped
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 (eq. 5) noise levels, descending, float64 (diffusers
+    `_convert_to_karras`)."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho

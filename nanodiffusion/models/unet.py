@@ -1,0 +1,322 @@
+"""UNet noise predictor with self/cross-attention (state-dict layout of diffusers'
+UNet2DConditionModel, so published weights load with strict=True)."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import Attention, FeedForward, TimestepEmbedding, timestep_embedding
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4                      # 9 for inpainting (latents, mask, masked latents)
+    out_channels: int = 4
+    block_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_levels: tuple = (True, True, True, False)  # per level: has transformer blocks
+    num_heads: tuple = (8, 8, 8, 8)           # attention heads per level (a number of heads)
+    mid_num_heads: int | None = None          # mid-block heads; None: the last level's
+    transformer_layers: int = 1
+    context_dim: int = 768
+    linear_projection: bool = False           # SD 2.x: proj_in / proj_out are Linear, not 1x1 conv
+    upcast_attention: bool = False            # SD 2.1: attention in float32
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    image_embed_dim: int | None = None        # unCLIP decoder: CLIP image embedding width
+    image_tokens: int = 4                     # extra context tokens made from the image embedding
+
+
+SD15 = UNetConfig()
+SD15_INPAINT = UNetConfig(in_channels=9)
+SD21 = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True,
+                  upcast_attention=True)
+SD2_BASE = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True)
+SD2_INPAINT = UNetConfig(in_channels=9, num_heads=(5, 10, 20, 20), context_dim=1024,
+                         linear_projection=True)
+TINY = UNetConfig(block_channels=(32, 64), layers_per_block=1, attention_levels=(False, True),
+                  num_heads=(2, 2), context_dim=32, norm_groups=8)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between (diffusers
+    `ResnetBlock2D`). Takes the time embedding already passed through SiLU (see UNet.forward)."""
+
+    def __init__(self, in_ch, out_ch, temb_dim, groups, eps):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # a 1x1 conv matches the channel count of the skip path only where it changes
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C, H, W)
+        h = h + self.time_emb_proj(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the context, GEGLU MLP
+    (diffusers `BasicTransformerBlock`)."""
+
+    def __init__(self, dim, num_heads, context_dim, upcast):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, num_heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, num_heads, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map -> tokens -> transformer blocks -> feature map, plus a residual
+    (diffusers `Transformer2DModel`, continuous input)."""
+
+    def __init__(self, ch, num_heads, context_dim, depth, groups, linear, upcast):
+        super().__init__()
+        self.linear = linear
+        # LDM's Normalize() in the spatial transformer uses eps 1e-6, unlike the ResBlocks
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        proj = (lambda: nn.Linear(ch, ch)) if linear else (lambda: nn.Conv2d(ch, ch, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(ch, num_heads, context_dim, upcast) for _ in range(depth)])
+        self.proj_out = proj()
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        # permute then reshape is a free view when x is channels-last
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, T, C)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.linear:
+            h = self.proj_out(h)
+        return h + x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with symmetric padding 1 (the UNet's; the VAE pads asymmetrically)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize then 3x3 conv. The target size is the skip tensor's, so odd
+    latent sizes come back to their size (diffusers passes `upsample_size` for that case)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+def _transformer(cfg, ch, num_heads):
+    return SpatialTransformer(ch, num_heads, cfg.context_dim, cfg.transformer_layers,
+                              cfg.norm_groups, cfg.linear_projection, cfg.upcast_attention)
+
+
+def _level_transformers(cfg, ch, level, count):
+    """One transformer after each ResBlock of a level with attention, none otherwise."""
+    if not cfg.attention_levels[level]:
+        return nn.ModuleList()
+    return nn.ModuleList([_transformer(cfg, ch, cfg.num_heads[level]) for _ in range(count)])
+
+
+class DownBlock(nn.Module):
+    """One resolution level on the way down (`CrossAttnDownBlock2D` or `DownBlock2D`)."""
+
+    def __init__(self, cfg, in_ch, out_ch, temb_dim, level, downsample):
+        super().__init__()
+        chans = [in_ch] + [out_ch] * cfg.layers_per_block
+        self.resnets = nn.ModuleList([ResBlock(a, out_ch, temb_dim, cfg.norm_groups, cfg.norm_eps)
+                                      for a in chans[:-1]])
+        self.attentions = _level_transformers(cfg, out_ch, level, len(self.resnets))
+        self.downsamplers = nn.ModuleList([Downsample(out_ch)] if downsample else [])
+
+    def forward(self, h, temb, context, skips):
+        """Appends every output the up path will concatenate back to `skips`."""
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if self.attentions:
+                h = self.attentions[i](h, context)
+            skips.append(h)
+        for down in self.downsamplers:
+            h = down(h)
+            skips.append(h)
+        return h
+
+
+class UpBlock(nn.Module):
+    """One resolution level on the way up (`CrossAttnUpBlock2D` or `UpBlock2D`): one more
+    ResBlock than the down level, each eating one skip tensor from the stack."""
+
+    def __init__(self, cfg, in_ch, skip_chans, out_ch, temb_dim, level, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        for skip_ch in skip_chans:
+            self.resnets.append(ResBlock(in_ch + skip_ch, out_ch, temb_dim, cfg.norm_groups,
+                                         cfg.norm_eps))
+            in_ch = out_ch
+        self.attentions = _level_transformers(cfg, out_ch, level, len(self.resnets))
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
+
+    def forward(self, h, temb, context, skips):
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)  # (B, C + Cskip, H, W) in
+            if self.attentions:
+                h = self.attentions[i](h, context)
+        for up in self.upsamplers:
+            h = up(h, skips[-1].shape[-2:])
+        return h
+
+
+class MidBlock(nn.Module):
+    """ResBlock, transformer, ResBlock at the lowest resolution (`UNetMidBlock2DCrossAttn`)."""
+
+    def __init__(self, cfg, ch, temb_dim):
+        super().__init__()
+        heads = cfg.mid_num_heads or cfg.num_heads[-1]
+        self.resnets = nn.ModuleList([ResBlock(ch, ch, temb_dim, cfg.norm_groups, cfg.norm_eps)
+                                      for _ in range(2)])
+        self.attentions = nn.ModuleList([_transformer(cfg, ch, heads)])
+
+    def forward(self, h, temb, context):
+        h = self.resnets[0](h, temb)
+        h = self.attentions[0](h, context)
+        return self.resnets[1](h, temb)
+
+
+class ImageProjection(nn.Module):
+    """CLIP image embedding -> `num_tokens` context tokens (diffusers `ImageProjection`,
+    Kandinsky 2.2's `encoder_hid_proj`)."""
+
+    def __init__(self, image_embed_dim, context_dim, num_tokens):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.image_embeds = nn.Linear(image_embed_dim, num_tokens * context_dim)
+        self.norm = nn.LayerNorm(context_dim)
+
+    def forward(self, e):
+        return self.norm(self.image_embeds(e).view(e.shape[0], self.num_tokens, -1))  # (B, S, D)
+
+
+class ImageTimeEmbedding(nn.Module):
+    """CLIP image embedding -> addition to the time embedding (diffusers `ImageTimeEmbedding`)."""
+
+    def __init__(self, image_embed_dim, temb_dim):
+        super().__init__()
+        self.image_proj = nn.Linear(image_embed_dim, temb_dim)
+        self.image_norm = nn.LayerNorm(temb_dim)
+
+    def forward(self, e):
+        return self.image_norm(self.image_proj(e))
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or v) in `x` at timestep `t`, attending to `context` tokens."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        cfg = self.config = config
+        chans, n = tuple(cfg.block_channels), len(cfg.block_channels)
+        for name in ("attention_levels", "num_heads"):
+            if len(getattr(cfg, name)) != n:
+                raise ValueError(f"UNetConfig.{name} has {len(getattr(cfg, name))} entries, "
+                                 f"expected one per level of block_channels ({n})")
+        temb_dim = 4 * chans[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
+        if cfg.image_embed_dim is not None:
+            self.encoder_hid_proj = ImageProjection(cfg.image_embed_dim, cfg.context_dim,
+                                                    cfg.image_tokens)
+            self.add_embedding = ImageTimeEmbedding(cfg.image_embed_dim, temb_dim)
+
+        # Channel counts of the skip tensors, in the order the down path pushes them; the up
+        # path pops them in reverse, which fixes every up ResBlock's input width.
+        skip_chans, ch = [chans[0]], chans[0]
+        self.down_blocks = nn.ModuleList()
+        for i, out_ch in enumerate(chans):
+            self.down_blocks.append(DownBlock(cfg, ch, out_ch, temb_dim, i, i < n - 1))
+            skip_chans += [out_ch] * (cfg.layers_per_block + (i < n - 1))
+            ch = out_ch
+        self.mid_block = MidBlock(cfg, ch, temb_dim)
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(n)):
+            popped = [skip_chans.pop() for _ in range(cfg.layers_per_block + 1)]
+            self.up_blocks.append(UpBlock(cfg, ch, popped, chans[i], temb_dim, i, i > 0))
+            ch = chans[i]
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    def _time_embed(self, t, x):
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"timesteps t must be a scalar or shape ({B},), got {tuple(t.shape)}")
+        emb = timestep_embedding(t, self.config.block_channels[0])  # (B, C0) float32
+        return self.time_embedding(emb.to(x.dtype))  # (B, 4*C0)
+
+    def _condition(self, emb, context, image_embeds):
+        """unCLIP decoder: image tokens go after any text tokens, and the image embedding is
+        also added to the time embedding (Kandinsky 2.2 `image_proj` + `image` addition)."""
+        if image_embeds is None:
+            if self.config.image_embed_dim is not None:
+                raise ValueError("this UNet has image_embed_dim set: pass image_embeds")
+            if context is None:
+                raise ValueError("UNet.forward needs context (B, S, context_dim)")
+            return emb, context
+        if self.config.image_embed_dim is None:
+            raise ValueError("image_embeds given but UNetConfig.image_embed_dim is None")
+        tokens = self.encoder_hid_proj(image_embeds)  # (B, image_tokens, D)
+        context = tokens if context is None else torch.cat([context, tokens], dim=1)  # (B, S, D)
+        return emb + self.add_embedding(image_embeds), context
+
+    def forward(self, x, t, context=None, image_embeds=None):
+        """x (B, in_channels, h, w), t scalar or (B,) (fractional allowed), context
+        (B, S, context_dim), image_embeds (B, image_embed_dim) -> (B, out_channels, h, w)."""
+        emb, context = self._condition(self._time_embed(t, x), context, image_embeds)
+        # every ResBlock's time projection starts with SiLU: apply it once here
+        temb = F.silu(emb)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, temb, context, skips)
+        h = self.mid_block(h, temb, context)
+        for block in self.up_blocks:
+            h = block(h, temb, context, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+# The bundled shapes model: 16x16x4 latents (f=4 VAE on 64 px), attention only at 8x8 and 4x4
+# (MEASUREMENTS.md: attention at the finest level costs most and is not needed here).
+SHAPES = UNetConfig(block_channels=(64, 128, 192), layers_per_block=1,
+                    attention_levels=(False, True, True), num_heads=(4, 4, 4), context_dim=128,
+                    norm_groups=32)

@@ -1,0 +1,291 @@
+"""The one place the parts meet: txt2img, img2img and inpainting over a text encoder, a UNet,
+a VAE and a sampler. The CLI, the server and the tests all call these methods.
+
+Seeds mean what they mean in diffusers on CPU: one CPU generator seeded with `seed` draws, in
+diffusers' order, the VAE posterior samples of init images, then the initial latents
+`randn((n, C, h, w))`, then the samplers' per-step noise; so a seed gives the image diffusers
+gives for the same model and sampler.
+"""
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import samplers
+from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from .pnginfo import format_parameters
+
+MAX_SIDE = 4096
+
+
+@dataclass
+class Defaults:
+    """What a model is meant to be run with; the CLI and server fill missing settings here."""
+    steps: int = 25
+    guidance: float = 7.5
+    sampler: str = "euler"
+    width: int = 512
+    height: int = 512
+
+
+def to_pil(x):
+    """(B, 3, H, W) in [-1, 1] -> list of PIL images (rounded like diffusers)."""
+    x = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in x]
+
+
+def from_pil(image, width=None, height=None):
+    """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos, as diffusers) when asked."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
+    image = image.convert("RGB")
+    if width and height and image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
+    return x.permute(2, 0, 1)[None] * 2 - 1  # (1, 3, H, W)
+
+
+def make_grid(images, rows=None):
+    """Paste equal-sized PIL images into a rows x cols contact sheet."""
+    n = len(images)
+    rows = rows or int(math.floor(math.sqrt(n)))
+    cols = math.ceil(n / rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _check_int(name, value, lo, hi):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _check_size(width, height, factor):
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v < factor or v > MAX_SIDE or v % factor:
+            raise ValueError(f"{name} must be a multiple of {factor} between {factor} and "
+                             f"{MAX_SIDE}, got {v!r}")
+
+
+def _check_guidance(guidance):
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or \
+            not 0 <= guidance <= 100:
+        raise ValueError(f"guidance must be a finite number in [0, 100], got {guidance!r}")
+
+
+class Pipeline:
+    """Stable Diffusion: text encoder + UNet + VAE + noise schedule, plus what to run by default.
+
+    `clip` (optional) is a full CLIP model (text and image towers) used for reranking and by
+    the unCLIP pipeline; it is not needed for txt2img.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig,
+                 defaults: Defaults = None, clip=None, name="model"):
+        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
+        self.tokenizer, self.schedule_config = tokenizer, schedule
+        self.schedule = NoiseSchedule(schedule)
+        self.defaults = defaults or Defaults()
+        self.clip, self.name = clip, name
+        self._prompt_cache = {}
+
+    @property
+    def vae_factor(self):
+        return 2 ** (len(self.vae.config.block_channels) - 1)
+
+    @property
+    def latent_channels(self):
+        return self.vae.config.latent_channels
+
+    # ---- text -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts):
+        """list of str -> token states (B, T, D); each distinct prompt is encoded once."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = self.tokenizer(missing, max_length=self.text_encoder.config.max_positions)
+            hidden, _ = self.text_encoder(ids.to(self._device))
+            for p, h in zip(missing, hidden):
+                self._prompt_cache[p] = h
+            while len(self._prompt_cache) > 256:  # bounded: a server sees endless prompts
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        return torch.stack([self._prompt_cache[p] for p in prompts])  # (B, T, D)
+
+    @property
+    def _device(self):
+        return next(self.unet.parameters()).device
+
+    # ---- public tasks -------------------------------------------------------------------
+    def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
+                 sampler=None, width=None, height=None, n=1, callback=None, preview=False,
+                 eta=None):
+        """txt2img: a list of `n` PIL images."""
+        width = self.defaults.width if width is None else width
+        height = self.defaults.height if height is None else height
+        _check_size(width, height, self.vae_factor)
+        return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
+                         preview, eta, size=(width, height))
+
+    def img2img(self, prompt, image, strength=0.6, negative_prompt="", seed=None, steps=None,
+                guidance=None, sampler=None, n=1, callback=None, preview=False, eta=None,
+                width=None, height=None):
+        """Start from `image` noised to `strength` (0 < strength <= 1): a list of `n` images."""
+        _check_strength(strength)
+        init = self._image_input(image, width, height)
+        return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
+                         preview, eta, init=init, strength=strength)
+
+    def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", seed=None,
+                steps=None, guidance=None, sampler=None, n=1, callback=None, preview=False,
+                eta=None, width=None, height=None):
+        """Repaint where `mask` is white (>= 128), keep the rest. 9-channel UNets see the mask;
+        other UNets get the known region blended back in at every step."""
+        _check_strength(strength)
+        init = self._image_input(image, width, height)
+        mask_t = _mask_input(mask, init.shape[-1], init.shape[-2])
+        return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
+                         preview, eta, init=init, strength=strength, mask=mask_t)
+
+    def _image_input(self, image, width, height):
+        w, h = width or image.size[0], height or image.size[1]
+        f = self.vae_factor
+        w, h = w - w % f, h - h % f  # as diffusers: the size rounded down to the VAE factor
+        _check_size(w, h, f)
+        return from_pil(image, w, h)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _settings(self, seed, steps, guidance, sampler, n):
+        steps = self.defaults.steps if steps is None else steps
+        guidance = self.defaults.guidance if guidance is None else guidance
+        sampler = self.defaults.sampler if sampler is None else sampler
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        _check_int("steps", steps, 1, 1000)
+        _check_int("n", n, 1, 64)
+        _check_int("seed", seed, 0, 2**63 - 1)
+        _check_guidance(guidance)
+        if sampler not in samplers.SAMPLER_NAMES:
+            raise ValueError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
+        return seed, steps, float(guidance), sampler
+
+    @torch.no_grad()
+    def _run(self, prompt, negative, seed, steps, guidance, sampler, n, callback, preview,
+             eta, size=None, init=None, strength=1.0, mask=None):
+        if not isinstance(prompt, str) or not isinstance(negative, str):
+            raise TypeError("prompt and negative_prompt must be strings")
+        seed, steps, guidance, sampler = self._settings(seed, steps, guidance, sampler, n)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        plan = samplers.plan(sampler, self.schedule, steps, strength=strength,
+                             **({"eta": eta} if eta is not None else {}))
+        cond = {"context": self._contexts(prompt, negative, n, guidance)}
+        w, h = size if size is not None else (init.shape[-1], init.shape[-2])
+        shape = (n, self.latent_channels, h // self.vae_factor, w // self.vae_factor)
+        sees_mask = self.unet.config.in_channels > self.latent_channels
+        # The generator's draws in diffusers' order: init latents, noise, masked-image latents.
+        init_latents = None
+        if init is not None and (mask is None or strength < 1 or not sees_mask):
+            init_latents = self._encode(init, gen).expand(n, -1, -1, -1)
+        noise = torch.randn(shape, generator=gen).to(self._device)
+        post_step, unet_extra = None, None
+        if mask is not None:
+            m = F.interpolate(mask.to(self._device), size=shape[-2:])  # (1, 1, h, w) nearest
+            masked = self._encode(init * (mask < 0.5), gen)  # (1, C, h, w)
+            if sees_mask:
+                unet_extra = torch.cat([m, masked], dim=1).expand(n, -1, -1, -1)
+            else:
+                post_step = _blend_known(init_latents, noise, m, plan)
+            if strength == 1.0:
+                init_latents = None  # diffusers starts from pure noise at full strength
+        denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), self.schedule,
+                                         quantize_t=plan.quantize_t), guidance)
+        latents = samplers.run(plan, denoiser, noise, init=init_latents, generator=gen,
+                               callback=self._wrap_callback(callback, preview),
+                               post_step=post_step, cond=cond)
+        images = self._decode(latents)
+        params = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
+                      guidance=guidance, seed=seed, width=w, height=h, model=self.name,
+                      strength=strength if init is not None else None, batch_size=n)
+        for i, im in enumerate(images):
+            im.info["parameters"] = format_parameters({**params, "batch_pos": i})
+        return images
+
+    def _contexts(self, prompt, negative, n, guidance):
+        """(n, T, D) cond states, with the uncond ones first-batched when guidance is on."""
+        if guidance == 1.0:
+            return self.encode_prompt([prompt] * n)
+        return self.encode_prompt([negative] * n + [prompt] * n)  # (2n, T, D): uncond, cond
+
+    def _model_fn(self, unet_extra):
+        """The UNet as the denoiser wrapper calls it; 9-channel UNets also get the mask and the
+        masked image's latents, `unet_extra` (n, 1 + C, h, w)."""
+        if unet_extra is None:
+            return lambda x, t, context: self.unet(x, t, context)
+
+        def fn(x, t, context):
+            reps = x.shape[0] // unet_extra.shape[0]
+            return self.unet(torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1), t, context)
+        return fn
+
+    def _encode(self, image, gen):
+        """Init image (1, 3, H, W) -> scaled latents, sampled from the posterior with `gen`."""
+        post = self.vae.encode(image.to(self._device))
+        return post.sample(gen) * self.vae.config.scaling_factor
+
+    def _decode(self, latents):
+        x = self.vae.decode(latents / self.vae.config.scaling_factor)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("the decoded image holds NaN or inf values (numerical "
+                                     "overflow); try float32 or another sampler")
+        return to_pil(x)
+
+    def _wrap_callback(self, callback, preview):
+        if callback is None:
+            return None
+
+        def cb(info):
+            if preview:
+                info = {**info, "preview": self._decode(info["denoised"])}
+            return callback(info)
+        return cb
+
+
+def _blend_known(init_latents, noise, mask, plan):
+    """Inpainting with an ordinary UNet (diffusers' 4-channel path): after every step, put back
+    the known region, noised to the step's next noise level (clean after the last step).
+    Samplers work on x = x0 + sigma * noise; the blend is made in diffusers' VP scaling."""
+    def post_step(i, x, sigma_next):
+        last = i == len(plan.sigmas) - 2
+        s = float(sigma_next)
+        known = init_latents if last else init_latents + s * noise
+        scale = (1 + s * s) ** 0.5
+        known_vp = known if last else known / scale
+        return ((1 - mask) * known_vp + mask * (x / scale)) * scale
+    return post_step
+
+
+def _check_strength(strength):
+    if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+
+
+def _mask_input(mask, width, height):
+    """PIL mask -> (1, 1, H, W) binary float, white = repaint (diffusers binarizes at 0.5)."""
+    if not isinstance(mask, Image.Image):
+        raise TypeError(f"mask must be a PIL.Image, got {type(mask).__name__}")
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.LANCZOS)
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
+    return (m >= 0.5).float()
+
+
+def load(path=None, **kwargs):
+    from .loading import load_pipeline
+
+    return load_pipeline(path, **kwargs)

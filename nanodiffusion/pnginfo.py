@@ -1,0 +1,70 @@
+"""Generation parameters in PNG text chunks, in the format AUTOMATIC1111 writes ("parameters"):
+
+    <prompt>
+    Negative prompt: <negative>
+    Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5
+
+so that its PNG Info tab, ComfyUI and `nanodiffusion info` read them back.
+"""
+import re
+
+from PIL import PngImagePlugin
+
+# Our sampler names -> the names A1111 shows (and accepts in its API).
+A1111_SAMPLERS = {
+    "euler": "Euler", "euler-ancestral": "Euler a", "heun": "Heun", "lms": "LMS",
+    "ddim": "DDIM", "pndm": "PLMS", "plms": "PLMS", "ddpm": "DDPM", "dpmpp-2m": "DPM++ 2M",
+    "dpmpp-2m-karras": "DPM++ 2M Karras", "dpmpp-2m-sde": "DPM++ 2M SDE",
+    "dpmpp-2m-sde-karras": "DPM++ 2M SDE Karras", "euler-karras": "Euler Karras",
+    "lms-karras": "LMS Karras", "unipc": "UniPC",
+}
+
+
+def format_parameters(p):
+    """dict with prompt, negative_prompt, steps, sampler, guidance, seed, width, height and
+    optionally model, strength, batch_pos -> the A1111 text."""
+    lines = [p["prompt"]]
+    if p.get("negative_prompt"):
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    fields = [("Steps", p["steps"]), ("Sampler", A1111_SAMPLERS.get(p["sampler"], p["sampler"])),
+              ("CFG scale", p["guidance"]), ("Seed", p["seed"]),
+              ("Size", f"{p['width']}x{p['height']}")]
+    if p.get("model"):
+        fields.append(("Model", p["model"]))
+    if p.get("strength") is not None:
+        fields.append(("Denoising strength", p["strength"]))
+    if p.get("batch_size", 1) > 1:
+        fields += [("Batch size", p["batch_size"]), ("Batch pos", p.get("batch_pos", 0))]
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text):
+    """The A1111 text -> dict(prompt, negative_prompt, and every `Key: value` field)."""
+    lines = text.strip().split("\n")
+    out = {"prompt": "", "negative_prompt": ""}
+    last = lines[-1] if lines and _FIELD.match(lines[-1]) and "Steps:" in lines[-1] else None
+    body = lines[:-1] if last is not None else lines
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out["prompt"], out["negative_prompt"] = "\n".join(prompt), "\n".join(negative)
+    if last is not None:
+        for key, value in _FIELD.findall(last):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def save_png(image, path):
+    """Save a PIL image as PNG, keeping its "parameters" text (from image.info) in a tEXt chunk."""
+    info = PngImagePlugin.PngInfo()
+    params = image.info.get("parameters")
+    if params:
+        info.add_text("parameters", params)
+    image.save(path, format="PNG", pnginfo=info)

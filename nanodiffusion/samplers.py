@@ -1,0 +1,460 @@
+"""Samplers as pure functions over a denoiser, k-diffusion style (k-diffusion `sampling.py`).
+
+Every sampler is `sample_x(denoiser, x, sigmas, *, generator=None, callback=None, **opts) -> x`:
+x is VE-scaled (x = x0 + sigma * noise) at sigmas[0], `sigmas` is a 1-D float32 tensor of the
+noise levels the denoiser is evaluated at, ending in the final level (usually 0), and the result
+is x at sigmas[-1]. Any tensor shape works: image latents (B, 4, h, w), prior embeddings (B, E).
+Arithmetic is float32; per-step noise is drawn like diffusers' `randn_tensor` (on the generator's
+device, in x's dtype) so that one generator reproduces a diffusers run draw for draw. Option
+`post_step(i, x, sigma_next) -> x` runs after each step (inpainting blends the known region there).
+
+Each sampler gives the same result as one diffusers scheduler in a pipeline loop (see
+`diffusers_scheduler_for`); `plan` builds the sigmas and options that make it so, `run` runs it.
+Known differences: PNDM with v_prediction (diffusers mixes raw v outputs of several steps before
+converting them to noise); DPM-Solver Karras with squaredcos_cap_v2 (diffusers truncates t).
+"""
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .diffusion import NoiseSchedule, karras_sigmas
+
+
+def _draw(x, generator, dtype):
+    """diffusers `randn_tensor`: a CPU generator draws on the CPU, then the noise moves to x."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
+    return noise.to(device=x.device, dtype=torch.float32)
+
+
+def _denoise(denoiser, x, sigma, dtype):
+    """Evaluate the denoiser at one noise level for the whole batch; float32 result."""
+    s = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
+    return denoiser(x.to(dtype), s).float()
+
+
+def _report(callback, i, n, x, denoised, sigma):
+    if callback is not None:
+        callback(dict(step=i, total=n, x=x, denoised=denoised, sigma=sigma))
+
+
+def _post(post_step, i, x, s_next):
+    """The caller's hook after step i (e.g. inpainting's blend), x at sigma s_next."""
+    return x if post_step is None else post_step(i, x, s_next).float()
+
+
+def _rescale(x, s_to, s_next):
+    """diffusers' DDIM/PNDM step to t - T//steps, and the next step reads that VP sample as if
+    it were at the next timestep: in VE scaling that is a rescale (1 when the two agree)."""
+    if s_to == s_next:
+        return x
+    return x * math.sqrt((s_next**2 + 1) / (s_to**2 + 1))
+
+
+def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None):
+    """diffusers EulerDiscreteScheduler (s_churn = 0): x += (x - x0) / sigma * dsigma."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    for i in range(len(s) - 1):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, len(s) - 1, x, den, s[i])
+        x = x + (x - den) / s[i] * (s[i + 1] - s[i])
+        x = _post(post_step, i, x, s[i + 1])
+    return x.to(dtype)
+
+
+def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
+                           eta=1.0):
+    """diffusers EulerAncestralDiscreteScheduler: Euler to sigma_down, then noise * sigma_up
+    (drawn at every step, the last included, as diffusers does)."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    for i in range(len(s) - 1):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, len(s) - 1, x, den, s[i])
+        up = min(s[i + 1], eta * math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2))
+        down = math.sqrt(s[i + 1] ** 2 - up**2)
+        x = x + (x - den) / s[i] * (down - s[i])
+        x = x + _draw(x, generator, dtype) * up
+        x = _post(post_step, i, x, s[i + 1])
+    return x.to(dtype)
+
+
+def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None):
+    """diffusers HeunDiscreteScheduler: Euler predictor, trapezoid corrector; Euler alone on
+    the step to sigma 0 (2N - 1 denoiser calls)."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    for i in range(len(s) - 1):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, len(s) - 1, x, den, s[i])
+        d, dt = (x - den) / s[i], s[i + 1] - s[i]
+        if s[i + 1] > 0:
+            x2 = x + d * dt
+            d = (d + (x2 - _denoise(denoiser, x2, s[i + 1], dtype)) / s[i + 1]) / 2
+        x = _post(post_step, i, x + d * dt, s[i + 1])
+    return x.to(dtype)
+
+
+def _lagrange_integral(nodes, j, lo, hi):
+    """Exact integral over [lo, hi] of the Lagrange basis polynomial that is 1 at nodes[j] and 0
+    at the other nodes (diffusers integrates it with scipy.quad), in u = tau - lo."""
+    poly = [1.0]  # coefficients in u, lowest degree first
+    for k, node in enumerate(nodes):
+        if k == j:
+            continue
+        c, denom = node - lo, nodes[j] - node
+        poly = [((poly[d - 1] if d > 0 else 0.0) - c * (poly[d] if d < len(poly) else 0.0))
+                / denom for d in range(len(poly) + 1)]
+    width = hi - lo
+    return sum(a * width ** (d + 1) / (d + 1) for d, a in enumerate(poly))
+
+
+def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None, order=4,
+               history=None):
+    """diffusers LMSDiscreteScheduler: linear multistep over the last `order` slopes with
+    Lagrange-polynomial coefficients. diffusers takes the order and the Lagrange nodes from the
+    step's index in the full schedule, so img2img passes the skipped sigmas as `history`."""
+    dtype, x = x.dtype, x.float()
+    s = (history.tolist() if history is not None else []) + sigmas.tolist()
+    off, n, ds = len(s) - len(sigmas), len(sigmas) - 1, []
+    for i in range(n):
+        g = off + i  # index in the full schedule
+        den = _denoise(denoiser, x, s[g], dtype)
+        _report(callback, i, n, x, den, s[g])
+        ds = (ds + [(x - den) / s[g]])[-order:]
+        nodes = [s[g - k] for k in range(min(g + 1, order))]
+        coeffs = [_lagrange_integral(nodes, j, s[g], s[g + 1]) for j in range(len(nodes))]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        x = _post(post_step, i, x, s[g + 1])
+    return x.to(dtype)
+
+
+def _dpm_x0(den, old, h, h_last):
+    """DPM-Solver++(2M) midpoint: the extrapolated x0, D0 + D1 / 2 with D1 = (D0 - old) / r."""
+    return den + (den - old) / (2 * (h_last / h))
+
+
+def _dpmpp_2m(denoiser, x, sigmas, generator, callback, post_step, lower_order_final, sde):
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    n, old, h_last = len(s) - 1, None, None
+    for i in range(n):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, n, x, den, s[i])
+        z = _draw(x, generator, torch.float32) if sde else None
+        r = s[i + 1] / s[i]
+        first = old is None or s[i + 1] == 0 or (lower_order_final and i == n - 1)
+        h = math.log(s[i] / s[i + 1]) if s[i + 1] > 0 else math.inf
+        x0 = den if first else _dpm_x0(den, old, h, h_last)
+        if sde:
+            x = r**2 * x + (1 - r**2) * x0 + s[i + 1] * math.sqrt(1 - r**2) * z
+        else:
+            x = r * x + (1 - r) * x0
+        x = _post(post_step, i, x, s[i + 1])
+        old, h_last = den, h
+    return x.to(dtype)
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
+                    lower_order_final=True):
+    """diffusers DPMSolverMultistepScheduler, dpmsolver++ order 2 midpoint. In VE scaling with
+    r = sigma_next / sigma: x = r x + (1 - r) D (first order at the first and last steps)."""
+    return _dpmpp_2m(denoiser, x, sigmas, generator, callback, post_step, lower_order_final,
+                     sde=False)
+
+
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
+                        lower_order_final=True):
+    """diffusers DPMSolverMultistepScheduler, sde-dpmsolver++ order 2 midpoint: with r as in
+    dpmpp_2m, x = r^2 x + (1 - r^2) D + sigma_next sqrt(1 - r^2) z; z drawn in float32 at
+    every step (diffusers draws it before choosing the order)."""
+    return _dpmpp_2m(denoiser, x, sigmas, generator, callback, post_step, lower_order_final,
+                     sde=True)
+
+
+def _unipc_b(h):
+    """UniPC bh2 (Zhao et al. 2023) b-vector for order 2, B(h) = expm1(-h), predicting x0."""
+    hh = -h
+    phi_1 = math.expm1(hh)
+    phi_k = phi_1 / hh - 1
+    return phi_k / phi_1, (phi_k / hh - 0.5) * 2 / phi_1
+
+
+def _unipc_corrector(x_last, den, ms, s, i, order):
+    """UniC: re-solve the step s[i-1] -> s[i] with the new model output `den` at s[i]."""
+    m0, r = ms[-1], s[i] / s[i - 1]
+    h = math.log(s[i - 1] / s[i])
+    if order == 1:
+        res = 0.5 * (den - m0)
+    else:
+        rk = math.log(s[i - 1] / s[i - 2]) / h
+        b1, b2 = _unipc_b(h)
+        rho0 = (b1 - b2) / (1 - rk)
+        res = rho0 * (ms[-2] - m0) / rk + (b1 - rho0) * (den - m0)
+    return r * x_last + (1 - r) * m0 - (r - 1) * res
+
+
+def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None):
+    """diffusers UniPCMultistepScheduler, bh2, order 2, predict_x0, lower_order_final: a UniP
+    predictor step after a UniC correction of the current sample with the new model output."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    n, ms, x_last, order = len(s) - 1, [], None, 1
+    for i in range(n):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, n, x, den, s[i])
+        if x_last is not None:
+            x = _unipc_corrector(x_last, den, ms, s, i, order)
+        ms = (ms + [den])[-2:]
+        order = min(2, n - i, i + 1)
+        x_last, r = x, s[i + 1] / s[i]
+        if order == 1:
+            x = r * x + (1 - r) * den
+        else:  # UniP-2, rho = 1/2: x0 extrapolated along lambda = -log sigma
+            rk = math.log(s[i] / s[i - 1]) / math.log(s[i] / s[i + 1])
+            x = r * x + (1 - r) * (den + 0.5 * (ms[-2] - den) / rk)
+        x = _post(post_step, i, x, s[i + 1])
+    return x.to(dtype)
+
+
+def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None, eta=0.0,
+                to_sigmas=None):
+    """diffusers DDIMScheduler in VE scaling: x = x0 + sqrt(s_to^2 - std^2) eps + std z, where
+    std = eta * DDIM's sigma_t / sqrt(a_prev). `to_sigmas[i]` is the level diffusers steps to
+    (t - T//steps; the final alpha when below 0); by default sigmas[i + 1]."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    to = to_sigmas.tolist() if to_sigmas is not None else s[1:]
+    for i in range(len(s) - 1):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, len(s) - 1, x, den, s[i])
+        eps = (x - den) / s[i]
+        std = eta * to[i] * math.sqrt(max(s[i] ** 2 - to[i] ** 2, 0.0)) / s[i]
+        x = den + math.sqrt(to[i] ** 2 - std**2) * eps
+        if eta > 0:
+            x = x + std * _draw(x, generator, dtype)
+        x = _post(post_step, i, _rescale(x, to[i], s[i + 1]), s[i + 1])
+    return x.to(dtype)
+
+
+def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
+                final_noise=True):
+    """diffusers DDPMScheduler (fixed_small) posterior q(x_next | x, x0) in VE scaling:
+    mean x0 + (s_next / s)^2 (x - x0), std s_next sqrt(1 - (s_next / s)^2). diffusers draws
+    noise while t > 0, so the last step draws unless it starts at t = 0 (`final_noise`)."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    n = len(s) - 1
+    for i in range(n):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, n, x, den, s[i])
+        ratio = (s[i + 1] / s[i]) ** 2
+        x = den + ratio * (x - den)
+        if i < n - 1 or final_noise:
+            x = x + s[i + 1] * math.sqrt(1 - ratio) * _draw(x, generator, dtype)
+        x = _post(post_step, i, x, s[i + 1])
+    return x.to(dtype)
+
+
+def _adams_bashforth(ets):
+    """PLMS combination of the last 1..4 noise predictions (diffusers PNDM `step_plms`)."""
+    if len(ets) == 1:
+        return ets[-1]
+    if len(ets) == 2:
+        return (3 * ets[-1] - ets[-2]) / 2
+    if len(ets) == 3:
+        return (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+    return (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+
+
+def sample_plms(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
+                to_sigmas=None, redo_sigma=None):
+    """diffusers PNDMScheduler with skip_prk_steps. Its timesteps repeat the second one: step 0
+    is Euler (in VE; DDIM's formula (9) in VP), step 1 evaluates the repeated level and redoes
+    step 0 from the same start with the mean of both slopes, then Adams-Bashforth up to order 4.
+    So `sigmas` should repeat its second entry (plan() does). `to_sigmas` as in sample_ddim;
+    `redo_sigma`: the level diffusers assigns the redone start (t + T//steps), default sigmas[0]."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    to = to_sigmas.tolist() if to_sigmas is not None else s[1:]
+    ets, x_first = [], None
+    for i in range(len(s) - 1):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, len(s) - 1, x, den, s[i])
+        e = (x - den) / s[i]
+        if i == 1:
+            s_src = s[0] if redo_sigma is None else redo_sigma
+            src, e = _rescale(x_first, s[0], s_src), (e + ets[-1]) / 2
+        else:
+            ets = ets[-3:] + [e]
+            src, s_src, e = x, s[i], _adams_bashforth(ets)
+            x_first = x if i == 0 else x_first
+        x = _post(post_step, i, _rescale(src + (to[i] - s_src) * e, to[i], s[i + 1]), s[i + 1])
+    return x.to(dtype)
+
+
+# name -> (sampler, diffusers scheduler class, config overrides)
+_DPM = dict(solver_order=2, solver_type="midpoint", lower_order_final=True,
+            euler_at_final=False, final_sigmas_type="zero")
+_SAMPLERS = {
+    "ddim": (sample_ddim, "DDIMScheduler", {}),
+    "ddpm": (sample_ddpm, "DDPMScheduler", dict(variance_type="fixed_small")),
+    "pndm": (sample_plms, "PNDMScheduler", dict(skip_prk_steps=True)),
+    "plms": (sample_plms, "PNDMScheduler", dict(skip_prk_steps=True)),
+    "euler": (sample_euler, "EulerDiscreteScheduler", {}),
+    "euler-karras": (sample_euler, "EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
+    "euler-ancestral": (sample_euler_ancestral, "EulerAncestralDiscreteScheduler", {}),
+    "heun": (sample_heun, "HeunDiscreteScheduler", {}),
+    "lms": (sample_lms, "LMSDiscreteScheduler", {}),
+    "dpmpp-2m": (sample_dpmpp_2m, "DPMSolverMultistepScheduler",
+                 dict(_DPM, algorithm_type="dpmsolver++")),
+    "dpmpp-2m-karras": (sample_dpmpp_2m, "DPMSolverMultistepScheduler",
+                        dict(_DPM, algorithm_type="dpmsolver++", use_karras_sigmas=True)),
+    "dpmpp-2m-sde": (sample_dpmpp_2m_sde, "DPMSolverMultistepScheduler",
+                     dict(_DPM, algorithm_type="sde-dpmsolver++")),
+    "dpmpp-2m-sde-karras": (sample_dpmpp_2m_sde, "DPMSolverMultistepScheduler",
+                            dict(_DPM, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
+    "unipc": (sample_unipc, "UniPCMultistepScheduler",
+              dict(solver_type="bh2", solver_order=2, predict_x0=True, lower_order_final=True)),
+}
+SAMPLER_NAMES = list(_SAMPLERS)
+
+
+def _spec(name: str):
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLER_NAMES)}")
+    return _SAMPLERS[name]
+
+
+def diffusers_scheduler_for(name: str) -> tuple[str, dict]:
+    """(diffusers scheduler class name, config overrides) that `name` reproduces; the rest of
+    the config is `ScheduleConfig.to_diffusers()`."""
+    _, cls, extra = _spec(name)
+    return cls, dict(extra)
+
+
+@dataclass
+class Plan:
+    """What one diffusers scheduler would do for `steps` at `strength`, as sampler inputs.
+
+    sigmas: float32 (N + 1,) levels from the img2img start; timesteps: the model timesteps
+    diffusers uses (for reference); init_noise_scale: txt2img start x = randn * this (VE);
+    quantize_t: build the Denoiser with it (diffusers' integer timesteps); final_scale: the
+    sampler returns x at sigmas[-1] in VE scaling, which `run` multiplies by this to get the
+    latents diffusers returns (1 / sqrt(sigma_last^2 + 1), not 1 where DDIM/PNDM end at
+    alphas_cumprod[0]); fn: the sampler with its options bound.
+    """
+
+    sampler: str
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    init_noise_scale: float
+    quantize_t: bool
+    final_scale: float
+    fn: Callable
+
+
+def _start(steps: int, strength: float) -> int:
+    """diffusers img2img `get_timesteps`: the index of the first step that runs."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength} must be in (0, 1]")
+    start = max(steps - min(int(steps * strength), steps), 0)
+    if start >= steps:
+        raise ValueError(f"steps={steps} at strength={strength} leaves no step to run; "
+                         "raise steps or strength")
+    return start
+
+
+def _vp_plan(name, schedule: NoiseSchedule, steps: int, start: int):
+    """DDIM / DDPM / PNDM: integer timesteps; returns (timesteps, sigmas, sampler options)."""
+    cfg, T = schedule.config, schedule.num_train_timesteps
+    ts = [int(t) for t in schedule.timesteps(steps)]
+    if name in ("pndm", "plms"):
+        ts = ts[:2] + ts[1:]  # diffusers PNDM (skip_prk_steps) repeats the second timestep
+    ts, ratio = ts[start:], T // steps
+    final = 0.0 if name == "ddpm" or cfg.set_alpha_to_one else schedule.sigmas[0].item()
+
+    def sig(t):
+        return schedule.sigmas[t].item() if t >= 0 else final
+
+    if name == "ddpm":  # diffusers DDPM steps to the next timestep
+        to_ts = ts[1:] + [-1]
+    elif name == "ddim":
+        to_ts = [t - ratio for t in ts]
+    else:  # PNDM: its second call (counter 1) steps to its own timestep
+        to_ts = [t if c == 1 else t - ratio for c, t in enumerate(ts)]
+    s_eval, s_to = [sig(t) for t in ts], [sig(t) for t in to_ts]
+    opts = {}
+    if s_to[:-1] != s_eval[1:]:
+        opts["to_sigmas"] = torch.tensor(s_to, dtype=torch.float32)
+    if name in ("pndm", "plms") and len(ts) > 1 and ts[1] + ratio != ts[0]:
+        opts["redo_sigma"] = sig(min(ts[1] + ratio, T - 1))
+    if name == "ddpm":
+        opts["final_noise"] = ts[-1] > 0
+    return ts, s_eval + [s_to[-1]], opts
+
+
+def _sigma_plan(name, schedule: NoiseSchedule, steps: int):
+    """Euler family and DPM-Solver/UniPC: (timesteps, sigmas without the final 0, quantize_t)."""
+    multistep = name.startswith("dpmpp") or name == "unipc"
+    karras = name.endswith("karras")
+    ts = schedule.timesteps(steps, multistep=multistep, rounded=multistep)
+    sig = schedule.interp_sigmas(ts)
+    if not karras:
+        return ts, sig, bool(np.all(ts == np.round(ts)))
+    if multistep:  # diffusers DPMSolver: Karras over the whole training range, t rounded
+        full = schedule.sigmas.numpy()
+        sig = karras_sigmas(full[0].item(), full[-1].item(), steps)
+    else:  # diffusers Euler: Karras between the spaced schedule's ends, t fractional
+        sig = karras_sigmas(sig[-1].item(), sig[0].item(), steps)
+    ts = schedule.sigma_to_t(torch.from_numpy(sig).float()).double().numpy()
+    rounded = multistep and schedule.config.beta_schedule != "squaredcos_cap_v2"
+    return (ts.round() if rounded else ts), sig, rounded
+
+
+def plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0,
+         **options) -> Plan:
+    """The sigmas, start scaling and options that make `sampler` reproduce its diffusers
+    scheduler (`diffusers_scheduler_for`) for `steps` steps, starting at img2img `strength`.
+    `options` go to the sampler (e.g. eta=1.0 for ddim, as diffusers' `step(eta=...)`)."""
+    fn = _spec(sampler)[0]
+    if steps < 1 or steps > schedule.num_train_timesteps:
+        raise ValueError(f"steps={steps} must be in [1, {schedule.num_train_timesteps}]")
+    start = _start(steps, strength)
+    if sampler in ("ddim", "ddpm", "pndm", "plms"):
+        ts, sig, opts = _vp_plan(sampler, schedule, steps, start)
+        sigmas = torch.tensor(sig, dtype=torch.float32)
+        init, quantize = math.sqrt(sigmas[0].item() ** 2 + 1), True  # VP start: randn * 1
+    else:
+        ts, sig, quantize = _sigma_plan(sampler, schedule, steps)
+        full = torch.from_numpy(np.concatenate([sig, [0.0]])).float()
+        s_max = full.max().item()
+        if sampler.startswith("dpmpp") or sampler == "unipc":
+            init = math.sqrt(full[0].item() ** 2 + 1)  # VP start: randn * 1
+        elif schedule.config.timestep_spacing == "leading":  # diffusers' init_noise_sigma
+            init = math.sqrt(s_max**2 + 1)
+        else:
+            init = s_max
+        opts = {"history": full[:start]} if sampler == "lms" and start > 0 else {}
+        ts, sigmas = ts[start:], full[start:]
+    return Plan(sampler=sampler, sigmas=sigmas, timesteps=torch.tensor(np.asarray(ts)).float(),
+                init_noise_scale=init, quantize_t=quantize,
+                final_scale=1 / math.sqrt(sigmas[-1].item() ** 2 + 1),
+                fn=functools.partial(fn, **opts, **options))
+
+
+def run(plan: Plan, denoiser, noise: torch.Tensor, *, init: torch.Tensor | None = None,
+        generator: torch.Generator | None = None, callback=None, cond: dict | None = None,
+        post_step=None) -> torch.Tensor:
+    """Sample from `noise` (txt2img: x = noise * init_noise_scale) or from `init` latents
+    (img2img: x = init + noise * sigmas[0], diffusers' add_noise at the first timestep in VE
+    scaling); returns the final latents in x0 scaling. `denoiser` should have been built with
+    `quantize_t=plan.quantize_t`; `cond` kwargs are bound to it; `post_step(i, x, sigma_next)
+    -> x` runs after every step (inpainting's blend of the known region)."""
+    sigmas = plan.sigmas.to(noise.device)
+    if cond:
+        denoiser = functools.partial(denoiser, **cond)
+    if init is None:
+        x = noise * plan.init_noise_scale
+    else:
+        x = (init.float() + noise.float() * plan.sigmas[0].item()).to(noise.dtype)
+    hook = {"post_step": post_step} if post_step is not None else {}
+    x = plan.fn(denoiser, x, sigmas, generator=generator, callback=callback, **hook)
+    return x * plan.final_scale if plan.final_scale != 1.0 else x

@@ -1,0 +1,271 @@
+"""One training loop for every part (clip, vae, unet, prior, decoder).
+
+What makes it resumable exactly: every random draw of a step comes from generators seeded by
+(seed, step, sample index), the data a step sees is a function of the step, and the LR is a
+function of the step. A checkpoint therefore needs only the weights, the EMA, the optimizer
+and the step; the next step after a resume is the step an unbroken run would have taken.
+The same per-sample seeding makes a DDP run with the global batch split over ranks compute the
+same loss as one process.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .checkpoint import unwrap
+
+PARTS = ("clip", "vae", "unet", "prior", "decoder")
+
+
+@dataclass
+class TrainConfig:
+    part: str = "unet"
+    data: str = "shapes"            # "shapes" or a folder of captioned images
+    out: str = "runs/shapes"        # the run folder; each part writes <out>/<part>/
+    image_size: int = 64
+    steps: int = 1000
+    batch_size: int = 64            # global batch (split over DDP ranks), per optimizer step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999        # 0 turns EMA off
+    log_every: int = 25
+    sample_every: int = 500         # 0: never
+    ckpt_every: int = 250
+    seed: int = 0
+    include_held_out: bool = False
+    device: str = "cpu"
+    compile: bool = False
+    # objectives
+    prediction_type: str = "epsilon"
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 0.0      # 0: plain MSE; 5 is the min-SNR paper's choice
+    kl_weight: float = 1e-6
+    model: dict = field(default_factory=dict)  # overrides of the part's model preset
+    bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
+
+    def __post_init__(self):
+        if self.part not in PARTS:
+            raise ValueError(f"part {self.part!r} is not one of {PARTS}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def out_path(self, part):
+        return Path(self.out) / part
+
+    @property
+    def run_dir(self):
+        return self.out_path(self.part)
+
+
+def load_recipe(path, part, **overrides):
+    """A recipe TOML has a [common] table and one table per part; overrides win."""
+    with open(path, "rb") as f:
+        recipe = tomllib.load(f)
+    if part not in recipe:
+        raise ValueError(f"{path}: no [{part}] table; it has {sorted(recipe)}")
+    values = {**recipe.get("common", {}), **recipe[part], "part": part}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; accepted: {sorted(names)}")
+    return TrainConfig(**values)
+
+
+def lr_at(cfg, step):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(
+        math.pi * progress)))
+
+
+def sample_generators(cfg, step, indices):
+    """One generator per sample, seeded by (seed, step, index): DDP- and resume-invariant."""
+    return [torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_000_033 + int(i))
+            for i in indices]
+
+
+class EMA:
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.params[k].lerp_(v.detach(), 1 - self.decay)
+            else:
+                self.params[k].copy_(v)
+
+
+class Stop:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (save, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _save(cfg, part, model, ema, opt, step, rank):
+    if rank != 0:
+        return
+    run = cfg.run_dir
+    state = {"step": step, "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+             "ema": ema.params if ema else None, "config": json.dumps(dataclasses.asdict(cfg))}
+    checkpoint.save_state(run / "state.pt", state)
+    part.export(cfg, unwrap(model), ema.params if ema else None)
+
+
+def _resume(cfg, model, ema, opt):
+    path = cfg.run_dir / "state.pt"
+    if not path.exists():
+        return 0
+    state = checkpoint.load_state(path)
+    unwrap(model).load_state_dict(state["model"], strict=True)
+    opt.load_state_dict(state["optimizer"])
+    if ema is not None and state["ema"] is not None:
+        ema.params = state["ema"]
+    return int(state["step"])
+
+
+def _log(cfg, record, rank):
+    if rank == 0:
+        with open(cfg.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, progress=True):
+    """Train one part; returns the list of logged records of this invocation."""
+    from .train_parts import get_part
+
+    rank, world = _dist_info()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by ranks x grad_accum "
+                         f"({world} x {cfg.grad_accum})")
+    device = torch.device(cfg.device)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    part = get_part(cfg.part)
+    model, frozen = part.build(cfg, device)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    start = _resume(cfg, model, ema, opt)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.compile:
+        model = torch.compile(model)
+    records = _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progress)
+    return records
+
+
+def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progress):
+    from tqdm import tqdm
+
+    records, micro = [], cfg.batch_size // (world * cfg.grad_accum)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0,
+               desc=f"train {cfg.part}", dynamic_ncols=True)
+    with Stop() as stop:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            loss_sum, metrics = _accumulate(cfg, part, model, frozen, step, rank, world, micro,
+                                            device)
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"loss is {loss_sum} at step {step + 1}; stopped "
+                                         f"without saving, the last checkpoint on disk is kept")
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema:
+                ema.update(unwrap(model))
+            dt = time.perf_counter() - t0
+            rec = {"step": step + 1, "loss": loss_sum, "lr": lr_at(cfg, step),
+                   "grad_norm": float(norm), "samples_per_s": cfg.batch_size / dt, **metrics}
+            records.append(rec)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", sps=f"{rec['samples_per_s']:.0f}")
+            bar.update(1)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                _log(cfg, rec, rank)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop.requested:
+                _save(cfg, part, model, ema, opt, done, rank)
+            if cfg.sample_every and done % cfg.sample_every == 0 and rank == 0:
+                part.sample(cfg, unwrap(model), frozen, cfg.run_dir / f"sample-{done:06d}.png")
+            if stop.requested:
+                break
+    bar.close()
+    return records
+
+
+def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device):
+    """Forward/backward over this rank's share of the global batch, in grad_accum chunks.
+    Each chunk's loss is scaled so the summed gradient is that of the global-batch mean."""
+    loss_sum, metrics = 0.0, {}
+    for a in range(cfg.grad_accum):
+        first = (a * world + rank) * micro
+        indices = [step * cfg.batch_size + first + k for k in range(micro)]
+        batch = part.batch(cfg, frozen, indices, device)
+        gens = sample_generators(cfg, step, indices)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu"):
+            loss, m = part.loss(cfg, model, frozen, batch, gens)
+        scale = micro / cfg.batch_size
+        (loss * scale * world).backward()  # DDP averages over ranks; undo that for the sum
+        loss_sum += float(loss.detach()) * scale
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) * scale
+    if world > 1:
+        t = torch.tensor([loss_sum, *metrics.values()], dtype=torch.float64)
+        dist.all_reduce(t)
+        loss_sum, metrics = float(t[0]), dict(zip(metrics, t[1:].tolist()))
+    return loss_sum, metrics
+
+
+def main_ddp(cfg):
+    """Entry point under torchrun: gloo on CPU, nccl on accelerators."""
+    backend = "gloo" if cfg.device == "cpu" else "nccl"
+    dist.init_process_group(backend)
+    try:
+        if cfg.device != "cpu":
+            cfg.device = f"{cfg.device.split(':')[0]}:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return train(cfg, progress=True)
+    finally:
+        dist.destroy_process_group()

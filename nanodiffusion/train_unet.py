@@ -1,0 +1,146 @@
+"""The UNet part of the training loop: latent noise prediction on frozen CLIP text states and
+frozen VAE latents (Stable Diffusion's recipe), and the assembly of the finished model folder."""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .diffusion import NoiseSchedule, ScheduleConfig
+
+SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a large green star",
+                  "a yellow triangle at the top", "a pink circle above a cyan square",
+                  "a purple star to the left of an orange triangle", "a red star",
+                  "a blue circle below a green triangle"]
+
+
+def _frozen_parts(cfg, device):
+    """The CLIP text tower, tokenizer and VAE that earlier parts of this run wrote."""
+    from .models.tokenizer import CLIPTokenizer
+
+    clip_path = cfg.out_path("clip") / "clip.safetensors"
+    vae_path = cfg.out_path("vae") / "vae.safetensors"
+    for p in (clip_path, vae_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: train the clip and vae parts into "
+                                    f"{cfg.out} before the unet")
+    clip = checkpoint.load_model(clip_path, device=device)
+    vae = checkpoint.load_model(vae_path, device=device)
+    tok = CLIPTokenizer.from_folder(cfg.out_path("clip") / "tokenizer")
+    for m in (clip, vae):
+        m.requires_grad_(False)
+    return clip, vae, tok
+
+
+class UnetPart:
+    @staticmethod
+    def build(cfg, device):
+        from .models import unet
+        from .train_parts import _source
+
+        clip, vae, tok = _frozen_parts(cfg, device)
+        text = clip.text_model
+        ucfg = dataclasses.replace(unet.SHAPES, in_channels=vae.config.latent_channels,
+                                   out_channels=vae.config.latent_channels,
+                                   context_dim=text.config.width, **cfg.model)
+        model = unet.UNet(ucfg).to(device)
+        schedule = NoiseSchedule(ScheduleConfig(prediction_type=cfg.prediction_type))
+        frozen = {"source": _source(cfg)[0], "clip": clip, "text": text, "vae": vae,
+                  "tokenizer": tok, "schedule": schedule, "cache": {}}
+        return model, frozen
+
+    @staticmethod
+    def batch(cfg, frozen, indices, device):
+        from .train_parts import _images_and_captions
+
+        return _images_and_captions(cfg, frozen, indices, device)
+
+    @staticmethod
+    @torch.no_grad()
+    def _context(frozen, captions):
+        """Frozen text states, cached per caption (the shapes grammar repeats captions)."""
+        cache, text = frozen["cache"], frozen["text"]
+        missing = [c for c in dict.fromkeys(captions) if c not in cache]
+        if missing:
+            ids = frozen["tokenizer"](missing, max_length=text.config.max_positions)
+            hidden, _ = text(ids.to(next(text.parameters()).device))
+            cache.update(zip(missing, hidden))
+        return torch.stack([cache[c] for c in captions])  # (B, T, D)
+
+    @staticmethod
+    def loss(cfg, model, frozen, batch, gens):
+        from .train_parts import _rand, _randn
+
+        images, captions = batch
+        device = images.device
+        vae, schedule = frozen["vae"], frozen["schedule"]
+        with torch.no_grad():
+            post = vae.encode(images)
+            eps = _randn(gens, post.mean.shape[1:], device)
+            x0 = (post.mean + torch.exp(0.5 * post.logvar) * eps) * vae.config.scaling_factor
+        drop = _rand(gens, device) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        context = UnetPart._context(frozen, captions)
+        T = schedule.config.num_train_timesteps
+        t = (_rand(gens, device) * T).long().clamp(max=T - 1)
+        noise = _randn(gens, x0.shape[1:], device)
+        a = schedule.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (
+            1 - a).sqrt() * x0
+        pred = model(x_t, t, context)
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:
+            snr = (a / (1 - a)).view(-1)
+            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
+            if cfg.prediction_type == "v_prediction":
+                weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
+            per_sample = per_sample * weight
+        return per_sample.mean(), {}
+
+    @staticmethod
+    def export(cfg, model, ema):
+        from .train_parts import _save_ema
+
+        _save_ema(model, ema, cfg.run_dir / "unet.safetensors")
+        assemble_model(cfg)
+
+    @staticmethod
+    def sample(cfg, model, frozen, path):
+        from .loading import load_pipeline
+        from .pipeline import make_grid
+
+        model.eval()
+        try:
+            pipe = _pipeline_from(cfg, model, frozen)
+            images = [pipe.generate(p, seed=i, steps=20)[0] for i, p in enumerate(SAMPLE_PROMPTS)]
+            make_grid(images, rows=2).save(path)
+        finally:
+            model.train()
+
+
+def _pipeline_from(cfg, model, frozen):
+    from .pipeline import Defaults, Pipeline
+
+    return Pipeline(model, frozen["vae"], frozen["text"], frozen["tokenizer"],
+                    frozen["schedule"].config, defaults=shapes_defaults(cfg), clip=frozen["clip"],
+                    name="shapes")
+
+
+def shapes_defaults(cfg):
+    from .pipeline import Defaults
+
+    return Defaults(steps=20, guidance=3.0, sampler="dpmpp-2m", width=cfg.image_size,
+                    height=cfg.image_size)
+
+
+def assemble_model(cfg):
+    """Gather the parts of this run into one model folder: <out>/model."""
+    from .loading import save_folder
+
+    save_folder(cfg.out_path("model"), unet=cfg.run_dir / "unet.safetensors",
+                vae=cfg.out_path("vae") / "vae.safetensors",
+                clip=cfg.out_path("clip") / "clip.safetensors",
+                tokenizer=cfg.out_path("clip") / "tokenizer",
+                schedule=ScheduleConfig(prediction_type=cfg.prediction_type),
+                defaults=shapes_defaults(cfg), name="shapes")
