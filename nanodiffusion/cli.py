@@ -44,6 +44,7 @@ def _parser():
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--device", default=None)
+    t.add_argument("--workers", type=int, default=None, help="data worker processes")
     e = sub.add_parser("eval", help="fidelity report of a run folder or model")
     e.add_argument("path")
     e.add_argument("--n", type=int, default=200, help="prompts per category")
@@ -81,7 +82,8 @@ def _progress(total_hint="steps"):
 
     def cb(info):
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=info["total"], desc="denoise", unit="step", leave=False)
+            bar["bar"] = tqdm(total=info["total"], desc="denoise", unit="step", leave=False,
+                              disable=None)
         bar["bar"].update(1)
         if info["step"] + 1 >= info["total"]:
             bar.pop("bar").close()
@@ -110,7 +112,8 @@ def cmd_train(args):
     from .train import TrainConfig, load_recipe, main_ddp, train
 
     over = {"data": args.data, "out": args.out, "steps": args.steps,
-            "batch_size": args.batch_size, "lr": args.lr, "device": args.device}
+            "batch_size": args.batch_size, "lr": args.lr, "device": args.device,
+            "num_workers": args.workers}
     if args.recipe:
         cfg = load_recipe(args.recipe, args.part, **over)
     else:

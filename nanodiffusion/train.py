@@ -48,6 +48,7 @@ class TrainConfig:
     include_held_out: bool = False
     device: str = "cpu"
     compile: bool = False
+    num_workers: int = 0            # processes that draw the data of the next steps ahead
     # objectives
     prediction_type: str = "epsilon"
     caption_dropout: float = 0.1
@@ -183,7 +184,12 @@ def train(cfg: TrainConfig, progress=True):
     device = torch.device(cfg.device)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     part = get_part(cfg.part)
-    model, frozen = part.build(cfg, device)
+    prefetch = Prefetcher(cfg, rank, world) if cfg.num_workers > 0 else None  # fork first
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves global state alone
+        torch.manual_seed(cfg.seed)
+        model, frozen = part.build(cfg, device)
+    if prefetch is not None:
+        frozen["source"] = prefetch
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
@@ -192,15 +198,18 @@ def train(cfg: TrainConfig, progress=True):
         model = torch.nn.parallel.DistributedDataParallel(model)
     if cfg.compile:
         model = torch.compile(model)
-    records = _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progress)
-    return records
+    try:
+        return _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progress)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
 
 
 def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progress):
     from tqdm import tqdm
 
     records, micro = [], cfg.batch_size // (world * cfg.grad_accum)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0,
+    bar = tqdm(total=cfg.steps, initial=start, disable=None if progress and rank == 0 else True,
                desc=f"train {cfg.part}", dynamic_ncols=True)
     with Stop() as stop:
         for step in range(start, cfg.steps):
@@ -240,9 +249,10 @@ def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device):
     """Forward/backward over this rank's share of the global batch, in grad_accum chunks.
     Each chunk's loss is scaled so the summed gradient is that of the global-batch mean."""
     loss_sum, metrics = 0.0, {}
+    if isinstance(frozen["source"], Prefetcher):
+        frozen["source"].schedule(step)
     for a in range(cfg.grad_accum):
-        first = (a * world + rank) * micro
-        indices = [step * cfg.batch_size + first + k for k in range(micro)]
+        indices = _chunk_indices(cfg, step, a, rank, world)
         batch = part.batch(cfg, frozen, indices, device)
         gens = sample_generators(cfg, step, indices)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu"):
@@ -257,6 +267,57 @@ def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device):
         dist.all_reduce(t)
         loss_sum, metrics = float(t[0]), dict(zip(metrics, t[1:].tolist()))
     return loss_sum, metrics
+
+
+def _chunk_indices(cfg, step, chunk, rank, world):
+    """The sample indices of one rank's gradient-accumulation chunk of a step."""
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    first = step * cfg.batch_size + (chunk * world + rank) * micro
+    return list(range(first, first + micro))
+
+
+_SOURCE = None
+
+
+def _draw(index):
+    return index, _SOURCE(index)
+
+
+class Prefetcher:
+    """Draws the samples of the next few steps in worker processes while the current step
+    computes. Forked before any model exists (OpenMP and CUDA state must not be inherited).
+    Calling it with an index gives that sample, as the part's own source would."""
+
+    AHEAD = 3
+
+    def __init__(self, cfg, rank, world):
+        import multiprocessing as mp
+
+        from .train_parts import _source
+
+        global _SOURCE
+        _SOURCE = _source(cfg)[0]
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.pool = mp.get_context("fork").Pool(cfg.num_workers)
+        self.pending, self.ready = {}, {}
+
+    def _indices(self, step):
+        return [i for a in range(self.cfg.grad_accum)
+                for i in _chunk_indices(self.cfg, step, a, self.rank, self.world)]
+
+    def schedule(self, step):
+        """Ask for the steps after `step`; keep only what this step needs."""
+        for s in range(step, min(step + self.AHEAD + 1, self.cfg.steps)):
+            if s not in self.pending:
+                self.pending[s] = self.pool.map_async(_draw, self._indices(s), chunksize=8)
+        if step in self.pending:
+            self.ready = dict(self.pending.pop(step).get())
+
+    def __call__(self, index):
+        return self.ready.pop(index) if index in self.ready else _SOURCE(index)
+
+    def close(self):
+        self.pool.terminate()
 
 
 def main_ddp(cfg):
