@@ -8,6 +8,7 @@ crash never leaves a half-written checkpoint where the last good one was.
 import dataclasses
 import json
 import os
+import pickle
 import tempfile
 import typing
 from pathlib import Path
@@ -166,4 +167,7 @@ def save_state(path, state):
 
 
 def load_state(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or foreign
+        raise ValueError(f"{path}: not a readable training state ({e})") from e

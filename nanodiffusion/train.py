@@ -5,7 +5,9 @@ What makes it resumable exactly: every random draw of a step comes from generato
 function of the step. A checkpoint therefore needs only the weights, the EMA, the optimizer
 and the step; the next step after a resume is the step an unbroken run would have taken.
 The same per-sample seeding makes a DDP run with the global batch split over ranks compute the
-same loss as one process.
+same loss as one process. Ranks sum their gradients with one all-reduce per step, after
+accumulation (`_sync_grads`), rather than through DDP's wrapper, whose hooks only fire when
+the loss goes through the wrapper's forward (a part calling `vae.encode` would skip the sync).
 """
 import dataclasses
 import json
@@ -185,20 +187,21 @@ def train(cfg: TrainConfig, progress=True):
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     part = get_part(cfg.part)
     prefetch = Prefetcher(cfg, rank, world) if cfg.num_workers > 0 else None  # fork first
-    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves global state alone
-        torch.manual_seed(cfg.seed)
-        model, frozen = part.build(cfg, device)
-    if prefetch is not None:
-        frozen["source"] = prefetch
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    start = _resume(cfg, model, ema, opt)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    if cfg.compile:
-        model = torch.compile(model)
     try:
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves global state alone
+            torch.manual_seed(cfg.seed)
+            model, frozen = part.build(cfg, device)
+        if prefetch is not None:
+            frozen["source"] = prefetch
+        ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        start = _resume(cfg, model, ema, opt)
+        if world > 1:  # as DDP does on wrapping: every rank starts from rank 0's weights
+            for t in model.state_dict().values():
+                dist.broadcast(t, 0)
+        if cfg.compile:
+            model = torch.compile(model)
         return _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progress)
     finally:
         if prefetch is not None:
@@ -216,12 +219,11 @@ def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progre
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
-            loss_sum, metrics = _accumulate(cfg, part, model, frozen, step, rank, world, micro,
-                                            device)
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss is {loss_sum} at step {step + 1}; stopped "
-                                         f"without saving, the last checkpoint on disk is kept")
+            loss_sum, metrics, stopping = _accumulate(cfg, part, model, frozen, step, rank,
+                                                      world, micro, device, stop)
+            _check_finite("loss", loss_sum, step)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            _check_finite("gradient norm", float(norm), step)  # a NaN step must not be saved
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ema:
@@ -235,19 +237,27 @@ def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progre
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 _log(cfg, rec, rank)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or stop.requested:
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
                 _save(cfg, part, model, ema, opt, done, rank)
             if cfg.sample_every and done % cfg.sample_every == 0 and rank == 0:
                 part.sample(cfg, unwrap(model), frozen, cfg.run_dir / f"sample-{done:06d}.png")
-            if stop.requested:
+            if stopping:
                 break
     bar.close()
     return records
 
 
-def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device):
+def _check_finite(name, value, step):
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{name} is {value} at step {step + 1}; stopped without "
+                                 f"saving, the last checkpoint on disk is kept")
+
+
+def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device, stop):
     """Forward/backward over this rank's share of the global batch, in grad_accum chunks.
-    Each chunk's loss is scaled so the summed gradient is that of the global-batch mean."""
+    Each chunk's loss is scaled so the gradient summed over chunks and ranks is that of the
+    global-batch mean. Returns (loss, metrics, stopping): with several ranks, whether any
+    rank was asked to stop, so that all of them save and leave after the same step."""
     loss_sum, metrics = 0.0, {}
     if isinstance(frozen["source"], Prefetcher):
         frozen["source"].schedule(step)
@@ -258,15 +268,34 @@ def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu"):
             loss, m = part.loss(cfg, model, frozen, batch, gens)
         scale = micro / cfg.batch_size
-        (loss * scale * world).backward()  # DDP averages over ranks; undo that for the sum
+        (loss * scale).backward()
         loss_sum += float(loss.detach()) * scale
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + float(v) * scale
-    if world > 1:
-        t = torch.tensor([loss_sum, *metrics.values()], dtype=torch.float64)
-        dist.all_reduce(t)
-        loss_sum, metrics = float(t[0]), dict(zip(metrics, t[1:].tolist()))
-    return loss_sum, metrics
+    if world == 1:
+        return loss_sum, metrics, stop.requested
+    _sync_grads(model)
+    # on the model's device: nccl reduces accelerator tensors only
+    t = torch.tensor([loss_sum, float(stop.requested), *metrics.values()], dtype=torch.float64,
+                     device=device)
+    dist.all_reduce(t)
+    return float(t[0]), dict(zip(metrics, t[2:].tolist())), bool(t[1] > 0)
+
+
+def _sync_grads(model):
+    """Sum the gradients over ranks in one flat all-reduce (each rank's loss is already scaled
+    by its share of the global batch). A parameter without a gradient counts as zeros, so
+    every rank reduces the same layout."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # (N,)
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
 
 
 def _chunk_indices(cfg, step, chunk, rank, world):
@@ -279,8 +308,18 @@ def _chunk_indices(cfg, step, chunk, rank, world):
 _SOURCE = None
 
 
+def _worker_init():
+    # A forked worker inherits the parent's intra-op thread count; many workers x many
+    # threads oversubscribe the cores the training step needs.
+    torch.set_num_threads(1)
+
+
 def _draw(index):
-    return index, _SOURCE(index)
+    # A numpy array, not a tensor: multiprocessing pickles tensors through torch's shared-
+    # memory reducer (a file descriptor per tensor), which made 2 workers ~10x slower than
+    # drawing in the main process; numpy arrays travel as plain bytes.
+    image, caption = _SOURCE(index)
+    return index, (image.numpy(), caption)
 
 
 class Prefetcher:
@@ -298,7 +337,7 @@ class Prefetcher:
         global _SOURCE
         _SOURCE = _source(cfg)[0]
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.pool = mp.get_context("fork").Pool(cfg.num_workers)
+        self.pool = mp.get_context("fork").Pool(cfg.num_workers, initializer=_worker_init)
         self.pending, self.ready = {}, {}
 
     def _indices(self, step):
@@ -311,7 +350,8 @@ class Prefetcher:
             if s not in self.pending:
                 self.pending[s] = self.pool.map_async(_draw, self._indices(s), chunksize=8)
         if step in self.pending:
-            self.ready = dict(self.pending.pop(step).get())
+            self.ready = {i: (torch.from_numpy(image), caption)
+                          for i, (image, caption) in self.pending.pop(step).get()}
 
     def __call__(self, index):
         return self.ready.pop(index) if index in self.ready else _SOURCE(index)

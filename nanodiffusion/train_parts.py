@@ -53,7 +53,12 @@ def _rand(gens, device):
 
 
 def _override(cfg_obj, overrides):
-    return dataclasses.replace(cfg_obj, **overrides) if overrides else cfg_obj
+    """A preset with a recipe's overrides: TOML lists become tuples where the field is a tuple
+    (the config then equals the one its saved file rebuilds), unknown names a ValueError."""
+    if not overrides:
+        return cfg_obj
+    return checkpoint.config_from_dict(type(cfg_obj), {**dataclasses.asdict(cfg_obj),
+                                                       **overrides})
 
 
 class ClipPart:

@@ -1,7 +1,5 @@
 """The UNet part of the training loop: latent noise prediction on frozen CLIP text states and
 frozen VAE latents (Stable Diffusion's recipe), and the assembly of the finished model folder."""
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
@@ -36,14 +34,17 @@ class UnetPart:
     @staticmethod
     def build(cfg, device):
         from .models import unet
-        from .train_parts import _source
+        from .train_parts import _override, _source
 
         clip, vae, tok = _frozen_parts(cfg, device)
         text = clip.text_model
-        ucfg = dataclasses.replace(unet.SHAPES, in_channels=vae.config.latent_channels,
-                                   out_channels=vae.config.latent_channels,
-                                   context_dim=text.config.width, **cfg.model)
-        model = unet.UNet(ucfg).to(device)
+        fixed = {"in_channels": vae.config.latent_channels,
+                 "out_channels": vae.config.latent_channels, "context_dim": text.config.width}
+        clash = sorted(set(fixed) & set(cfg.model))
+        if clash:
+            raise ValueError(f"unet model settings {clash} follow from the trained vae and "
+                             f"clip ({fixed}); remove them from the recipe")
+        model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
         schedule = NoiseSchedule(ScheduleConfig(prediction_type=cfg.prediction_type))
         frozen = {"source": _source(cfg)[0], "clip": clip, "text": text, "vae": vae,
                   "tokenizer": tok, "schedule": schedule, "cache": {}}

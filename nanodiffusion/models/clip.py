@@ -158,12 +158,12 @@ class CLIPTextModel(nn.Module):
     pooled being the hidden state at the first end token. No padding mask, as SD uses none.
     """
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig):  # checkpoint.py calls CLIPTextModel(config=...)
         super().__init__()
-        self.config = cfg
-        self.embeddings = CLIPTextEmbeddings(cfg)
-        self.encoder = CLIPEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.config = config
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.width, eps=config.norm_eps)
 
     def forward(self, input_ids):
         B, T = input_ids.shape

@@ -1,0 +1,99 @@
+"""Time the Stable Diffusion 1.5 architecture (random weights) against diffusers, same weights,
+same inputs, same process: a UNet step with classifier-free guidance (batch 2), the CLIP text
+encoder (2 x 77 tokens) and a VAE decode. Prints medians and ratios (diffusers / ours).
+
+    .venv/bin/python benchmarks/bench_sd.py --size 256 --repeats 3
+
+Needs the test extras (diffusers, transformers). Not a test: nothing here gates CI.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _sync(device):
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def _median_time(fn, repeats, device, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_pairs():
+    """(ours, diffusers/transformers) modules holding the same random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from nanodiffusion.models import clip, unet, vae
+
+    torch.manual_seed(0)
+    ref_unet = UNet2DConditionModel(cross_attention_dim=768)  # else diffusers' SD 1.x defaults
+    ours_unet = unet.UNet(unet.SD15)
+    ours_unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    ref_vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+    ours_vae = vae.VAE(vae.SD)
+    ours_vae.load_state_dict(ref_vae.state_dict(), strict=True)
+    ref_text = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", hidden_size=768,
+                                            intermediate_size=3072, num_attention_heads=12,
+                                            num_hidden_layers=12, projection_dim=768))
+    ours_text = clip.CLIPTextModel(clip.SD15_TEXT)
+    ours_text.load_state_dict(ref_text.state_dict(), strict=True)
+    return [m.eval() for m in (ours_unet, ref_unet, ours_vae, ref_vae, ours_text, ref_text)]
+
+
+@torch.no_grad()
+def run(size, repeats, device, dtype):
+    mods = [m.to(device=device, dtype=dtype) for m in build_pairs()]
+    ours_unet, ref_unet, ours_vae, ref_vae, ours_text, ref_text = mods
+    h = size // 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, h, h, generator=g).to(device, dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    ids = torch.randint(0, 49407, (2, 77), generator=g).to(device)
+    z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
+    rows = [
+        ("unet step, CFG batch 2", lambda: ours_unet(x, t, ctx),
+         lambda: ref_unet(x, t, ctx).sample),
+        ("text encoder 2x77", lambda: ours_text(ids)[0],
+         lambda: ref_text(ids).last_hidden_state),
+        (f"vae decode {size}px", lambda: ours_vae.decode(z), lambda: ref_vae.decode(z).sample),
+    ]
+    print(f"torch {torch.__version__}, {device}, {dtype}, threads {torch.get_num_threads()}, "
+          f"{size}px, median of {repeats}")
+    print(f"{'part':<26}{'ours s':>10}{'diffusers s':>13}{'ratio':>8}{'max |diff|':>12}")
+    for name, ours, ref in rows:
+        diff = (ours().float() - ref().float()).abs().max().item()
+        a, b = _median_time(ours, repeats, device), _median_time(ref, repeats, device)
+        print(f"{name:<26}{a:>10.4f}{b:>13.4f}{b / a:>8.2f}{diff:>12.2e}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args.size, args.repeats, torch.device(args.device), getattr(torch, args.dtype))
+
+
+if __name__ == "__main__":
+    main()

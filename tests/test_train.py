@@ -1,0 +1,286 @@
+"""The training loop on tiny models: every part learns, a resumed run is bit-for-bit the
+unbroken one, a 2-process run equals one process, a NaN stops the run with the last good
+checkpoint kept, and data workers change nothing but speed."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanodiffusion import checkpoint
+from nanodiffusion import train as T
+from nanodiffusion.train import TrainConfig, load_recipe, train
+from nanodiffusion.train_parts import VaePart
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "clip": {"text": {"width": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64},
+             "vision": {"width": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64,
+                        "patch_size": 8}},
+    # lists, as a TOML recipe gives them
+    "vae": {"block_channels": [8, 16], "norm_groups": 8},
+    "unet": {"block_channels": [16, 32], "attention_levels": [False, True], "num_heads": [2, 2],
+             "norm_groups": 8},
+}
+
+
+def tiny(part, out, **kw):
+    values = dict(part=part, out=str(out), image_size=32, steps=6, batch_size=4, lr=1e-3,
+                  warmup=2, log_every=1, ckpt_every=1000, sample_every=0, ema_decay=0.0,
+                  model=MODELS[part])
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _fixed_indices(cfg, step, chunk, rank, world):
+    """The same samples at every step (a batch the model can overfit); noise still varies."""
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    first = (chunk * world + rank) * micro
+    return list(range(first, first + micro))
+
+
+def _state(run, part):
+    return checkpoint.load_state(Path(run) / part / "state.pt")
+
+
+def _log(run, part):
+    with open(Path(run) / part / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- every part learns
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """clip, vae, then unet trained into one run folder, 30 steps each on a fixed batch."""
+    out = tmp_path_factory.mktemp("run")
+    records = {}
+    settings = {"clip": dict(lr=1e-3, weight_decay=0.0),
+                "vae": dict(lr=3e-3, ema_decay=0.9),
+                "unet": dict(lr=3e-3)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "_chunk_indices", _fixed_indices)
+        for part in ("clip", "vae", "unet"):
+            records[part] = train(tiny(part, out, steps=30, batch_size=8, **settings[part]),
+                                  progress=False)
+    return out, records
+
+
+@pytest.mark.parametrize("part", ["clip", "vae", "unet"])
+def test_each_part_learns(shapes_run, part):
+    out, records = shapes_run
+    losses = [r["loss"] for r in records[part]]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.75 * first, losses
+    assert [r["loss"] for r in _log(out, part)] == losses  # log_every=1: one line a step
+    assert _state(out, part)["step"] == 30
+    model = checkpoint.load_model(out / part / f"{part}.safetensors")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_run_folder_has_the_assembled_model(shapes_run):
+    from nanodiffusion.loading import load_pipeline
+
+    out, _ = shapes_run
+    assert (out / "clip" / "tokenizer" / "vocab.json").exists()
+    pipe = load_pipeline(str(out / "model"))
+    image = pipe.generate("a red circle", seed=0, steps=2)[0]
+    assert image.size == (32, 32)
+
+
+def test_unet_refuses_settings_that_follow_from_the_vae_and_clip(shapes_run):
+    out, _ = shapes_run
+    with pytest.raises(ValueError, match="context_dim"):
+        train(tiny("unet", out, model={**MODELS["unet"], "context_dim": 64}), progress=False)
+
+
+def test_unknown_model_setting_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="bogus"):
+        train(tiny("vae", tmp_path, model={"bogus": 1}), progress=False)
+
+
+# ---------------------------------------------------------------- exact resume, SIGTERM
+
+def _signal_at_call(monkeypatch, part, n):
+    """Send this process a real SIGTERM during the n-th loss computation of `part`."""
+    calls, loss = [0], part.loss
+
+    def signalling_loss(*args):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args)
+    monkeypatch.setattr(part, "loss", staticmethod(signalling_loss))
+
+
+def _stopped_and_resumed(tmp_path, monkeypatch, part, part_cls, settings, stop_call):
+    """(records of an unbroken run in a/, records of a run in b/ stopped by SIGTERM during
+    the `stop_call`-th loss call then resumed, the number of steps before the stop)."""
+    straight = train(tiny(part, tmp_path / "a", **settings), progress=False)
+    _signal_at_call(monkeypatch, part_cls, stop_call)
+    handler = signal.getsignal(signal.SIGTERM)
+    first = train(tiny(part, tmp_path / "b", **settings), progress=False)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the loop gives the signal back
+    monkeypatch.undo()
+    stopped = len(first)
+    assert [r["step"] for r in first] == list(range(1, stopped + 1))
+    assert _state(tmp_path / "b", part)["step"] == stopped
+    second = train(tiny(part, tmp_path / "b", **settings), progress=False)
+    assert [r["step"] for r in second] == list(range(stopped + 1, settings["steps"] + 1))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in straight]
+    return stopped
+
+
+def test_sigterm_saves_and_resume_is_bitwise_exact(tmp_path, monkeypatch):
+    settings = dict(steps=6, ema_decay=0.9, grad_accum=2)
+    # grad_accum 2: the 5th loss call is in step 3
+    assert _stopped_and_resumed(tmp_path, monkeypatch, "vae", VaePart, settings, 5) == 3
+    assert [r["loss"] for r in _log(tmp_path / "b", "vae")] == [
+        r["loss"] for r in _log(tmp_path / "a", "vae")]
+    a, b = _state(tmp_path / "a", "vae"), _state(tmp_path / "b", "vae")
+    assert a["step"] == b["step"] == 6
+    _assert_bitwise(a["model"], b["model"])
+    _assert_bitwise(a["ema"], b["ema"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        _assert_bitwise(pa, pb)
+    # the exported files (not byte-compared: safetensors orders metadata keys at random)
+    fa, fb = (tmp_path / n / "vae" / "vae.safetensors" for n in "ab")
+    assert checkpoint.read_metadata(fa) == checkpoint.read_metadata(fb)
+    _assert_bitwise(load_file(fa), load_file(fb))
+
+
+def test_unet_resume_is_bitwise_exact(shapes_run, tmp_path, monkeypatch):
+    """The UNet caches frozen text states per caption, and a resumed run has seen other
+    captions before: the cache must not change a bit of the result."""
+    from nanodiffusion.train_unet import UnetPart
+
+    out, _ = shapes_run
+    for name in ("a", "b"):
+        for part in ("clip", "vae"):
+            shutil.copytree(out / part, tmp_path / name / part)
+    settings = dict(steps=4, lr=3e-3, caption_dropout=0.5)
+    assert _stopped_and_resumed(tmp_path, monkeypatch, "unet", UnetPart, settings, 2) == 2
+    _assert_bitwise(_state(tmp_path / "a", "unet")["model"],
+                    _state(tmp_path / "b", "unet")["model"])
+
+
+# ---------------------------------------------------------------- NaN
+
+def _poisoned_loss(monkeypatch, n, kind):
+    """The n-th loss is NaN, or finite with a NaN gradient."""
+    calls, loss = [0], VaePart.loss
+
+    def poisoned(cfg, model, frozen, batch, gens):
+        calls[0] += 1
+        value, metrics = loss(cfg, model, frozen, batch, gens)
+        if calls[0] == n:
+            if kind == "loss":
+                value = value * float("nan")
+            else:  # d sqrt(x)/dx at x = -1 is NaN; where() keeps the forward value finite
+                x = sum(p.sum() for p in model.parameters()) * 0 - 1
+                value = value + torch.where(x < 0, torch.zeros_like(x), x.sqrt())
+        return value, metrics
+    monkeypatch.setattr(VaePart, "loss", staticmethod(poisoned))
+
+
+@pytest.mark.parametrize("kind,message", [("loss", "loss is nan at step 6"),
+                                          ("grad", "gradient norm is nan at step 6")])
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, kind, message):
+    _poisoned_loss(monkeypatch, 6, kind)  # step 6 would be saved (ckpt_every 2)
+    with pytest.raises(FloatingPointError, match=message):
+        train(tiny("vae", tmp_path, steps=8, ckpt_every=2), progress=False)
+    run = tmp_path / "vae"
+    state = _state(tmp_path, "vae")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    model = checkpoint.load_model(run / "vae.safetensors")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert [r["step"] for r in _log(tmp_path, "vae")] == [1, 2, 3, 4, 5]
+    assert not list(run.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- data workers
+
+def test_prefetch_workers_change_nothing(tmp_path):
+    settings = dict(steps=5, grad_accum=2, batch_size=8)
+    plain = train(tiny("vae", tmp_path / "a", **settings), progress=False)
+    fetched = train(tiny("vae", tmp_path / "b", num_workers=2, **settings), progress=False)
+    assert [r["loss"] for r in fetched] == [r["loss"] for r in plain]
+    _assert_bitwise(_state(tmp_path / "a", "vae")["model"],
+                    _state(tmp_path / "b", "vae")["model"])
+
+
+def test_prefetcher_gives_the_source_samples():
+    from nanodiffusion.train_parts import _source
+
+    cfg = tiny("vae", "unused", steps=3, batch_size=4, num_workers=2)
+    source = _source(cfg)[0]
+    pf = T.Prefetcher(cfg, 0, 1)
+    try:
+        for step in range(3):
+            pf.schedule(step)
+            assert set(pf.ready) == set(range(step * 4, step * 4 + 4))
+            for i in range(step * 4, step * 4 + 4):
+                (image, caption), (want, want_caption) = pf(i), source(i)
+                assert torch.equal(image, want) and caption == want_caption
+    finally:
+        pf.close()
+
+
+# ---------------------------------------------------------------- DDP
+
+RECIPE = """
+[common]
+data = "shapes"
+image_size = 32
+log_every = 1
+ckpt_every = 1000
+sample_every = 0
+[vae]
+steps = 3
+batch_size = 8
+lr = 1e-3
+warmup = 1
+ema_decay = 0.0
+model = {block_channels = [8, 16], norm_groups = 8}
+"""
+
+
+def test_two_processes_equal_one(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(RECIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "nanodiffusion.cli", "train", "vae", "--recipe", str(recipe),
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = train(load_recipe(recipe, "vae", out=str(tmp_path / "one")), progress=False)
+
+    two = _log(tmp_path / "ddp", "vae")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(two, one):  # step 2 on differs where the ranks' gradients are not summed
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-5)  # psnr: a log of a chunk mean
+    wa, wb = _state(tmp_path / "ddp", "vae")["model"], _state(tmp_path / "one", "vae")["model"]
+    # Adam turns rounding noise in a gradient that is zero in exact arithmetic (a bias before
+    # a GroupNorm, an attention key bias) into an lr-sized step: those biases may differ.
+    for k in wa:
+        if not k.endswith(".bias"):
+            assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), k
+    close = sum(int(torch.isclose(wa[k], wb[k], rtol=0, atol=1e-5).sum()) for k in wa)
+    assert close / sum(v.numel() for v in wa.values()) > 0.99
