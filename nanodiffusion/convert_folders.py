@@ -92,17 +92,30 @@ def _unet_sample_size(folder):
     return size[0] if isinstance(size, (list, tuple)) else int(size)
 
 
-def load_single_file(path, device="cpu", dtype=torch.float32, prediction_type=None):
-    """An original (LDM / CompVis) checkpoint: one file with UNet, VAE and text encoder."""
+def load_single_file(path, device="cpu", dtype=torch.float32, prediction_type=None,
+                     hints=None):
+    """An original (LDM / CompVis) checkpoint: one file with UNet, VAE and text encoder.
+    `hints` (convert.LDMHints) say what the tensors cannot: heads, GroupNorm groups; by default
+    the ones a file we wrote carries in its metadata, else Stable Diffusion's."""
     from .models.tokenizer import CLIPTokenizer
     from .pipeline import Defaults, Pipeline
 
     path = Path(path)
-    parts = convert.ldm_to_diffusers(convert.read_state_dict(path))
+    hints = hints or _read_hints(path)
+    parts = convert.ldm_to_diffusers(convert.read_state_dict(path), hints=hints)
     info = parts["info"]
-    unet, vae, text = _components(info["unet_config"], parts["unet"], info["vae_config"],
-                                  parts["vae"], info["text_config"], parts["text"], path,
-                                  device, dtype)
+    missing = [name for name in ("vae", "text") if parts[name] is None]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no {' and no '.join(missing)} weights "
+                         "(a UNet-only file); a whole Stable Diffusion checkpoint is needed")
+    try:
+        unet, vae, text = _components(info["unet_config"], parts["unet"], info["vae_config"],
+                                      parts["vae"], info["text_config"], parts["text"], path,
+                                      device, dtype)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}. A single file does not record heads or GroupNorm groups; "
+                         "for a model not shaped like Stable Diffusion give "
+                         "hints=convert.LDMHints(...)") from e
     v2 = info["version"] == "v2"
     # Not stored in the file: SD 2.x 768 models predict v, 512-base and SD 1.x predict noise.
     prediction_type = prediction_type or ("v_prediction" if v2 else "epsilon")
@@ -114,6 +127,40 @@ def load_single_file(path, device="cpu", dtype=torch.float32, prediction_type=No
     pipe = Pipeline(unet, vae, text, tok, schedule, defaults, name=path.stem)
     pipe.source = str(path)
     return pipe
+
+
+HINTS_KEY = "nanodiffusion_ldm_hints"  # safetensors metadata of the single files we write
+
+
+def _read_hints(path):
+    """The LDMHints a single file we wrote stores in its metadata; None for other files."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(HINTS_KEY)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        return convert.LDMHints(**{**d, "unet_num_heads": tuple(d["unet_num_heads"])})
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: unreadable {HINTS_KEY} metadata ({e})") from None
+
+
+def _hints_of(pipe):
+    """The LDMHints that rebuild `pipe`'s models from a single file."""
+    unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    if unet.norm_groups != vae.norm_groups:
+        raise ValueError(f"a single file cannot express UNet norm_groups={unet.norm_groups} "
+                         f"with VAE norm_groups={vae.norm_groups} (LDM uses one value)")
+    return convert.LDMHints(unet_num_heads=tuple(unet.num_heads), text_num_heads=text.num_heads,
+                            norm_groups=unet.norm_groups, upcast_attention=unet.upcast_attention,
+                            scaling_factor=vae.scaling_factor)
 
 
 def _save_weights(module, path, dtype):
@@ -173,5 +220,6 @@ def save_single_file(pipe, path, dtype=None):
                                   pipe.text_encoder.state_dict(), version)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
           .detach().cpu().contiguous() for k, v in sd.items()}
-    atomic_write(path, lambda tmp: save_file(sd, tmp))
+    meta = {HINTS_KEY: json.dumps(dataclasses.asdict(_hints_of(pipe)))}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     return Path(path)

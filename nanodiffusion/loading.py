@@ -49,9 +49,14 @@ def _from_hub(repo_id):
         "text_encoder/*.safetensors"]))
 
 
-def load_pipeline(path=None, device="cpu", dtype=torch.float32, prediction_type=None):
-    """Open any supported model as a Pipeline."""
+def load_pipeline(path=None, device="cpu", dtype=torch.float32, prediction_type=None,
+                  hints=None):
+    """Open any supported model as a Pipeline. `prediction_type` and `hints` (convert.LDMHints)
+    apply to single files only, which do not record them."""
     p = resolve(path)
+    if p.is_dir() and (prediction_type is not None or hints is not None):
+        raise ValueError(f"{p}: prediction_type and hints are for single files; a folder's "
+                         "configs already say them")
     if p.is_dir() and (p / "model.json").exists():
         return _load_ours(p, device, dtype)
     if p.is_dir() and (p / "model_index.json").exists():
@@ -61,7 +66,7 @@ def load_pipeline(path=None, device="cpu", dtype=torch.float32, prediction_type=
     if p.is_file() and p.suffix in (".safetensors", ".ckpt", ".pt", ".bin", ".pth"):
         from .convert_folders import load_single_file
 
-        return load_single_file(p, device, dtype, prediction_type=prediction_type)
+        return load_single_file(p, device, dtype, prediction_type=prediction_type, hints=hints)
     raise ValueError(f"{p}: not a model: expected a folder with model.json (ours) or "
                      f"model_index.json (diffusers), or a .safetensors / .ckpt file")
 
@@ -87,7 +92,9 @@ def _load_ours(folder, device, dtype):
         return checkpoint.load_model(folder / files[name], dtype=dtype, device=device) \
             if name in files else None
     clip = part("clip")
-    text = part("text_encoder") or (clip.text_model if clip is not None else None)
+    text = part("text_encoder")
+    if text is None and clip is not None:
+        text = clip.text_model
     if text is None:
         raise ValueError(f"{folder}: model.json names neither a text_encoder nor a clip file")
     schedule = checkpoint.config_from_dict(ScheduleConfig, meta["schedule"])

@@ -154,14 +154,18 @@ class Pipeline:
                          preview, eta, init=init, strength=strength, mask=mask_t)
 
     def _image_input(self, image, width, height):
-        w, h = width or image.size[0], height or image.size[1]
+        """The init image at `width` x `height`, which must be multiples of the VAE factor; by
+        default its own size rounded down to one (as diffusers does)."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
         f = self.vae_factor
-        w, h = w - w % f, h - h % f  # as diffusers: the size rounded down to the VAE factor
+        w = image.size[0] - image.size[0] % f if width is None else width
+        h = image.size[1] - image.size[1] % f if height is None else height
         _check_size(w, h, f)
         return from_pil(image, w, h)
 
     # ---- the loop -----------------------------------------------------------------------
-    def _settings(self, seed, steps, guidance, sampler, n):
+    def _settings(self, seed, steps, guidance, sampler, n, eta):
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
         sampler = self.defaults.sampler if sampler is None else sampler
@@ -170,6 +174,7 @@ class Pipeline:
         _check_int("n", n, 1, 64)
         _check_int("seed", seed, 0, 2**63 - 1)
         _check_guidance(guidance)
+        _check_eta(eta, sampler)
         if sampler not in samplers.SAMPLER_NAMES:
             raise ValueError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
         return seed, steps, float(guidance), sampler
@@ -179,7 +184,7 @@ class Pipeline:
              eta, size=None, init=None, strength=1.0, mask=None):
         if not isinstance(prompt, str) or not isinstance(negative, str):
             raise TypeError("prompt and negative_prompt must be strings")
-        seed, steps, guidance, sampler = self._settings(seed, steps, guidance, sampler, n)
+        seed, steps, guidance, sampler = self._settings(seed, steps, guidance, sampler, n, eta)
         gen = torch.Generator("cpu").manual_seed(seed)
         plan = samplers.plan(sampler, self.schedule, steps, strength=strength,
                              **({"eta": eta} if eta is not None else {}))
@@ -267,6 +272,19 @@ def _blend_known(init_latents, noise, mask, plan):
         known_vp = known if last else known / scale
         return ((1 - mask) * known_vp + mask * (x / scale)) * scale
     return post_step
+
+
+ETA_SAMPLERS = ("ddim", "euler-ancestral")  # the samplers whose noise `eta` scales
+
+
+def _check_eta(eta, sampler):
+    if eta is None:
+        return
+    if sampler not in ETA_SAMPLERS:
+        raise ValueError(f"eta is an option of the {', '.join(ETA_SAMPLERS)} samplers only, "
+                         f"not of {sampler!r}")
+    if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
 
 
 def _check_strength(strength):

@@ -1,0 +1,158 @@
+"""Loading and writing whole models: a diffusers folder as an original single file, our
+exports read back by diffusers and by us, our own folder format, and the errors of broken
+inputs. The reference is a tiny random diffusers pipeline (tiny_sd.py)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import tiny_sd  # noqa: E402
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import CLIPTextModel  # noqa: E402
+
+import nanodiffusion  # noqa: E402
+from nanodiffusion import convert  # noqa: E402
+from nanodiffusion.convert_folders import save_diffusers_folder, save_single_file  # noqa: E402
+from nanodiffusion.loading import save_pipeline  # noqa: E402
+
+SETTINGS = dict(prompt="a red circle", negative_prompt="green", seed=5, steps=4, n=2,
+                width=24, height=16, sampler="dpmpp-2m", guidance=7.5)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return tiny_sd.build(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def want(sd):
+    """Our images from the diffusers folder: what every other route must reproduce."""
+    return images(sd.ours)
+
+
+def images(pipe):
+    return tiny_sd.as_array(pipe.generate(**SETTINGS))
+
+
+def assert_same(got, want, tol=1e-6):
+    err = abs(got - want).max()
+    assert err <= tol, f"max pixel difference {err * 255:.2f}/255"
+
+
+# ---- single files ---------------------------------------------------------------------------
+def test_single_file_from_diffusers_weights_gives_the_same_images(sd, want, tmp_path):
+    ref = sd.ref
+    sd_ldm = convert.diffusers_to_ldm(ref.unet.state_dict(), ref.vae.state_dict(),
+                                      ref.text_encoder.state_dict(), "v1")
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in sd_ldm.items()}, str(path))
+    pipe = nanodiffusion.load(path, hints=convert.LDMHints(**tiny_sd.HINTS))
+    assert_same(images(pipe), want)
+    with pytest.raises(ValueError, match="tiny.safetensors.*hints"):  # SD's 32 groups don't fit
+        nanodiffusion.load(path)
+    with pytest.raises(ValueError, match="single files"):
+        nanodiffusion.load(sd.folder, hints=convert.LDMHints(**tiny_sd.HINTS))
+
+
+@pytest.mark.parametrize("dtype, tol", [(None, 1e-6), (torch.float16, 2 / 255)])
+def test_our_single_file_reloads_without_hints(sd, want, tmp_path, dtype, tol):
+    path = save_single_file(sd.ours, tmp_path / "ours.safetensors", dtype=dtype)
+    assert_same(images(nanodiffusion.load(path)), want, tol)  # hints are in the metadata
+
+
+# ---- diffusers folders ----------------------------------------------------------------------
+def test_exported_diffusers_folder_loads_in_diffusers_and_ours(sd, want, tmp_path):
+    folder = save_diffusers_folder(sd.ours, tmp_path / "export")
+    for cls, part in ((CLIPTextModel, "text_encoder"), (UNet2DConditionModel, "unet"),
+                      (AutoencoderKL, "vae")):
+        _, info = cls.from_pretrained(folder / part, output_loading_info=True)
+        assert not any(info.values()), (part, info)  # no missing or unexpected keys
+    ref = StableDiffusionPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    tiny_sd.use_sampler(ref, dict(ref.scheduler.config), SETTINGS["sampler"])
+    s = SETTINGS
+    with tiny_sd.latents_of(ref.vae) as ref_latents:
+        got = ref(s["prompt"], negative_prompt=s["negative_prompt"], guidance_scale=s["guidance"],
+                  num_inference_steps=s["steps"], num_images_per_prompt=2, width=s["width"],
+                  height=s["height"], generator=torch.Generator("cpu").manual_seed(s["seed"]),
+                  output_type="np").images
+    with tiny_sd.latents_of(sd.ours.vae) as our_latents:
+        assert_same(images(sd.ours), want)
+    tiny_sd.assert_close_images(got, want, (ref_latents, our_latents))
+    assert_same(images(nanodiffusion.load(folder)), want)
+
+
+# ---- our own folders ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, tol", [(None, 0.0), (torch.float16, 2 / 255)])
+def test_our_folder_round_trip(sd, want, tmp_path, dtype, tol):
+    save_pipeline(sd.ours, tmp_path / "ours", dtype=dtype)
+    pipe = nanodiffusion.load(tmp_path / "ours")
+    assert pipe.defaults == sd.ours.defaults
+    assert pipe.schedule_config == sd.ours.schedule_config
+    assert_same(images(pipe), want, tol)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+def _remove_unet(folder):
+    shutil.rmtree(folder / "unet")
+    return "unet", "missing"
+
+
+def _break_config(folder):
+    (folder / "vae" / "config.json").write_text('{"block_out_channels": [16, ')
+    return "vae/config.json", "JSON"
+
+
+def _truncate_weights(folder):
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # an interrupted download
+    return "diffusion_pytorch_model.safetensors", "safetensors"
+
+
+def _remove_weights(folder):
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    return "text_encoder", "no weights"
+
+
+def _remove_tokenizer_files(folder):
+    for f in (folder / "tokenizer").iterdir():
+        f.unlink()
+    return "tokenizer", "vocab.json"
+
+
+def _something_else(folder):
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a model")
+    return "pipe", "not a model"
+
+
+@pytest.mark.parametrize("damage", [_remove_unet, _break_config, _truncate_weights,
+                                    _remove_weights, _remove_tokenizer_files, _something_else])
+def test_broken_diffusers_folders_name_the_path_and_problem(sd, tmp_path, damage):
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd.folder, folder)
+    where, problem = damage(folder)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        nanodiffusion.load(folder)
+    assert where in str(e.value) and problem in str(e.value), str(e.value)
+
+
+def test_broken_files_and_our_folders(sd, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        nanodiffusion.load(tmp_path / "nowhere")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="bad.safetensors.*safetensors"):
+        nanodiffusion.load(bad)
+    ours = save_pipeline(sd.ours, tmp_path / "ours")
+    (ours / "model.json").write_text("{")
+    with pytest.raises(ValueError, match="model.json.*JSON"):
+        nanodiffusion.load(ours)
+    (ours / "model.json").write_text(json.dumps({"format": "other/2"}))
+    with pytest.raises(ValueError, match="model.json.*format"):
+        nanodiffusion.load(ours)
