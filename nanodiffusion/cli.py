@@ -35,8 +35,8 @@ def _parser():
             s.add_argument("--mask", required=True, help="white = repaint")
         s.add_argument("--strength", type=float, default=0.6 if name == "img2img" else 1.0)
         _add_sampling_args(s)
-    t = sub.add_parser("train", help="train one part (clip, vae, unet) from zero")
-    t.add_argument("part", choices=["clip", "vae", "unet"])
+    t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from zero")
+    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder"])
     t.add_argument("--data", default=None, help="'shapes' or a folder of captioned images")
     t.add_argument("--recipe", default=None, help="a TOML recipe (see recipes/)")
     t.add_argument("--out", default=None, help="run folder (default runs/shapes)")
@@ -54,6 +54,18 @@ def _parser():
     x.add_argument("--format", choices=["nanodiffusion", "diffusers", "single-file"],
                    default="diffusers")
     x.add_argument("--half", action="store_true", help="store weights in float16")
+    v = sub.add_parser("serve", help="HTTP server: OpenAI Images API, A1111 API, web page")
+    v.add_argument("--models-dir", default=None, help="serve every model in this folder "
+                   "(default: the bundled models)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+                   "(default: $NANODIFFUSION_API_KEY, else none)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--max-queue", type=int, default=8, help="waiting jobs per model")
+    v.add_argument("--max-side", type=int, default=1024)
+    v.add_argument("--max-n", type=int, default=8)
+    v.add_argument("--max-steps", type=int, default=150)
     return ap
 
 
@@ -149,10 +161,24 @@ def cmd_export(args):
     print(args.out)
 
 
+def cmd_serve(args):
+    try:
+        from .server import Limits, serve
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra: pip install 'nanodiffusion[server]' "
+                         f"({e})") from None
+    limits = Limits(max_side=args.max_side, max_n=args.max_n, max_steps=args.max_steps,
+                    max_queue=args.max_queue)
+    serve(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
+          api_key=args.api_key or os.environ.get("NANODIFFUSION_API_KEY") or None,
+          limits=limits)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_sample, "img2img": cmd_sample, "inpaint": cmd_sample,
-                "train": cmd_train, "eval": cmd_eval, "export": cmd_export}
+                "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
+                "serve": cmd_serve}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:

@@ -86,6 +86,10 @@ def _load_ours(folder, device, dtype):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder / 'model.json'}: format {meta.get('format')!r}, expected "
                          f"{FORMAT!r}")
+    if meta.get("kind") == "unclip":
+        from .unclip import load_unclip_folder
+
+        return load_unclip_folder(folder, meta, device, dtype)
     files = meta["files"]
 
     def part(name):

@@ -12,10 +12,12 @@ the loss goes through the wrapper's forward (a part calling `vae.encode` would s
 import dataclasses
 import json
 import math
+import multiprocessing as mp
 import os
 import signal
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +136,8 @@ class Stop:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:  # a second signal: the loop is stuck somewhere; leave now
+            raise KeyboardInterrupt(f"signal {signum} received twice: stopped without saving")
         self.requested = True
 
     def __exit__(self, *exc):
@@ -328,10 +332,9 @@ class Prefetcher:
     Calling it with an index gives that sample, as the part's own source would."""
 
     AHEAD = 3
+    TIMEOUT_S = 120  # a step's data late by this much means the workers are stuck
 
     def __init__(self, cfg, rank, world):
-        import multiprocessing as mp
-
         from .train_parts import _source
 
         global _SOURCE
@@ -347,17 +350,24 @@ class Prefetcher:
     def schedule(self, step):
         """Ask for the steps after `step`; keep only what this step needs."""
         for s in range(step, min(step + self.AHEAD + 1, self.cfg.steps)):
-            if s not in self.pending:
+            if self.pool is not None and s not in self.pending:
                 self.pending[s] = self.pool.map_async(_draw, self._indices(s), chunksize=8)
         if step in self.pending:
-            self.ready = {i: (torch.from_numpy(image), caption)
-                          for i, (image, caption) in self.pending.pop(step).get()}
+            try:
+                items = self.pending.pop(step).get(timeout=self.TIMEOUT_S)
+            except mp.TimeoutError:
+                warnings.warn(f"data workers gave nothing in {self.TIMEOUT_S} s; drawing the "
+                              f"data in the main process from step {step + 1} on")
+                self.close()
+                self.pool, self.pending, items = None, {}, []
+            self.ready = {i: (torch.from_numpy(image), caption) for i, (image, caption) in items}
 
     def __call__(self, index):
         return self.ready.pop(index) if index in self.ready else _SOURCE(index)
 
     def close(self):
-        self.pool.terminate()
+        if self.pool is not None:
+            self.pool.terminate()
 
 
 def main_ddp(cfg):

@@ -169,10 +169,12 @@ class VaePart:
 
 
 from .train_unet import UnetPart  # noqa: E402  (the UNet part needs the helpers above)
+from .train_unclip import DecoderPart, PriorPart  # noqa: E402
 
 
 def get_part(name):
-    table = {"clip": ClipPart, "vae": VaePart, "unet": UnetPart}
+    table = {"clip": ClipPart, "vae": VaePart, "unet": UnetPart, "prior": PriorPart,
+             "decoder": DecoderPart}
     if name not in table:
         raise ValueError(f"part {name!r} cannot be trained yet; trainable: {sorted(table)}")
     return table[name]

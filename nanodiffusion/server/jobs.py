@@ -1,0 +1,201 @@
+"""Jobs and the workers that run them: one thread and one bounded queue per loaded model, so a
+model runs one generation at a time and a seed gives the same bytes whatever else is queued.
+
+A job's events (progress, done, error) go from the worker thread to every asyncio listener
+through `loop.call_soon_threadsafe`; a listener that arrives late first gets the last progress
+event and the final one."""
+import asyncio
+import io
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+
+from .params import APIError, Task, b64, encode_png, public_params
+
+TERMINAL = ("done", "error")
+PREVIEW_SIDE = 128
+
+
+class Cancelled(Exception):
+    """Raised from the sampler callback to abort a job mid-run."""
+
+
+class Files:
+    """The generated PNGs by unguessable id, the oldest dropped past `capacity`."""
+
+    def __init__(self, capacity=512):
+        self.capacity, self._files, self._lock = capacity, OrderedDict(), threading.Lock()
+
+    def put(self, data):
+        fid = uuid.uuid4().hex
+        with self._lock:
+            self._files[fid] = data
+            while len(self._files) > self.capacity:
+                self._files.popitem(last=False)
+        return fid
+
+    def get(self, fid):
+        with self._lock:
+            return self._files.get(fid)
+
+
+class Job:
+    def __init__(self, task: Task):
+        self.id, self.task = uuid.uuid4().hex, task
+        self.status = "queued"  # queued | running | done | error | cancelled
+        self.step, self.total, self.preview = 0, 0, None
+        self.result, self.error, self.error_status = None, None, None
+        self.created, self.started, self.finished = time.time(), None, None
+        self.cancel_requested = threading.Event()
+        self._lock, self._listeners, self._history = threading.Lock(), [], []
+
+    # ---- events -----------------------------------------------------------------------
+    def publish(self, event, data):
+        ev = {"event": event, "data": data}
+        with self._lock:
+            if event == "progress":  # keep only the latest progress for late listeners
+                self._history = [e for e in self._history if e["event"] != "progress"]
+            self._history.append(ev)
+            for loop, q in self._listeners:
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, ev)
+                except RuntimeError:  # that listener's event loop has closed
+                    pass
+
+    def subscribe(self):
+        """An asyncio.Queue of this job's events, starting with what already happened."""
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        with self._lock:
+            for ev in self._history:
+                q.put_nowait(ev)
+            self._listeners.append((loop, q))
+        return q
+
+    def unsubscribe(self, q):
+        with self._lock:
+            self._listeners = [(lp, x) for lp, x in self._listeners if x is not q]
+
+    async def wait(self):
+        """The final event (done or error), without blocking the event loop."""
+        q = self.subscribe()
+        try:
+            while True:
+                ev = await q.get()
+                if ev["event"] in TERMINAL:
+                    return ev
+        finally:
+            self.unsubscribe(q)
+
+    def cancel(self):
+        self.cancel_requested.set()
+
+    def summary(self):
+        out = {"id": self.id, "status": self.status, "model": self.task.model,
+               "progress": {"step": self.step, "total": self.total},
+               "parameters": public_params(self.task), "created": int(self.created)}
+        if self.result is not None:
+            out["result"] = self.result
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+class Worker:
+    """One thread per model; `submit` answers 429 when `max_queue` jobs already wait."""
+
+    def __init__(self, name, get_pipe, files, max_queue):
+        self.name, self.get_pipe, self.files = name, get_pipe, files
+        self.queue = queue.Queue(maxsize=max_queue)
+        self.current, self.seconds_per_job = None, 5.0
+        self.thread = threading.Thread(target=self._loop, name=f"worker-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, job):
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            wait = max(1, round(self.seconds_per_job * (self.queue.qsize() + 1)))
+            raise APIError(429, f"the queue of model {self.name!r} is full "
+                                f"({self.queue.maxsize} waiting); retry later",
+                           code="queue_full", headers={"Retry-After": str(wait)}) from None
+        return job
+
+    def _loop(self):
+        while True:
+            job = self.queue.get()
+            if job.cancel_requested.is_set():
+                self._finish_cancelled(job)
+                continue
+            self.current = job
+            try:
+                self._run(job)
+            finally:
+                self.current = None
+
+    def _run(self, job):
+        job.status, job.started = "running", time.time()
+        try:
+            pipe = self.get_pipe(self.name)
+            method = getattr(pipe, job.task.kind)
+            images = method(**job.task.kwargs, callback=self._callback(job, pipe))
+        except Cancelled:
+            return self._finish_cancelled(job)
+        except (ValueError, TypeError) as e:
+            return self._finish_error(job, 400, str(e))
+        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+            traceback.print_exc()
+            return self._finish_error(job, 500, f"{type(e).__name__}: {e}")
+        pngs = [encode_png(im) for im in images]
+        ids = [self.files.put(p) for p in pngs]
+        infotexts = [im.info.get("parameters", "") for im in images]
+        job.result = {"images": [f"/v1/files/{i}.png" for i in ids], "infotexts": infotexts,
+                      "seed": job.task.kwargs["seed"], **_settings(job.task.kwargs, pipe,
+                                                                   images[0].size)}
+        job.pngs = pngs
+        job.finished, job.status = time.time(), "done"
+        self.seconds_per_job = 0.7 * self.seconds_per_job + 0.3 * (job.finished - job.started)
+        job.publish("done", job.result)
+
+    def _finish_cancelled(self, job):
+        job.status, job.finished, job.error, job.error_status = "cancelled", time.time(), \
+            "cancelled", 409
+        job.publish("error", {"message": "cancelled", "code": "cancelled"})
+
+    def _finish_error(self, job, status, message):
+        job.status, job.finished, job.error, job.error_status = "error", time.time(), \
+            message, status
+        job.publish("error", {"message": message, "code": "generation_failed"})
+
+    @staticmethod
+    def _callback(job, pipe):
+        def cb(info):
+            if job.cancel_requested.is_set():
+                raise Cancelled()
+            job.step, job.total = info["step"] + 1, info["total"]
+            every = max(1, job.total // 6)
+            if job.step % every == 0 and job.step < job.total:
+                job.preview = preview_png(pipe, info["denoised"])
+            job.publish("progress", {"step": job.step, "total": job.total,
+                                     "preview": job.preview})
+        return cb
+
+
+def _settings(kwargs, pipe, size):
+    """The settings a job ran with, the model's defaults filled in."""
+    d = pipe.defaults
+    pick = lambda key, default: default if kwargs.get(key) is None else kwargs[key]  # noqa: E731
+    return {"steps": pick("steps", d.steps), "guidance": pick("guidance", d.guidance),
+            "sampler": pick("sampler", d.sampler), "width": size[0], "height": size[1]}
+
+
+def preview_png(pipe, denoised):
+    """A small PNG (base64) of the first image's current estimate. Decodes with the VAE every
+    few steps rather than through `preview=True`, which would decode all images every step."""
+    im = pipe._decode(denoised[:1])[0]
+    im.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return b64(buf.getvalue())

@@ -1,0 +1,125 @@
+"""The models a server offers: the bundled ones, or every model in a folder, by name. Loaded
+lazily on first use, then kept; each loaded model gets its own Worker."""
+import threading
+from pathlib import Path
+
+from .. import loading
+from .jobs import Files, Job, Worker
+from .params import APIError, Limits, Task
+
+MODEL_FILES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+
+
+def scan(models_dir):
+    """name -> path for every model `nanodiffusion.load` accepts in `models_dir` (None: the
+    bundled names whose files are installed)."""
+    if models_dir is None:
+        found = {}
+        for name in loading.BUNDLED_NAMES:
+            try:
+                found[name] = loading.resolve(name)
+            except FileNotFoundError:
+                pass
+        return found
+    found = {}
+    for p in sorted(Path(models_dir).iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() and ((p / "model.json").exists() or (p / "model_index.json").exists()):
+            found.setdefault(p.name, p)
+        elif p.is_file() and p.suffix in MODEL_FILES:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def check_name(name):
+    """Model names are plain names: no path separators, no '..', nothing absolute."""
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "model must be a non-empty string", param="model")
+    if "/" in name or "\\" in name or ".." in name or Path(name).is_absolute() or \
+            name.startswith("~") or "\0" in name:
+        raise APIError(400, f"invalid model name {name!r}: give a name from /v1/models, "
+                            f"not a path", param="model", code="invalid_model_name")
+    return name
+
+
+class Registry:
+    def __init__(self, models_dir=None, device="cpu", limits=None):
+        self.models_dir = None if models_dir is None else Path(models_dir)
+        if self.models_dir is not None and not self.models_dir.is_dir():
+            raise FileNotFoundError(f"--models-dir {models_dir}: not a folder")
+        self.device, self.limits = device, limits or Limits()
+        self.files, self.jobs = Files(), {}
+        self._pipes, self._workers = {}, {}
+        self._lock, self._load_locks = threading.Lock(), {}
+
+    def names(self):
+        return sorted(scan(self.models_dir))
+
+    def default_name(self):
+        names = self.names()
+        if not names:
+            raise APIError(400, "this server has no model installed", param="model",
+                           code="model_not_found")
+        return "shapes" if "shapes" in names else names[0]
+
+    def resolve_name(self, name):
+        """A request's model name (None: the default) -> a name this server offers."""
+        if name is None or name == "":
+            return self.default_name()
+        check_name(name)
+        if name not in scan(self.models_dir):
+            raise APIError(404, f"model {name!r} not found; available: {self.names()}",
+                           param="model", code="model_not_found")
+        return name
+
+    def pipe(self, name):
+        """The loaded Pipeline of `name`, loading it once (other models keep serving)."""
+        with self._lock:
+            if name in self._pipes:
+                return self._pipes[name]
+            lock = self._load_locks.setdefault(name, threading.Lock())
+        with lock:
+            if name not in self._pipes:
+                path = scan(self.models_dir).get(name)
+                if path is None:
+                    raise ValueError(f"model {name!r} is no longer installed")
+                pipe = loading.load_pipeline(path, device=self.device)
+                with self._lock:
+                    self._pipes[name] = pipe
+            return self._pipes[name]
+
+    def worker(self, name):
+        with self._lock:
+            if name not in self._workers:
+                self._workers[name] = Worker(name, self.pipe, self.files,
+                                             self.limits.max_queue)
+            return self._workers[name]
+
+    def submit(self, task: Task):
+        job = self.worker(task.model).submit(Job(task))
+        with self._lock:
+            self.jobs[job.id] = job
+            while len(self.jobs) > 1000:
+                self.jobs.pop(next(iter(self.jobs)))
+        return job
+
+    def job(self, job_id):
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise APIError(404, f"no job {job_id!r}", param="id", code="job_not_found")
+        return job
+
+    def running(self):
+        """Jobs running now, the most recently started first."""
+        with self._lock:
+            jobs = [w.current for w in self._workers.values() if w.current is not None]
+        return sorted(jobs, key=lambda j: j.started or 0, reverse=True)
+
+    def queued_count(self):
+        with self._lock:
+            return sum(w.queue.qsize() for w in self._workers.values())
+
+    def loaded(self):
+        with self._lock:
+            return sorted(self._pipes)

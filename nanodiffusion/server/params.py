@@ -1,0 +1,216 @@
+"""Request fields -> one validated Task, whatever API they came through (OpenAI, AUTOMATIC1111,
+the native job API). Limits are the server's own (--max-side, --max-n, --max-steps); the
+Pipeline then checks the rest (sampler options, guidance range) with its own clear errors."""
+import base64
+import binascii
+import io
+import math
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+from .. import samplers
+from ..pnginfo import A1111_SAMPLERS, save_png
+
+SIZE_FACTOR = 8  # latent downsampling of every SD VAE
+
+
+@dataclass
+class Limits:
+    max_side: int = 1024
+    max_n: int = 8
+    max_steps: int = 150
+    max_queue: int = 8
+    max_image_bytes: int = 16 * 2**20
+    max_prompt_chars: int = 10000
+
+    def __post_init__(self):
+        for name, v in vars(self).items():
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape; `param` names the bad field."""
+
+    def __init__(self, status, message, param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self):
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": self.code}}
+
+
+def bad(param, message):
+    return APIError(400, message, param=param)
+
+
+@dataclass
+class Task:
+    """One call of a Pipeline method: `kind` is generate, img2img or inpaint."""
+    model: str
+    kind: str
+    kwargs: dict = field(default_factory=dict)
+
+
+# ---- scalar fields ----------------------------------------------------------------------
+def get_int(d, name, default, lo, hi):
+    v = d.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError
+        v = int(v)
+    except (TypeError, ValueError):
+        raise bad(name, f"{name} must be an integer, got {d.get(name)!r}") from None
+    if not lo <= v <= hi:
+        raise bad(name, f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def get_float(d, name, default, lo, hi):
+    v = d.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        v = float(v)
+    except (TypeError, ValueError):
+        raise bad(name, f"{name} must be a number, got {d.get(name)!r}") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise bad(name, f"{name} must be a number in [{lo}, {hi}], got {v}")
+    return v
+
+
+def get_str(d, name, default="", limit=10000):
+    v = d.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise bad(name, f"{name} must be a string, got {type(v).__name__}")
+    if len(v) > limit:
+        raise bad(name, f"{name} is longer than {limit} characters")
+    return v
+
+
+def parse_size(value, limits, param="size"):
+    """"WxH" -> (W, H); None or "auto" -> (None, None), the model's defaults."""
+    if value in (None, "", "auto"):
+        return None, None
+    try:
+        w, h = (int(s) for s in str(value).lower().split("x"))
+    except ValueError:
+        raise bad(param, f"{param} must look like '512x512', got {value!r}") from None
+    check_side(param, w, limits)
+    check_side(param, h, limits)
+    return w, h
+
+
+def check_side(param, v, limits):
+    if v < SIZE_FACTOR or v > limits.max_side or v % SIZE_FACTOR:
+        raise bad(param, f"{param} must be a multiple of {SIZE_FACTOR} between {SIZE_FACTOR} "
+                         f"and {limits.max_side}, got {v}")
+
+
+def get_sampler(d, name="sampler"):
+    """Our sampler names, or the names AUTOMATIC1111 shows ("Euler a", "DPM++ 2M Karras")."""
+    v = get_str(d, name, default=None)
+    if v is None or v == "":
+        return None
+    if v in samplers.SAMPLER_NAMES:
+        return v
+    ours = {a1111.lower(): n for n, a1111 in A1111_SAMPLERS.items()
+            if n in samplers.SAMPLER_NAMES}
+    if v.lower() in ours:
+        return ours[v.lower()]
+    raise bad(name, f"{name} {v!r} is not one of {samplers.SAMPLER_NAMES}")
+
+
+def get_seed(d, name="seed"):
+    """A seed; missing or -1 (AUTOMATIC1111's "random") draws one here, so it can be reported."""
+    seed = get_int(d, name, None, -1, 2**63 - 1)
+    if seed is None or seed == -1:
+        seed = int.from_bytes(os.urandom(4), "little")
+    return seed
+
+
+# ---- images -----------------------------------------------------------------------------
+def decode_image(data, param, limits):
+    """bytes, or base64 text (a data: URL included) -> a PIL image, checked for size."""
+    if isinstance(data, str):
+        text = data.split(",", 1)[1] if data.startswith("data:") else data
+        if len(text) > limits.max_image_bytes * 4 // 3 + 4:
+            raise bad(param, f"{param} is larger than {limits.max_image_bytes} bytes")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(param, f"{param} is not valid base64") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise bad(param, f"{param} must be an image file or base64 text")
+    if len(data) > limits.max_image_bytes:
+        raise bad(param, f"{param} is larger than {limits.max_image_bytes} bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise bad(param, f"{param} is not a decodable image (PNG, JPEG, WebP)") from None
+    if max(im.size) > 4 * limits.max_side:
+        raise bad(param, f"{param} is {im.size[0]}x{im.size[1]}; at most "
+                         f"{4 * limits.max_side} pixels a side")
+    return im
+
+
+def encode_png(image):
+    """PIL image -> PNG bytes with its "parameters" text chunk (deterministic)."""
+    buf = io.BytesIO()
+    save_png(image, buf)
+    return buf.getvalue()
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+# ---- the common task --------------------------------------------------------------------
+def build_task(model, f, limits, image=None, mask=None):
+    """`f`: normalized fields (prompt, negative_prompt, seed, steps, guidance, sampler, width,
+    height, n, strength). With `image` img2img, with `image` and `mask` inpaint."""
+    prompt = get_str(f, "prompt", None, limits.max_prompt_chars)
+    if prompt is None:
+        raise bad("prompt", "prompt is required")
+    kw = dict(prompt=prompt,
+              negative_prompt=get_str(f, "negative_prompt", "", limits.max_prompt_chars),
+              seed=get_seed(f), steps=get_int(f, "steps", None, 1, limits.max_steps),
+              guidance=get_float(f, "guidance", None, 0, 100), sampler=get_sampler(f),
+              n=get_int(f, "n", 1, 1, limits.max_n))
+    for side in ("width", "height"):
+        v = get_int(f, side, None, 1, 10**6)
+        if v is not None:
+            check_side(side, v, limits)
+        kw[side] = v
+    if image is None:
+        if mask is not None:
+            raise bad("mask", "a mask needs an image to inpaint")
+        return Task(model, "generate", kw)
+    if kw["width"] is None and max(image.size) > limits.max_side:
+        raise bad("image", f"image is {image.size[0]}x{image.size[1]}; give a size, or an "
+                           f"image at most {limits.max_side} pixels a side")
+    kw["image"] = image
+    if mask is None:
+        kw["strength"] = get_float(f, "strength", 0.6, 1e-3, 1.0)
+        return Task(model, "img2img", kw)
+    kw["mask"] = mask
+    kw["strength"] = get_float(f, "strength", 1.0, 1e-3, 1.0)
+    return Task(model, "inpaint", kw)
+
+
+def public_params(task):
+    """The task's settings as JSON-able data (images left out)."""
+    return {k: v for k, v in task.kwargs.items() if k not in ("image", "mask")} | {
+        "model": task.model, "mode": task.kind}

@@ -1,0 +1,238 @@
+"""The unCLIP parts of the training loop: the DALL·E 2 prior (text encoding -> CLIP image
+embedding, x0 prediction) and the decoder (a latent UNet conditioned on the CLIP image
+embedding, Kandinsky 2.2 style), both on the frozen CLIP and VAE of <out>/clip and <out>/vae;
+and the assembly of <out>/model-unclip once both exist."""
+import json
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .diffusion import NoiseSchedule, ScheduleConfig
+from .train_unet import SAMPLE_PROMPTS, _frozen_parts
+
+STATS_SAMPLES = 512   # images whose CLIP embeddings give the prior's clip_mean / clip_std
+STATS_FIRST = 10_000_000  # past any training index, as the VAE's latent scale uses
+
+
+def _clip_pixels(clip, images):
+    """Training images (B, 3, S, S) in [-1, 1] -> CLIP image embeddings (B, E)."""
+    return clip.encode_image(clip.preprocess((images + 1) / 2))
+
+
+@torch.no_grad()
+def _image_stats(cfg, clip, source, device, chunk=128):
+    embs = []
+    for lo in range(0, STATS_SAMPLES, chunk):
+        idx = range(STATS_FIRST + lo, STATS_FIRST + min(lo + chunk, STATS_SAMPLES))
+        images = torch.stack([source(i)[0] for i in idx]).to(device)  # (b, 3, S, S)
+        embs.append(_clip_pixels(clip, images))
+    return torch.cat(embs)  # (N, E)
+
+
+def _check_fixed(part, fixed, model_cfg):
+    clash = sorted(set(fixed) & set(model_cfg))
+    if clash:
+        raise ValueError(f"{part} model settings {clash} follow from the trained vae and "
+                         f"clip ({fixed}); remove them from the recipe")
+
+
+def _noised(schedule, x0, gens, device):
+    """(x_t, t, alpha_bar (B, 1, ...), noise): the forward process at per-sample timesteps."""
+    from .train_parts import _rand, _randn
+
+    T = schedule.config.num_train_timesteps
+    t = (_rand(gens, device) * T).long().clamp(max=T - 1)
+    noise = _randn(gens, x0.shape[1:], device)
+    a = schedule.alphas_cumprod.to(device)[t].view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ...)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, a, noise
+
+
+class PriorPart:
+    @staticmethod
+    def build(cfg, device):
+        from .models import prior
+        from .train_parts import _override, _source
+        from .unclip import PRIOR_SCHEDULE
+
+        clip, vae, tok = _frozen_parts(cfg, device)
+        text = clip.text_model.config
+        fixed = {"embed_dim": clip.projection_dim, "text_dim": text.width,
+                 "text_tokens": text.max_positions}
+        _check_fixed("prior", fixed, cfg.model)
+        model = prior.Prior(_override(prior.SHAPES, {**cfg.model, **fixed})).to(device)
+        source = _source(cfg)[0]
+        model.set_stats(_image_stats(cfg, clip, source, device))
+        return model, {"source": source, "clip": clip, "vae": vae, "tokenizer": tok,
+                       "cache": {}, "schedule": NoiseSchedule(PRIOR_SCHEDULE)}
+
+    @staticmethod
+    def batch(cfg, frozen, indices, device):
+        from .train_parts import _images_and_captions
+
+        return _images_and_captions(cfg, frozen, indices, device)
+
+    @staticmethod
+    @torch.no_grad()
+    def _text(frozen, captions):
+        """Frozen (token states (B, T, D), text embeddings (B, E)), cached per caption."""
+        cache, clip = frozen["cache"], frozen["clip"]
+        missing = [c for c in dict.fromkeys(captions) if c not in cache]
+        if missing:
+            ids = frozen["tokenizer"](missing, max_length=clip.text_model.config.max_positions)
+            hidden, pooled = clip.text_model(ids.to(next(clip.parameters()).device))
+            cache.update(zip(missing, zip(hidden, clip.text_projection(pooled))))
+        return (torch.stack([cache[c][0] for c in captions]),
+                torch.stack([cache[c][1] for c in captions]))
+
+    @staticmethod
+    def loss(cfg, model, frozen, batch, gens):
+        """DALL·E 2: MSE between the predicted and the true clean (normalised) embedding."""
+        from .train_parts import _rand
+
+        images, captions = batch
+        device, prior = images.device, checkpoint.unwrap(model)
+        with torch.no_grad():
+            x0 = prior.normalize(_clip_pixels(frozen["clip"], images))  # (B, E)
+        drop = _rand(gens, device) < cfg.caption_dropout
+        if prior.config.learned_null:
+            states, emb = prior.drop_text(*PriorPart._text(frozen, captions), drop)
+        else:  # the empty caption stands for a dropped one (Karlo)
+            states, emb = PriorPart._text(frozen, ["" if d else c
+                                                   for c, d in zip(captions, drop.tolist())])
+        x_t, t, _, _ = _noised(frozen["schedule"], x0, gens, device)
+        pred = model(x_t, t, states, emb)
+        cos = F.cosine_similarity(prior.denormalize(pred.float()), prior.denormalize(x0)).mean()
+        return F.mse_loss(pred.float(), x0), {"cos": cos.detach()}
+
+    @staticmethod
+    def export(cfg, model, ema):
+        from .train_parts import _save_ema
+
+        _save_ema(model, ema, cfg.run_dir / "prior.safetensors")
+        if (cfg.out_path("model-unclip") / "model.json").exists():
+            assemble_unclip(cfg)  # a retrained prior replaces the assembled one
+
+    @staticmethod
+    def sample(cfg, model, frozen, path):
+        decoder = cfg.out_path("decoder") / "decoder.safetensors"
+        if decoder.exists():
+            device = next(model.parameters()).device
+            _sample_grid(cfg, model, checkpoint.load_model(decoder, device=device), frozen,
+                         path, model)
+
+
+class DecoderPart:
+    @staticmethod
+    def build(cfg, device):
+        from .models import unet
+        from .train_parts import _override, _source
+
+        clip, vae, tok = _frozen_parts(cfg, device)
+        c = vae.config.latent_channels
+        fixed = {"in_channels": c, "out_channels": c, "image_embed_dim": clip.projection_dim}
+        _check_fixed("decoder", fixed, cfg.model)
+        model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
+        schedule = NoiseSchedule(ScheduleConfig(prediction_type=cfg.prediction_type))
+        return model, {"source": _source(cfg)[0], "clip": clip, "vae": vae, "tokenizer": tok,
+                       "schedule": schedule}
+
+    @staticmethod
+    def batch(cfg, frozen, indices, device):
+        from .train_parts import _images_and_captions
+
+        return _images_and_captions(cfg, frozen, indices, device)
+
+    @staticmethod
+    def loss(cfg, model, frozen, batch, gens):
+        """The UNet part's loss with the image embedding (zero where dropped) as the
+        condition instead of the caption."""
+        from .train_parts import _rand, _randn
+
+        images, _ = batch
+        device, vae, schedule = images.device, frozen["vae"], frozen["schedule"]
+        with torch.no_grad():
+            post = vae.encode(images)
+            eps = _randn(gens, post.mean.shape[1:], device)
+            x0 = (post.mean + torch.exp(0.5 * post.logvar) * eps) * vae.config.scaling_factor
+            embeds = _clip_pixels(frozen["clip"], images)  # (B, E)
+        keep = _rand(gens, device) >= cfg.caption_dropout
+        embeds = embeds * keep[:, None]
+        x_t, t, a, noise = _noised(schedule, x0, gens, device)
+        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (
+            1 - a).sqrt() * x0
+        pred = model(x_t, t, image_embeds=embeds)
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:
+            snr = (a / (1 - a)).view(-1)
+            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
+            if cfg.prediction_type == "v_prediction":
+                weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
+            per_sample = per_sample * weight
+        return per_sample.mean(), {}
+
+    @staticmethod
+    def export(cfg, model, ema):
+        from .train_parts import _save_ema
+
+        _save_ema(model, ema, cfg.run_dir / "decoder.safetensors")
+        if (cfg.out_path("prior") / "prior.safetensors").exists():
+            assemble_unclip(cfg, ScheduleConfig(prediction_type=cfg.prediction_type))
+
+    @staticmethod
+    def sample(cfg, model, frozen, path):
+        prior = cfg.out_path("prior") / "prior.safetensors"
+        if prior.exists():
+            device = next(model.parameters()).device
+            _sample_grid(cfg, checkpoint.load_model(prior, device=device), model, frozen,
+                         path, model)
+
+
+@torch.no_grad()
+def _sample_grid(cfg, prior, decoder, frozen, path, training):
+    """Text-to-image samples of SAMPLE_PROMPTS; `training` (the part's model) goes back to
+    train mode after. From the prior part, the decoder's schedule is assumed epsilon."""
+    from .pipeline import make_grid
+    from .unclip import UnCLIPPipeline
+
+    try:
+        pipe = UnCLIPPipeline(prior, decoder, frozen["vae"], frozen["clip"], frozen["tokenizer"],
+                              ScheduleConfig(prediction_type=_decoder_prediction(cfg)),
+                              defaults=shapes_unclip_defaults(cfg))
+        images = [pipe.generate(p, seed=i)[0] for i, p in enumerate(SAMPLE_PROMPTS)]
+        make_grid(images, rows=2).save(path)
+    finally:
+        training.train()
+
+
+def _decoder_prediction(cfg):
+    """The decoder's prediction type: this config's when training the decoder, else the
+    assembled model's, else epsilon."""
+    meta = cfg.out_path("model-unclip") / "model.json"
+    if cfg.part == "decoder" or not meta.exists():
+        return cfg.prediction_type if cfg.part == "decoder" else "epsilon"
+    return json.loads(meta.read_text())["schedule"]["prediction_type"]
+
+
+def shapes_unclip_defaults(cfg):
+    from .unclip import UnCLIPDefaults
+
+    return UnCLIPDefaults(steps=20, guidance=4.0, sampler="dpmpp-2m", width=cfg.image_size,
+                          height=cfg.image_size)
+
+
+def assemble_unclip(cfg, schedule=None):
+    """<out>/model-unclip from the prior, decoder, vae, clip and tokenizer of this run. The
+    decoder's schedule is the decoder part's (or, from the prior part, the assembled one's)."""
+    from .unclip import save_unclip_folder
+
+    folder = cfg.out_path("model-unclip")
+    if schedule is None:
+        meta = json.loads((folder / "model.json").read_text())
+        schedule = checkpoint.config_from_dict(ScheduleConfig, meta["schedule"])
+    save_unclip_folder(folder, prior=cfg.out_path("prior") / "prior.safetensors",
+                       decoder=cfg.out_path("decoder") / "decoder.safetensors",
+                       vae=cfg.out_path("vae") / "vae.safetensors",
+                       clip=cfg.out_path("clip") / "clip.safetensors",
+                       tokenizer=cfg.out_path("clip") / "tokenizer", schedule=schedule,
+                       defaults=shapes_unclip_defaults(cfg), name="shapes-unclip")

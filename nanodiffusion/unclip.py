@@ -1,0 +1,346 @@
+"""DALL·E 2 (unCLIP) over our parts: text -> CLIP text encoding -> prior -> CLIP image
+embedding -> decoder UNet (latent, Kandinsky 2.2 style: conditioned on the image embedding
+alone) -> VAE. Plus what an image embedding allows: variations, text-diff edits,
+interpolation, captions by CLIP similarity, and best-of-N reranking.
+
+Seeds: one CPU generator seeded with `seed` draws the prior's initial noise (n, E), the
+prior sampler's noise, then the decoder's initial latents and its sampler's noise.
+"""
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, samplers
+from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from .pipeline import (Defaults, _check_guidance, _check_int, _check_size, from_pil, to_pil)
+from .pnginfo import format_parameters
+
+# DALL·E 2's prior schedule: cosine betas, x0 prediction, x0 clamped to +-5 std; sampling
+# starts at the last training timestep (trailing spacing).
+PRIOR_SCHEDULE = ScheduleConfig(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                                timestep_spacing="trailing", steps_offset=0, clip_sample=True,
+                                clip_sample_range=5.0)
+EDIT_MAX_THETA = 0.5  # edit(strength=1) slerps half way to the text diff (DALL·E 2 fig. 5)
+MAX_BEST_OF = 16
+
+
+@dataclass
+class UnCLIPDefaults(Defaults):
+    """Defaults of the decoder (steps, guidance, sampler, size) and of the prior."""
+    guidance: float = 4.0
+    prior_steps: int = 25
+    prior_guidance: float = 4.0
+    prior_sampler: str = "ddim"
+
+
+def slerp(a, b, theta):
+    """Spherical interpolation of the directions of (B, E) embeddings, the norm interpolated
+    linearly (the decoder was trained on unnormalised CLIP embeddings)."""
+    ua, ub = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    omega = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))  # (B, 1)
+    direction = (torch.sin((1 - theta) * omega) * ua + torch.sin(theta * omega) * ub) \
+        / torch.sin(omega)
+    norm = (1 - theta) * a.float().norm(dim=-1, keepdim=True) + \
+        theta * b.float().norm(dim=-1, keepdim=True)
+    return (direction * norm).to(a.dtype)
+
+
+@torch.no_grad()
+def sample_prior(prior, schedule, text, uncond, *, generator, steps, guidance, sampler,
+                 callback=None):
+    """CLIP image embeddings (B, E) for text conditions `text` = (states (B, T, D), emb
+    (B, E)), with classifier-free guidance against `uncond` (same shapes)."""
+    sched = NoiseSchedule(schedule)
+    plan = samplers.plan(sampler, sched, steps)
+    clip = schedule.clip_sample_range if schedule.clip_sample else None
+
+    def model(x, t, text_states, text_emb):
+        return prior(x, t, text_states, text_emb)
+    denoiser = cfg_denoiser(Denoiser(model, sched, quantize_t=plan.quantize_t,
+                                     clip_denoised=clip), guidance)
+    states, emb = text
+    if guidance != 1.0:
+        states, emb = torch.cat([uncond[0], states]), torch.cat([uncond[1], emb])  # (2B, ...)
+    device = next(prior.parameters()).device
+    noise = torch.randn((text[1].shape[0], prior.config.embed_dim), generator=generator)
+    x = samplers.run(plan, denoiser, noise.to(device), generator=generator, callback=callback,
+                     cond={"text_states": states, "text_emb": emb})
+    return prior.denormalize(x)
+
+
+class UnCLIPPipeline:
+    """prior + decoder UNet + VAE + CLIP (both towers) + tokenizer."""
+
+    def __init__(self, prior, decoder, vae, clip, tokenizer, schedule: ScheduleConfig,
+                 prior_schedule: ScheduleConfig = PRIOR_SCHEDULE, defaults=None, name="unclip"):
+        self.prior, self.decoder = prior.eval(), decoder.eval()
+        self.vae, self.clip, self.tokenizer = vae.eval(), clip.eval(), tokenizer
+        self.schedule_config, self.prior_schedule = schedule, prior_schedule
+        self.schedule = NoiseSchedule(schedule)
+        self.defaults = defaults or UnCLIPDefaults()
+        self.name = name
+        self._candidates = (None, None)  # (captions, their unit text embeddings)
+
+    @property
+    def vae_factor(self):
+        return 2 ** (len(self.vae.config.block_channels) - 1)
+
+    @property
+    def _device(self):
+        return next(self.decoder.parameters()).device
+
+    # ---- CLIP ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts):
+        """list of str -> (token states (B, T, D), projected text embeddings (B, E))."""
+        text = self.clip.text_model
+        ids = self.tokenizer(prompts, max_length=text.config.max_positions).to(self._device)
+        hidden, pooled = text(ids)
+        return hidden, self.clip.text_projection(pooled)
+
+    @torch.no_grad()
+    def encode_image(self, images):
+        """list of PIL images -> CLIP image embeddings (B, E), not normalised."""
+        pixels = torch.cat([self.clip.preprocess((from_pil(im) + 1) / 2) for im in images])
+        return self.clip.encode_image(pixels.to(self._device))
+
+    # ---- settings -----------------------------------------------------------------------
+    def _settings(self, seed, steps, guidance, sampler, width, height, n):
+        d = self.defaults
+        s = dict(seed=int.from_bytes(os.urandom(4), "little") if seed is None else seed,
+                 steps=d.steps if steps is None else steps,
+                 guidance=d.guidance if guidance is None else guidance,
+                 sampler=d.sampler if sampler is None else sampler,
+                 width=d.width if width is None else width,
+                 height=d.height if height is None else height)
+        _check_int("seed", s["seed"], 0, 2**63 - 1)
+        _check_int("steps", s["steps"], 1, 1000)
+        _check_int("n", n, 1, 64)
+        _check_guidance(s["guidance"])
+        _check_size(s["width"], s["height"], self.vae_factor)
+        _check_sampler(s["sampler"])
+        return s
+
+    def _prior_settings(self, steps, guidance, sampler):
+        d = self.defaults
+        s = dict(steps=d.prior_steps if steps is None else steps,
+                 guidance=d.prior_guidance if guidance is None else guidance,
+                 sampler=d.prior_sampler if sampler is None else sampler)
+        _check_int("prior_steps", s["steps"], 1, self.prior_schedule.num_train_timesteps)
+        _check_guidance(s["guidance"])
+        _check_sampler(s["sampler"])
+        return s
+
+    # ---- the two stages -----------------------------------------------------------------
+    def prior_embeds(self, prompt, negative_prompt, n, generator, steps=None, guidance=None,
+                     sampler=None):
+        """n CLIP image embeddings (n, E) for `prompt`. The unconditional branch is the
+        learned null caption, or the negative prompt's encoding when one is given."""
+        p = self._prior_settings(steps, guidance, sampler)
+        text = self.encode_text([prompt] * n)
+        if negative_prompt or not self.prior.config.learned_null:
+            uncond = self.encode_text([negative_prompt] * n)
+        else:
+            uncond = tuple(u.to(self._device) for u in self.prior.null_condition(n))
+        return sample_prior(self.prior, self.prior_schedule, text, uncond, generator=generator,
+                            **p)
+
+    @torch.no_grad()
+    def decode(self, image_embeds, generator, steps, guidance, sampler, width, height,
+               callback=None):
+        """Image embeddings (B, E) -> B PIL images; the unconditional branch of guidance is
+        the zero embedding (the decoder's dropped condition in training)."""
+        plan = samplers.plan(sampler, self.schedule, steps)
+        B, f = image_embeds.shape[0], self.vae_factor
+        shape = (B, self.vae.config.latent_channels, height // f, width // f)
+        noise = torch.randn(shape, generator=generator).to(self._device)
+
+        def model(x, t, image_embeds):
+            return self.decoder(x, t, image_embeds=image_embeds)
+        denoiser = cfg_denoiser(Denoiser(model, self.schedule, quantize_t=plan.quantize_t),
+                                guidance)
+        embeds = image_embeds.to(self._device)
+        if guidance != 1.0:
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])  # (2B, E): uncond, cond
+        latents = samplers.run(plan, denoiser, noise, generator=generator, callback=callback,
+                               cond={"image_embeds": embeds})
+        x = self.vae.decode(latents / self.vae.config.scaling_factor)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("the decoded image holds NaN or inf values")
+        return to_pil(x)
+
+    def _decode(self, embeds, s, callback=None, generator=None):
+        gen = generator or torch.Generator("cpu").manual_seed(s["seed"])
+        return self.decode(embeds, gen, s["steps"], float(s["guidance"]), s["sampler"],
+                           s["width"], s["height"], callback)
+
+    # ---- public tasks -------------------------------------------------------------------
+    def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
+                 sampler=None, width=None, height=None, n=1, callback=None, best_of=1,
+                 prior_steps=None, prior_guidance=None, prior_sampler=None):
+        """txt2img: `n` PIL images. best_of > 1 makes n * best_of images and keeps the n
+        most similar to the prompt under CLIP, best first."""
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise TypeError("prompt and negative_prompt must be strings")
+        s = self._settings(seed, steps, guidance, sampler, width, height, n)
+        _check_int("best_of", best_of, 1, MAX_BEST_OF)
+        gen = torch.Generator("cpu").manual_seed(s["seed"])
+        embeds = self.prior_embeds(prompt, negative_prompt, n * best_of, gen, prior_steps,
+                                   prior_guidance, prior_sampler)
+        images = self._decode(embeds, s, callback, gen)
+        if best_of > 1:
+            images = [im for im, _ in rank_images(self, prompt, images)[:n]]
+        params = dict(prompt=prompt, negative_prompt=negative_prompt, model=self.name,
+                      batch_size=n, **{k: s[k] for k in ("steps", "sampler", "guidance", "seed",
+                                                          "width", "height")})
+        for i, im in enumerate(images):
+            im.info["parameters"] = format_parameters({**params, "batch_pos": i})
+        return images
+
+    def variations(self, image, n=4, seed=1, steps=None, guidance=None, sampler=None,
+                   width=None, height=None, callback=None):
+        """The image's CLIP embedding rendered again with new noise: n PIL images."""
+        s = self._settings(seed, steps, guidance, sampler, width, height, n)
+        embeds = self.encode_image([image]).expand(n, -1)  # (n, E)
+        return self._decode(embeds, s, callback)
+
+    def edit(self, image, source, target, strength=1.0, seed=1, n=1, steps=None,
+             guidance=None, sampler=None, width=None, height=None):
+        """DALL·E 2 text diffs (§3.3), applied directly in CLIP space (not through the
+        prior): the image embedding is slerped towards the unit difference of the target's
+        and the source caption's text embeddings by theta = 0.5 * strength."""
+        if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        s = self._settings(seed, steps, guidance, sampler, width, height, n)
+        z = self.encode_image([image])  # (1, E)
+        _, emb = self.encode_text([source, target])  # (2, E)
+        diff = F.normalize(emb[1:] - emb[:1], dim=-1) * z.norm(dim=-1, keepdim=True)
+        edited = slerp(z, diff, EDIT_MAX_THETA * strength)
+        return self._decode(edited.expand(n, -1), s)
+
+    def interpolate(self, a, b, frames=8, seed=1, steps=None, guidance=None, sampler=None,
+                    width=None, height=None):
+        """`frames` images along the slerp from a to b (PIL images, or prompts turned into
+        embeddings by the prior), each decoded from the same noise (a fresh generator with
+        `seed` per frame, so stochastic samplers' step noise is shared too)."""
+        _check_int("frames", frames, 2, 64)
+        s = self._settings(seed, steps, guidance, sampler, width, height, 1)
+        gen = torch.Generator("cpu").manual_seed(s["seed"])
+        ends = [self.prior_embeds(x, "", 1, gen) if isinstance(x, str) else
+                self.encode_image([x]) for x in (a, b)]
+        thetas = [i / (frames - 1) for i in range(frames)]
+        return [self._decode(slerp(ends[0], ends[1], th), s)[0] for th in thetas]
+
+    @torch.no_grad()
+    def describe(self, image, candidates=None, top=5):
+        """The `top` captions most similar to the image under CLIP, as (caption, cosine
+        similarity) pairs, most similar first. Default candidates: every shapes caption."""
+        if candidates is None:
+            from .data.shapes import enumerate_captions
+
+            candidates = enumerate_captions()
+        candidates = list(candidates)
+        if not candidates or not all(isinstance(c, str) for c in candidates):
+            raise ValueError("candidates must be a non-empty list of strings")
+        _check_int("top", top, 1, len(candidates))
+        text = self._candidate_embeds(candidates)  # (N, E) unit
+        img = F.normalize(self.encode_image([image]), dim=-1)  # (1, E)
+        scores = (text @ img[0]).tolist()
+        order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:top]
+        return [(candidates[i], scores[i]) for i in order]
+
+    def _candidate_embeds(self, candidates, chunk=256):
+        if self._candidates[0] == candidates:  # the default list is encoded once
+            return self._candidates[1]
+        embs = torch.cat([self.encode_text(candidates[i:i + chunk])[1]
+                          for i in range(0, len(candidates), chunk)])
+        self._candidates = (candidates, F.normalize(embs, dim=-1))
+        return self._candidates[1]
+
+
+def _check_sampler(sampler):
+    if sampler not in samplers.SAMPLER_NAMES:
+        raise ValueError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
+
+
+@torch.no_grad()
+def rank_images(pipe, prompt, images):
+    """(image, CLIP cosine similarity to `prompt`) pairs, most similar first. Needs only
+    `pipe.clip`, `pipe.tokenizer` and `pipe.encode_image`-like preprocessing, so a Pipeline
+    with a clip model can share it."""
+    clip = pipe.clip
+    device = next(clip.parameters()).device
+    ids = pipe.tokenizer([prompt], max_length=clip.text_model.config.max_positions)
+    text = F.normalize(clip.encode_text(ids.to(device)), dim=-1)  # (1, E)
+    pixels = torch.cat([clip.preprocess((from_pil(im) + 1) / 2) for im in images])
+    imgs = F.normalize(clip.encode_image(pixels.to(device)), dim=-1)  # (B, E)
+    scores = (imgs @ text[0]).tolist()
+    return sorted(zip(images, scores), key=lambda p: -p[1])
+
+
+# ---- our folder format, kind "unclip" ---------------------------------------------------
+PARTS = ("prior", "decoder", "vae", "clip")
+
+
+def save_unclip_folder(folder, *, prior, decoder, vae, clip, tokenizer, schedule, defaults,
+                       name, prior_schedule=PRIOR_SCHEDULE, dtype=None):
+    """Write model.json (kind "unclip"), the four part files (paths or modules) and
+    tokenizer/ (a folder path or a tokenizer)."""
+    from .loading import FORMAT
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, src in zip(PARTS, (prior, decoder, vae, clip)):
+        files[key] = f"{key}.safetensors"
+        if isinstance(src, (str, Path)):
+            src = checkpoint.load_model(src)
+        checkpoint.save_model(src, folder / files[key], dtype=dtype)
+    tok_dir = folder / "tokenizer"
+    if isinstance(tokenizer, (str, Path)):
+        if Path(tokenizer).resolve() != tok_dir.resolve():
+            shutil.copytree(tokenizer, tok_dir, dirs_exist_ok=True)
+    else:
+        tokenizer.save(tok_dir)
+    meta = {"format": FORMAT, "kind": "unclip", "name": name, "files": files,
+            "schedule": dataclasses.asdict(schedule),
+            "prior_schedule": dataclasses.asdict(prior_schedule),
+            "defaults": dataclasses.asdict(defaults)}
+    checkpoint.atomic_write(folder / "model.json",
+                            lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return folder
+
+
+def save_unclip_pipeline(pipe, folder, dtype=None):
+    return save_unclip_folder(folder, prior=pipe.prior, decoder=pipe.decoder, vae=pipe.vae,
+                              clip=pipe.clip, tokenizer=pipe.tokenizer,
+                              schedule=pipe.schedule_config, defaults=pipe.defaults,
+                              name=pipe.name, prior_schedule=pipe.prior_schedule, dtype=dtype)
+
+
+def load_unclip_folder(folder, meta, device="cpu", dtype=torch.float32):
+    """UnCLIPPipeline from our folder whose model.json (`meta`) says kind "unclip"."""
+    from .models.tokenizer import CLIPTokenizer
+
+    folder, files = Path(folder), meta["files"]
+    missing = [p for p in PARTS if p not in files]
+    if missing:
+        raise ValueError(f"{folder / 'model.json'}: an unclip model needs files {list(PARTS)}, "
+                         f"missing {missing}")
+    parts = {p: checkpoint.load_model(folder / files[p], dtype=dtype, device=device)
+             for p in PARTS}
+    pipe = UnCLIPPipeline(
+        parts["prior"], parts["decoder"], parts["vae"], parts["clip"],
+        CLIPTokenizer.from_folder(folder / "tokenizer"),
+        checkpoint.config_from_dict(ScheduleConfig, meta["schedule"]),
+        checkpoint.config_from_dict(ScheduleConfig, meta["prior_schedule"]),
+        checkpoint.config_from_dict(UnCLIPDefaults, meta.get("defaults", {})),
+        name=meta.get("name", folder.name))
+    pipe.source = str(folder)
+    return pipe
