@@ -77,6 +77,9 @@ def atomic_write(path, write_fn):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a model is for others to read
     try:
         write_fn(tmp)
         with open(tmp, "rb") as f:

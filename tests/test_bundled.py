@@ -1,0 +1,26 @@
+"""The bundled default model: it loads with no argument and by name, and generates images."""
+import numpy as np
+
+import nanodiffusion
+from nanodiffusion.loading import BUNDLED
+
+
+def test_bundled_model_is_shipped_and_small():
+    folder = BUNDLED / "shapes"
+    assert (folder / "model.json").exists()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 30 * 2**20, f"bundled model is {size / 2**20:.1f} MiB"
+
+
+def test_default_model_generates_a_picture_deterministically():
+    pipe = nanodiffusion.load()
+    assert pipe.name == "shapes"
+    a = pipe.generate("a red circle", seed=3, n=2)
+    b = nanodiffusion.load("shapes").generate("a red circle", seed=3, n=2)
+    assert len(a) == 2 and a[0].size == (pipe.defaults.width, pipe.defaults.height)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert np.array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    pixels = np.asarray(a[0]).astype(int)
+    # a picture, not a blank or noise: mostly white background with a coloured object
+    white = (pixels.min(axis=-1) > 200).mean()
+    assert 0.3 < white < 0.995, white
