@@ -110,15 +110,11 @@ def _load_ours(folder, device, dtype):
     return pipe
 
 
-def save_folder(folder, *, unet, vae, tokenizer, schedule, defaults, name, clip=None,
-                text_encoder=None, dtype=None):
-    """Write our model folder from part files (paths) or modules. `dtype=torch.float16` halves
-    the files (compute stays float32: loading upcasts)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def write_parts(folder, parts, tokenizer, dtype=None):
+    """Write each part (a module or a path to one of our files; None: skipped) as
+    <name>.safetensors and the tokenizer (object or folder) as tokenizer/; -> {name: file}."""
     files = {}
-    for key, src in (("unet", unet), ("vae", vae), ("clip", clip),
-                     ("text_encoder", text_encoder)):
+    for key, src in parts.items():
         if src is None:
             continue
         files[key] = f"{key}.safetensors"
@@ -131,6 +127,17 @@ def save_folder(folder, *, unet, vae, tokenizer, schedule, defaults, name, clip=
             shutil.copytree(tokenizer, tok_dir, dirs_exist_ok=True)
     else:
         tokenizer.save(tok_dir)
+    return files
+
+
+def save_folder(folder, *, unet, vae, tokenizer, schedule, defaults, name, clip=None,
+                text_encoder=None, dtype=None):
+    """Write our model folder from part files (paths) or modules. `dtype=torch.float16` halves
+    the files (compute stays float32: loading upcasts)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = write_parts(folder, {"unet": unet, "vae": vae, "clip": clip,
+                                 "text_encoder": text_encoder}, tokenizer, dtype)
     meta = {"format": FORMAT, "kind": "sd", "name": name, "files": files,
             "schedule": dataclasses.asdict(schedule), "defaults": dataclasses.asdict(defaults)}
     checkpoint.atomic_write(folder / "model.json",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .diffusion import NoiseSchedule, ScheduleConfig
-from .train_unet import SAMPLE_PROMPTS, _frozen_parts
+from .train_unet import SAMPLE_PROMPTS, _frozen_parts, denoising_loss, latents_of, noised
 
 STATS_SAMPLES = 512   # images whose CLIP embeddings give the prior's clip_mean / clip_std
 STATS_FIRST = 10_000_000  # past any training index, as the VAE's latent scale uses
@@ -35,17 +35,6 @@ def _check_fixed(part, fixed, model_cfg):
     if clash:
         raise ValueError(f"{part} model settings {clash} follow from the trained vae and "
                          f"clip ({fixed}); remove them from the recipe")
-
-
-def _noised(schedule, x0, gens, device):
-    """(x_t, t, alpha_bar (B, 1, ...), noise): the forward process at per-sample timesteps."""
-    from .train_parts import _rand, _randn
-
-    T = schedule.config.num_train_timesteps
-    t = (_rand(gens, device) * T).long().clamp(max=T - 1)
-    noise = _randn(gens, x0.shape[1:], device)
-    a = schedule.alphas_cumprod.to(device)[t].view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ...)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, a, noise
 
 
 class PriorPart:
@@ -100,7 +89,7 @@ class PriorPart:
         else:  # the empty caption stands for a dropped one (Karlo)
             states, emb = PriorPart._text(frozen, ["" if d else c
                                                    for c, d in zip(captions, drop.tolist())])
-        x_t, t, _, _ = _noised(frozen["schedule"], x0, gens, device)
+        x_t, t, _, _ = noised(frozen["schedule"], x0, gens, device)
         pred = model(x_t, t, states, emb)
         cos = F.cosine_similarity(prior.denormalize(pred.float()), prior.denormalize(x0)).mean()
         return F.mse_loss(pred.float(), x0), {"cos": cos.detach()}
@@ -147,29 +136,17 @@ class DecoderPart:
     def loss(cfg, model, frozen, batch, gens):
         """The UNet part's loss with the image embedding (zero where dropped) as the
         condition instead of the caption."""
-        from .train_parts import _rand, _randn
+        from .train_parts import _rand
 
         images, _ = batch
-        device, vae, schedule = images.device, frozen["vae"], frozen["schedule"]
+        device = images.device
+        x0 = latents_of(frozen["vae"], images, gens)
         with torch.no_grad():
-            post = vae.encode(images)
-            eps = _randn(gens, post.mean.shape[1:], device)
-            x0 = (post.mean + torch.exp(0.5 * post.logvar) * eps) * vae.config.scaling_factor
             embeds = _clip_pixels(frozen["clip"], images)  # (B, E)
         keep = _rand(gens, device) >= cfg.caption_dropout
         embeds = embeds * keep[:, None]
-        x_t, t, a, noise = _noised(schedule, x0, gens, device)
-        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (
-            1 - a).sqrt() * x0
-        pred = model(x_t, t, image_embeds=embeds)
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma > 0:
-            snr = (a / (1 - a)).view(-1)
-            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
-            if cfg.prediction_type == "v_prediction":
-                weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
-            per_sample = per_sample * weight
-        return per_sample.mean(), {}
+        return denoising_loss(cfg, frozen["schedule"], x0, gens,
+                              lambda x_t, t: model(x_t, t, image_embeds=embeds)), {}
 
     @staticmethod
     def export(cfg, model, ema):

@@ -30,6 +30,43 @@ def _frozen_parts(cfg, device):
     return clip, vae, tok
 
 
+@torch.no_grad()
+def latents_of(vae, images, gens):
+    """Scaled latents of images: a posterior sample with each sample's own generator."""
+    from .train_parts import _randn
+
+    post = vae.encode(images)
+    eps = _randn(gens, post.mean.shape[1:], images.device)
+    return (post.mean + torch.exp(0.5 * post.logvar) * eps) * vae.config.scaling_factor
+
+
+def noised(schedule, x0, gens, device):
+    """(x_t, t, alpha_bar (B, 1, ...), noise): the forward process at per-sample timesteps."""
+    from .train_parts import _rand, _randn
+
+    T = schedule.config.num_train_timesteps
+    t = (_rand(gens, device) * T).long().clamp(max=T - 1)
+    noise = _randn(gens, x0.shape[1:], device)
+    a = schedule.alphas_cumprod.to(device)[t].view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ...)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, a, noise
+
+
+def denoising_loss(cfg, schedule, x0, gens, predict):
+    """Noise (or v) prediction MSE of `predict(x_t, t)`, optionally min-SNR weighted."""
+    x_t, t, a, noise = noised(schedule, x0, gens, x0.device)
+    target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (
+        1 - a).sqrt() * x0
+    pred = predict(x_t, t)
+    per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma > 0:
+        snr = (a / (1 - a)).view(-1)
+        weight = snr.clamp(max=cfg.min_snr_gamma) / snr
+        if cfg.prediction_type == "v_prediction":
+            weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
 class UnetPart:
     @staticmethod
     def build(cfg, device):
@@ -70,34 +107,16 @@ class UnetPart:
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
-        from .train_parts import _rand, _randn
+        from .train_parts import _rand
 
         images, captions = batch
         device = images.device
-        vae, schedule = frozen["vae"], frozen["schedule"]
-        with torch.no_grad():
-            post = vae.encode(images)
-            eps = _randn(gens, post.mean.shape[1:], device)
-            x0 = (post.mean + torch.exp(0.5 * post.logvar) * eps) * vae.config.scaling_factor
+        x0 = latents_of(frozen["vae"], images, gens)
         drop = _rand(gens, device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         context = UnetPart._context(frozen, captions)
-        T = schedule.config.num_train_timesteps
-        t = (_rand(gens, device) * T).long().clamp(max=T - 1)
-        noise = _randn(gens, x0.shape[1:], device)
-        a = schedule.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (
-            1 - a).sqrt() * x0
-        pred = model(x_t, t, context)
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma > 0:
-            snr = (a / (1 - a)).view(-1)
-            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
-            if cfg.prediction_type == "v_prediction":
-                weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
-            per_sample = per_sample * weight
-        return per_sample.mean(), {}
+        return denoising_loss(cfg, frozen["schedule"], x0, gens,
+                              lambda x_t, t: model(x_t, t, context)), {}
 
     @staticmethod
     def export(cfg, model, ema):

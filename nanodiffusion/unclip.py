@@ -9,7 +9,6 @@ prior sampler's noise, then the decoder's initial latents and its sampler's nois
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,22 +291,11 @@ def save_unclip_folder(folder, *, prior, decoder, vae, clip, tokenizer, schedule
                        name, prior_schedule=PRIOR_SCHEDULE, dtype=None):
     """Write model.json (kind "unclip"), the four part files (paths or modules) and
     tokenizer/ (a folder path or a tokenizer)."""
-    from .loading import FORMAT
+    from .loading import FORMAT, write_parts
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for key, src in zip(PARTS, (prior, decoder, vae, clip)):
-        files[key] = f"{key}.safetensors"
-        if isinstance(src, (str, Path)):
-            src = checkpoint.load_model(src)
-        checkpoint.save_model(src, folder / files[key], dtype=dtype)
-    tok_dir = folder / "tokenizer"
-    if isinstance(tokenizer, (str, Path)):
-        if Path(tokenizer).resolve() != tok_dir.resolve():
-            shutil.copytree(tokenizer, tok_dir, dirs_exist_ok=True)
-    else:
-        tokenizer.save(tok_dir)
+    files = write_parts(folder, dict(zip(PARTS, (prior, decoder, vae, clip))), tokenizer, dtype)
     meta = {"format": FORMAT, "kind": "unclip", "name": name, "files": files,
             "schedule": dataclasses.asdict(schedule),
             "prior_schedule": dataclasses.asdict(prior_schedule),
