@@ -19,6 +19,22 @@ def _add_sampling_args(p):
     p.add_argument("--device", default="cpu")
 
 
+def _at_least_one(text):
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return k
+
+
+def _add_save_steps(p):
+    p.add_argument("--save-steps", type=_at_least_one, default=None, metavar="K",
+                   help="also write OUT-steps.png: the decoded estimate of every K-th step "
+                   "and the final image, side by side")
+
+
 def _parser():
     ap = argparse.ArgumentParser(prog="nanodiffusion", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -26,7 +42,14 @@ def _parser():
     g.add_argument("prompt")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--height", type=int, default=None)
+    g.add_argument("--pipeline", choices=["sd", "unclip"], default=None,
+                   help="the kind of model --model must be; unclip with no --model uses the "
+                   "bundled shapes-unclip (default: whatever --model is)")
+    g.add_argument("--best-of", type=int, default=1, metavar="N", help="make N candidates "
+                   "per image (seeds SEED .. SEED+N-1) and keep the one CLIP ranks highest "
+                   "for the prompt; needs a model with a CLIP image encoder")
     _add_sampling_args(g)
+    _add_save_steps(g)
     for name in ("img2img", "inpaint"):
         s = sub.add_parser(name, help=f"{name} from an init image")
         s.add_argument("prompt")
@@ -35,6 +58,8 @@ def _parser():
             s.add_argument("--mask", required=True, help="white = repaint")
         s.add_argument("--strength", type=float, default=0.6 if name == "img2img" else 1.0)
         _add_sampling_args(s)
+        _add_save_steps(s)
+    _add_unclip_commands(sub)
     t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from zero")
     t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder"])
     t.add_argument("--data", default=None, help="'shapes' or a folder of captioned images")
@@ -66,6 +91,9 @@ def _parser():
     v.add_argument("--max-side", type=int, default=1024)
     v.add_argument("--max-n", type=int, default=8)
     v.add_argument("--max-steps", type=int, default=150)
+    i = sub.add_parser("info", help="the generation parameters PNGs carry")
+    i.add_argument("images", nargs="+")
+    i.add_argument("--json", action="store_true", help="print them parsed, as JSON")
     return ap
 
 
@@ -85,6 +113,34 @@ def _save_images(images, out, args, grid):
         g = out.with_name(f"{out.stem}-grid{out.suffix}")
         make_grid(images).save(g)
         print(g)
+    return paths
+
+
+def _step_frames(callback):
+    """`callback` plus the keeping of the previews the pipeline decodes (preview=K): a list,
+    one entry per kept step, of the n images' estimates. The last step's is left out: the
+    final image stands at the end of the strip."""
+    frames = []
+
+    def cb(info):
+        callback(info)
+        if "preview" in info and info["step"] < info["total"] - 1:
+            frames.append(info["preview"])
+    return cb, frames
+
+
+def _save_strips(frames, images, paths):
+    """OUT-steps.png per image: its estimate at every kept step, then the final image; it
+    carries the image's parameters too."""
+    from .pipeline import make_grid
+    from .pnginfo import save_png
+
+    for i, (im, p) in enumerate(zip(images, paths)):
+        strip = make_grid([f[i] for f in frames] + [im], rows=1)
+        strip.info["parameters"] = im.info.get("parameters")
+        path = p.with_name(f"{p.stem}-steps{p.suffix}")
+        save_png(strip, path)
+        print(path)
 
 
 def _progress(total_hint="steps"):
@@ -103,21 +159,184 @@ def _progress(total_hint="steps"):
 
 
 def cmd_sample(args):
-    import nanodiffusion
-    from PIL import Image
+    from .unclip import UnCLIPPipeline
 
-    pipe = nanodiffusion.load(args.model, device=args.device)
+    best_of = getattr(args, "best_of", 1)
+    if args.save_steps and best_of != 1:
+        raise ValueError(f"--save-steps shows one image's steps, so it does not go with "
+                         f"--best-of {best_of} (several candidates per image)")
+    pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"))
+    callback, frames = _progress(), None
+    if args.save_steps:
+        callback, frames = _step_frames(callback)
     common = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
-                  guidance=args.guidance, sampler=args.sampler, n=args.n, callback=_progress())
+                  guidance=args.guidance, sampler=args.sampler, n=args.n, callback=callback,
+                  preview=args.save_steps or False)
+    if isinstance(pipe, UnCLIPPipeline) and common.pop("preview"):
+        raise ValueError("--save-steps is for Stable Diffusion models, not unCLIP ones")
     if args.command == "generate":
-        images = pipe.generate(args.prompt, width=args.width, height=args.height, **common)
+        images = pipe.generate(args.prompt, width=args.width, height=args.height,
+                               best_of=best_of, **common)
     elif args.command == "img2img":
-        images = pipe.img2img(args.prompt, Image.open(args.image), strength=args.strength,
+        images = pipe.img2img(args.prompt, _open_image(args.image), strength=args.strength,
                               **common)
     else:
-        images = pipe.inpaint(args.prompt, Image.open(args.image), Image.open(args.mask),
+        images = pipe.inpaint(args.prompt, _open_image(args.image), _open_image(args.mask),
                               strength=args.strength, **common)
+    paths = _save_images(images, args.out, args, args.grid)
+    if frames is not None:
+        _save_strips(frames, images, paths)
+
+
+def cmd_info(args):
+    """Print the parameters of each image; 1 when one has none, 2 when one is unreadable."""
+    import json
+
+    from .pnginfo import parse_parameters, read_parameters
+
+    rc, found = 0, []
+    for path in args.images:
+        try:
+            text = read_parameters(path)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            rc = 2
+            continue
+        if text is None:
+            print(f"{path}: no generation parameters (no 'parameters' text chunk)",
+                  file=sys.stderr)
+            rc = max(rc, 1)
+        elif args.json:
+            found.append({"file": path, **parse_parameters(text)})
+        else:
+            print(f"{path}:\n{text}\n" if len(args.images) > 1 else text)
+    if args.json:
+        print(json.dumps(found, indent=2, ensure_ascii=False))
+    return rc
+
+
+# ---- unCLIP: variations, text-diff edits, interpolation, captions --------------------------
+def _add_unclip_commands(sub):
+    v = sub.add_parser("vary", help="unCLIP variations of an image")
+    v.add_argument("image")
+    v.add_argument("-n", type=int, default=4, help="number of variations")
+    e = sub.add_parser("edit", help="unCLIP text diff: move an image from one caption to another")
+    e.add_argument("image")
+    e.add_argument("--from", dest="source", required=True, help="a caption of the image")
+    e.add_argument("--to", dest="target", required=True, help="the caption it should match")
+    e.add_argument("--strength", type=float, default=1.0, help="how far to move, in [0, 1]")
+    e.add_argument("-n", type=int, default=1, help="number of images")
+    i = sub.add_parser("interpolate", help="unCLIP morph from one image to another")
+    i.add_argument("a")
+    i.add_argument("b")
+    i.add_argument("--frames", type=int, default=8, help="images along the way, ends included")
+    i.add_argument("--save-frames", action="store_true",
+                   help="also write each frame as OUT-1.png, OUT-2.png, ...")
+    for p, out in ((v, "variations.png"), (e, "edit.png"), (i, "morph.png")):
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--steps", type=int, default=None)
+        p.add_argument("--guidance", type=float, default=None)
+        p.add_argument("--sampler", default=None)
+        if p is i:
+            p.add_argument("--out", default=out, help=f"the frames' strip (default {out})")
+        else:
+            p.add_argument("--out", default=out, help=f"(default {out}; OUT-1.png, OUT-2.png "
+                           "... when several)")
+            p.add_argument("--grid", action="store_true", help="also write a contact sheet")
+    d = sub.add_parser("describe", help="the captions CLIP ranks highest for an image")
+    d.add_argument("image")
+    d.add_argument("--top", type=int, default=None, help="how many captions (default 5)")
+    d.add_argument("--candidates", default=None, help="a text file of captions, one per line "
+                   "(default: every caption of the shapes grammar)")
+    for p in (v, e, i, d):
+        p.add_argument("--model", default=None, help="an unCLIP model folder or bundled name "
+                       "(default: the bundled shapes-unclip)")
+        p.add_argument("--device", default="cpu")
+
+
+def _open_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no image file at {path!r}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path!r} is not an image file PIL can read ({e})") from None
+    return image
+
+
+KINDS = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP model"}
+
+
+def _load(model, device, kind=None):
+    """The model at `model` (None: the bundled default of `kind`); with `kind` ("sd" or
+    "unclip"), a model of the other kind is refused before its weights are read."""
+    from .loading import load_pipeline, model_kind
+
+    model = model or ("shapes-unclip" if kind == "unclip" else "shapes")
+    actual = kind and model_kind(model)
+    if actual != kind:
+        hint = " (model.json kind \"unclip\", as a training run's model-unclip folder)"
+        raise ValueError(f"{model!r} is {KINDS[actual]}; this needs {KINDS[kind]}"
+                         + (hint if kind == "unclip" else ""))
+    return load_pipeline(model, device=device)
+
+
+def _settings(args):
+    return dict(seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)
+
+
+def cmd_vary(args):
+    image = _open_image(args.image)
+    pipe = _load(args.model, args.device, "unclip")
+    _save_images(pipe.variations(image, n=args.n, **_settings(args)), args.out, args, args.grid)
+
+
+def cmd_edit(args):
+    image = _open_image(args.image)
+    pipe = _load(args.model, args.device, "unclip")
+    images = pipe.edit(image, args.source, args.target, strength=args.strength, n=args.n,
+                       **_settings(args))
     _save_images(images, args.out, args, args.grid)
+
+
+def cmd_interpolate(args):
+    """The frames as one strip (up to 8 a row) at --out, carrying the first frame's parameters
+    as AUTOMATIC1111's grids do; with --save-frames each frame too."""
+    from .pipeline import make_grid
+    from .pnginfo import save_png
+
+    a, b = _open_image(args.a), _open_image(args.b)
+    pipe = _load(args.model, args.device, "unclip")
+    frames = pipe.interpolate(a, b, frames=args.frames, **_settings(args))
+    strip = make_grid(frames, rows=-(-len(frames) // 8))
+    strip.info["parameters"] = frames[0].info["parameters"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(strip, out)
+    print(out)
+    if args.save_frames:
+        _save_images(frames, out, args, False)
+
+
+def cmd_describe(args):
+    """Print `score  caption` lines, the highest CLIP cosine similarity first."""
+    image = _open_image(args.image)
+    candidates = None
+    if args.candidates is not None:
+        path = Path(args.candidates)
+        if not path.is_file():
+            raise FileNotFoundError(f"no candidates file at {args.candidates!r}")
+        candidates = [c.strip() for c in path.read_text(encoding="utf-8").splitlines()]
+        candidates = [c for c in candidates if c]
+        if not candidates:
+            raise ValueError(f"{args.candidates!r} holds no captions (one per line expected)")
+    pipe = _load(args.model, args.device, "unclip")
+    top = args.top if args.top is not None else min(5, len(candidates or range(5)))
+    for caption, score in pipe.describe(image, candidates, top=top):
+        print(f"{score:.4f}  {caption}")
 
 
 def cmd_train(args):
@@ -178,13 +397,14 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     handlers = {"generate": cmd_sample, "img2img": cmd_sample, "inpaint": cmd_sample,
                 "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "info": cmd_info, "vary": cmd_vary, "edit": cmd_edit,
+                "interpolate": cmd_interpolate, "describe": cmd_describe}
     try:
-        handlers[args.command](args)
+        rc = handlers[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def resolve(path):
     if isinstance(path, str) and path in BUNDLED_NAMES:
         p = BUNDLED / BUNDLED_NAMES[path]
         if not (p / "model.json").exists():
-            raise FileNotFoundError(f"the bundled model {path!r} is not installed at {p}")
+            raise FileNotFoundError(f"the bundled model {path!r} is not shipped with this "
+                                    f"version of nanodiffusion (it would be at {p}); give "
+                                    f"the path of a model folder instead")
         return p
     p = Path(path).expanduser()
     if p.exists():
@@ -36,6 +38,15 @@ def resolve(path):
     raise FileNotFoundError(f"no model at {path!r}: give a folder (ours or diffusers'), a "
                             f".safetensors/.ckpt file, a hub id, or one of "
                             f"{sorted(BUNDLED_NAMES)}")
+
+
+def model_kind(path=None):
+    """"unclip" or "sd": the pipeline that load_pipeline(path) returns, read from model.json
+    without loading weights (diffusers folders and single files are "sd")."""
+    p = resolve(path)
+    if p.is_dir() and (p / "model.json").exists():
+        return "unclip" if _read_json(p / "model.json").get("kind") == "unclip" else "sd"
+    return "sd"
 
 
 def _from_hub(repo_id):

@@ -33,6 +33,11 @@ class Defaults:
     height: int = 512
 
 
+class Interrupted(Exception):
+    """Raise it from a step callback to stop sampling and get the images of the current
+    denoised estimate back, with their parameters, instead of an error."""
+
+
 def to_pil(x):
     """(B, 3, H, W) in [-1, 1] -> list of PIL images (rounded like diffusers)."""
     x = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
@@ -125,8 +130,13 @@ class Pipeline:
     # ---- public tasks -------------------------------------------------------------------
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, preview=False,
-                 eta=None):
-        """txt2img: a list of `n` PIL images."""
+                 eta=None, best_of=1):
+        """txt2img: a list of `n` PIL images. best_of > 1 keeps, for each image, the best of
+        `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`."""
+        if best_of != 1:
+            return best_of_n(self, lambda s: self.generate(
+                prompt, negative_prompt, s, steps, guidance, sampler, width, height, n,
+                callback, preview, eta), prompt, seed, n, best_of)
         width = self.defaults.width if width is None else width
         height = self.defaults.height if height is None else height
         _check_size(width, height, self.vae_factor)
@@ -209,9 +219,8 @@ class Pipeline:
                 init_latents = None  # diffusers starts from pure noise at full strength
         denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), self.schedule,
                                          quantize_t=plan.quantize_t), guidance)
-        latents = samplers.run(plan, denoiser, noise, init=init_latents, generator=gen,
-                               callback=self._wrap_callback(callback, preview),
-                               post_step=post_step, cond=cond)
+        latents = self._sample(plan, denoiser, noise, init_latents, gen,
+                               self._wrap_callback(callback, preview), post_step, cond)
         images = self._decode(latents)
         params = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                       guidance=guidance, seed=seed, width=w, height=h, model=self.name,
@@ -249,12 +258,33 @@ class Pipeline:
                                      "overflow); try float32 or another sampler")
         return to_pil(x)
 
+    @staticmethod
+    def _sample(plan, denoiser, noise, init, gen, callback, post_step, cond):
+        """samplers.run; a callback that raises Interrupted ends the run early with the latest
+        denoised estimate as the result (AUTOMATIC1111's interrupt keeps the half-made image)."""
+        last = {}
+
+        def keep(info):
+            last["denoised"] = info["denoised"]  # (n, C, h, w) x0 estimate
+            return callback(info)
+        try:
+            return samplers.run(plan, denoiser, noise, init=init, generator=gen,
+                                callback=None if callback is None else keep,
+                                post_step=post_step, cond=cond)
+        except Interrupted:
+            return last["denoised"]  # set before the callback that raised ran
+
     def _wrap_callback(self, callback, preview):
+        """`preview`: True decodes the denoised estimate into info["preview"] (n PIL images)
+        at every step, an integer k at steps 0, k, 2k, ... only."""
         if callback is None:
             return None
+        every = 1 if preview is True else preview
+        if every is not False and every is not None:
+            _check_int("preview", every, 1, 10**6)
 
         def cb(info):
-            if preview:
+            if every and info["step"] % every == 0:
                 info = {**info, "preview": self._decode(info["denoised"])}
             return callback(info)
         return cb
@@ -272,6 +302,56 @@ def _blend_known(init_latents, noise, mask, plan):
         known_vp = known if last else known / scale
         return ((1 - mask) * known_vp + mask * (x / scale)) * scale
     return post_step
+
+
+# ---- best-of-N reranking by CLIP, for this pipeline and the unCLIP one --------------------
+MAX_BEST_OF = 16
+
+
+def _image_clip(pipe):
+    clip = getattr(pipe, "clip", None)
+    if clip is None or not hasattr(clip, "encode_image"):
+        raise ValueError(f"best_of needs a CLIP image encoder to rank the candidates, and the "
+                         f"model {pipe.name!r} has a text encoder only; use best_of=1, or a "
+                         f"model whose folder holds a full CLIP (text and image towers)")
+    return clip
+
+
+@torch.no_grad()
+def clip_scores(pipe, prompt, images):
+    """CLIP cosine similarity of each PIL image to `prompt`, by `pipe.clip` (a CLIPModel with
+    both towers) and `pipe.tokenizer`: a list of floats."""
+    clip = _image_clip(pipe)
+    device = next(clip.parameters()).device
+    ids = pipe.tokenizer([prompt], max_length=clip.text_model.config.max_positions)
+    text = F.normalize(clip.encode_text(ids.to(device)), dim=-1)  # (1, E)
+    pixels = torch.cat([clip.preprocess((from_pil(im) + 1) / 2) for im in images])
+    imgs = F.normalize(clip.encode_image(pixels.to(device)), dim=-1)  # (B, E)
+    return (imgs.float() @ text[0].float()).tolist()
+
+
+def rank_images(pipe, prompt, images):
+    """(image, CLIP cosine similarity to `prompt`) pairs, most similar first."""
+    return sorted(zip(images, clip_scores(pipe, prompt, images)), key=lambda p: -p[1])
+
+
+def best_of_n(pipe, generate, prompt, seed, n, best_of):
+    """Best-of-N reranking: `generate(s)` makes a batch of n images with seed s; candidate k
+    (k = 0 .. best_of - 1) of image i is image i of the batch of seed `seed + k`, so candidate
+    0 is what best_of=1 gives. Each image i keeps the candidate CLIP finds most similar to
+    `prompt` (the lowest k on a tie), with that candidate's own parameters (its seed)."""
+    _check_int("best_of", best_of, 1, MAX_BEST_OF)
+    if best_of > 1:
+        _image_clip(pipe)  # fail before generating anything
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    _check_int("seed", seed, 0, 2**63 - best_of)  # seeds seed .. seed + best_of - 1
+    batches = [generate(seed + k) for k in range(best_of)]
+    if best_of == 1:
+        return batches[0]
+    candidates = [batch[i] for i in range(n) for batch in batches]  # image-major
+    scores = clip_scores(pipe, prompt, candidates)
+    picks = [max(range(best_of), key=lambda k: (scores[i * best_of + k], -k)) for i in range(n)]
+    return [batches[k][i] for i, k in enumerate(picks)]
 
 
 ETA_SAMPLERS = ("ddim", "euler-ancestral")  # the samplers whose noise `eta` scales

@@ -6,9 +6,10 @@
 
 so that its PNG Info tab, ComfyUI and `nanodiffusion info` read them back.
 """
+import json
 import re
 
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 # Our sampler names -> the names A1111 shows (and accepts in its API).
 A1111_SAMPLERS = {
@@ -22,7 +23,8 @@ A1111_SAMPLERS = {
 
 def format_parameters(p):
     """dict with prompt, negative_prompt, steps, sampler, guidance, seed, width, height and
-    optionally model, strength, batch_pos -> the A1111 text."""
+    optionally model, strength, batch_pos, extra (a dict of further fields, e.g. Task) -> the
+    A1111 text."""
     lines = [p["prompt"]]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
@@ -35,8 +37,14 @@ def format_parameters(p):
         fields.append(("Denoising strength", p["strength"]))
     if p.get("batch_size", 1) > 1:
         fields += [("Batch size", p["batch_size"]), ("Batch pos", p.get("batch_pos", 0))]
+    fields += [(k, _quote(str(v))) for k, v in (p.get("extra") or {}).items()]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
+
+
+def _quote(value):
+    """A value holding a separator is written JSON-quoted, as A1111 does."""
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
 
 _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)')
@@ -68,3 +76,17 @@ def save_png(image, path):
     if params:
         info.add_text("parameters", params)
     image.save(path, format="PNG", pnginfo=info)
+
+
+def read_parameters(path):
+    """The "parameters" text an image file carries, or None when it has none. A file that is
+    missing or not an image raises an error naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # text chunks after the image data are read only here
+            text = im.info.get("parameters")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    return text if isinstance(text, str) and text.strip() else None

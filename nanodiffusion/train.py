@@ -58,6 +58,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 0.0      # 0: plain MSE; 5 is the min-SNR paper's choice
     kl_weight: float = 1e-6
+    ink_weight: float = 0.0         # vae: extra loss weight of non-white pixels (shapes' objects)
     model: dict = field(default_factory=dict)  # overrides of the part's model preset
     bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
 

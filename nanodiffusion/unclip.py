@@ -1,7 +1,7 @@
 """DALL·E 2 (unCLIP) over our parts: text -> CLIP text encoding -> prior -> CLIP image
 embedding -> decoder UNet (latent, Kandinsky 2.2 style: conditioned on the image embedding
 alone) -> VAE. Plus what an image embedding allows: variations, text-diff edits,
-interpolation, captions by CLIP similarity, and best-of-N reranking.
+interpolation, captions by CLIP similarity; and best-of-N reranking (pipeline.best_of_n).
 
 Seeds: one CPU generator seeded with `seed` draws the prior's initial noise (n, E), the
 prior sampler's noise, then the decoder's initial latents and its sampler's noise.
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from . import checkpoint, samplers
 from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
-from .pipeline import (Defaults, _check_guidance, _check_int, _check_size, from_pil, to_pil)
+from .pipeline import (Defaults, _check_guidance, _check_int, _check_size, best_of_n,
+                       from_pil, to_pil)
 from .pnginfo import format_parameters
 
 # DALL·E 2's prior schedule: cosine betas, x0 prediction, x0 clamped to +-5 std; sampling
@@ -26,7 +27,6 @@ PRIOR_SCHEDULE = ScheduleConfig(beta_schedule="squaredcos_cap_v2", prediction_ty
                                 timestep_spacing="trailing", steps_offset=0, clip_sample=True,
                                 clip_sample_range=5.0)
 EDIT_MAX_THETA = 0.5  # edit(strength=1) slerps half way to the text diff (DALL·E 2 fig. 5)
-MAX_BEST_OF = 16
 
 
 @dataclass
@@ -179,35 +179,41 @@ class UnCLIPPipeline:
         return self.decode(embeds, gen, s["steps"], float(s["guidance"]), s["sampler"],
                            s["width"], s["height"], callback)
 
+    def _tag(self, images, s, prompt="", negative_prompt="", **extra):
+        """Give each image its A1111 "parameters" text; `extra` adds fields (e.g. Task)."""
+        params = dict(prompt=prompt, negative_prompt=negative_prompt, model=self.name,
+                      batch_size=len(images), extra=extra,
+                      **{k: s[k] for k in ("steps", "sampler", "guidance", "seed", "width",
+                                           "height")})
+        for i, im in enumerate(images):
+            im.info["parameters"] = format_parameters({**params, "batch_pos": i})
+        return images
+
     # ---- public tasks -------------------------------------------------------------------
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, best_of=1,
                  prior_steps=None, prior_guidance=None, prior_sampler=None):
-        """txt2img: `n` PIL images. best_of > 1 makes n * best_of images and keeps the n
-        most similar to the prompt under CLIP, best first."""
+        """txt2img: `n` PIL images. best_of > 1 keeps, for each image, the best of
+        `best_of` candidates under CLIP (candidate k from seed + k: pipeline.best_of_n)."""
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise TypeError("prompt and negative_prompt must be strings")
+        if best_of != 1:
+            return best_of_n(self, lambda sd: self.generate(
+                prompt, negative_prompt, sd, steps, guidance, sampler, width, height, n,
+                callback, prior_steps=prior_steps, prior_guidance=prior_guidance,
+                prior_sampler=prior_sampler), prompt, seed, n, best_of)
         s = self._settings(seed, steps, guidance, sampler, width, height, n)
-        _check_int("best_of", best_of, 1, MAX_BEST_OF)
         gen = torch.Generator("cpu").manual_seed(s["seed"])
-        embeds = self.prior_embeds(prompt, negative_prompt, n * best_of, gen, prior_steps,
+        embeds = self.prior_embeds(prompt, negative_prompt, n, gen, prior_steps,
                                    prior_guidance, prior_sampler)
-        images = self._decode(embeds, s, callback, gen)
-        if best_of > 1:
-            images = [im for im, _ in rank_images(self, prompt, images)[:n]]
-        params = dict(prompt=prompt, negative_prompt=negative_prompt, model=self.name,
-                      batch_size=n, **{k: s[k] for k in ("steps", "sampler", "guidance", "seed",
-                                                          "width", "height")})
-        for i, im in enumerate(images):
-            im.info["parameters"] = format_parameters({**params, "batch_pos": i})
-        return images
+        return self._tag(self._decode(embeds, s, callback, gen), s, prompt, negative_prompt)
 
     def variations(self, image, n=4, seed=1, steps=None, guidance=None, sampler=None,
                    width=None, height=None, callback=None):
         """The image's CLIP embedding rendered again with new noise: n PIL images."""
         s = self._settings(seed, steps, guidance, sampler, width, height, n)
         embeds = self.encode_image([image]).expand(n, -1)  # (n, E)
-        return self._decode(embeds, s, callback)
+        return self._tag(self._decode(embeds, s, callback), s, Task="variations")
 
     def edit(self, image, source, target, strength=1.0, seed=1, n=1, steps=None,
              guidance=None, sampler=None, width=None, height=None):
@@ -221,7 +227,8 @@ class UnCLIPPipeline:
         _, emb = self.encode_text([source, target])  # (2, E)
         diff = F.normalize(emb[1:] - emb[:1], dim=-1) * z.norm(dim=-1, keepdim=True)
         edited = slerp(z, diff, EDIT_MAX_THETA * strength)
-        return self._decode(edited.expand(n, -1), s)
+        return self._tag(self._decode(edited.expand(n, -1), s), s, target, Task="edit",
+                         **{"Edit from": source, "Edit strength": strength})
 
     def interpolate(self, a, b, frames=8, seed=1, steps=None, guidance=None, sampler=None,
                     width=None, height=None):
@@ -234,7 +241,8 @@ class UnCLIPPipeline:
         ends = [self.prior_embeds(x, "", 1, gen) if isinstance(x, str) else
                 self.encode_image([x]) for x in (a, b)]
         thetas = [i / (frames - 1) for i in range(frames)]
-        return [self._decode(slerp(ends[0], ends[1], th), s)[0] for th in thetas]
+        images = [self._decode(slerp(ends[0], ends[1], th), s)[0] for th in thetas]
+        return self._tag(images, s, Task="interpolate")
 
     @torch.no_grad()
     def describe(self, image, candidates=None, top=5):
@@ -266,21 +274,6 @@ class UnCLIPPipeline:
 def _check_sampler(sampler):
     if sampler not in samplers.SAMPLER_NAMES:
         raise ValueError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
-
-
-@torch.no_grad()
-def rank_images(pipe, prompt, images):
-    """(image, CLIP cosine similarity to `prompt`) pairs, most similar first. Needs only
-    `pipe.clip`, `pipe.tokenizer` and `pipe.encode_image`-like preprocessing, so a Pipeline
-    with a clip model can share it."""
-    clip = pipe.clip
-    device = next(clip.parameters()).device
-    ids = pipe.tokenizer([prompt], max_length=clip.text_model.config.max_positions)
-    text = F.normalize(clip.encode_text(ids.to(device)), dim=-1)  # (1, E)
-    pixels = torch.cat([clip.preprocess((from_pil(im) + 1) / 2) for im in images])
-    imgs = F.normalize(clip.encode_image(pixels.to(device)), dim=-1)  # (B, E)
-    scores = (imgs @ text[0]).tolist()
-    return sorted(zip(images, scores), key=lambda p: -p[1])
 
 
 # ---- our folder format, kind "unclip" ---------------------------------------------------

@@ -10,6 +10,7 @@ pytest.importorskip("diffusers")
 import tiny_sd  # noqa: E402
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline  # noqa: E402
 
+from nanodiffusion.pipeline import Interrupted  # noqa: E402
 from nanodiffusion import pnginfo, samplers  # noqa: E402
 
 PROMPT, NEGATIVE, SEED, STEPS = "a red circle on a blue square", "green", 3, 6
@@ -180,6 +181,32 @@ def test_callback_sees_every_step_and_previews(sd):
     previews = seen[-1]["preview"]
     assert len(previews) == 2 and all(isinstance(p, Image.Image) for p in previews)
     assert previews[0].size == (W, H)
+
+
+def test_preview_every_k_steps(sd):
+    seen = []
+    small(sd.ours, steps=5, callback=seen.append, preview=2)
+    assert [s["step"] for s in seen if "preview" in s] == [0, 2, 4]
+    with pytest.raises(ValueError, match="preview .* got 0"):
+        small(sd.ours, callback=seen.append, preview=0)
+
+
+def test_interrupted_run_returns_the_current_estimate(sd):
+    """A callback raising Interrupted at step 2 of 6 gets back the decoded denoised estimate of
+    step 2, with the run's parameters, not an error and not the finished image."""
+    seen = {}
+
+    def record(info):
+        seen.setdefault(info["step"], info.get("preview"))
+    full = small(sd.ours, n=2, steps=6, callback=record, preview=True)
+
+    def stop(info):
+        if info["step"] == 2:
+            raise Interrupted()
+    part = small(sd.ours, n=2, steps=6, callback=stop)
+    assert [im.tobytes() for im in part] == [im.tobytes() for im in seen[2]]
+    assert part[0].tobytes() != full[0].tobytes()
+    assert "Steps: 6" in part[0].info["parameters"]
 
 
 def test_png_parameters_round_trip(sd, tmp_path):

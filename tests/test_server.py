@@ -25,7 +25,7 @@ from nanodiffusion import loading  # noqa: E402
 from nanodiffusion.diffusion import ScheduleConfig  # noqa: E402
 from nanodiffusion.models import clip, unet, vae  # noqa: E402
 from nanodiffusion.models.tokenizer import CLIPTokenizer  # noqa: E402
-from nanodiffusion.pipeline import Defaults  # noqa: E402
+from nanodiffusion.pipeline import Defaults, Interrupted  # noqa: E402
 from nanodiffusion.server import Limits, create_app  # noqa: E402
 
 STATIC = Path(__file__).parents[1] / "nanodiffusion" / "server" / "static"
@@ -182,6 +182,47 @@ def test_a1111_routes(server):
     r = httpx.post(server + "/sdapi/v1/txt2img",
                    json={**body, "override_settings": {"sd_model_checkpoint": "../x"}})
     assert r.status_code == 400
+
+
+def test_a1111_interrupt_answers_the_partial_images(models_dir, monkeypatch):
+    """As in AUTOMATIC1111, an interrupted txt2img answers 200 with the images as they are at
+    the step it stopped (here held at step 2 of 8 until the interrupt arrives)."""
+    app = create_app(models_dir)
+    pipe, reached = app.state.registry.pipe("tiny"), threading.Event()
+    original = pipe.generate
+
+    def held(callback, **kw):
+        def cb(info):
+            if info["step"] == 2:
+                reached.set()
+                for _ in range(3000):
+                    if any(j.interrupt_requested.is_set() for j in app.state.registry.running()):
+                        break
+                    time.sleep(0.01)
+            return callback(info)
+        return original(callback=cb, **kw)
+    monkeypatch.setattr(pipe, "generate", held)
+    body = {"prompt": "a cat", "seed": 11, "steps": 8, "width": 32, "height": 32}
+    out = {}
+    with TestClient(app) as c:
+        t = threading.Thread(target=lambda: out.update(r=c.post("/sdapi/v1/txt2img", json=body)),
+                             daemon=True)
+        t.start()
+        assert reached.wait(60)
+        assert c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] == 2  # 2 done
+        assert c.post("/sdapi/v1/interrupt").status_code == 200
+        t.join(60)
+    assert out["r"].status_code == 200
+    im = _png(base64.b64decode(out["r"].json()["images"][0]))
+    assert im.size == (32, 32) and "Seed: 11" in im.info["parameters"]
+
+    def stop(info):
+        if info["step"] == 2:
+            raise Interrupted()
+    kw = dict(prompt="a cat", seed=11, steps=8, width=32, height=32)
+    partial, full = original(callback=stop, **kw)[0], original(**kw)[0]
+    assert im.tobytes() == partial.convert(im.mode).tobytes()
+    assert im.tobytes() != full.convert(im.mode).tobytes()
 
 
 # ---- job API -------------------------------------------------------------------------

@@ -106,14 +106,15 @@ async def progress(request: Request, skip_current_image: bool = False):
     elapsed = time.time() - (job.started or time.time())
     eta = elapsed / frac - elapsed if frac > 0 else 0.0
     state.update(job=job.id, sampling_step=job.step, sampling_steps=job.total,
-                 interrupted=job.cancel_requested.is_set())
+                 interrupted=job.interrupt_requested.is_set())
     return {"progress": frac, "eta_relative": eta, "state": state,
             "current_image": None if skip_current_image else job.preview, "textinfo": None}
 
 
 @router.post("/interrupt")
 async def interrupt(request: Request):
-    """Stop what runs now (every model's current job), as A1111's button does."""
+    """Stop what runs now (every model's current job), as A1111's button does: the requests
+    waiting on those jobs get the images as they are at that step."""
     for job in request.app.state.registry.running():
-        job.cancel()
+        job.interrupt()
     return {}

@@ -13,6 +13,7 @@ import traceback
 import uuid
 from collections import OrderedDict
 
+from ..pipeline import Interrupted
 from .params import APIError, Task, b64, encode_png, public_params
 
 TERMINAL = ("done", "error")
@@ -50,6 +51,7 @@ class Job:
         self.result, self.error, self.error_status = None, None, None
         self.created, self.started, self.finished = time.time(), None, None
         self.cancel_requested = threading.Event()
+        self.interrupt_requested = threading.Event()  # stop, but keep the images as they are
         self._lock, self._listeners, self._history = threading.Lock(), [], []
 
     # ---- events -----------------------------------------------------------------------
@@ -91,6 +93,10 @@ class Job:
 
     def cancel(self):
         self.cancel_requested.set()
+
+    def interrupt(self):
+        """AUTOMATIC1111's interrupt: stop sampling and finish with the current estimate."""
+        self.interrupt_requested.set()
 
     def summary(self):
         out = {"id": self.id, "status": self.status, "model": self.task.model,
@@ -141,7 +147,7 @@ class Worker:
             pipe = self.get_pipe(self.name)
             method = getattr(pipe, job.task.kind)
             images = method(**job.task.kwargs, callback=self._callback(job, pipe))
-        except Cancelled:
+        except (Cancelled, Interrupted):  # Interrupted: from a task that cannot stop early
             return self._finish_cancelled(job)
         except (ValueError, TypeError) as e:
             return self._finish_error(job, 400, str(e))
@@ -153,7 +159,8 @@ class Worker:
         infotexts = [im.info.get("parameters", "") for im in images]
         job.result = {"images": [f"/v1/files/{i}.png" for i in ids], "infotexts": infotexts,
                       "seed": job.task.kwargs["seed"], **_settings(job.task.kwargs, pipe,
-                                                                   images[0].size)}
+                                                                   images[0].size),
+                      "interrupted": job.interrupt_requested.is_set()}
         job.pngs = pngs
         job.finished, job.status = time.time(), "done"
         self.seconds_per_job = 0.7 * self.seconds_per_job + 0.3 * (job.finished - job.started)
@@ -174,6 +181,8 @@ class Worker:
         def cb(info):
             if job.cancel_requested.is_set():
                 raise Cancelled()
+            if job.interrupt_requested.is_set():
+                raise Interrupted()
             job.step, job.total = info["step"] + 1, info["total"]
             every = max(1, job.total // 6)
             if job.step % every == 0 and job.step < job.total:

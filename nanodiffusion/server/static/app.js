@@ -29,11 +29,13 @@ function setStatus(text, isError) {
   $("status").classList.toggle("error", Boolean(isError));
 }
 
-function fillSelect(select, values, selected) {
+// With `auto`, a first option "auto" (value ""): the server then uses the model's default.
+function fillSelect(select, values, selected, auto) {
   select.innerHTML = "";
-  for (const v of values) {
+  for (const v of auto ? ["", ...values] : values) {
     const o = document.createElement("option");
-    o.value = o.textContent = String(v);
+    o.value = String(v);
+    o.textContent = v === "" ? "auto" : String(v);
     if (String(v) === String(selected)) o.selected = true;
     select.appendChild(o);
   }
@@ -45,10 +47,10 @@ async function init() {
   try {
     const info = await api("/api/models");
     fillSelect($("model"), info.models, info.models.includes("shapes") ? "shapes" : "");
-    fillSelect($("sampler"), info.samplers, "euler");
+    fillSelect($("sampler"), info.samplers, "", true);
     const sizes = SIZES.filter((s) => s <= info.limits.max_side);
-    fillSelect($("width"), sizes, 512);
-    fillSelect($("height"), sizes, 512);
+    fillSelect($("width"), sizes, "", true);
+    fillSelect($("height"), sizes, "", true);
     $("steps").max = info.limits.max_steps;
     if (!info.models.length) setStatus("no model is installed on this server", true);
   } catch (e) {
@@ -56,18 +58,23 @@ async function init() {
   }
 }
 
+// A field's number, or null when it is empty ("auto": the model's default).
+function numberOf(id) {
+  const v = $(id).value.trim();
+  return v === "" ? null : Number(v);
+}
+
 function formValues() {
-  const seed = $("seed").value.trim();
   return {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
     model: $("model").value,
-    sampler: $("sampler").value,
-    steps: Number($("steps").value),
-    guidance: Number($("guidance").value),
-    seed: seed === "" ? null : Number(seed),
-    width: Number($("width").value),
-    height: Number($("height").value),
+    sampler: $("sampler").value || null,
+    steps: numberOf("steps"),
+    guidance: numberOf("guidance"),
+    seed: numberOf("seed"),
+    width: numberOf("width"),
+    height: numberOf("height"),
     n: Number($("count").value),
   };
 }
@@ -76,12 +83,10 @@ function toForm(p) {
   $("prompt").value = p.prompt || "";
   $("negative").value = p.negative_prompt || "";
   for (const [id, key] of [["model", "model"], ["sampler", "sampler"], ["width", "width"],
-                           ["height", "height"], ["count", "n"]]) {
-    if (p[key] !== undefined && p[key] !== null) $(id).value = String(p[key]);
+                           ["height", "height"], ["count", "n"], ["steps", "steps"],
+                           ["guidance", "guidance"], ["seed", "seed"]]) {
+    $(id).value = p[key] === undefined || p[key] === null ? "" : String(p[key]);
   }
-  if (p.steps) $("steps").value = p.steps;
-  if (p.guidance !== undefined && p.guidance !== null) $("guidance").value = p.guidance;
-  $("seed").value = p.seed === undefined || p.seed === null ? "" : p.seed;
 }
 
 function busy(on) {
@@ -161,7 +166,10 @@ function onEvent(ev, payload) {
 
 function addResult(payload, result) {
   $("empty").classList.add("hidden");
-  const params = { ...payload, seed: result.seed };
+  // The settings the server ran with (the model's defaults in place of "auto").
+  const params = { ...payload, seed: result.seed, steps: result.steps,
+                   guidance: result.guidance, sampler: result.sampler, width: result.width,
+                   height: result.height };
   delete params.init_file;
   const card = $("card-template").content.firstElementChild.cloneNode(true);
   const grid = card.querySelector(".grid");
