@@ -332,3 +332,36 @@ def test_full_size_layout(version, unet_cfg, text_cfg, text_keys):
         unet_cfg, vae.SD, text_cfg)
     ref = sfu.convert_ldm_unet_checkpoint(sd, convert.unet_config_to_diffusers(unet_cfg))
     assert {k: v.shape for k, v in ref.items()} == {k: v.shape for k, v in unet_sd.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version, unet_cfg, text_cfg, prediction", [
+    ("v1", unet.SD15, clip.SD15_TEXT, "epsilon"), ("v2", unet.SD21, clip.SD2_TEXT, "v_prediction")])
+def test_full_size_single_file_loads_strictly(tmp_path, version, unet_cfg, text_cfg, prediction):
+    """A whole SD 1.5 / 2.1 original single file with random float16 weights, written to disk
+    and opened by load_pipeline: every weight arrives where it belongs, and it generates."""
+    from nanodiffusion.loading import load_pipeline
+
+    def rand16(module, seed):  # distinct values per tensor, stored as real files store them
+        g = torch.Generator().manual_seed(seed)
+        return {k: (torch.randn(v.shape, generator=g) * 0.02).half()
+                for k, v in module.state_dict().items()}
+
+    with torch.device("meta"):
+        parts = (unet.UNet(unet_cfg), vae.VAE(vae.SD), clip.CLIPTextModel(text_cfg))
+    unet_sd, vae_sd, text_sd = (rand16(m, i) for i, m in enumerate(parts))
+    sd = convert.diffusers_to_ldm(unet_sd, vae_sd, text_sd, version)
+    assert len(sd) == {"v1": 1130, "v2": 686 + 248 + 293}[version]
+    path = tmp_path / f"sd-{version}.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    del sd
+    pipe = load_pipeline(path, prediction_type=prediction)
+    for model, want in ((pipe.unet, unet_sd), (pipe.vae, vae_sd),
+                        (pipe.text_encoder, text_sd)):
+        got = model.state_dict()
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            assert torch.equal(got[k], v.float()), k
+    assert pipe.schedule.prediction_type == prediction
+    image = pipe.generate("a cat", seed=0, steps=1, width=64, height=64, guidance=1.0)[0]
+    assert image.size == (64, 64)
