@@ -316,3 +316,42 @@ def test_serve_arguments():
     args = _parser().parse_args(["serve", "--models-dir", "m", "--port", "9000",
                                  "--max-queue", "2"])
     assert (args.models_dir, args.port, args.max_queue, args.host) == ("m", 9000, 2, "127.0.0.1")
+
+
+def test_a_client_that_disconnects_frees_its_slot(models_dir, monkeypatch):
+    """A client that gives up (closes its connection) mid-run cancels its job: the worker stops
+    at the next step instead of finishing a result nobody will read."""
+    app = create_app(models_dir, limits=Limits(max_steps=1000))
+    reg = app.state.registry
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        unet_forward = reg.pipe("tiny").unet.forward
+        monkeypatch.setattr(reg.pipe("tiny").unet, "forward",  # 1000 steps: >= 10 s
+                            lambda *a, **k: time.sleep(0.01) or unet_forward(*a, **k))
+        body = {"model": "tiny", "prompt": "x", "steps": 1000, "seed": 1}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+            httpx.post(url + "/v1/images/generations", json=body, timeout=1.5)
+        running = reg.running()
+        job = running[0] if running else None
+        deadline = time.time() + 20
+        while job is not None and job.status not in ("cancelled", "done", "error") \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert job is not None, "the job should still be running when the client hangs up"
+        assert job.status == "cancelled" and job.step < 1000
+        # the slot is free: the next request is served at once
+        r = httpx.post(url + "/v1/images/generations", json={**body, "steps": 2}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

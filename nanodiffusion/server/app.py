@@ -1,6 +1,7 @@
 """The HTTP app: the OpenAI Images API (/v1), an AUTOMATIC1111 subset (/sdapi/v1), the native
 job API with server-sent events (/api/jobs) and the web page (/). Every route turns its fields
 into a params.Task and hands it to the model's worker, which calls the Pipeline."""
+import asyncio
 import hmac
 import json
 from pathlib import Path
@@ -82,10 +83,26 @@ async def json_body(request):
     return body
 
 
+DISCONNECT_POLL_S = 0.25
+
+
 async def run(request, task):
-    """Queue `task`, wait for it without blocking the loop; the finished Job, or an APIError."""
+    """Queue `task`, wait for it without blocking the loop; the finished Job, or an APIError.
+    A client that goes away cancels its job (queued: skipped; running: stopped at the next
+    step), so it frees its place for the others."""
     job = request.app.state.registry.submit(task)
-    ev = await job.wait()
+    waiter = asyncio.ensure_future(job.wait())
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if not waiter.done() and await request.is_disconnected():
+                job.cancel()
+                raise APIError(499, "the client closed the connection; its job was cancelled",
+                               code="client_disconnected")
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    ev = waiter.result()
     if ev["event"] == "error":
         raise APIError(job.error_status or 500, job.error, param=_param_of(job.error),
                        code=ev["data"].get("code"))
