@@ -362,6 +362,6 @@ def test_full_size_single_file_loads_strictly(tmp_path, version, unet_cfg, text_
         assert sorted(got) == sorted(want)
         for k, v in want.items():
             assert torch.equal(got[k], v.float()), k
-    assert pipe.schedule.prediction_type == prediction
+    assert pipe.schedule.config.prediction_type == prediction
     image = pipe.generate("a cat", seed=0, steps=1, width=64, height=64, guidance=1.0)[0]
     assert image.size == (64, 64)
