@@ -273,6 +273,12 @@ def loss_weights(schedule: NoiseSchedule, t, prediction_type: str = "epsilon",
     return clipped
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """Noise levels evenly spaced in log sigma, descending, float64 (diffusers
+    `_convert_to_exponential`)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022 (eq. 5) noise levels, descending, float64 (diffusers
     `_convert_to_karras`)."""

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .diffusion import NoiseSchedule, karras_sigmas
+from .diffusion import NoiseSchedule, exponential_sigmas, karras_sigmas
 
 
 def _draw(x, generator, dtype):
@@ -300,6 +300,8 @@ _SAMPLERS = {
     "plms": (sample_plms, "PNDMScheduler", dict(skip_prk_steps=True)),
     "euler": (sample_euler, "EulerDiscreteScheduler", {}),
     "euler-karras": (sample_euler, "EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
+    "euler-exponential": (sample_euler, "EulerDiscreteScheduler",
+                          dict(use_exponential_sigmas=True)),
     "euler-ancestral": (sample_euler_ancestral, "EulerAncestralDiscreteScheduler", {}),
     "heun": (sample_heun, "HeunDiscreteScheduler", {}),
     "lms": (sample_lms, "LMSDiscreteScheduler", {}),
@@ -397,6 +399,9 @@ def _sigma_plan(name, schedule: NoiseSchedule, steps: int):
     karras = name.endswith("karras")
     ts = schedule.timesteps(steps, multistep=multistep, rounded=multistep)
     sig = schedule.interp_sigmas(ts)
+    if name.endswith("exponential"):  # diffusers Euler: log-even between the spaced ends
+        sig = exponential_sigmas(sig[-1].item(), sig[0].item(), steps)
+        return schedule.sigma_to_t(torch.from_numpy(sig).float()).double().numpy(), sig, False
     if not karras:
         return ts, sig, bool(np.all(ts == np.round(ts)))
     if multistep:  # diffusers DPMSolver: Karras over the whole training range, t rounded
