@@ -156,3 +156,22 @@ def test_broken_files_and_our_folders(sd, tmp_path):
     (ours / "model.json").write_text(json.dumps({"format": "other/2"}))
     with pytest.raises(ValueError, match="model.json.*format"):
         nanodiffusion.load(ours)
+
+
+def test_hub_id_goes_through_snapshot_download(sd, want, tmp_path, monkeypatch):
+    """A hub id ("owner/name") is fetched with huggingface_hub.snapshot_download (replaced here
+    by a local diffusers folder: tests never reach a hub), weights as safetensors only."""
+    import huggingface_hub  # installed with diffusers, a test dependency
+    folder = save_diffusers_folder(sd.ours, tmp_path / "snapshot")
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.chdir(tmp_path)  # no local path of that name
+    assert_same(images(nanodiffusion.load("someone/tiny-sd")), want)
+    (repo, patterns), = calls
+    assert repo == "someone/tiny-sd"
+    assert "unet/*.safetensors" in patterns and not any(p.endswith((".bin", ".ckpt"))
+                                                        for p in patterns)
