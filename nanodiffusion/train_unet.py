@@ -150,7 +150,7 @@ def _pipeline_from(cfg, model, frozen):
 def shapes_defaults(cfg):
     from .pipeline import Defaults
 
-    return Defaults(steps=20, guidance=3.0, sampler="dpmpp-2m", width=cfg.image_size,
+    return Defaults(steps=15, guidance=3.0, sampler="dpmpp-2m", width=cfg.image_size,
                     height=cfg.image_size)
 
 
