@@ -8,8 +8,7 @@ gives for the same model and sampler.
 """
 import math
 import os
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -2,8 +2,6 @@
 what it exports and what a sample grid shows. Random draws come from the per-sample
 generators the loop passes in (resume- and DDP-invariant)."""
 import dataclasses
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .diffusion import NoiseSchedule, ScheduleConfig
-from .train_unet import SAMPLE_PROMPTS, _frozen_parts, denoising_loss, latents_of, noised
+from .train_unet import (SAMPLE_PROMPTS, _frozen_parts, denoising_loss, frozen_text,
+                         latents_of, noised)
 
 STATS_SAMPLES = 512   # images whose CLIP embeddings give the prior's clip_mean / clip_std
 STATS_FIRST = 10_000_000  # past any training index, as the VAE's latent scale uses
@@ -62,19 +63,6 @@ class PriorPart:
         return _images_and_captions(cfg, frozen, indices, device)
 
     @staticmethod
-    @torch.no_grad()
-    def _text(frozen, captions):
-        """Frozen (token states (B, T, D), text embeddings (B, E)), cached per caption."""
-        cache, clip = frozen["cache"], frozen["clip"]
-        missing = [c for c in dict.fromkeys(captions) if c not in cache]
-        if missing:
-            ids = frozen["tokenizer"](missing, max_length=clip.text_model.config.max_positions)
-            hidden, pooled = clip.text_model(ids.to(next(clip.parameters()).device))
-            cache.update(zip(missing, zip(hidden, clip.text_projection(pooled))))
-        return (torch.stack([cache[c][0] for c in captions]),
-                torch.stack([cache[c][1] for c in captions]))
-
-    @staticmethod
     def loss(cfg, model, frozen, batch, gens):
         """DALL·E 2: MSE between the predicted and the true clean (normalised) embedding."""
         from .train_parts import _rand
@@ -85,9 +73,9 @@ class PriorPart:
             x0 = prior.normalize(_clip_pixels(frozen["clip"], images))  # (B, E)
         drop = _rand(gens, device) < cfg.caption_dropout
         if prior.config.learned_null:
-            states, emb = prior.drop_text(*PriorPart._text(frozen, captions), drop)
+            states, emb = prior.drop_text(*frozen_text(frozen, captions), drop)
         else:  # the empty caption stands for a dropped one (Karlo)
-            states, emb = PriorPart._text(frozen, ["" if d else c
+            states, emb = frozen_text(frozen, ["" if d else c
                                                    for c, d in zip(captions, drop.tolist())])
         x_t, t, _, _ = noised(frozen["schedule"], x0, gens, device)
         pred = model(x_t, t, states, emb)

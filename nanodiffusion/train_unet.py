@@ -31,6 +31,20 @@ def _frozen_parts(cfg, device):
 
 
 @torch.no_grad()
+def frozen_text(frozen, captions):
+    """(token states (B, T, D), projected text embeddings (B, E)) of the frozen CLIP in
+    `frozen`, cached per caption in frozen["cache"] (the shapes grammar repeats captions)."""
+    cache, clip = frozen["cache"], frozen["clip"]
+    missing = [c for c in dict.fromkeys(captions) if c not in cache]
+    if missing:
+        ids = frozen["tokenizer"](missing, max_length=clip.text_model.config.max_positions)
+        hidden, pooled = clip.text_model(ids.to(next(clip.parameters()).device))
+        cache.update(zip(missing, zip(hidden, clip.text_projection(pooled))))
+    return (torch.stack([cache[c][0] for c in captions]),
+            torch.stack([cache[c][1] for c in captions]))
+
+
+@torch.no_grad()
 def latents_of(vae, images, gens):
     """Scaled latents of images: a posterior sample with each sample's own generator."""
     from .train_parts import _randn
@@ -94,18 +108,6 @@ class UnetPart:
         return _images_and_captions(cfg, frozen, indices, device)
 
     @staticmethod
-    @torch.no_grad()
-    def _context(frozen, captions):
-        """Frozen text states, cached per caption (the shapes grammar repeats captions)."""
-        cache, text = frozen["cache"], frozen["text"]
-        missing = [c for c in dict.fromkeys(captions) if c not in cache]
-        if missing:
-            ids = frozen["tokenizer"](missing, max_length=text.config.max_positions)
-            hidden, _ = text(ids.to(next(text.parameters()).device))
-            cache.update(zip(missing, hidden))
-        return torch.stack([cache[c] for c in captions])  # (B, T, D)
-
-    @staticmethod
     def loss(cfg, model, frozen, batch, gens):
         from .train_parts import _rand
 
@@ -114,7 +116,7 @@ class UnetPart:
         x0 = latents_of(frozen["vae"], images, gens)
         drop = _rand(gens, device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        context = UnetPart._context(frozen, captions)
+        context = frozen_text(frozen, captions)[0]  # (B, T, D)
         return denoising_loss(cfg, frozen["schedule"], x0, gens,
                               lambda x_t, t: model(x_t, t, context)), {}
 
@@ -127,7 +129,6 @@ class UnetPart:
 
     @staticmethod
     def sample(cfg, model, frozen, path):
-        from .loading import load_pipeline
         from .pipeline import make_grid
 
         model.eval()
@@ -140,7 +141,7 @@ class UnetPart:
 
 
 def _pipeline_from(cfg, model, frozen):
-    from .pipeline import Defaults, Pipeline
+    from .pipeline import Pipeline
 
     return Pipeline(model, frozen["vae"], frozen["text"], frozen["tokenizer"],
                     frozen["schedule"].config, defaults=shapes_defaults(cfg), clip=frozen["clip"],

@@ -4,20 +4,16 @@ the bundled shapes model. It fills the form, generates, watches the progress bar
 preview move, and gets decoded images in the gallery. A missing browser fails the test: the
 project's setup installs it."""
 import io
-import socket
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from live_server import serve
 from nanodiffusion.server import create_app
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -27,23 +23,9 @@ STEPS, SEED, SIDE = 20, 7, 64  # the bundled model draws 64x64
 @pytest.fixture(scope="module")
 def server():
     app = create_app()  # no models dir: the bundled models
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    app.state.registry.pipe("shapes")  # loaded before the page asks, so the test times steps
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve(app) as url:
+        app.state.registry.pipe("shapes")  # loaded before the page asks, so it times steps
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+from live_server import serve  # noqa: E402
 
 from fastapi.testclient import TestClient  # noqa: E402
 
@@ -46,30 +46,12 @@ def models_dir(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(models_dir):
     """A real uvicorn server in a thread: the base URL."""
     app = create_app(models_dir, limits=Limits(max_side=256, max_n=4, max_steps=150))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve(app) as url:
+        yield url
 
 
 @pytest.fixture
@@ -323,18 +305,7 @@ def test_a_client_that_disconnects_frees_its_slot(models_dir, monkeypatch):
     at the next step instead of finishing a result nobody will read."""
     app = create_app(models_dir, limits=Limits(max_steps=1000))
     reg = app.state.registry
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with serve(app) as url:
         unet_forward = reg.pipe("tiny").unet.forward
         monkeypatch.setattr(reg.pipe("tiny").unet, "forward",  # 1000 steps: >= 10 s
                             lambda *a, **k: time.sleep(0.01) or unet_forward(*a, **k))
@@ -352,6 +323,3 @@ def test_a_client_that_disconnects_frees_its_slot(models_dir, monkeypatch):
         # the slot is free: the next request is served at once
         r = httpx.post(url + "/v1/images/generations", json={**body, "steps": 2}, timeout=30)
         assert r.status_code == 200
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
