@@ -36,6 +36,9 @@ class ScheduleConfig:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = False
+    # Lin et al. 2024: shift and scale sqrt(alphas_cumprod) so the last timestep is pure noise
+    # (zero SNR); used with v prediction and trailing timesteps
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
         _check("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -51,8 +54,6 @@ class ScheduleConfig:
         if config.get("trained_betas") is not None:
             raise ValueError("trained_betas is not supported; accepted: beta_schedule "
                              f"in {', '.join(BETA_SCHEDULES)}")
-        if config.get("rescale_betas_zero_snr"):
-            raise ValueError("rescale_betas_zero_snr=True is not supported; accepted: False")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 
@@ -76,6 +77,17 @@ def _betas(cfg: ScheduleConfig) -> torch.Tensor:
     return torch.tensor(betas, dtype=torch.float32)
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose sqrt(alphas_cumprod) is shifted to end at 0 and scaled to keep its first
+    value (Lin et al. 2024, Algorithm 1; diffusers' `rescale_zero_terminal_snr`)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    ab = root**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
 class NoiseSchedule:
     """A discrete DDPM schedule seen as VE noise levels sigma(t), t = 0..T-1 (float32, CPU)."""
 
@@ -84,7 +96,13 @@ class NoiseSchedule:
         self.num_train_timesteps = self.config.num_train_timesteps
         # computed exactly as diffusers does (float32 cumprod), so sigmas agree bit for bit
         self.betas = _betas(self.config)
+        if self.config.rescale_betas_zero_snr:
+            self.betas = zero_terminal_snr(self.betas)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        if self.config.rescale_betas_zero_snr:
+            # sigma would be infinite at the last timestep: diffusers' Euler, DPM-Solver and
+            # UniPC schedulers use 2**-24 there, and so do we (training included)
+            self.alphas_cumprod[-1] = 2**-24
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
 
@@ -260,17 +278,18 @@ def snr(schedule: NoiseSchedule, t) -> torch.Tensor:
 
 def loss_weights(schedule: NoiseSchedule, t, prediction_type: str = "epsilon",
                  min_snr_gamma: float | None = None) -> torch.Tensor:
-    """Per-sample MSE weights (B,): ones, or Min-SNR-gamma (Hang et al. 2023, as in diffusers'
-    train_text_to_image: min(snr, g) / snr for eps, / (snr + 1) for v, min(snr, g) for x0)."""
+    """Per-sample MSE weights (B,): ones, or Min-SNR-gamma (Hang et al. 2023, as diffusers'
+    training scripts do it): min(snr, g) / snr for eps, min(snr + 1, g) / (snr + 1) for v
+    (the v loss is the x0 loss times snr + 1), min(snr, g) for x0."""
     s = schedule.snr(t)
-    if min_snr_gamma is None:
+    if not min_snr_gamma:
         return torch.ones_like(s)
-    clipped = s.clamp(max=min_snr_gamma)
-    if prediction_type == "epsilon":
-        return clipped / s
     if prediction_type == "v_prediction":
-        return clipped / (s + 1)
-    return clipped
+        s = s + 1
+    clipped = s.clamp(max=min_snr_gamma)
+    if prediction_type == "sample":
+        return clipped
+    return clipped / s.clamp(min=1e-12)
 
 
 def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:

@@ -57,9 +57,12 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     caption_dropout: float = 0.1
     min_snr_gamma: float = 0.0      # 0: plain MSE; 5 is the min-SNR paper's choice
+    latent_pool: int = 0            # unet/decoder/prior: cycle N samples, encoded once
+    zero_terminal_snr: bool = False  # unet/decoder: pure noise at the last timestep, trailing
     kl_weight: float = 1e-6
     ink_weight: float = 0.0         # vae: extra loss weight of non-white pixels (shapes' objects)
     model: dict = field(default_factory=dict)  # overrides of the part's model preset
+    hard_negatives: bool = False    # clip: captions with spatial words mirrored as negatives
     bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
 
     def __post_init__(self):
@@ -68,6 +71,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.latent_pool < 0:
+            raise ValueError(f"latent_pool must be >= 0 (0: no pool), got {self.latent_pool}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError(f"zero_terminal_snr needs prediction_type='v_prediction', got "
+                             f"{self.prediction_type!r}: at zero SNR there is no noise to "
+                             "predict from")
 
     def out_path(self, part):
         return Path(self.out) / part

@@ -59,6 +59,17 @@ def _override(cfg_obj, overrides):
                                                        **overrides})
 
 
+MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
+            "above": "below", "below": "above"}
+
+
+def mirrored_caption(caption):
+    """The caption with every spatial word turned around ("on the left" -> "on the right",
+    "above" -> "below"): for an image of the caption, a hard negative. Unchanged when it has
+    no spatial word."""
+    return " ".join(MIRRORED.get(w, w) for w in caption.split(" "))
+
+
 class ClipPart:
     @staticmethod
     def build(cfg, device):
@@ -84,14 +95,18 @@ class ClipPart:
     @staticmethod
     def batch(cfg, frozen, indices, device):
         images, captions = _images_and_captions(cfg, frozen, indices, device)
-        ids = frozen["tokenizer"](captions, max_length=frozen["max_length"]).to(device)
-        return images, ids
+        tok, n = frozen["tokenizer"], frozen["max_length"]
+        negatives = None
+        if cfg.hard_negatives:
+            mirrored = [m for m, c in zip(map(mirrored_caption, captions), captions) if m != c]
+            negatives = tok(mirrored, max_length=n) if mirrored else None
+        return images, tok(captions, max_length=n).to(device), negatives
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
-        images, ids = batch
+        images, ids, negatives = batch
         pixels = checkpoint.unwrap(model).preprocess((images + 1) / 2)
-        loss = model(ids, pixels)
+        loss = model(ids, pixels, None if negatives is None else negatives.to(ids.device))
         return loss, {}
 
     @staticmethod

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .diffusion import NoiseSchedule, ScheduleConfig
 from .train_unet import (SAMPLE_PROMPTS, _frozen_parts, denoising_loss, frozen_text,
-                         latents_of, noised)
+                         encoded_batch, latents_of, noised, schedule_config, vae_posterior)
 
 STATS_SAMPLES = 512   # images whose CLIP embeddings give the prior's clip_mean / clip_std
 STATS_FIRST = 10_000_000  # past any training index, as the VAE's latent scale uses
@@ -58,19 +58,18 @@ class PriorPart:
 
     @staticmethod
     def batch(cfg, frozen, indices, device):
-        from .train_parts import _images_and_captions
-
-        return _images_and_captions(cfg, frozen, indices, device)
+        def encode(images):
+            return {"image_embeds": _clip_pixels(frozen["clip"], images)}
+        return encoded_batch(cfg, frozen, indices, encode, device)
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
         """DALL·E 2: MSE between the predicted and the true clean (normalised) embedding."""
         from .train_parts import _rand
 
-        images, captions = batch
-        device, prior = images.device, checkpoint.unwrap(model)
-        with torch.no_grad():
-            x0 = prior.normalize(_clip_pixels(frozen["clip"], images))  # (B, E)
+        enc, captions = batch
+        device, prior = enc["image_embeds"].device, checkpoint.unwrap(model)
+        x0 = prior.normalize(enc["image_embeds"])  # (B, E)
         drop = _rand(gens, device) < cfg.caption_dropout
         if prior.config.learned_null:
             states, emb = prior.drop_text(*frozen_text(frozen, captions), drop)
@@ -110,15 +109,17 @@ class DecoderPart:
         fixed = {"in_channels": c, "out_channels": c, "image_embed_dim": clip.projection_dim}
         _check_fixed("decoder", fixed, cfg.model)
         model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
-        schedule = NoiseSchedule(ScheduleConfig(prediction_type=cfg.prediction_type))
+        schedule = NoiseSchedule(schedule_config(cfg))
         return model, {"source": _source(cfg)[0], "clip": clip, "vae": vae, "tokenizer": tok,
                        "schedule": schedule}
 
     @staticmethod
     def batch(cfg, frozen, indices, device):
-        from .train_parts import _images_and_captions
+        posterior = vae_posterior(frozen["vae"])
 
-        return _images_and_captions(cfg, frozen, indices, device)
+        def encode(images):
+            return {**posterior(images), "image_embeds": _clip_pixels(frozen["clip"], images)}
+        return encoded_batch(cfg, frozen, indices, encode, device)
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
@@ -126,11 +127,10 @@ class DecoderPart:
         condition instead of the caption."""
         from .train_parts import _rand
 
-        images, _ = batch
-        device = images.device
-        x0 = latents_of(frozen["vae"], images, gens)
-        with torch.no_grad():
-            embeds = _clip_pixels(frozen["clip"], images)  # (B, E)
+        enc, _ = batch
+        device = enc["mean"].device
+        x0 = latents_of(frozen["vae"], enc, gens)
+        embeds = enc["image_embeds"]  # (B, E)
         keep = _rand(gens, device) >= cfg.caption_dropout
         embeds = embeds * keep[:, None]
         return denoising_loss(cfg, frozen["schedule"], x0, gens,
@@ -142,7 +142,7 @@ class DecoderPart:
 
         _save_ema(model, ema, cfg.run_dir / "decoder.safetensors")
         if (cfg.out_path("prior") / "prior.safetensors").exists():
-            assemble_unclip(cfg, ScheduleConfig(prediction_type=cfg.prediction_type))
+            assemble_unclip(cfg, schedule_config(cfg))
 
     @staticmethod
     def sample(cfg, model, frozen, path):
@@ -156,13 +156,13 @@ class DecoderPart:
 @torch.no_grad()
 def _sample_grid(cfg, prior, decoder, frozen, path, training):
     """Text-to-image samples of SAMPLE_PROMPTS; `training` (the part's model) goes back to
-    train mode after. From the prior part, the decoder's schedule is assumed epsilon."""
+    train mode after. From the prior part, see _decoder_schedule."""
     from .pipeline import make_grid
     from .unclip import UnCLIPPipeline
 
     try:
         pipe = UnCLIPPipeline(prior, decoder, frozen["vae"], frozen["clip"], frozen["tokenizer"],
-                              ScheduleConfig(prediction_type=_decoder_prediction(cfg)),
+                              _decoder_schedule(cfg),
                               defaults=shapes_unclip_defaults(cfg))
         images = [pipe.generate(p, seed=i)[0] for i, p in enumerate(SAMPLE_PROMPTS)]
         make_grid(images, rows=2).save(path)
@@ -170,13 +170,15 @@ def _sample_grid(cfg, prior, decoder, frozen, path, training):
         training.train()
 
 
-def _decoder_prediction(cfg):
-    """The decoder's prediction type: this config's when training the decoder, else the
-    assembled model's, else epsilon."""
+def _decoder_schedule(cfg):
+    """The decoder's schedule: this config's when training the decoder, else the assembled
+    model's, else Stable Diffusion's (epsilon)."""
     meta = cfg.out_path("model-unclip") / "model.json"
-    if cfg.part == "decoder" or not meta.exists():
-        return cfg.prediction_type if cfg.part == "decoder" else "epsilon"
-    return json.loads(meta.read_text())["schedule"]["prediction_type"]
+    if cfg.part == "decoder":
+        return schedule_config(cfg)
+    if not meta.exists():
+        return ScheduleConfig()
+    return checkpoint.config_from_dict(ScheduleConfig, json.loads(meta.read_text())["schedule"])
 
 
 def shapes_unclip_defaults(cfg):

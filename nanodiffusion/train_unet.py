@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .diffusion import NoiseSchedule, ScheduleConfig
+from .diffusion import NoiseSchedule, ScheduleConfig, loss_weights
 
 SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a large green star",
                   "a yellow triangle at the top", "a pink circle above a cyan square",
@@ -45,13 +45,42 @@ def frozen_text(frozen, captions):
 
 
 @torch.no_grad()
-def latents_of(vae, images, gens):
-    """Scaled latents of images: a posterior sample with each sample's own generator."""
+def encoded_batch(cfg, frozen, indices, encode, device):
+    """The samples `indices` as ({name: (B, ...) tensor} = encode(images), captions): what the
+    frozen encoders make of them (VAE posteriors, CLIP embeddings). With cfg.latent_pool = N,
+    sample i is sample i % N of the data, and its encodings are kept in memory after its first
+    use, so that N samples cost one pass of the encoders however long the part trains."""
+    from .train_parts import _images_and_captions
+
+    pool = cfg.latent_pool
+    keys = [i % pool for i in indices] if pool else list(indices)
+    cache = frozen.setdefault("encoded", {}) if pool else {}
+    missing = [k for k in dict.fromkeys(keys) if k not in cache]
+    if missing:
+        images, captions = _images_and_captions(cfg, frozen, missing, device)
+        out = encode(images)
+        for j, k in enumerate(missing):
+            cache[k] = ({name: v[j] for name, v in out.items()}, captions[j])
+    items = [cache[k] for k in keys]
+    return ({name: torch.stack([enc[name] for enc, _ in items]) for name in items[0][0]},
+            [c for _, c in items])
+
+
+def vae_posterior(vae):
+    """encode() for encoded_batch: the VAE posterior's mean and log-variance."""
+    def encode(images):
+        post = vae.encode(images)
+        return {"mean": post.mean, "logvar": post.logvar}
+    return encode
+
+
+def latents_of(vae, enc, gens):
+    """Scaled latents: a sample of the posterior enc["mean"], enc["logvar"] with each
+    sample's own generator."""
     from .train_parts import _randn
 
-    post = vae.encode(images)
-    eps = _randn(gens, post.mean.shape[1:], images.device)
-    return (post.mean + torch.exp(0.5 * post.logvar) * eps) * vae.config.scaling_factor
+    eps = _randn(gens, enc["mean"].shape[1:], enc["mean"].device)
+    return (enc["mean"] + torch.exp(0.5 * enc["logvar"]) * eps) * vae.config.scaling_factor
 
 
 def noised(schedule, x0, gens, device):
@@ -65,6 +94,16 @@ def noised(schedule, x0, gens, device):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, a, noise
 
 
+def schedule_config(cfg):
+    """The noise schedule a unet or decoder part trains with (and its model folder keeps):
+    Stable Diffusion's, or with `zero_terminal_snr` the same rescaled to end in pure noise,
+    sampled at trailing timesteps (Lin et al. 2024)."""
+    if cfg.zero_terminal_snr:
+        return ScheduleConfig(prediction_type=cfg.prediction_type, rescale_betas_zero_snr=True,
+                              timestep_spacing="trailing", steps_offset=0)
+    return ScheduleConfig(prediction_type=cfg.prediction_type)
+
+
 def denoising_loss(cfg, schedule, x0, gens, predict):
     """Noise (or v) prediction MSE of `predict(x_t, t)`, optionally min-SNR weighted."""
     x_t, t, a, noise = noised(schedule, x0, gens, x0.device)
@@ -73,11 +112,8 @@ def denoising_loss(cfg, schedule, x0, gens, predict):
     pred = predict(x_t, t)
     per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma > 0:
-        snr = (a / (1 - a)).view(-1)
-        weight = snr.clamp(max=cfg.min_snr_gamma) / snr
-        if cfg.prediction_type == "v_prediction":
-            weight = snr.clamp(max=cfg.min_snr_gamma) / (snr + 1)
-        per_sample = per_sample * weight
+        per_sample = per_sample * loss_weights(schedule, t, cfg.prediction_type,
+                                               cfg.min_snr_gamma).to(per_sample.device)
     return per_sample.mean()
 
 
@@ -96,24 +132,22 @@ class UnetPart:
             raise ValueError(f"unet model settings {clash} follow from the trained vae and "
                              f"clip ({fixed}); remove them from the recipe")
         model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
-        schedule = NoiseSchedule(ScheduleConfig(prediction_type=cfg.prediction_type))
+        schedule = NoiseSchedule(schedule_config(cfg))
         frozen = {"source": _source(cfg)[0], "clip": clip, "text": text, "vae": vae,
                   "tokenizer": tok, "schedule": schedule, "cache": {}}
         return model, frozen
 
     @staticmethod
     def batch(cfg, frozen, indices, device):
-        from .train_parts import _images_and_captions
-
-        return _images_and_captions(cfg, frozen, indices, device)
+        return encoded_batch(cfg, frozen, indices, vae_posterior(frozen["vae"]), device)
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
         from .train_parts import _rand
 
-        images, captions = batch
-        device = images.device
-        x0 = latents_of(frozen["vae"], images, gens)
+        enc, captions = batch
+        device = enc["mean"].device
+        x0 = latents_of(frozen["vae"], enc, gens)
         drop = _rand(gens, device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         context = frozen_text(frozen, captions)[0]  # (B, T, D)
@@ -163,5 +197,4 @@ def assemble_model(cfg):
                 vae=cfg.out_path("vae") / "vae.safetensors",
                 clip=cfg.out_path("clip") / "clip.safetensors",
                 tokenizer=cfg.out_path("clip") / "tokenizer",
-                schedule=ScheduleConfig(prediction_type=cfg.prediction_type),
-                defaults=shapes_defaults(cfg), name="shapes")
+                schedule=schedule_config(cfg), defaults=shapes_defaults(cfg), name="shapes")

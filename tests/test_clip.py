@@ -170,3 +170,30 @@ def test_full_size_parameter_counts(cfg, expected):
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in ref.parameters()) == expected
     assert set(ours.state_dict()) == set(ref.state_dict())
+
+
+def test_hard_negatives_enter_the_image_to_text_side():
+    from nanodiffusion.models.clip import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    t, i = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    base = contrastive_loss(t, i, 2.0)
+    assert torch.equal(contrastive_loss(t, i, 2.0, torch.zeros(0, 8)), base)
+    # a negative equal to image 0's own caption makes that image's choice harder
+    assert contrastive_loss(t, i, 2.0, t[:1]) > base
+    # a negative pointing away from every image changes almost nothing
+    far = -i.sum(0, keepdim=True)
+    assert abs(contrastive_loss(t, i, 2.0, far) - base) < 0.05 * base
+
+
+def test_mirrored_caption():
+    from nanodiffusion.train_parts import mirrored_caption
+
+    assert mirrored_caption("a red star in the top left corner") == \
+        "a red star in the bottom right corner"
+    assert mirrored_caption("a blue circle to the left of a green square") == \
+        "a blue circle to the right of a green square"
+    assert mirrored_caption("a pink square above an orange star") == \
+        "a pink square below an orange star"
+    assert mirrored_caption("a large red circle in the center") == \
+        "a large red circle in the center"

@@ -128,7 +128,26 @@ def test_min_snr_weights():
     eps = loss_weights(s, t, "epsilon", min_snr_gamma=5.0)
     assert eps[0] < 1 and eps[2] == 1  # high-SNR (small t) steps are down-weighted
     v = loss_weights(s, t, "v_prediction", min_snr_gamma=5.0)
-    assert torch.allclose(v, torch.minimum(w, torch.tensor(5.0)) / (w + 1))
+    assert torch.allclose(v, torch.minimum(w + 1, torch.tensor(5.0)) / (w + 1))
+    assert v[2] == 1  # the v loss already weighs x0 errors by snr + 1 >= 1
+
+
+def test_zero_terminal_snr_matches_diffusers():
+    cfg = ScheduleConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                         timestep_spacing="trailing", steps_offset=0)
+    s = NoiseSchedule(cfg)
+    ref = diffusers.DDPMScheduler.from_config(cfg.to_diffusers())
+    assert torch.allclose(s.betas, ref.betas, atol=1e-7)
+    assert torch.allclose(s.alphas_cumprod[:-1], ref.alphas_cumprod[:-1], rtol=1e-5)
+    assert ref.alphas_cumprod[-1] < 1e-9 and s.alphas_cumprod[-1] == 2**-24
+    euler = diffusers.EulerDiscreteScheduler.from_config(cfg.to_diffusers())
+    assert torch.allclose(s.sigmas, ((1 - euler.alphas_cumprod) / euler.alphas_cumprod) ** 0.5)
+    assert s.alphas_cumprod[0] == NoiseSchedule().alphas_cumprod[0]  # the first step is kept
+    w = loss_weights(s, torch.tensor([999]), "v_prediction", min_snr_gamma=5.0)
+    assert torch.isfinite(w).all() and w.item() == 1.0
+    eps = loss_weights(s, torch.tensor([999]), "epsilon", min_snr_gamma=5.0)
+    assert torch.isfinite(eps).all()
+    assert ScheduleConfig.from_diffusers(ref.config).rescale_betas_zero_snr
 
 
 def test_cfg_denoiser_with_prebatched_cond():

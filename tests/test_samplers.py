@@ -99,6 +99,18 @@ def test_matches_diffusers_img2img(name):
     check(name, SD, 25, strength=0.6)
 
 
+ZERO_SNR = ScheduleConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                          timestep_spacing="trailing", steps_offset=0)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-sde",
+                                  "unipc"])
+def test_matches_diffusers_zero_terminal_snr(name):
+    # the schedulers that diffusers gives zero-SNR support with alphas_cumprod[-1] = 2**-24
+    check(name, ZERO_SNR, 10)
+    check(name, ZERO_SNR, 6, strength=0.7)
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "pndm"])
 def test_matches_diffusers_v_prediction(name):
     # PNDM is left out: diffusers combines raw v outputs across steps before converting them to

@@ -284,3 +284,58 @@ def test_two_processes_equal_one(tmp_path):
             assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), k
     close = sum(int(torch.isclose(wa[k], wb[k], rtol=0, atol=1e-5).sum()) for k in wa)
     assert close / sum(v.numel() for v in wa.values()) > 0.99
+
+
+# ---------------------------------------------------------------- latent pool, zero SNR
+
+def _copy_frozen(out, dest):
+    for part in ("clip", "vae"):
+        shutil.copytree(out / part, dest / part)
+
+
+def test_latent_pool_changes_nothing_on_the_first_pass(shapes_run, tmp_path):
+    out, _ = shapes_run
+    logs = []
+    for name, pool in (("a", 0), ("b", 1000)):
+        _copy_frozen(out, tmp_path / name)
+        logs.append([r["loss"] for r in train(tiny("unet", tmp_path / name, steps=3,
+                                                   latent_pool=pool), progress=False)])
+    assert logs[0] == logs[1]
+
+
+def test_latent_pool_encodes_each_sample_once(shapes_run, tmp_path, monkeypatch):
+    from nanodiffusion import train_parts
+
+    out, _ = shapes_run
+    _copy_frozen(out, tmp_path)
+    drawn, draw = [], train_parts._images_and_captions
+
+    def counting(cfg, frozen, indices, device):
+        drawn.extend(indices)
+        return draw(cfg, frozen, indices, device)
+    monkeypatch.setattr(train_parts, "_images_and_captions", counting)
+    records = train(tiny("unet", tmp_path, steps=5, latent_pool=6), progress=False)
+    assert len(records) == 5  # 20 samples drawn from a pool of 6, each encoded once
+    assert sorted(drawn) == list(range(6))
+
+
+def test_zero_terminal_snr_unet_trains_and_generates(shapes_run, tmp_path):
+    from nanodiffusion.loading import load_pipeline
+
+    out, _ = shapes_run
+    _copy_frozen(out, tmp_path)
+    with pytest.raises(ValueError, match="v_prediction"):
+        tiny("unet", tmp_path, zero_terminal_snr=True)
+    records = train(tiny("unet", tmp_path, steps=2, prediction_type="v_prediction",
+                         zero_terminal_snr=True, min_snr_gamma=5.0), progress=False)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["schedule"]["rescale_betas_zero_snr"] is True
+    assert meta["schedule"]["timestep_spacing"] == "trailing"
+    pipe = load_pipeline(str(tmp_path / "model"))
+    assert pipe.generate("a red circle", seed=0, steps=3)[0].size == (32, 32)
+
+
+def test_clip_trains_with_hard_negatives(tmp_path):
+    records = train(tiny("clip", tmp_path, steps=3, hard_negatives=True), progress=False)
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)

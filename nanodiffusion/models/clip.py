@@ -253,15 +253,21 @@ def preprocess(images, image_size, mean=CLIP_MEAN, std=CLIP_STD):
     return (x - mean) / std
 
 
-def contrastive_loss(text_emb, image_emb, logit_scale):
+def contrastive_loss(text_emb, image_emb, logit_scale, negative_emb=None):
     """CLIP's symmetric InfoNCE: pair i of the batch is the positive for row and column i.
-    Embeddings (B, E) are L2-normalised here; the temperature exp(logit_scale) is capped at 100."""
+    Embeddings (B, E) are L2-normalised here; the temperature exp(logit_scale) is capped at 100.
+    negative_emb (N, E): more captions that fit none of the images (NegCLIP's hard negatives,
+    Yuksekgonul et al. 2023), extra choices in the image-to-text direction."""
     text_emb = F.normalize(text_emb, dim=-1)
     image_emb = F.normalize(image_emb, dim=-1)
     scale = torch.as_tensor(logit_scale, device=text_emb.device).clamp(max=math.log(100)).exp()
     logits = scale * text_emb @ image_emb.T  # (B, B): texts x images
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    per_image = logits.T  # (B, B): images x texts
+    if negative_emb is not None and len(negative_emb):
+        negs = scale * image_emb @ F.normalize(negative_emb, dim=-1).T  # (B, N)
+        per_image = torch.cat([per_image, negs], dim=1)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(per_image, labels)) / 2
 
 
 class CLIPModel(nn.Module):
@@ -295,10 +301,12 @@ class CLIPModel(nn.Module):
         """(B, 3, S, S) normalised pixels -> (B, E) projected image embeddings, not normalised."""
         return self.visual_projection(self.vision_model(pixels)[1])
 
-    def forward(self, input_ids, pixels):
-        """Contrastive loss of a batch of matching (text, image) pairs."""
+    def forward(self, input_ids, pixels, negative_ids=None):
+        """Contrastive loss of a batch of matching (text, image) pairs; negative_ids (N, T):
+        captions that match none of the images."""
+        negatives = None if negative_ids is None else self.encode_text(negative_ids)
         return contrastive_loss(self.encode_text(input_ids), self.encode_image(pixels),
-                                self.logit_scale)
+                                self.logit_scale, negatives)
 
     def preprocess(self, images):
         return preprocess(images, self.vision_model.config.image_size)
