@@ -339,3 +339,10 @@ def test_zero_terminal_snr_unet_trains_and_generates(shapes_run, tmp_path):
 def test_clip_trains_with_hard_negatives(tmp_path):
     records = train(tiny("clip", tmp_path, steps=3, hard_negatives=True), progress=False)
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    for part in ("clip", "vae", "unet", "prior", "decoder"):
+        cfg = load_recipe(recipe, part, out="runs/x")
+        assert cfg.part == part and cfg.steps >= 1
