@@ -122,9 +122,6 @@ def _image_embed_from(g: dict) -> dict:
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     """UNetConfig -> UNet2DConditionModel config.json."""
-    if cfg.coord_channels:
-        raise ValueError("UNetConfig: coord_channels=True is not expressible in diffusers; "
-                         "accepted: False (save this model in the nanodiffusion format)")
     n = len(cfg.block_channels)
     if len(cfg.attention_levels) != n or len(cfg.num_heads) != n:
         raise ValueError(f"UNetConfig: {n} levels but attention_levels {cfg.attention_levels} "

@@ -161,28 +161,3 @@ def test_full_size_presets_match_diffusers(ours_cfg, kw, count):
     if count is not None:
         assert n == count
 
-
-def test_coord_channels_tell_the_network_where_it_is():
-    import dataclasses
-
-    from nanodiffusion.convert import unet_config_to_diffusers
-    from nanodiffusion.models.unet import coordinates
-
-    torch.manual_seed(0)
-    model = UNet(dataclasses.replace(TINY, coord_channels=True)).eval()
-    assert model.conv_in.in_channels == TINY.in_channels + 2
-    x, ctx = torch.zeros(1, 4, 8, 8), torch.randn(1, 3, TINY.context_dim)
-    out = model(x, 500, ctx)
-    assert out.shape == (1, 4, 8, 8)
-    c = coordinates(x)
-    assert c[0, 0, 0, 0] == -1 and c[0, 0, 0, -1] == 1 and c[0, 1, -1, 0] == 1
-    # the same network without the two channels: equal only when their weights are zero
-    plain = UNet(TINY).eval()
-    plain.load_state_dict({k: v[:, :4] if k == "conv_in.weight" else v
-                           for k, v in model.state_dict().items()})
-    assert not torch.allclose(out, plain(x, 500, ctx), atol=1e-5)
-    with torch.no_grad():
-        model.conv_in.weight[:, 4:] = 0
-    assert torch.allclose(model(x, 500, ctx), plain(x, 500, ctx), atol=1e-6)
-    with pytest.raises(ValueError, match="coord_channels"):
-        unet_config_to_diffusers(model.config)

@@ -26,10 +26,6 @@ class UNetConfig:
     norm_eps: float = 1e-5
     image_embed_dim: int | None = None        # unCLIP decoder: CLIP image embedding width
     image_tokens: int = 4                     # extra context tokens made from the image embedding
-    # CoordConv (Liu et al. 2018): x and y in [-1, 1] as two more input channels, so that a
-    # position word can find its place without reading it off the zero padding (not in Stable
-    # Diffusion: a small-model option; such a UNet has no diffusers equivalent)
-    coord_channels: bool = False
 
 
 SD15 = UNetConfig()
@@ -243,14 +239,6 @@ class ImageTimeEmbedding(nn.Module):
         return self.image_norm(self.image_proj(e))
 
 
-def coordinates(x):
-    """(B, 2, h, w): the column (x) and row (y) of each pixel of x, from -1 to 1."""
-    b, _, h, w = x.shape
-    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy")).expand(b, 2, h, w)
-
-
 class UNet(nn.Module):
     """Predicts the noise (or v) in `x` at timestep `t`, attending to `context` tokens."""
 
@@ -263,7 +251,7 @@ class UNet(nn.Module):
                 raise ValueError(f"UNetConfig.{name} has {len(getattr(cfg, name))} entries, "
                                  f"expected one per level of block_channels ({n})")
         temb_dim = 4 * chans[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels + 2 * cfg.coord_channels, chans[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
         if cfg.image_embed_dim is not None:
             self.encoder_hid_proj = ImageProjection(cfg.image_embed_dim, cfg.context_dim,
@@ -318,8 +306,6 @@ class UNet(nn.Module):
         emb, context = self._condition(self._time_embed(t, x), context, image_embeds)
         # every ResBlock's time projection starts with SiLU: apply it once here
         temb = F.silu(emb)
-        if self.config.coord_channels:
-            x = torch.cat([x, coordinates(x)], dim=1)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
