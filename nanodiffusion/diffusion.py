@@ -81,7 +81,7 @@ def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Betas whose sqrt(alphas_cumprod) is shifted to end at 0 and scaled to keep its first
     value (Lin et al. 2024, Algorithm 1; diffusers' `rescale_zero_terminal_snr`)."""
     root = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = root[0].clone(), root[-1].clone()
+    first, last = root[0], root[-1]
     root = (root - last) * (first / (first - last))
     ab = root**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])

@@ -99,14 +99,14 @@ class ClipPart:
         negatives = None
         if cfg.hard_negatives:
             mirrored = [m for m, c in zip(map(mirrored_caption, captions), captions) if m != c]
-            negatives = tok(mirrored, max_length=n) if mirrored else None
+            negatives = tok(mirrored, max_length=n).to(device) if mirrored else None
         return images, tok(captions, max_length=n).to(device), negatives
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
         images, ids, negatives = batch
         pixels = checkpoint.unwrap(model).preprocess((images + 1) / 2)
-        loss = model(ids, pixels, None if negatives is None else negatives.to(ids.device))
+        loss = model(ids, pixels, negatives)
         return loss, {}
 
     @staticmethod

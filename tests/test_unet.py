@@ -160,4 +160,3 @@ def test_full_size_presets_match_diffusers(ours_cfg, kw, count):
     assert n == sum(p.numel() for p in ref.parameters())
     if count is not None:
         assert n == count
-
