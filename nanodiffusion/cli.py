@@ -73,6 +73,7 @@ def _parser():
     e = sub.add_parser("eval", help="fidelity report of a run folder or model")
     e.add_argument("path")
     e.add_argument("--n", type=int, default=200, help="prompts per category")
+    e.add_argument("--device", default="cpu")
     x = sub.add_parser("export", help="write a model in another format")
     x.add_argument("model")
     x.add_argument("out")
@@ -358,7 +359,7 @@ def cmd_train(args):
 def cmd_eval(args):
     from .evaluate import report
 
-    report(args.path, n=args.n)
+    report(args.path, n=args.n, device=args.device)
 
 
 def cmd_export(args):

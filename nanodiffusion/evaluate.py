@@ -44,8 +44,10 @@ def clip_retrieval(clip, tokenizer, n=100, seed=0, size=64):
     images = torch.stack([shapes.to_tensor(im) for im, _, _ in samples])  # (n, 3, S, S)
     captions = [c for _, c, _ in samples]
     ids = tokenizer(captions, max_length=clip.text_model.config.max_positions)
-    t = torch.nn.functional.normalize(clip.encode_text(ids), dim=-1)
-    v = torch.nn.functional.normalize(clip.encode_image(clip.preprocess((images + 1) / 2)), dim=-1)
+    device = next(clip.parameters()).device
+    t = torch.nn.functional.normalize(clip.encode_text(ids.to(device)), dim=-1)
+    pixels = clip.preprocess((images.to(device) + 1) / 2)
+    v = torch.nn.functional.normalize(clip.encode_image(pixels), dim=-1)
     top = (t @ v.T).argmax(dim=1).tolist()
     exact = float(np.mean([j == i for i, j in enumerate(top)]))
     matching = float(np.mean([judge(samples[j][0], captions[i])["correct"]
@@ -57,6 +59,7 @@ def clip_retrieval(clip, tokenizer, n=100, seed=0, size=64):
 def vae_psnr(vae, n=256, seed=0, size=64):
     """Mean PSNR (dB) of VAE reconstructions (posterior mode) of n eval images."""
     x = torch.stack([shapes.to_tensor(shapes.sample(i, "eval", seed, size)[0]) for i in range(n)])
+    x = x.to(next(vae.parameters()).device)
     recon = torch.cat([vae.decode(vae.encode(b).mode()) for b in x.split(64)]).clamp(-1, 1)
     mse = ((recon - x) ** 2).mean(dim=(1, 2, 3))  # (n,)
     return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
@@ -67,12 +70,12 @@ def _model_folder(path):
     return path / "model" if (path / "model" / "model.json").exists() else path
 
 
-def report(path, n=200, seed=0, out=None):
+def report(path, n=200, seed=0, out=None, device="cpu"):
     """Evaluate a run folder (runs/shapes) or a model folder; print and write report.json."""
     from .loading import load_pipeline
 
     folder = _model_folder(path)
-    pipe = load_pipeline(folder)
+    pipe = load_pipeline(folder, device=device)
     result = {"model": str(folder), "settings": vars(pipe.defaults).copy()}
     if pipe.clip is not None:
         result["clip_retrieval"] = clip_retrieval(pipe.clip, pipe.tokenizer, seed=seed)

@@ -331,6 +331,11 @@ def _worker_init():
     # A forked worker inherits the parent's intra-op thread count; many workers x many
     # threads oversubscribe the cores the training step needs.
     torch.set_num_threads(1)
+    # Its own process group: Ctrl-C in a terminal and `timeout` signal the whole group, and a
+    # worker killed by that left the main process waiting TIMEOUT_S for its samples before it
+    # could save. The main process ends the workers itself (close()); if it dies, their task
+    # pipe closes and they exit.
+    os.setpgrp()
 
 
 def _draw(index):

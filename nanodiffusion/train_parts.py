@@ -30,6 +30,26 @@ def _source(cfg):
     return get, len(ds)
 
 
+def _twin_source(cfg):
+    """index -> the (image, caption) that mirrors sample `index` (every spatial word turned
+    around, the scene drawn to match), or None where the caption has no spatial word: CLIP's
+    hard negative pairs. Only the shapes generator can draw the mirrored scene; for an image
+    folder this is None, and mirrored captions alone are the negatives."""
+    if cfg.data != "shapes":
+        return None
+    from .data import shapes
+
+    def twin(i):
+        _, caption, attributes = shapes.sample(i, "train", cfg.seed, cfg.image_size,
+                                               cfg.include_held_out)
+        mirrored = mirrored_caption(caption)
+        if mirrored == caption:
+            return None
+        image = shapes.render(shapes.rotated(attributes, cfg.image_size), cfg.image_size)
+        return shapes.to_tensor(image), mirrored
+    return twin
+
+
 def _captions(cfg):
     """The captions a tokenizer is learned from: a large draw of shapes, or all of a folder."""
     get, length = _source(cfg)
@@ -89,15 +109,24 @@ class ClipPart:
         vision = _override(clip.SHAPES_VISION, {"image_size": cfg.image_size,
                                                 **m.get("vision", {})})
         model = clip.CLIPModel(text, vision).to(device)
-        return model, {"source": _source(cfg)[0], "tokenizer": tok,
+        return model, {"source": _source(cfg)[0], "twin": _twin_source(cfg), "tokenizer": tok,
                        "max_length": text.max_positions}
 
     @staticmethod
     def batch(cfg, frozen, indices, device):
+        """(images, caption ids, negative caption ids or None). With hard_negatives, each
+        sample with a spatial word brings its mirrored twin into the batch as one more pair
+        (shapes: both sides of the loss get the hard negative), or, where no twin can be drawn
+        (image folders), its mirrored caption as one more wrong caption for its image."""
         images, captions = _images_and_captions(cfg, frozen, indices, device)
         tok, n = frozen["tokenizer"], frozen["max_length"]
         negatives = None
-        if cfg.hard_negatives:
+        if cfg.hard_negatives and frozen.get("twin") is not None:
+            twins = [t for t in map(frozen["twin"], indices) if t is not None]
+            if twins:
+                images = torch.cat([images, torch.stack([im for im, _ in twins]).to(device)])
+                captions = captions + [c for _, c in twins]
+        elif cfg.hard_negatives:
             mirrored = [m for m, c in zip(map(mirrored_caption, captions), captions) if m != c]
             negatives = tok(mirrored, max_length=n).to(device) if mirrored else None
         return images, tok(captions, max_length=n).to(device), negatives

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,49 @@ def test_shipped_recipes_load(recipe):
     for part in ("clip", "vae", "unet", "prior", "decoder"):
         cfg = load_recipe(recipe, part, out="runs/x")
         assert cfg.part == part and cfg.steps >= 1
+
+
+def test_clip_hard_negative_twins_join_the_batch(tmp_path):
+    from nanodiffusion.train_parts import ClipPart
+
+    cfg = tiny("clip", tmp_path, steps=1, hard_negatives=True)
+    model, frozen = ClipPart.build(cfg, torch.device("cpu"))
+    indices = list(range(16))
+    images, ids, negatives = ClipPart.batch(cfg, frozen, indices, torch.device("cpu"))
+    twins = [frozen["twin"](i) for i in indices]
+    n = sum(t is not None for t in twins)
+    assert 0 < n < 16 and negatives is None
+    assert images.shape[0] == ids.shape[0] == 16 + n
+    first = next(t for t in twins if t is not None)
+    assert torch.equal(images[16], first[0])
+    assert torch.isfinite(ClipPart.loss(cfg, model, frozen, (images, ids, None), None)[0])
+
+
+def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path):
+    """`timeout` and Ctrl-C signal the whole process group. The data workers must not die of
+    it (the main process then waited minutes for their samples instead of saving)."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[common]\ndata = "shapes"\nimage_size = 32\n[vae]\nsteps = 5000\n'
+                      'batch_size = 4\nlog_every = 1\nckpt_every = 100000\nsample_every = 0\n'
+                      '[vae.model]\nblock_channels = [8, 16]\nlatent_channels = 4\n'
+                      'norm_groups = 4\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanodiffusion.cli", "train", "vae",
+                             "--recipe", str(recipe), "--out", str(tmp_path / "run"),
+                             "--workers", "2"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "run" / "vae" / "log.jsonl"
+    try:
+        for _ in range(600):
+            if log.exists() and log.read_text().count("\n") >= 3:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, proc.stderr.read().decode()
+    saved = _state(tmp_path / "run", "vae")["step"]
+    assert 3 <= saved < 5000

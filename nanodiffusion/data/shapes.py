@@ -197,6 +197,22 @@ def render(attributes, size):
     return big.resize((size, size), Image.BOX)
 
 
+def rotated(attributes, size):
+    """The scene turned half a turn about the canvas centre, each object kept upright: every
+    centre (cx, cy) moves to (S - cx, S - cy). The grid, its jitter and the pair constraints are
+    symmetric, so the result is a scene of this dataset, and the caption with every spatial word
+    turned around (left <-> right, top <-> bottom, above <-> below) describes it: for CLIP, the
+    hard negative image of the original caption."""
+    objs = [dict(o, cx=size - o["cx"], cy=size - o["cy"],
+                 cell=cell_name(size - o["cx"], size - o["cy"], size))
+            for o in attributes["objects"]]
+    relation = attributes["relation"]
+    if relation is not None:
+        relation = {"to the left of": "to the right of", "to the right of": "to the left of",
+                    "above": "below", "below": "above"}[relation]
+    return dict(attributes, objects=objs, relation=relation)
+
+
 def sample(index, split="train", seed=0, size=64, include_held_out=False):
     """Sample `index` of `split`: (PIL RGB image, caption, attributes). The eval split always
     draws from every colour-shape pair; train leaves out HELD_OUT unless include_held_out."""
