@@ -74,6 +74,8 @@ def _parser():
     e.add_argument("path")
     e.add_argument("--n", type=int, default=200, help="prompts per category")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--best-of", type=int, default=1,
+                   help="also score single objects with best-of-N CLIP reranking")
     x = sub.add_parser("export", help="write a model in another format")
     x.add_argument("model")
     x.add_argument("out")
@@ -359,7 +361,7 @@ def cmd_train(args):
 def cmd_eval(args):
     from .evaluate import report
 
-    report(args.path, n=args.n, device=args.device)
+    report(args.path, n=args.n, device=args.device, best_of=args.best_of)
 
 
 def cmd_export(args):

@@ -65,13 +65,73 @@ def vae_psnr(vae, n=256, seed=0, size=64):
     return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
 
 
+def _kept_objects(image, attributes):
+    """Does `image` hold the same objects (colour and shape; position free) as the scene?"""
+    from .judge import find_objects
+
+    want = sorted((o["colour"], o["shape"]) for o in attributes["objects"])
+    return sorted((o["colour"], o["shape"] or "?") for o in find_objects(image)) == want
+
+
+def variations_score(pipe, n=100, seed=0, size=64):
+    """DALL·E 2 variations of n eval images (one each, seed + i): `kept`, the share that keep
+    every object's colour and shape (and no more objects); `mean_abs_diff`, the mean absolute
+    pixel difference from the input (0..1); `copies`, the share within 1/255 of it."""
+    kept, diffs = [], []
+    for i in range(n):
+        image, _, attributes = shapes.sample(i, "eval", seed, size)
+        out = pipe.variations(image, n=1, seed=seed + i)[0]
+        kept.append(_kept_objects(out, attributes))
+        diffs.append(float(np.abs(np.asarray(out, np.float32) - np.asarray(image, np.float32))
+                           .mean() / 255))
+    return {"kept": float(np.mean(kept)), "mean_abs_diff": float(np.mean(diffs)),
+            "copies": float(np.mean([d < 1 / 255 for d in diffs])), "n": n}
+
+
+def text_diff_score(pipe, n=100, seed=0, size=64, strength=1.0):
+    """DALL·E 2 text diffs on n single-object eval images, alternately changing the colour and
+    the shape ("a red circle" -> "a blue circle" / "a red star"): `changed`, the share whose
+    output holds exactly one object with the target colour and shape (the other attribute
+    kept); by kind, and `position_kept`, how many of those stayed in their grid cell."""
+    rng = np.random.default_rng(seed)
+    results, i = {"colour": [], "shape": []}, 0
+    position = []
+    while sum(map(len, results.values())) < n:
+        image, _, attributes = shapes.sample(i, "eval", seed, size)
+        i += 1
+        if attributes["relation"] is not None:
+            continue
+        obj = attributes["objects"][0]
+        kind = "colour" if len(results["colour"]) <= len(results["shape"]) else "shape"
+        choices = [c for c in (shapes.COLOURS if kind == "colour" else shapes.SHAPES)
+                   if c != obj[kind]]
+        new = dict(obj, **{kind: choices[rng.integers(len(choices))]})
+        source = shapes.noun_phrase(obj["colour"], obj["shape"])
+        target = shapes.noun_phrase(new["colour"], new["shape"])
+        out = pipe.edit(image, source=source, target=target, strength=strength,
+                        seed=seed + i)[0]
+        ok = _kept_objects(out, {"objects": [new]})
+        results[kind].append(ok)
+        if ok:
+            from .judge import find_objects
+
+            position.append(find_objects(out)[0]["cell"] == obj["cell"])
+    flat = results["colour"] + results["shape"]
+    return {"changed": float(np.mean(flat)), "colour": float(np.mean(results["colour"])),
+            "shape": float(np.mean(results["shape"])),
+            "position_kept": float(np.mean(position)) if position else 0.0,
+            "strength": strength, "n": len(flat)}
+
+
 def _model_folder(path):
     path = Path(path)
     return path / "model" if (path / "model" / "model.json").exists() else path
 
 
-def report(path, n=200, seed=0, out=None, device="cpu"):
-    """Evaluate a run folder (runs/shapes) or a model folder; print and write report.json."""
+def report(path, n=200, seed=0, out=None, device="cpu", best_of=1):
+    """Evaluate a run folder (runs/shapes, its model/ or model-unclip/) or a model folder;
+    print and write report.json. An unCLIP model also gets variations and text diffs scored;
+    best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking."""
     from .loading import load_pipeline
 
     folder = _model_folder(path)
@@ -84,6 +144,14 @@ def report(path, n=200, seed=0, out=None, device="cpu"):
     fid.pop("images")
     fid.pop("results")
     result["fidelity"] = fid
+    if best_of > 1:
+        singles = eval_prompts(n, seed)[:n]
+        best = fidelity(pipe, singles, seed=seed, best_of=best_of)
+        result[f"best_of_{best_of}_single"] = best["accuracy"]
+        result["best_of_1_single"] = fid["categories"]["single"]["accuracy"]
+    if hasattr(pipe, "variations"):
+        result["variations"] = variations_score(pipe, n=n, seed=seed)
+        result["text_diffs"] = text_diff_score(pipe, n=n, seed=seed)
     text = json.dumps(result, indent=2)
     print(text)
     target = Path(out) if out else folder / "report.json"
