@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Copy a trained shapes run into the package as the bundled default model (float16 storage),
-# with its eval report.   bash scripts/ship-shapes.sh [RUN=runs/shapes]
+# Copy a trained shapes run into the package as the bundled models (float16 storage), with
+# their eval reports: RUN/model -> weights/shapes and, if trained, RUN/model-unclip ->
+# weights/shapes-unclip.   bash scripts/ship-shapes.sh [RUN=runs/shapes]
 set -euo pipefail
 RUN=${1:-runs/shapes}
 PY=${PYTHON:-.venv/bin/python}
-DEST=nanodiffusion/weights/shapes
-$PY - "$RUN" "$DEST" <<'PY'
+$PY - "$RUN" <<'PY'
 import sys, torch
+from pathlib import Path
 from nanodiffusion.loading import load_pipeline, save_pipeline
-pipe = load_pipeline(f"{sys.argv[1]}/model")
-save_pipeline(pipe, sys.argv[2], dtype=torch.float16)
+from nanodiffusion.unclip import save_unclip_pipeline
+run = Path(sys.argv[1])
+for src, name, save in ((run / "model", "shapes", save_pipeline),
+                        (run / "model-unclip", "shapes-unclip", save_unclip_pipeline)):
+    if (src / "model.json").exists():
+        save(load_pipeline(src), f"nanodiffusion/weights/{name}", dtype=torch.float16)
+        print("shipped", src, "as", name)
 PY
-cp "$RUN/model/report.json" "$DEST/report.json" 2>/dev/null || true
-du -sh "$DEST"
+for pair in "model:shapes" "model-unclip:shapes-unclip"; do
+    src=${pair%%:*}; dest=nanodiffusion/weights/${pair##*:}
+    if [ -f "$RUN/$src/report.json" ]; then cp "$RUN/$src/report.json" "$dest/report.json"; fi
+    if [ -d "$dest" ]; then du -sh "$dest"; fi
+done

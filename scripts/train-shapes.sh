@@ -3,7 +3,8 @@
 #   bash scripts/train-shapes.sh [OUT=runs/shapes] [DEVICE=cpu]
 # On a 2-core CPU, CLIP and the VAE (independent of each other) train side by side on one core
 # each, then the UNet on both. Each part resumes from its last checkpoint when run again.
-# Per-part wall-clock seconds are appended to OUT/times.jsonl.
+# Per-part wall-clock seconds are appended to OUT/times.jsonl. UNCLIP=1 also trains the unCLIP
+# prior and decoder (after the unet) and evaluates OUT/model-unclip.
 set -euo pipefail
 OUT=${1:-runs/shapes}
 DEVICE=${2:-cpu}
@@ -25,3 +26,8 @@ wait $vae_pid
 part unet "$(nproc)"
 echo "{\"part\": \"all\", \"seconds\": $(( $(date +%s) - start ))}" >> "$OUT/times.jsonl"
 $PY -m nanodiffusion.cli eval "$OUT" --n "${EVAL_N:-200}"
+if [ "${UNCLIP:-0}" = 1 ]; then
+    part prior "$(nproc)"
+    part decoder "$(nproc)"
+    $PY -m nanodiffusion.cli eval "$OUT/model-unclip" --n "${EVAL_N:-200}" --best-of 8
+fi
