@@ -9,7 +9,7 @@ import torch
 
 from . import checkpoint
 from .data import shapes
-from .judge import judge, score
+from .judge import find_objects, judge, score
 
 
 def eval_prompts(n, seed=0):
@@ -67,8 +67,6 @@ def vae_psnr(vae, n=256, seed=0, size=64):
 
 def _kept_objects(image, attributes):
     """Does `image` hold the same objects (colour and shape; position free) as the scene?"""
-    from .judge import find_objects
-
     want = sorted((o["colour"], o["shape"]) for o in attributes["objects"])
     return sorted((o["colour"], o["shape"] or "?") for o in find_objects(image)) == want
 
@@ -113,8 +111,6 @@ def text_diff_score(pipe, n=100, seed=0, size=64, strength=1.0):
         ok = _kept_objects(out, {"objects": [new]})
         results[kind].append(ok)
         if ok:
-            from .judge import find_objects
-
             position.append(find_objects(out)[0]["cell"] == obj["cell"])
     flat = results["colour"] + results["shape"]
     return {"changed": float(np.mean(flat)), "colour": float(np.mean(results["colour"])),
