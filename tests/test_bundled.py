@@ -24,3 +24,18 @@ def test_default_model_generates_a_picture_deterministically():
     # a picture, not a blank or noise: mostly white background with a coloured object
     white = (pixels.min(axis=-1) > 200).mean()
     assert 0.3 < white < 0.995, white
+
+
+def test_bundled_unclip_model_is_shipped_small_and_generates():
+    folder = BUNDLED / "shapes-unclip"
+    assert (folder / "model.json").exists()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 30 * 2**20, f"bundled unCLIP model is {size / 2**20:.1f} MiB"
+    pipe = nanodiffusion.load("shapes-unclip")
+    a = pipe.generate("a red circle", seed=3, steps=8)
+    b = pipe.generate("a red circle", seed=3, steps=8)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    white = (np.asarray(a[0]).astype(int).min(axis=-1) > 200).mean()
+    assert 0.3 < white < 0.995, white
+    varied = pipe.variations(a[0], n=2, seed=1)
+    assert len(varied) == 2 and varied[0].size == a[0].size
