@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
+from .data.shapes import mirrored_caption
 
 
 def _source(cfg):
@@ -77,17 +78,6 @@ def _override(cfg_obj, overrides):
         return cfg_obj
     return checkpoint.config_from_dict(type(cfg_obj), {**dataclasses.asdict(cfg_obj),
                                                        **overrides})
-
-
-MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
-            "above": "below", "below": "above"}
-
-
-def mirrored_caption(caption):
-    """The caption with every spatial word turned around ("on the left" -> "on the right",
-    "above" -> "below"): for an image of the caption, a hard negative. Unchanged when it has
-    no spatial word."""
-    return " ".join(MIRRORED.get(w, w) for w in caption.split(" "))
 
 
 class ClipPart:

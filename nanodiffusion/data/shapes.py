@@ -197,6 +197,17 @@ def render(attributes, size):
     return big.resize((size, size), Image.BOX)
 
 
+MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
+            "above": "below", "below": "above"}
+
+
+def mirrored_caption(caption):
+    """The caption with every spatial word turned around ("on the left" -> "on the right",
+    "above" -> "below"): for an image of the caption, a hard negative. Unchanged when it has
+    no spatial word."""
+    return " ".join(MIRRORED.get(w, w) for w in caption.split(" "))
+
+
 def rotated(attributes, size):
     """The scene turned half a turn about the canvas centre, each object kept upright: every
     centre (cx, cy) moves to (S - cx, S - cy). The grid, its jitter and the pair constraints are
@@ -207,10 +218,8 @@ def rotated(attributes, size):
                  cell=cell_name(size - o["cx"], size - o["cy"], size))
             for o in attributes["objects"]]
     relation = attributes["relation"]
-    if relation is not None:
-        relation = {"to the left of": "to the right of", "to the right of": "to the left of",
-                    "above": "below", "below": "above"}[relation]
-    return dict(attributes, objects=objs, relation=relation)
+    return dict(attributes, objects=objs,
+                relation=None if relation is None else mirrored_caption(relation))
 
 
 def sample(index, split="train", seed=0, size=64, include_held_out=False):
