@@ -34,12 +34,12 @@ UNET_FIXED = {
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu",
     "reverse_transformer_layers_per_block": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "addition_time_embed_dim": None, "num_class_embeds": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "attention_type": "default",
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
     "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
 }
@@ -51,7 +51,8 @@ UNET_DEFAULTS = {
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     "attention_head_dim": 8, "num_attention_heads": None, "transformer_layers_per_block": 1,
     "use_linear_projection": False, "upcast_attention": False, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "addition_embed_type": None,
+    "encoder_hid_dim_type": None, "addition_embed_type": None, "class_embed_type": None,
+    "projection_class_embeddings_input_dim": None,
 }
 INFO_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size",
              "force_upcast")  # descriptive or dtype hints, no effect on the weights' meaning
@@ -106,7 +107,18 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
                                 "transformer_layers_per_block", n),
         context_dim=_one(g["cross_attention_dim"], "cross_attention_dim", n),
         linear_projection=g["use_linear_projection"], upcast_attention=g["upcast_attention"],
-        norm_groups=g["norm_num_groups"], norm_eps=g["norm_eps"], **_image_embed_from(g))
+        norm_groups=g["norm_num_groups"], norm_eps=g["norm_eps"], **_image_embed_from(g),
+        pooled_text_dim=_pooled_text_from(g))
+
+
+def _pooled_text_from(g: dict):
+    kind, dim = g["class_embed_type"], g["projection_class_embeddings_input_dim"]
+    if kind is None:
+        return None
+    if kind != "projection" or not dim:
+        raise ValueError(f"UNet config: class_embed_type={kind!r} is not supported (only "
+                         "'projection' with a projection_class_embeddings_input_dim, or None)")
+    return dim
 
 
 def _image_embed_from(g: dict) -> dict:
@@ -147,6 +159,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "norm_eps": cfg.norm_eps, "encoder_hid_dim": cfg.image_embed_dim,
         "encoder_hid_dim_type": "image_proj" if image else None,
         "addition_embed_type": "image" if image else None,
+        "class_embed_type": None if cfg.pooled_text_dim is None else "projection",
+        "projection_class_embeddings_input_dim": cfg.pooled_text_dim,
     }
 
 
@@ -279,7 +293,9 @@ def infer_unet_config(sd: dict, version: str, hints: LDMHints) -> UNetConfig:
                           else hints.upcast_attention),
         norm_groups=hints.norm_groups,
         image_embed_dim=None if image is None else image.shape[1],
-        image_tokens=UNetConfig.image_tokens if image is None else image.shape[0] // context)
+        image_tokens=UNetConfig.image_tokens if image is None else image.shape[0] // context,
+        pooled_text_dim=(_dim(sd, "class_embedding.linear_1.weight", 1)
+                         if "class_embedding.linear_1.weight" in sd else None))
 
 
 def infer_vae_config(sd: dict, hints: LDMHints) -> VAEConfig:

@@ -112,15 +112,19 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts):
         """list of str -> token states (B, T, D); each distinct prompt is encoded once."""
+        return self._encode_prompts(prompts)[0]
+
+    def _encode_prompts(self, prompts):
+        """list of str -> (token states (B, T, D), pooled states (B, D)), cached per prompt."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             ids = self.tokenizer(missing, max_length=self.text_encoder.config.max_positions)
-            hidden, _ = self.text_encoder(ids.to(self._device))
-            for p, h in zip(missing, hidden):
-                self._prompt_cache[p] = h
+            hidden, pooled = self.text_encoder(ids.to(self._device))
+            for p, h, e in zip(missing, hidden, pooled):
+                self._prompt_cache[p] = (h, e)
             while len(self._prompt_cache) > 256:  # bounded: a server sees endless prompts
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
-        return torch.stack([self._prompt_cache[p] for p in prompts])  # (B, T, D)
+        return tuple(torch.stack([self._prompt_cache[p][k] for p in prompts]) for k in range(2))
 
     @property
     def _device(self):
@@ -197,7 +201,7 @@ class Pipeline:
         gen = torch.Generator("cpu").manual_seed(seed)
         plan = samplers.plan(sampler, self.schedule, steps, strength=strength,
                              **({"eta": eta} if eta is not None else {}))
-        cond = {"context": self._contexts(prompt, negative, n, guidance)}
+        cond = self._conditions(prompt, negative, n, guidance)
         w, h = size if size is not None else (init.shape[-1], init.shape[-2])
         shape = (n, self.latent_channels, h // self.vae_factor, w // self.vae_factor)
         sees_mask = self.unet.config.in_channels > self.latent_channels
@@ -228,21 +232,24 @@ class Pipeline:
             im.info["parameters"] = format_parameters({**params, "batch_pos": i})
         return images
 
-    def _contexts(self, prompt, negative, n, guidance):
-        """(n, T, D) cond states, with the uncond ones first-batched when guidance is on."""
-        if guidance == 1.0:
-            return self.encode_prompt([prompt] * n)
-        return self.encode_prompt([negative] * n + [prompt] * n)  # (2n, T, D): uncond, cond
+    def _conditions(self, prompt, negative, n, guidance):
+        """The UNet's text kwargs: context (n, T, D) and, where the UNet takes it, text_embeds
+        (n, D), with the uncond ones first-batched when guidance is on ((2n, ...))."""
+        prompts = [prompt] * n if guidance == 1.0 else [negative] * n + [prompt] * n
+        hidden, pooled = self._encode_prompts(prompts)
+        if self.unet.config.pooled_text_dim is None:
+            return {"context": hidden}
+        return {"context": hidden, "text_embeds": pooled}
 
     def _model_fn(self, unet_extra):
         """The UNet as the denoiser wrapper calls it; 9-channel UNets also get the mask and the
         masked image's latents, `unet_extra` (n, 1 + C, h, w)."""
         if unet_extra is None:
-            return lambda x, t, context: self.unet(x, t, context)
+            return lambda x, t, **cond: self.unet(x, t, **cond)
 
-        def fn(x, t, context):
+        def fn(x, t, **cond):
             reps = x.shape[0] // unet_extra.shape[0]
-            return self.unet(torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1), t, context)
+            return self.unet(torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1), t, **cond)
         return fn
 
     def _encode(self, image, gen):

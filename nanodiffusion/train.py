@@ -63,6 +63,7 @@ class TrainConfig:
     ink_weight: float = 0.0         # vae: extra loss weight of non-white pixels (shapes' objects)
     model: dict = field(default_factory=dict)  # overrides of the part's model preset
     hard_negatives: bool = False    # clip: captions with spatial words mirrored as negatives
+    pooled_text: bool = False       # unet: the pooled text state joins the time embedding too
     bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
 
     def __post_init__(self):

@@ -72,10 +72,11 @@ class PriorPart:
         x0 = prior.normalize(enc["image_embeds"])  # (B, E)
         drop = _rand(gens, device) < cfg.caption_dropout
         if prior.config.learned_null:
-            states, emb = prior.drop_text(*frozen_text(frozen, captions), drop)
+            states, _, emb = frozen_text(frozen, captions)
+            states, emb = prior.drop_text(states, emb, drop)
         else:  # the empty caption stands for a dropped one (Karlo)
-            states, emb = frozen_text(frozen, ["" if d else c
-                                                   for c, d in zip(captions, drop.tolist())])
+            states, _, emb = frozen_text(frozen, ["" if d else c
+                                                  for c, d in zip(captions, drop.tolist())])
         x_t, t, _, _ = noised(frozen["schedule"], x0, gens, device)
         pred = model(x_t, t, states, emb)
         cos = F.cosine_similarity(prior.denormalize(pred.float()), prior.denormalize(x0)).mean()

@@ -32,16 +32,16 @@ def _frozen_parts(cfg, device):
 
 @torch.no_grad()
 def frozen_text(frozen, captions):
-    """(token states (B, T, D), projected text embeddings (B, E)) of the frozen CLIP in
-    `frozen`, cached per caption in frozen["cache"] (the shapes grammar repeats captions)."""
+    """(token states (B, T, D), pooled states (B, D), projected text embeddings (B, E)) of the
+    frozen CLIP in `frozen`, cached per caption in frozen["cache"] (the shapes grammar repeats
+    captions)."""
     cache, clip = frozen["cache"], frozen["clip"]
     missing = [c for c in dict.fromkeys(captions) if c not in cache]
     if missing:
         ids = frozen["tokenizer"](missing, max_length=clip.text_model.config.max_positions)
         hidden, pooled = clip.text_model(ids.to(next(clip.parameters()).device))
-        cache.update(zip(missing, zip(hidden, clip.text_projection(pooled))))
-    return (torch.stack([cache[c][0] for c in captions]),
-            torch.stack([cache[c][1] for c in captions]))
+        cache.update(zip(missing, zip(hidden, pooled, clip.text_projection(pooled))))
+    return tuple(torch.stack([cache[c][k] for c in captions]) for k in range(3))
 
 
 @torch.no_grad()
@@ -126,7 +126,8 @@ class UnetPart:
         clip, vae, tok = _frozen_parts(cfg, device)
         text = clip.text_model
         fixed = {"in_channels": vae.config.latent_channels,
-                 "out_channels": vae.config.latent_channels, "context_dim": text.config.width}
+                 "out_channels": vae.config.latent_channels, "context_dim": text.config.width,
+                 "pooled_text_dim": text.config.width if cfg.pooled_text else None}
         clash = sorted(set(fixed) & set(cfg.model))
         if clash:
             raise ValueError(f"unet model settings {clash} follow from the trained vae and "
@@ -150,9 +151,10 @@ class UnetPart:
         x0 = latents_of(frozen["vae"], enc, gens)
         drop = _rand(gens, device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        context = frozen_text(frozen, captions)[0]  # (B, T, D)
+        context, pooled, _ = frozen_text(frozen, captions)  # (B, T, D), (B, D)
+        pooled = pooled if cfg.pooled_text else None
         return denoising_loss(cfg, frozen["schedule"], x0, gens,
-                              lambda x_t, t: model(x_t, t, context)), {}
+                              lambda x_t, t: model(x_t, t, context, text_embeds=pooled)), {}
 
     @staticmethod
     def export(cfg, model, ema):

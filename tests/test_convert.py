@@ -182,11 +182,20 @@ def test_unet_config_translation():
     assert convert.unet_config_from_diffusers(SD15_UNET_JSON) == unet.SD15
     assert convert.unet_config_from_diffusers(SD21_UNET_JSON) == unet.SD21
     image = dataclasses.replace(unet.TINY, image_embed_dim=24, image_tokens=32)
-    for cfg in (unet.SD15, unet.SD21, unet.SD2_INPAINT, UNET_V1, UNET_V2, image):
+    pooled = dataclasses.replace(unet.TINY, pooled_text_dim=32)
+    for cfg in (unet.SD15, unet.SD21, unet.SD2_INPAINT, UNET_V1, UNET_V2, image, pooled):
         assert convert.unet_config_from_diffusers(convert.unet_config_to_diffusers(cfg)) == cfg
     d = convert.unet_config_to_diffusers(image)
     assert (d["encoder_hid_dim_type"], d["addition_embed_type"], d["encoder_hid_dim"]) == (
         "image_proj", "image", 24)
+    d = convert.unet_config_to_diffusers(pooled)
+    assert (d["class_embed_type"], d["projection_class_embeddings_input_dim"]) == (
+        "projection", 32)
+    with pytest.raises(ValueError, match="class_embed_type='timestep'"):
+        convert.unet_config_from_diffusers({**d, "class_embed_type": "timestep"})
+    weights = unet.UNet(pooled).state_dict()  # the architecture read off the weights alone
+    assert convert.infer_unet_config(weights, "v1", convert.LDMHints(
+        norm_groups=8, unet_num_heads=(2, 2), upcast_attention=False)) == pooled
 
 
 def test_unet_heads_are_numbers_of_heads_in_diffusers():

@@ -337,6 +337,27 @@ def test_zero_terminal_snr_unet_trains_and_generates(shapes_run, tmp_path):
     assert pipe.generate("a red circle", seed=0, steps=3)[0].size == (32, 32)
 
 
+def test_pooled_text_unet_trains_and_its_folder_generates(shapes_run, tmp_path):
+    """pooled_text: the UNet also gets the pooled text state in its time embedding; the
+    model folder keeps it, and the pipeline feeds it (the caption changes the image)."""
+    from nanodiffusion.loading import load_pipeline
+
+    out, _ = shapes_run
+    _copy_frozen(out, tmp_path)
+    with pytest.raises(ValueError, match="pooled_text_dim"):  # it follows from the clip
+        train(tiny("unet", tmp_path, model={**MODELS["unet"], "pooled_text_dim": 8}),
+              progress=False)
+    records = train(tiny("unet", tmp_path, steps=2, pooled_text=True), progress=False)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    pipe = load_pipeline(str(tmp_path / "model"))
+    width = pipe.text_encoder.config.width
+    assert pipe.unet.config.pooled_text_dim == width
+    assert pipe.unet.class_embedding.linear_1.in_features == width
+    a = pipe.generate("a red circle", seed=0, steps=3)[0].tobytes()
+    with torch.no_grad():  # the pipeline's images go through the pooled-text embedding
+        pipe.unet.class_embedding.linear_2.bias.add_(1.0)
+    assert pipe.generate("a red circle", seed=0, steps=3)[0].tobytes() != a
+
 def test_clip_trains_with_hard_negatives(tmp_path):
     records = train(tiny("clip", tmp_path, steps=3, hard_negatives=True), progress=False)
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)

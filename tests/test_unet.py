@@ -1,5 +1,7 @@
 """UNet parity with diffusers' UNet2DConditionModel on tiny random weights, and the presets'
 architectures against diffusers' full-size configs (slow)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,6 +26,8 @@ def ours_from_diffusers(c):
         upcast_attention=c.upcast_attention, norm_groups=c.norm_num_groups, norm_eps=c.norm_eps,
         image_embed_dim=c.encoder_hid_dim if image else None,
         image_tokens=32 if image else 4,  # diffusers' ImageProjection default token count
+        pooled_text_dim=(c.projection_class_embeddings_input_dim
+                         if c.class_embed_type == "projection" else None),
     )
 
 
@@ -42,12 +46,13 @@ def tiny_pair(**kw):
     return ref, ours
 
 
-def assert_parity(ref, ours, x, ts, context=None, image_embeds=None):
+def assert_parity(ref, ours, x, ts, context=None, image_embeds=None, text_embeds=None):
     added = {} if image_embeds is None else {"image_embeds": image_embeds}
     with torch.no_grad():
         for t in ts:
-            want = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-            got = ours(x, t, context=context, image_embeds=image_embeds)
+            want = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                       class_labels=text_embeds).sample
+            got = ours(x, t, context=context, image_embeds=image_embeds, text_embeds=text_embeds)
             assert got.shape == want.shape
             assert (got - want).abs().max().item() <= 1e-4, t
 
@@ -107,7 +112,7 @@ def test_image_tokens_follow_text_tokens():
         alone = ours(x, 10, image_embeds=e)
     assert both.shape == alone.shape == (2, 8, 8, 8)
     assert not torch.allclose(both, alone)  # the text tokens are seen
-    _, tokens = ours._condition(torch.zeros(2, 128), ctx, e)
+    _, tokens = ours._condition(torch.zeros(2, 128), ctx, e, None)
     assert tokens.shape == (2, 6 + 32, 32) and torch.equal(tokens[:, :6], ctx)
     with pytest.raises(ValueError, match="image_embeds"):
         ours(x, 10, context=ctx)
@@ -160,3 +165,24 @@ def test_full_size_presets_match_diffusers(ours_cfg, kw, count):
     assert n == sum(p.numel() for p in ref.parameters())
     if count is not None:
         assert n == count
+
+
+def test_parity_pooled_text_in_the_time_embedding():
+    """pooled_text_dim is diffusers' class_embed_type="projection": the pooled text state
+    through an MLP, added to the time embedding."""
+    ref, ours = tiny_pair(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                          class_embed_type="projection", projection_class_embeddings_input_dim=24)
+    assert ours.config.pooled_text_dim == 24
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    pooled = torch.randn(2, 24, generator=g)
+    assert_parity(ref, ours, x, TIMESTEPS, context=ctx, text_embeds=pooled)
+    with torch.no_grad():  # the pooled state is seen, and required
+        assert not torch.allclose(ours(x, 10, ctx, text_embeds=pooled),
+                                  ours(x, 10, ctx, text_embeds=pooled.flip(0)))
+    with pytest.raises(ValueError, match="text_embeds"):
+        ours(x, 10, ctx)
+    with pytest.raises(ValueError, match="text_embeds"):
+        UNet(dataclasses.replace(ours.config, pooled_text_dim=None))(x, 10, ctx,
+                                                                     text_embeds=pooled)

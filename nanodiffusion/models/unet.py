@@ -26,6 +26,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     image_embed_dim: int | None = None        # unCLIP decoder: CLIP image embedding width
     image_tokens: int = 4                     # extra context tokens made from the image embedding
+    pooled_text_dim: int | None = None        # pooled text state added to the time embedding
 
 
 SD15 = UNetConfig()
@@ -257,6 +258,10 @@ class UNet(nn.Module):
             self.encoder_hid_proj = ImageProjection(cfg.image_embed_dim, cfg.context_dim,
                                                     cfg.image_tokens)
             self.add_embedding = ImageTimeEmbedding(cfg.image_embed_dim, temb_dim)
+        if cfg.pooled_text_dim is not None:
+            # Imagen's pooled text embedding in the time embedding; the layout of diffusers'
+            # class_embed_type="projection"
+            self.class_embedding = TimestepEmbedding(cfg.pooled_text_dim, temb_dim)
 
         # Channel counts of the skip tensors, in the order the down path pushes them; the up
         # path pops them in reverse, which fixes every up ResBlock's input width.
@@ -285,9 +290,15 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, self.config.block_channels[0])  # (B, C0) float32
         return self.time_embedding(emb.to(x.dtype))  # (B, 4*C0)
 
-    def _condition(self, emb, context, image_embeds):
+    def _condition(self, emb, context, image_embeds, text_embeds):
         """unCLIP decoder: image tokens go after any text tokens, and the image embedding is
-        also added to the time embedding (Kandinsky 2.2 `image_proj` + `image` addition)."""
+        also added to the time embedding (Kandinsky 2.2 `image_proj` + `image` addition). With
+        pooled_text_dim, the pooled text state is added to the time embedding too."""
+        if (text_embeds is None) != (self.config.pooled_text_dim is None):
+            raise ValueError("text_embeds (B, pooled_text_dim) must be given exactly when "
+                             f"UNetConfig.pooled_text_dim is set ({self.config.pooled_text_dim})")
+        if text_embeds is not None:
+            emb = emb + self.class_embedding(text_embeds.to(emb.dtype))
         if image_embeds is None:
             if self.config.image_embed_dim is not None:
                 raise ValueError("this UNet has image_embed_dim set: pass image_embeds")
@@ -300,10 +311,12 @@ class UNet(nn.Module):
         context = tokens if context is None else torch.cat([context, tokens], dim=1)  # (B, S, D)
         return emb + self.add_embedding(image_embeds), context
 
-    def forward(self, x, t, context=None, image_embeds=None):
+    def forward(self, x, t, context=None, image_embeds=None, text_embeds=None):
         """x (B, in_channels, h, w), t scalar or (B,) (fractional allowed), context
-        (B, S, context_dim), image_embeds (B, image_embed_dim) -> (B, out_channels, h, w)."""
-        emb, context = self._condition(self._time_embed(t, x), context, image_embeds)
+        (B, S, context_dim), image_embeds (B, image_embed_dim), text_embeds
+        (B, pooled_text_dim) -> (B, out_channels, h, w)."""
+        emb, context = self._condition(self._time_embed(t, x), context, image_embeds,
+                                       text_embeds)
         # every ResBlock's time projection starts with SiLU: apply it once here
         temb = F.silu(emb)
         h = self.conv_in(x)
