@@ -64,6 +64,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # overrides of the part's model preset
     hard_negatives: bool = False    # clip: captions with spatial words mirrored as negatives
     pooled_text: bool = False       # unet: the pooled text state joins the time embedding too
+    decoder_text: bool = False      # decoder: start from <out>/unet, read the caption too
     bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
 
     def __post_init__(self):

@@ -1,7 +1,12 @@
 """The unCLIP parts of the training loop: the DALL·E 2 prior (text encoding -> CLIP image
 embedding, x0 prediction) and the decoder (a latent UNet conditioned on the CLIP image
 embedding, Kandinsky 2.2 style), both on the frozen CLIP and VAE of <out>/clip and <out>/vae;
-and the assembly of <out>/model-unclip once both exist."""
+and the assembly of <out>/model-unclip once both exist.
+
+With decoder_text, the decoder is DALL·E 2's: a text-to-image model (GLIDE there; here the
+run's trained UNet, <out>/unet, whose weights it starts from) given the image embedding as
+extra context tokens and in its time embedding, the caption dropped for half the samples."""
+import dataclasses
 import json
 
 import torch
@@ -14,6 +19,7 @@ from .train_unet import (SAMPLE_PROMPTS, _frozen_parts, denoising_loss, frozen_t
 
 STATS_SAMPLES = 512   # images whose CLIP embeddings give the prior's clip_mean / clip_std
 STATS_FIRST = 10_000_000  # past any training index, as the VAE's latent scale uses
+TEXT_DROPOUT = 0.5  # decoder_text: DALL·E 2 drops the decoder's caption 50% of the time
 
 
 def _clip_pixels(clip, images):
@@ -109,10 +115,13 @@ class DecoderPart:
         c = vae.config.latent_channels
         fixed = {"in_channels": c, "out_channels": c, "image_embed_dim": clip.projection_dim}
         _check_fixed("decoder", fixed, cfg.model)
-        model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
+        if cfg.decoder_text:
+            model = _decoder_from_unet(cfg, clip, device)
+        else:
+            model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
         schedule = NoiseSchedule(schedule_config(cfg))
         return model, {"source": _source(cfg)[0], "clip": clip, "vae": vae, "tokenizer": tok,
-                       "schedule": schedule}
+                       "schedule": schedule, "cache": {}}
 
     @staticmethod
     def batch(cfg, frozen, indices, device):
@@ -128,14 +137,22 @@ class DecoderPart:
         condition instead of the caption."""
         from .train_parts import _rand
 
-        enc, _ = batch
+        enc, captions = batch
         device = enc["mean"].device
         x0 = latents_of(frozen["vae"], enc, gens)
         embeds = enc["image_embeds"]  # (B, E)
         keep = _rand(gens, device) >= cfg.caption_dropout
         embeds = embeds * keep[:, None]
+        text = {}
+        if cfg.decoder_text:
+            drop = (_rand(gens, device) < TEXT_DROPOUT).tolist()
+            context, pooled, _ = frozen_text(frozen, ["" if d else c
+                                                      for c, d in zip(captions, drop)])
+            text["context"] = context  # (B, T, D)
+            if checkpoint.unwrap(model).config.pooled_text_dim is not None:
+                text["text_embeds"] = pooled  # (B, D)
         return denoising_loss(cfg, frozen["schedule"], x0, gens,
-                              lambda x_t, t: model(x_t, t, image_embeds=embeds)), {}
+                              lambda x_t, t: model(x_t, t, image_embeds=embeds, **text)), {}
 
     @staticmethod
     def export(cfg, model, ema):
@@ -154,6 +171,26 @@ class DecoderPart:
                          path, model)
 
 
+def _decoder_from_unet(cfg, clip, device):
+    """The run's trained UNet with the image-embedding pathway added (its new layers at their
+    initialisation, every other weight the UNet's)."""
+    from .models import unet
+
+    path = cfg.out_path("unet") / "unet.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: decoder_text starts the decoder from the "
+                                f"run's UNet; train the unet part into {cfg.out} first")
+    if cfg.model:
+        raise ValueError(f"decoder_text: the decoder has the UNet's architecture; remove the "
+                         f"decoder model settings {sorted(cfg.model)} from the recipe")
+    base = checkpoint.load_model(path, device=device)
+    model = unet.UNet(dataclasses.replace(base.config, image_embed_dim=clip.projection_dim))
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("encoder_hid_proj.", "add_embedding."))
+                                  for k in missing), (missing, unexpected)
+    return model.to(device)
+
+
 @torch.no_grad()
 def _sample_grid(cfg, prior, decoder, frozen, path, training):
     """Text-to-image samples of SAMPLE_PROMPTS; `training` (the part's model) goes back to
@@ -163,8 +200,8 @@ def _sample_grid(cfg, prior, decoder, frozen, path, training):
 
     try:
         pipe = UnCLIPPipeline(prior, decoder, frozen["vae"], frozen["clip"], frozen["tokenizer"],
-                              _decoder_schedule(cfg),
-                              defaults=shapes_unclip_defaults(cfg))
+                              _decoder_schedule(cfg), defaults=shapes_unclip_defaults(cfg),
+                              decoder_text=_decoder_reads_text(cfg))
         images = [pipe.generate(p, seed=i)[0] for i, p in enumerate(SAMPLE_PROMPTS)]
         make_grid(images, rows=2).save(path)
     finally:
@@ -182,6 +219,14 @@ def _decoder_schedule(cfg):
     return checkpoint.config_from_dict(ScheduleConfig, json.loads(meta.read_text())["schedule"])
 
 
+def _decoder_reads_text(cfg):
+    """decoder_text of the decoder part, else of the assembled model-unclip."""
+    meta = cfg.out_path("model-unclip") / "model.json"
+    if cfg.part == "decoder" or not meta.exists():
+        return cfg.decoder_text
+    return json.loads(meta.read_text()).get("decoder_text", False)
+
+
 def shapes_unclip_defaults(cfg):
     from .unclip import UnCLIPDefaults
 
@@ -195,6 +240,7 @@ def assemble_unclip(cfg, schedule=None):
     from .unclip import save_unclip_folder
 
     folder = cfg.out_path("model-unclip")
+    decoder_text = _decoder_reads_text(cfg)
     if schedule is None:
         meta = json.loads((folder / "model.json").read_text())
         schedule = checkpoint.config_from_dict(ScheduleConfig, meta["schedule"])
@@ -203,4 +249,5 @@ def assemble_unclip(cfg, schedule=None):
                        vae=cfg.out_path("vae") / "vae.safetensors",
                        clip=cfg.out_path("clip") / "clip.safetensors",
                        tokenizer=cfg.out_path("clip") / "tokenizer", schedule=schedule,
-                       defaults=shapes_unclip_defaults(cfg), name="shapes-unclip")
+                       defaults=shapes_unclip_defaults(cfg), name="shapes-unclip",
+                       decoder_text=decoder_text)

@@ -1,7 +1,8 @@
 """DALL·E 2 (unCLIP) over our parts: text -> CLIP text encoding -> prior -> CLIP image
-embedding -> decoder UNet (latent, Kandinsky 2.2 style: conditioned on the image embedding
-alone) -> VAE. Plus what an image embedding allows: variations, text-diff edits,
-interpolation, captions by CLIP similarity; and best-of-N reranking (pipeline.best_of_n).
+embedding -> decoder UNet (latent, Kandinsky 2.2 style: conditioned on the image embedding,
+and with decoder_text on the caption too, as DALL·E 2's decoder) -> VAE. Plus what an image
+embedding allows: variations, text-diff edits, interpolation, captions by CLIP similarity;
+and best-of-N reranking (pipeline.best_of_n).
 
 Seeds: one CPU generator seeded with `seed` draws the prior's initial noise (n, E), the
 prior sampler's noise, then the decoder's initial latents and its sampler's noise.
@@ -77,8 +78,12 @@ class UnCLIPPipeline:
     """prior + decoder UNet + VAE + CLIP (both towers) + tokenizer."""
 
     def __init__(self, prior, decoder, vae, clip, tokenizer, schedule: ScheduleConfig,
-                 prior_schedule: ScheduleConfig = PRIOR_SCHEDULE, defaults=None, name="unclip"):
+                 prior_schedule: ScheduleConfig = PRIOR_SCHEDULE, defaults=None, name="unclip",
+                 decoder_text=False):
         self.prior, self.decoder = prior.eval(), decoder.eval()
+        # DALL·E 2's decoder also reads the caption (GLIDE's text pathway): text-to-image
+        # passes the prompt, the image-only tasks (variations, edits, interpolation) ""
+        self.decoder_text = decoder_text
         self.vae, self.clip, self.tokenizer = vae.eval(), clip.eval(), tokenizer
         self.schedule_config, self.prior_schedule = schedule, prior_schedule
         self.schedule = NoiseSchedule(schedule)
@@ -152,32 +157,41 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def decode(self, image_embeds, generator, steps, guidance, sampler, width, height,
-               callback=None):
+               callback=None, prompt=""):
         """Image embeddings (B, E) -> B PIL images; the unconditional branch of guidance is
-        the zero embedding (the decoder's dropped condition in training)."""
+        the zero embedding (the decoder's dropped condition in training), and the empty
+        caption for a decoder that reads `prompt` too."""
         plan = samplers.plan(sampler, self.schedule, steps)
         B, f = image_embeds.shape[0], self.vae_factor
         shape = (B, self.vae.config.latent_channels, height // f, width // f)
         noise = torch.randn(shape, generator=generator).to(self._device)
 
-        def model(x, t, image_embeds):
-            return self.decoder(x, t, image_embeds=image_embeds)
+        def model(x, t, **cond):
+            return self.decoder(x, t, **cond)
         denoiser = cfg_denoiser(Denoiser(model, self.schedule, quantize_t=plan.quantize_t),
                                 guidance)
         embeds = image_embeds.to(self._device)
+        prompts = [prompt] * B
         if guidance != 1.0:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])  # (2B, E): uncond, cond
+            prompts = [""] * B + prompts
+        cond = {"image_embeds": embeds}
+        if self.decoder_text:
+            ids = self.tokenizer(prompts, max_length=self.clip.text_model.config.max_positions)
+            cond["context"], pooled = self.clip.text_model(ids.to(self._device))
+            if self.decoder.config.pooled_text_dim is not None:
+                cond["text_embeds"] = pooled
         latents = samplers.run(plan, denoiser, noise, generator=generator, callback=callback,
-                               cond={"image_embeds": embeds})
+                               cond=cond)
         x = self.vae.decode(latents / self.vae.config.scaling_factor)
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values")
         return to_pil(x)
 
-    def _decode(self, embeds, s, callback=None, generator=None):
+    def _decode(self, embeds, s, callback=None, generator=None, prompt=""):
         gen = generator or torch.Generator("cpu").manual_seed(s["seed"])
         return self.decode(embeds, gen, s["steps"], float(s["guidance"]), s["sampler"],
-                           s["width"], s["height"], callback)
+                           s["width"], s["height"], callback, prompt)
 
     def _tag(self, images, s, prompt="", negative_prompt="", **extra):
         """Give each image its A1111 "parameters" text; `extra` adds fields (e.g. Task)."""
@@ -206,7 +220,8 @@ class UnCLIPPipeline:
         gen = torch.Generator("cpu").manual_seed(s["seed"])
         embeds = self.prior_embeds(prompt, negative_prompt, n, gen, prior_steps,
                                    prior_guidance, prior_sampler)
-        return self._tag(self._decode(embeds, s, callback, gen), s, prompt, negative_prompt)
+        return self._tag(self._decode(embeds, s, callback, gen, prompt), s, prompt,
+                         negative_prompt)
 
     def variations(self, image, n=4, seed=1, steps=None, guidance=None, sampler=None,
                    width=None, height=None, callback=None):
@@ -281,7 +296,7 @@ PARTS = ("prior", "decoder", "vae", "clip")
 
 
 def save_unclip_folder(folder, *, prior, decoder, vae, clip, tokenizer, schedule, defaults,
-                       name, prior_schedule=PRIOR_SCHEDULE, dtype=None):
+                       name, prior_schedule=PRIOR_SCHEDULE, dtype=None, decoder_text=False):
     """Write model.json (kind "unclip"), the four part files (paths or modules) and
     tokenizer/ (a folder path or a tokenizer)."""
     from .loading import FORMAT, write_parts
@@ -292,7 +307,7 @@ def save_unclip_folder(folder, *, prior, decoder, vae, clip, tokenizer, schedule
     meta = {"format": FORMAT, "kind": "unclip", "name": name, "files": files,
             "schedule": dataclasses.asdict(schedule),
             "prior_schedule": dataclasses.asdict(prior_schedule),
-            "defaults": dataclasses.asdict(defaults)}
+            "defaults": dataclasses.asdict(defaults), "decoder_text": bool(decoder_text)}
     checkpoint.atomic_write(folder / "model.json",
                             lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder
@@ -302,7 +317,8 @@ def save_unclip_pipeline(pipe, folder, dtype=None):
     return save_unclip_folder(folder, prior=pipe.prior, decoder=pipe.decoder, vae=pipe.vae,
                               clip=pipe.clip, tokenizer=pipe.tokenizer,
                               schedule=pipe.schedule_config, defaults=pipe.defaults,
-                              name=pipe.name, prior_schedule=pipe.prior_schedule, dtype=dtype)
+                              name=pipe.name, prior_schedule=pipe.prior_schedule, dtype=dtype,
+                              decoder_text=pipe.decoder_text)
 
 
 def load_unclip_folder(folder, meta, device="cpu", dtype=torch.float32):
@@ -322,6 +338,6 @@ def load_unclip_folder(folder, meta, device="cpu", dtype=torch.float32):
         checkpoint.config_from_dict(ScheduleConfig, meta["schedule"]),
         checkpoint.config_from_dict(ScheduleConfig, meta["prior_schedule"]),
         checkpoint.config_from_dict(UnCLIPDefaults, meta.get("defaults", {})),
-        name=meta.get("name", folder.name))
+        name=meta.get("name", folder.name), decoder_text=meta.get("decoder_text", False))
     pipe.source = str(folder)
     return pipe

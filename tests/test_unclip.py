@@ -156,3 +156,41 @@ def test_save_load_round_trip(pipe, tmp_path):
     a = pipe.generate("a yellow star", seed=5, **FAST)[0]
     b = loaded.generate("a yellow star", seed=5, **FAST)[0]
     assert a.tobytes() == b.tobytes()
+
+
+def test_decoder_text_starts_from_the_unet_and_reads_the_caption(unclip_run, tmp_path):
+    """DALL·E 2's decoder: the run's text-to-image UNet (here with the pooled text state too)
+    plus the image-embedding pathway, starting from the UNet's weights; generate() passes it
+    the prompt, and the folder remembers that it reads one."""
+    import shutil
+
+    from nanodiffusion import checkpoint
+
+    out, _ = unclip_run
+    for part in ("clip", "vae", "prior"):
+        shutil.copytree(out / part, tmp_path / part)
+    common = dict(out=str(tmp_path), image_size=SIZE, batch_size=4, warmup=1, log_every=1,
+                  ckpt_every=1000, sample_every=0, ema_decay=0.0)
+    unet_model = {k: v for k, v in MODELS["decoder"].items() if k != "context_dim"}
+    train(TrainConfig(part="unet", steps=2, lr=1e-3, model=unet_model, pooled_text=True,
+                      **common), progress=False)
+    with pytest.raises(ValueError, match="decoder model settings"):
+        train(TrainConfig(part="decoder", steps=1, decoder_text=True, model=unet_model,
+                          **common), progress=False)
+    records = train(TrainConfig(part="decoder", steps=2, lr=1e-7, decoder_text=True, **common),
+                    progress=False)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    unet = checkpoint.load_model(tmp_path / "unet" / "unet.safetensors")
+    pipe = load_pipeline(str(tmp_path / "model-unclip"))
+    assert pipe.decoder_text and pipe.decoder.config.pooled_text_dim == 32
+    assert pipe.decoder.config.image_embed_dim == 16
+    for name in ("conv_in.weight", "class_embedding.linear_1.weight"):
+        assert torch.allclose(pipe.decoder.state_dict()[name], unet.state_dict()[name],
+                              atol=1e-4)
+    a = pipe.generate("a red circle", seed=3, **FAST)[0]
+    assert a.size == (SIZE, SIZE)
+    embeds = pipe.encode_image([a])
+    a2, b = (pipe.decode(embeds, torch.Generator().manual_seed(0), 2, 4.0, "ddim", SIZE, SIZE,
+                         prompt=p)[0] for p in ("a red circle", "a blue square"))
+    assert a2.tobytes() != b.tobytes()  # one image embedding, two captions
+    _check(pipe.variations(a, n=2, seed=1, steps=2), 2)
