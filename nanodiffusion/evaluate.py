@@ -9,7 +9,7 @@ import torch
 
 from . import checkpoint
 from .data import shapes
-from .judge import find_objects, judge, score
+from .judge import check_objects, find_objects, judge, parse_prompt, score
 
 
 def eval_prompts(n, seed=0):
@@ -39,7 +39,9 @@ def fidelity(pipe, prompts, seed=0, best_of=1, **settings):
 @torch.no_grad()
 def clip_retrieval(clip, tokenizer, n=100, seed=0, size=64):
     """Caption-to-image top-1 among n eval images. `exact`: the top image is the caption's own;
-    `matching`: the top image's ground truth satisfies the caption (several images can)."""
+    `matching`: the top image's ground truth satisfies the caption (several images can);
+    `ambiguous`: the share of captions that more than one of the n images satisfies (half the
+    captions leave out size or position), which bounds `exact` below 1."""
     samples = [shapes.sample(i, "eval", seed, size) for i in range(n)]
     images = torch.stack([shapes.to_tensor(im) for im, _, _ in samples])  # (n, 3, S, S)
     captions = [c for _, c, _ in samples]
@@ -52,7 +54,9 @@ def clip_retrieval(clip, tokenizer, n=100, seed=0, size=64):
     exact = float(np.mean([j == i for i, j in enumerate(top)]))
     matching = float(np.mean([judge(samples[j][0], captions[i])["correct"]
                               for i, j in enumerate(top)]))
-    return {"exact": exact, "matching": matching, "n": n}
+    ambiguous = float(np.mean([sum(check_objects(a["objects"], parse_prompt(c), size)[0]
+                                   for _, _, a in samples) > 1 for c in captions]))
+    return {"exact": exact, "matching": matching, "ambiguous": ambiguous, "n": n}
 
 
 @torch.no_grad()

@@ -1,6 +1,12 @@
-"""The unCLIP scores (variations, text diffs) against pipelines whose answers are known."""
+"""The scores against models whose answers are known: unCLIP variations and text diffs, and
+CLIP retrieval."""
+from types import SimpleNamespace
+
+import torch
+
 from nanodiffusion import evaluate
 from nanodiffusion.data import shapes
+from nanodiffusion.judge import judge
 
 
 class Copier:
@@ -43,3 +49,44 @@ def test_text_diff_score():
     assert s["changed"] == 1.0 and s["colour"] == 1.0 and s["shape"] == 1.0
     assert s["n"] == 8 and s["position_kept"] == 1.0
     assert evaluate.text_diff_score(Copier(perfect=False), n=8)["changed"] == 0.0
+
+
+class LookupClip(torch.nn.Module):
+    """A CLIP whose caption i retrieves image pick[i] exactly: the tokenizer hands over the
+    caption's index, images are embedded by their position in the batch."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.pick = torch.tensor(pick)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.text_model = SimpleNamespace(config=SimpleNamespace(max_positions=4))
+
+    def tokenizer(self, captions, max_length):
+        return torch.arange(len(captions))[:, None]
+
+    def encode_text(self, ids):
+        return torch.eye(len(self.pick))[self.pick[ids[:, 0]]]
+
+    def preprocess(self, pixels):
+        return pixels
+
+    def encode_image(self, pixels):
+        return torch.eye(len(pixels))
+
+
+def test_clip_retrieval_exact_matching_and_ambiguous():
+    n = 24
+    samples = [shapes.sample(i, "eval") for i in range(n)]
+    # each caption's other images that it also describes
+    others = [[j for j in range(n) if j != i and judge(samples[j][0], c)["correct"]]
+              for i, (_, c, _) in enumerate(samples)]
+    ambiguous = sum(map(bool, others)) / n
+    assert 0 < ambiguous < 0.5
+    own = LookupClip(list(range(n)))
+    assert evaluate.clip_retrieval(own, own.tokenizer, n=n) == {
+        "exact": 1.0, "matching": 1.0, "ambiguous": ambiguous, "n": n}
+    other = LookupClip([o[0] if o else i for i, o in enumerate(others)])
+    got = evaluate.clip_retrieval(other, other.tokenizer, n=n)
+    assert got["exact"] == 1 - ambiguous and got["matching"] == 1.0
+    wrong = LookupClip([(i + 1) % n for i in range(n)])
+    assert evaluate.clip_retrieval(wrong, wrong.tokenizer, n=n)["matching"] < 0.5
