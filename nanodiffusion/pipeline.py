@@ -236,16 +236,13 @@ class Pipeline:
         """The UNet's text kwargs: context (n, T, D) and, where the UNet takes it, text_embeds
         (n, D), with the uncond ones first-batched when guidance is on ((2n, ...))."""
         prompts = [prompt] * n if guidance == 1.0 else [negative] * n + [prompt] * n
-        hidden, pooled = self._encode_prompts(prompts)
-        if self.unet.config.pooled_text_dim is None:
-            return {"context": hidden}
-        return {"context": hidden, "text_embeds": pooled}
+        return self.unet.text_condition(*self._encode_prompts(prompts))
 
     def _model_fn(self, unet_extra):
         """The UNet as the denoiser wrapper calls it; 9-channel UNets also get the mask and the
         masked image's latents, `unet_extra` (n, 1 + C, h, w)."""
         if unet_extra is None:
-            return lambda x, t, **cond: self.unet(x, t, **cond)
+            return self.unet
 
         def fn(x, t, **cond):
             reps = x.shape[0] // unet_extra.shape[0]

@@ -148,9 +148,7 @@ class DecoderPart:
             drop = (_rand(gens, device) < TEXT_DROPOUT).tolist()
             context, pooled, _ = frozen_text(frozen, ["" if d else c
                                                       for c, d in zip(captions, drop)])
-            text["context"] = context  # (B, T, D)
-            if checkpoint.unwrap(model).config.pooled_text_dim is not None:
-                text["text_embeds"] = pooled  # (B, D)
+            text = checkpoint.unwrap(model).text_condition(context, pooled)
         return denoising_loss(cfg, frozen["schedule"], x0, gens,
                               lambda x_t, t: model(x_t, t, image_embeds=embeds, **text)), {}
 

@@ -152,9 +152,9 @@ class UnetPart:
         drop = _rand(gens, device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         context, pooled, _ = frozen_text(frozen, captions)  # (B, T, D), (B, D)
-        pooled = pooled if cfg.pooled_text else None
+        text = checkpoint.unwrap(model).text_condition(context, pooled)
         return denoising_loss(cfg, frozen["schedule"], x0, gens,
-                              lambda x_t, t: model(x_t, t, context, text_embeds=pooled)), {}
+                              lambda x_t, t: model(x_t, t, **text)), {}
 
     @staticmethod
     def export(cfg, model, ema):

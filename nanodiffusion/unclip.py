@@ -103,10 +103,14 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def encode_text(self, prompts):
         """list of str -> (token states (B, T, D), projected text embeddings (B, E))."""
+        hidden, pooled = self._text_states(prompts)
+        return hidden, self.clip.text_projection(pooled)
+
+    def _text_states(self, prompts):
+        """list of str -> (token states (B, T, D), pooled states (B, D))."""
         text = self.clip.text_model
         ids = self.tokenizer(prompts, max_length=text.config.max_positions).to(self._device)
-        hidden, pooled = text(ids)
-        return hidden, self.clip.text_projection(pooled)
+        return text(ids)
 
     @torch.no_grad()
     def encode_image(self, images):
@@ -165,11 +169,8 @@ class UnCLIPPipeline:
         B, f = image_embeds.shape[0], self.vae_factor
         shape = (B, self.vae.config.latent_channels, height // f, width // f)
         noise = torch.randn(shape, generator=generator).to(self._device)
-
-        def model(x, t, **cond):
-            return self.decoder(x, t, **cond)
-        denoiser = cfg_denoiser(Denoiser(model, self.schedule, quantize_t=plan.quantize_t),
-                                guidance)
+        denoiser = cfg_denoiser(Denoiser(self.decoder, self.schedule,
+                                         quantize_t=plan.quantize_t), guidance)
         embeds = image_embeds.to(self._device)
         prompts = [prompt] * B
         if guidance != 1.0:
@@ -177,10 +178,7 @@ class UnCLIPPipeline:
             prompts = [""] * B + prompts
         cond = {"image_embeds": embeds}
         if self.decoder_text:
-            ids = self.tokenizer(prompts, max_length=self.clip.text_model.config.max_positions)
-            cond["context"], pooled = self.clip.text_model(ids.to(self._device))
-            if self.decoder.config.pooled_text_dim is not None:
-                cond["text_embeds"] = pooled
+            cond.update(self.decoder.text_condition(*self._text_states(prompts)))
         latents = samplers.run(plan, denoiser, noise, generator=generator, callback=callback,
                                cond=cond)
         x = self.vae.decode(latents / self.vae.config.scaling_factor)

@@ -311,6 +311,13 @@ class UNet(nn.Module):
         context = tokens if context is None else torch.cat([context, tokens], dim=1)  # (B, S, D)
         return emb + self.add_embedding(image_embeds), context
 
+    def text_condition(self, context, pooled):
+        """forward()'s text kwargs from the text encoder's token states (B, T, D) and pooled
+        states (B, D): the pooled ones only where this UNet takes them."""
+        if self.config.pooled_text_dim is None:
+            return {"context": context}
+        return {"context": context, "text_embeds": pooled}
+
     def forward(self, x, t, context=None, image_embeds=None, text_embeds=None):
         """x (B, in_channels, h, w), t scalar or (B,) (fractional allowed), context
         (B, S, context_dim), image_embeds (B, image_embed_dim), text_embeds
