@@ -18,6 +18,7 @@ import signal
 import time
 import tomllib
 import warnings
+from typing import Optional
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class TrainConfig:
     include_held_out: bool = False
     device: str = "cpu"
     compile: bool = False
+    # bf16 autocast of the forward pass: None = on accelerators only; true on CPUs with
+    # native bf16 (AVX512-BF16, AMX) trains ~1.4x faster there
+    autocast: Optional[bool] = None
     num_workers: int = 0            # processes that draw the data of the next steps ahead
     # objectives
     prediction_type: str = "epsilon"
@@ -274,6 +278,10 @@ def _check_finite(name, value, step):
                                  f"saving, the last checkpoint on disk is kept")
 
 
+def _autocast(cfg, device):
+    return device.type != "cpu" if cfg.autocast is None else cfg.autocast
+
+
 def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device, stop):
     """Forward/backward over this rank's share of the global batch, in grad_accum chunks.
     Each chunk's loss is scaled so the gradient summed over chunks and ranks is that of the
@@ -286,7 +294,7 @@ def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device, stop
         indices = _chunk_indices(cfg, step, a, rank, world)
         batch = part.batch(cfg, frozen, indices, device)
         gens = sample_generators(cfg, step, indices)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_autocast(cfg, device)):
             loss, m = part.loss(cfg, model, frozen, batch, gens)
         scale = micro / cfg.batch_size
         (loss * scale).backward()

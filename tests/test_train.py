@@ -358,6 +358,22 @@ def test_pooled_text_unet_trains_and_its_folder_generates(shapes_run, tmp_path):
         pipe.unet.class_embedding.linear_2.bias.add_(1.0)
     assert pipe.generate("a red circle", seed=0, steps=3)[0].tobytes() != a
 
+def test_cpu_bf16_autocast_is_opt_in_and_trains(shapes_run, tmp_path, monkeypatch):
+    """autocast=None keeps a CPU run in float32; autocast=True runs the forward pass in
+    bfloat16 there (the losses differ, and stay close) and the weights stay float32."""
+    out, _ = shapes_run
+    monkeypatch.setattr(T, "_chunk_indices", _fixed_indices)
+    logs = {}
+    for name, autocast in (("fp32", None), ("bf16", True)):
+        _copy_frozen(out, tmp_path / name)
+        logs[name] = [r["loss"] for r in train(tiny("unet", tmp_path / name, steps=3,
+                                                    autocast=autocast), progress=False)]
+    assert logs["fp32"] != logs["bf16"]
+    assert all(abs(a - b) < 0.05 * a for a, b in zip(logs["fp32"], logs["bf16"])), logs
+    weights = load_file(tmp_path / "bf16" / "unet" / "unet.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
 def test_clip_trains_with_hard_negatives(tmp_path):
     records = train(tiny("clip", tmp_path, steps=3, hard_negatives=True), progress=False)
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
