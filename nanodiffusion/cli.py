@@ -76,6 +76,9 @@ def _parser():
     e.add_argument("--device", default="cpu")
     e.add_argument("--best-of", type=int, default=1,
                    help="also score single objects with best-of-N CLIP reranking")
+    e.add_argument("--best-of-prompts", type=int, default=None, metavar="K",
+                   help="the best-of-N comparison on the first K single prompts (default --n)")
+    e.add_argument("--out", default=None, help="report path (default <model>/report.json)")
     x = sub.add_parser("export", help="write a model in another format")
     x.add_argument("model")
     x.add_argument("out")
@@ -361,7 +364,8 @@ def cmd_train(args):
 def cmd_eval(args):
     from .evaluate import report
 
-    report(args.path, n=args.n, device=args.device, best_of=args.best_of)
+    report(args.path, n=args.n, device=args.device, best_of=args.best_of,
+           best_of_prompts=args.best_of_prompts, out=args.out)
 
 
 def cmd_export(args):

@@ -128,10 +128,12 @@ def _model_folder(path):
     return path / "model" if (path / "model" / "model.json").exists() else path
 
 
-def report(path, n=200, seed=0, out=None, device="cpu", best_of=1):
+def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_prompts=None):
     """Evaluate a run folder (runs/shapes, its model/ or model-unclip/) or a model folder;
-    print and write report.json. An unCLIP model also gets variations and text diffs scored;
-    best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking."""
+    print and write report.json (or `out`). An unCLIP model also gets variations and text
+    diffs scored; best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on
+    the first `best_of_prompts` (default n) single-object prompts, beside best-of-1 on the
+    same prompts."""
     from .loading import load_pipeline
 
     folder = _model_folder(path)
@@ -142,16 +144,21 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1):
     result["vae_psnr_db"] = vae_psnr(pipe.vae, seed=seed)
     fid = fidelity(pipe, eval_prompts(n, seed), seed=seed)
     fid.pop("images")
-    fid.pop("results")
+    results = fid.pop("results")
     result["fidelity"] = fid
     if best_of > 1:
-        singles = eval_prompts(n, seed)[:n]
+        k = n if best_of_prompts is None else best_of_prompts
+        if not 1 <= k <= n:
+            raise ValueError(f"best_of_prompts must be between 1 and n={n}, got {k}")
+        singles = eval_prompts(n, seed)[:k]  # singles come first
         best = fidelity(pipe, singles, seed=seed, best_of=best_of)
         result[f"best_of_{best_of}_single"] = best["accuracy"]
-        result["best_of_1_single"] = fid["categories"]["single"]["accuracy"]
+        result["best_of_1_single"] = float(np.mean([r["correct"] for r in results[:k]]))
+        result["best_of_prompts"] = k
     if hasattr(pipe, "variations"):
-        result["variations"] = variations_score(pipe, n=n, seed=seed)
-        result["text_diffs"] = text_diff_score(pipe, n=n, seed=seed)
+        size = pipe.defaults.width  # the scenes at the size the model makes
+        result["variations"] = variations_score(pipe, n=n, seed=seed, size=size)
+        result["text_diffs"] = text_diff_score(pipe, n=n, seed=seed, size=size)
     text = json.dumps(result, indent=2)
     print(text)
     target = Path(out) if out else folder / "report.json"

@@ -310,3 +310,24 @@ def test_extra_parameters_round_trip():
                                                               "Edit from": "red, round: x"}))
     p = parse_parameters(text)
     assert p["Task"] == "edit" and p["Edit from"] == '"red, round: x"' and p["Seed"] == "1"
+
+
+def test_eval_writes_a_best_of_report_where_asked(folders, tmp_path, capsys):
+    """`eval --best-of 2 --best-of-prompts 1 --out R`: the whole unCLIP report, with the
+    reranking compared on the first single prompt only, goes to R, not the model folder."""
+    import json
+    from pathlib import Path
+
+    out = tmp_path / "r.json"
+    rc, text, err = _run(capsys, "eval", folders["unclip"], "--n", 2, "--best-of", 2,
+                         "--best-of-prompts", 1, "--out", out)
+    assert rc == 0, err
+    got = json.loads(out.read_text())
+    assert json.loads(text) == got
+    assert got["best_of_prompts"] == 1 and got["fidelity"]["n"] == 4
+    assert 0 <= got["best_of_2_single"] <= 1 and got["best_of_1_single"] in (0.0, 1.0)
+    assert {"variations", "text_diffs", "clip_retrieval"} <= set(got)
+    assert not (Path(folders["unclip"]) / "report.json").exists()
+    rc, _, err = _run(capsys, "eval", folders["unclip"], "--n", 2, "--best-of", 2,
+                      "--best-of-prompts", 3, "--out", out)
+    assert rc != 0 and "best_of_prompts" in err and "3" in err
