@@ -69,6 +69,8 @@ class TrainConfig:
     hard_negatives: bool = False    # clip: captions with spatial words mirrored as negatives
     pooled_text: bool = False       # unet: the pooled text state joins the time embedding too
     decoder_text: bool = False      # decoder: start from <out>/unet, read the caption too
+    text_dropout: float = 0.5       # decoder_text: share of samples without the caption
+                                    # (DALL·E 2: 50%); the image-only tasks train on these
     bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
 
     def __post_init__(self):
@@ -77,6 +79,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.text_dropout <= 1.0:
+            raise ValueError(f"text_dropout must be between 0 and 1, got {self.text_dropout}")
         if self.latent_pool < 0:
             raise ValueError(f"latent_pool must be >= 0 (0: no pool), got {self.latent_pool}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":

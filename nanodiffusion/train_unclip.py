@@ -5,7 +5,8 @@ and the assembly of <out>/model-unclip once both exist.
 
 With decoder_text, the decoder is DALL·E 2's: a text-to-image model (GLIDE there; here the
 run's trained UNet, <out>/unet, whose weights it starts from) given the image embedding as
-extra context tokens and in its time embedding, the caption dropped for half the samples."""
+extra context tokens and in its time embedding, the caption dropped for a share
+text_dropout of the samples (half, as in DALL·E 2)."""
 import dataclasses
 import json
 
@@ -19,7 +20,6 @@ from .train_unet import (SAMPLE_PROMPTS, _frozen_parts, denoising_loss, frozen_t
 
 STATS_SAMPLES = 512   # images whose CLIP embeddings give the prior's clip_mean / clip_std
 STATS_FIRST = 10_000_000  # past any training index, as the VAE's latent scale uses
-TEXT_DROPOUT = 0.5  # decoder_text: DALL·E 2 drops the decoder's caption 50% of the time
 
 
 def _clip_pixels(clip, images):
@@ -145,7 +145,7 @@ class DecoderPart:
         embeds = embeds * keep[:, None]
         text = {}
         if cfg.decoder_text:
-            drop = (_rand(gens, device) < TEXT_DROPOUT).tolist()
+            drop = (_rand(gens, device) < cfg.text_dropout).tolist()
             context, pooled, _ = frozen_text(frozen, ["" if d else c
                                                       for c, d in zip(captions, drop)])
             text = checkpoint.unwrap(model).text_condition(context, pooled)

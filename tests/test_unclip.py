@@ -194,3 +194,33 @@ def test_decoder_text_starts_from_the_unet_and_reads_the_caption(unclip_run, tmp
                          prompt=p)[0] for p in ("a red circle", "a blue square"))
     assert a2.tobytes() != b.tobytes()  # one image embedding, two captions
     _check(pipe.variations(a, n=2, seed=1, steps=2), 2)
+
+
+@pytest.mark.parametrize("text_dropout, empty", [(0.0, 0), (1.0, 8)])
+def test_decoder_text_dropout_is_the_share_of_captionless_samples(unclip_run, tmp_path,
+                                                                  monkeypatch, text_dropout,
+                                                                  empty):
+    """text_dropout: the share of decoder samples whose caption is dropped ("" given to the
+    frozen text encoder); 0 keeps every caption, 1 drops all; outside [0, 1] is refused."""
+    import shutil
+
+    from nanodiffusion import train_unclip
+
+    out, _ = unclip_run
+    for part in ("clip", "vae", "prior"):
+        shutil.copytree(out / part, tmp_path / part)
+    common = dict(out=str(tmp_path), image_size=SIZE, batch_size=4, warmup=1, log_every=1,
+                  ckpt_every=1000, sample_every=0, ema_decay=0.0)
+    unet_model = {k: v for k, v in MODELS["decoder"].items() if k != "context_dim"}
+    train(TrainConfig(part="unet", steps=1, model=unet_model, **common), progress=False)
+    seen, frozen_text = [], train_unclip.frozen_text
+
+    def recording(frozen, captions):
+        seen.extend(captions)
+        return frozen_text(frozen, captions)
+    monkeypatch.setattr(train_unclip, "frozen_text", recording)
+    train(TrainConfig(part="decoder", steps=2, decoder_text=True, text_dropout=text_dropout,
+                      **common), progress=False)
+    assert len(seen) == 8 and sum(c == "" for c in seen) == empty
+    with pytest.raises(ValueError, match="text_dropout.*1.5"):
+        TrainConfig(part="decoder", decoder_text=True, text_dropout=1.5, **common)
