@@ -18,7 +18,6 @@ import signal
 import time
 import tomllib
 import warnings
-from typing import Optional
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +53,8 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     # bf16 autocast of the forward pass: None = on accelerators only; true on CPUs with
-    # native bf16 (AVX512-BF16, AMX) trains ~1.4x faster there
-    autocast: Optional[bool] = None
+    # native bf16 (AVX512-BF16, AMX): ~1.25x faster UNet steps on this project's 2-core CPU
+    autocast: bool | None = None
     num_workers: int = 0            # processes that draw the data of the next steps ahead
     # objectives
     prediction_type: str = "epsilon"

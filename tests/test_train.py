@@ -358,6 +358,7 @@ def test_pooled_text_unet_trains_and_its_folder_generates(shapes_run, tmp_path):
         pipe.unet.class_embedding.linear_2.bias.add_(1.0)
     assert pipe.generate("a red circle", seed=0, steps=3)[0].tobytes() != a
 
+
 def test_cpu_bf16_autocast_is_opt_in_and_trains(shapes_run, tmp_path, monkeypatch):
     """autocast=None keeps a CPU run in float32; autocast=True runs the forward pass in
     bfloat16 there (the losses differ, and stay close) and the weights stay float32."""

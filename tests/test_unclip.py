@@ -158,20 +158,26 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert a.tobytes() == b.tobytes()
 
 
-def test_decoder_text_starts_from_the_unet_and_reads_the_caption(unclip_run, tmp_path):
-    """DALL·E 2's decoder: the run's text-to-image UNet (here with the pooled text state too)
-    plus the image-embedding pathway, starting from the UNet's weights; generate() passes it
-    the prompt, and the folder remembers that it reads one."""
+def _decoder_text_setup(unclip_run, tmp_path):
+    """tmp_path as a run holding unclip_run's clip, vae and prior: (the TrainConfig settings
+    the decoder_text tests share, the decoder's model settings for a unet part)."""
     import shutil
-
-    from nanodiffusion import checkpoint
 
     out, _ = unclip_run
     for part in ("clip", "vae", "prior"):
         shutil.copytree(out / part, tmp_path / part)
     common = dict(out=str(tmp_path), image_size=SIZE, batch_size=4, warmup=1, log_every=1,
                   ckpt_every=1000, sample_every=0, ema_decay=0.0)
-    unet_model = {k: v for k, v in MODELS["decoder"].items() if k != "context_dim"}
+    return common, {k: v for k, v in MODELS["decoder"].items() if k != "context_dim"}
+
+
+def test_decoder_text_starts_from_the_unet_and_reads_the_caption(unclip_run, tmp_path):
+    """DALL·E 2's decoder: the run's text-to-image UNet (here with the pooled text state too)
+    plus the image-embedding pathway, starting from the UNet's weights; generate() passes it
+    the prompt, and the folder remembers that it reads one."""
+    from nanodiffusion import checkpoint
+
+    common, unet_model = _decoder_text_setup(unclip_run, tmp_path)
     train(TrainConfig(part="unet", steps=2, lr=1e-3, model=unet_model, pooled_text=True,
                       **common), progress=False)
     with pytest.raises(ValueError, match="decoder model settings"):
@@ -202,16 +208,9 @@ def test_decoder_text_dropout_is_the_share_of_captionless_samples(unclip_run, tm
                                                                   empty):
     """text_dropout: the share of decoder samples whose caption is dropped ("" given to the
     frozen text encoder); 0 keeps every caption, 1 drops all; outside [0, 1] is refused."""
-    import shutil
-
     from nanodiffusion import train_unclip
 
-    out, _ = unclip_run
-    for part in ("clip", "vae", "prior"):
-        shutil.copytree(out / part, tmp_path / part)
-    common = dict(out=str(tmp_path), image_size=SIZE, batch_size=4, warmup=1, log_every=1,
-                  ckpt_every=1000, sample_every=0, ema_decay=0.0)
-    unet_model = {k: v for k, v in MODELS["decoder"].items() if k != "context_dim"}
+    common, unet_model = _decoder_text_setup(unclip_run, tmp_path)
     train(TrainConfig(part="unet", steps=1, model=unet_model, **common), progress=False)
     seen, frozen_text = [], train_unclip.frozen_text
 
