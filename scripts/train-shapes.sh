@@ -24,11 +24,6 @@ part vae 1 & vae_pid=$!
 wait $clip_pid
 wait $vae_pid
 part unet "$(nproc)"
-# The shipped UNet's later stages: the same run resumed to 3,600 and then 5,000 steps (each a
-# warm restart of the cosine schedule, which then spans the new total). Pairs: 22% after the
-# first 2,000 steps, 70% after 3,600, 91% after 5,000 (README).
-part unet "$(nproc)" --steps 3600
-part unet "$(nproc)" --steps 5000
 echo "{\"part\": \"all\", \"seconds\": $(( $(date +%s) - start ))}" >> "$OUT/times.jsonl"
 $PY -m nanodiffusion.cli eval "$OUT" --n "${EVAL_N:-200}"
 if [ "${UNCLIP:-0}" = 1 ]; then

@@ -431,3 +431,36 @@ def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path):
     assert rc == 0, proc.stderr.read().decode()
     saved = _state(tmp_path / "run", "vae")["step"]
     assert 3 <= saved < 5000
+
+
+def test_restarts_give_the_schedule_of_resumed_runs():
+    """restarts=[a, b] with steps=c is the schedule of a run trained to a, resumed with
+    --steps b, then with --steps c: each stage's cosine ends at the stage's end."""
+    base = dict(part="unet", lr=1e-3, warmup=20, min_lr_ratio=0.1)
+    staged = TrainConfig(steps=500, restarts=[200, 360], **base)
+    for stage_end, steps in ((200, range(0, 200)), (360, range(200, 360)),
+                             (500, range(360, 500))):
+        resumed = TrainConfig(steps=stage_end, **base)
+        assert all(T.lr_at(staged, s) == T.lr_at(resumed, s) for s in steps)
+    assert T.lr_at(staged, 199) == pytest.approx(1e-4, rel=1e-3)
+    assert T.lr_at(staged, 200) > 5e-4  # the restart
+
+
+@pytest.mark.parametrize("restarts", [[300, 200], [10], [500], [200, 600]])
+def test_bad_restarts_are_refused(restarts):
+    with pytest.raises(ValueError, match=r"restarts must be increasing .*got"):
+        TrainConfig(part="unet", steps=500, warmup=20, restarts=restarts)
+
+
+def test_cpu_autocast_takes_the_math_attention_kernel():
+    """With bf16 autocast on a CPU the forward pass runs under the math attention kernel
+    (flash's bf16 backward is the slow one there); without it, the default choice stays."""
+    dev = torch.device("cpu")
+    with T._precision(TrainConfig(part="unet", autocast=True), dev):
+        assert torch.is_autocast_enabled("cpu")
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    with T._precision(TrainConfig(part="unet", autocast=None), dev):
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()
