@@ -75,6 +75,7 @@ class TrainConfig:
     ink_weight: float = 0.0         # vae: extra loss weight of non-white pixels (shapes' objects)
     model: dict = field(default_factory=dict)  # overrides of the part's model preset
     hard_negatives: bool = False    # clip: captions with spatial words mirrored as negatives
+    swap_negatives: bool = False    # clip (shapes): pairs bring their colour-swapped twin too
     pooled_text: bool = False       # unet: the pooled text state joins the time embedding too
     decoder_text: bool = False      # decoder: start from <out>/unet, read the caption too
     text_dropout: float = 0.5       # decoder_text: share of samples without the caption
@@ -95,6 +96,9 @@ class TrainConfig:
                                                             self.restarts[0] <= self.warmup):
             raise ValueError(f"restarts must be increasing whole steps between warmup "
                              f"({self.warmup}) and steps ({self.steps}), got {self.restarts}")
+        if self.swap_negatives and self.data != "shapes":
+            raise ValueError(f"swap_negatives needs data = 'shapes' (it redraws the scene), "
+                             f"got data = {self.data!r}")
         if self.latent_pool < 0:
             raise ValueError(f"latent_pool must be >= 0 (0: no pool), got {self.latent_pool}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":

@@ -32,23 +32,27 @@ def _source(cfg):
 
 
 def _twin_source(cfg):
-    """index -> the (image, caption) that mirrors sample `index` (every spatial word turned
-    around, the scene drawn to match), or None where the caption has no spatial word: CLIP's
-    hard negative pairs. Only the shapes generator can draw the mirrored scene; for an image
-    folder this is None, and mirrored captions alone are the negatives."""
+    """index -> the list of (image, caption) hard-negative twins of sample `index`, drawn to
+    match their captions: with hard_negatives, the mirrored scene (every spatial word turned
+    around) where the caption has one; with swap_negatives, for pairs, the scene with the two
+    colours exchanged. Only the shapes generator can draw them; for an image folder this is
+    None, and mirrored captions alone are the negatives."""
     if cfg.data != "shapes":
         return None
     from .data import shapes
 
-    def twin(i):
+    def twins(i):
         _, caption, attributes = shapes.sample(i, "train", cfg.seed, cfg.image_size,
                                                cfg.include_held_out)
+        out = []
         mirrored = mirrored_caption(caption)
-        if mirrored == caption:
-            return None
-        image = shapes.render(shapes.rotated(attributes, cfg.image_size), cfg.image_size)
-        return shapes.to_tensor(image), mirrored
-    return twin
+        if cfg.hard_negatives and mirrored != caption:
+            out.append((shapes.rotated(attributes, cfg.image_size), mirrored))
+        swapped = shapes.colour_swapped(attributes, cfg.include_held_out)
+        if cfg.swap_negatives and swapped is not None:
+            out.append((swapped[1], swapped[0]))
+        return [(shapes.to_tensor(shapes.render(a, cfg.image_size)), c) for a, c in out]
+    return twins
 
 
 def _captions(cfg):
@@ -111,8 +115,8 @@ class ClipPart:
         images, captions = _images_and_captions(cfg, frozen, indices, device)
         tok, n = frozen["tokenizer"], frozen["max_length"]
         negatives = None
-        if cfg.hard_negatives and frozen.get("twin") is not None:
-            twins = [t for t in map(frozen["twin"], indices) if t is not None]
+        if (cfg.hard_negatives or cfg.swap_negatives) and frozen.get("twin") is not None:
+            twins = [t for i in indices for t in frozen["twin"](i)]
             if twins:
                 images = torch.cat([images, torch.stack([im for im, _ in twins]).to(device)])
                 captions = captions + [c for _, c in twins]

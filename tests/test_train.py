@@ -395,12 +395,53 @@ def test_clip_hard_negative_twins_join_the_batch(tmp_path):
     indices = list(range(16))
     images, ids, negatives = ClipPart.batch(cfg, frozen, indices, torch.device("cpu"))
     twins = [frozen["twin"](i) for i in indices]
-    n = sum(t is not None for t in twins)
-    assert 0 < n < 16 and negatives is None
+    n = sum(len(t) for t in twins)
+    assert 0 < n < 16 and negatives is None and all(len(t) <= 1 for t in twins)
     assert images.shape[0] == ids.shape[0] == 16 + n
-    first = next(t for t in twins if t is not None)
-    assert torch.equal(images[16], first[0])
+    first = next(t for t in twins if t)
+    assert torch.equal(images[16], first[0][0])
     assert torch.isfinite(ClipPart.loss(cfg, model, frozen, (images, ids, None), None)[0])
+
+
+def test_clip_swap_negatives_bring_the_colour_swapped_pair(tmp_path):
+    """swap_negatives: each pair of two colours (with no held-out object once swapped) brings
+    the same scene with its colours exchanged, captioned so, after the mirrored twin."""
+    from nanodiffusion.data import shapes
+    from nanodiffusion.train_parts import ClipPart
+
+    cfg = tiny("clip", tmp_path, steps=1, hard_negatives=True, swap_negatives=True)
+    _, frozen = ClipPart.build(cfg, torch.device("cpu"))
+    seen = 0
+    for i in range(40):
+        _, caption, attributes = shapes.sample(i, "train", cfg.seed, cfg.image_size)
+        twins = frozen["twin"](i)
+        swapped = shapes.colour_swapped(attributes)
+        assert len(twins) == (shapes.mirrored_caption(caption) != caption) + (swapped is not None)
+        if swapped is None:
+            continue
+        seen += 1
+        a, b = attributes["objects"]
+        rel = attributes["relation"]
+        assert twins[-1][1] == (f"{shapes.noun_phrase(b['colour'], a['shape'])} {rel} "
+                                f"{shapes.noun_phrase(a['colour'], b['shape'])}")
+        assert not torch.equal(twins[-1][0], shapes.to_tensor(shapes.sample(
+            i, "train", cfg.seed, cfg.image_size)[0]))
+    assert seen >= 5
+    with pytest.raises(ValueError, match="swap_negatives needs data = 'shapes'"):
+        tiny("clip", tmp_path / "f", data=str(tmp_path), swap_negatives=True)
+
+
+def test_colour_swap_never_makes_a_held_out_object():
+    from nanodiffusion.data import shapes
+
+    scene = dict(relation="above", objects=[dict(colour="blue", shape="star"),
+                                            dict(colour="red", shape="circle")])
+    assert shapes.colour_swapped(scene) is None  # a red star and a blue circle are held out
+    assert shapes.colour_swapped(scene, include_held_out=True)[0] == (
+        "a red star above a blue circle")
+    same = dict(scene, objects=[dict(colour="red", shape="star"), dict(colour="red",
+                                                                       shape="circle")])
+    assert shapes.colour_swapped(same) is None
 
 
 def test_sigterm_to_the_process_group_saves_with_data_workers(tmp_path):

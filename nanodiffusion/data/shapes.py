@@ -222,6 +222,25 @@ def rotated(attributes, size):
                 relation=None if relation is None else mirrored_caption(relation))
 
 
+def colour_swapped(attributes, include_held_out=False):
+    """(caption, attributes) of a pair scene with the two objects' colours exchanged, each
+    object kept where it is ("a red circle above a blue square" -> "a blue circle above a red
+    square"): for CLIP, the hard negative that only tells apart who has which colour. None for
+    single objects, for pairs of one colour, and where a swapped object would be a held-out
+    colour-shape pair (unless include_held_out)."""
+    if attributes["relation"] is None:
+        return None
+    a, b = attributes["objects"]
+    if a["colour"] == b["colour"]:
+        return None
+    swapped = [dict(a, colour=b["colour"]), dict(b, colour=a["colour"])]
+    if not include_held_out and any((o["colour"], o["shape"]) in HELD_OUT for o in swapped):
+        return None
+    caption = (f"{noun_phrase(swapped[0]['colour'], swapped[0]['shape'])} "
+               f"{attributes['relation']} {noun_phrase(swapped[1]['colour'], swapped[1]['shape'])}")
+    return caption, dict(attributes, objects=swapped)
+
+
 def sample(index, split="train", seed=0, size=64, include_held_out=False):
     """Sample `index` of `split`: (PIL RGB image, caption, attributes). The eval split always
     draws from every colour-shape pair; train leaves out HELD_OUT unless include_held_out."""
