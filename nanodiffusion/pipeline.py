@@ -116,15 +116,19 @@ class Pipeline:
 
     def _encode_prompts(self, prompts):
         """list of str -> (token states (B, T, D), pooled states (B, D)), cached per prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        cache = self._prompt_cache
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
             ids = self.tokenizer(missing, max_length=self.text_encoder.config.max_positions)
             hidden, pooled = self.text_encoder(ids.to(self._device))
             for p, h, e in zip(missing, hidden, pooled):
-                self._prompt_cache[p] = (h, e)
-            while len(self._prompt_cache) > 256:  # bounded: a server sees endless prompts
-                self._prompt_cache.pop(next(iter(self._prompt_cache)))
-        return tuple(torch.stack([self._prompt_cache[p][k] for p in prompts]) for k in range(2))
+                cache[p] = (h, e)
+        for p in dict.fromkeys(prompts):  # least recently used first
+            cache[p] = cache.pop(p)
+        out = tuple(torch.stack([cache[p][k] for p in prompts]) for k in range(2))
+        while len(cache) > 256:  # bounded: a server sees endless prompts
+            cache.pop(next(iter(cache)))
+        return out
 
     @property
     def _device(self):

@@ -183,9 +183,14 @@ def _decoder_from_unet(cfg, clip, device):
                          f"decoder model settings {sorted(cfg.model)} from the recipe")
     base = checkpoint.load_model(path, device=device)
     model = unet.UNet(dataclasses.replace(base.config, image_embed_dim=clip.projection_dim))
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(("encoder_hid_proj.", "add_embedding."))
-                                  for k in missing), (missing, unexpected)
+    weights, fresh = base.state_dict(), model.state_dict()
+    added = sorted(set(fresh) - set(weights))
+    if set(weights) - set(fresh) or not all(
+            k.startswith(("encoder_hid_proj.", "add_embedding.")) for k in added):
+        raise ValueError(f"{path}: not the UNet this decoder extends (keys only in the UNet: "
+                         f"{sorted(set(weights) - set(fresh))[:5]}, only in the decoder: "
+                         f"{added[:5]})")
+    model.load_state_dict({**{k: fresh[k] for k in added}, **weights}, strict=True)
     return model.to(device)
 
 

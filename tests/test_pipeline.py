@@ -224,3 +224,19 @@ def test_long_prompt_warns_and_still_works(sd):
     with pytest.warns(UserWarning, match="tokens"):
         images = small(sd.ours, prompt=prompt)
     assert images[0].size == (W, H)
+
+
+def test_prompt_cache_stays_bounded_and_keeps_what_a_call_uses(sd):
+    """Past 256 distinct prompts the oldest leave the cache, never one the current call needs
+    (the empty negative prompt, cached first, was evicted mid-call: KeyError '' after 256
+    prompts in an eval loop); the states equal a fresh encoding."""
+    pipe = sd.ours
+    pipe._prompt_cache.clear()
+    first = pipe.encode_prompt([""]).clone()
+    for i in range(300):
+        states = pipe.encode_prompt([f"prompt {i}", ""])
+        assert len(pipe._prompt_cache) <= 256
+    assert torch.equal(states[1], first[0])
+    assert "" in pipe._prompt_cache and "prompt 0" not in pipe._prompt_cache
+    pipe._prompt_cache.clear()
+    assert torch.equal(pipe.encode_prompt(["prompt 299"])[0], states[0])
