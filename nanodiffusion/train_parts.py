@@ -45,11 +45,10 @@ def _twin_source(cfg):
         _, caption, attributes = shapes.sample(i, "train", cfg.seed, cfg.image_size,
                                                cfg.include_held_out)
         out = []
-        mirrored = mirrored_caption(caption)
-        if cfg.hard_negatives and mirrored != caption:
+        if cfg.hard_negatives and (mirrored := mirrored_caption(caption)) != caption:
             out.append((shapes.rotated(attributes, cfg.image_size), mirrored))
-        swapped = shapes.colour_swapped(attributes, cfg.include_held_out)
-        if cfg.swap_negatives and swapped is not None:
+        if cfg.swap_negatives and (swapped := shapes.colour_swapped(
+                attributes, cfg.include_held_out)) is not None:
             out.append((swapped[1], swapped[0]))
         return [(shapes.to_tensor(shapes.render(a, cfg.image_size)), c) for a, c in out]
     return twins

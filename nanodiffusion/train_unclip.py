@@ -184,12 +184,10 @@ def _decoder_from_unet(cfg, clip, device):
     base = checkpoint.load_model(path, device=device)
     model = unet.UNet(dataclasses.replace(base.config, image_embed_dim=clip.projection_dim))
     weights, fresh = base.state_dict(), model.state_dict()
-    added = sorted(set(fresh) - set(weights))
-    if set(weights) - set(fresh) or not all(
-            k.startswith(("encoder_hid_proj.", "add_embedding.")) for k in added):
+    added, dropped = sorted(set(fresh) - set(weights)), sorted(set(weights) - set(fresh))
+    if dropped or not all(k.startswith(("encoder_hid_proj.", "add_embedding.")) for k in added):
         raise ValueError(f"{path}: not the UNet this decoder extends (keys only in the UNet: "
-                         f"{sorted(set(weights) - set(fresh))[:5]}, only in the decoder: "
-                         f"{added[:5]})")
+                         f"{dropped[:5]}, only in the decoder: {added[:5]})")
     model.load_state_dict({**{k: fresh[k] for k in added}, **weights}, strict=True)
     return model.to(device)
 

@@ -76,6 +76,11 @@ def noun_phrase(colour, shape, size=None):
     return " ".join([article(words[0])] + words)
 
 
+def pair_caption(first, second, relation):
+    """The caption of a pair scene: `first` and `second` are (colour, shape)."""
+    return f"{noun_phrase(*first)} {relation} {noun_phrase(*second)}"
+
+
 def cell_name(cx, cy, size):
     """Name of the grid cell whose centre is nearest to (cx, cy) on each axis."""
     col = int(np.argmin([abs(cx / size - g) for g in GRID]))
@@ -94,8 +99,7 @@ def enumerate_captions(kind="all", include_held_out=True):
         return [noun_phrase(c, s) for c, s in objs]
     single = [noun_phrase(c, s, size) + (" " + POSITIONS[cell] if cell else "")
               for c, s in objs for size in (None, *SIZES) for cell in (None, *POSITIONS)]
-    pair = [f"{noun_phrase(*a)} {rel} {noun_phrase(*b)}"
-            for a in objs for b in objs if a != b for rel in RELATIONS]
+    pair = [pair_caption(a, b, rel) for a in objs for b in objs if a != b for rel in RELATIONS]
     return {"single": single, "pair": pair, "all": single + pair}[kind]
 
 
@@ -152,7 +156,7 @@ def _pair_scene(rng, size, objs):
         objs_out.append(dict(colour=colour, shape=shape, size="small",
                              cell=cell_name(cx, cy, size), cx=float(cx), cy=float(cy),
                              d=float(d)))
-    caption = f"{noun_phrase(*first)} {relation} {noun_phrase(*second)}"
+    caption = pair_caption(first, second, relation)
     mentions = {"size": False, "position": False}
     return caption, dict(objects=objs_out, relation=relation, mentions=mentions)
 
@@ -236,8 +240,7 @@ def colour_swapped(attributes, include_held_out=False):
     swapped = [dict(a, colour=b["colour"]), dict(b, colour=a["colour"])]
     if not include_held_out and any((o["colour"], o["shape"]) in HELD_OUT for o in swapped):
         return None
-    caption = (f"{noun_phrase(swapped[0]['colour'], swapped[0]['shape'])} "
-               f"{attributes['relation']} {noun_phrase(swapped[1]['colour'], swapped[1]['shape'])}")
+    caption = pair_caption(*[(o["colour"], o["shape"]) for o in swapped], attributes["relation"])
     return caption, dict(attributes, objects=swapped)
 
 
