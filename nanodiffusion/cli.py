@@ -12,6 +12,9 @@ def _add_sampling_args(p):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="diffusers' guidance_rescale, 0..1 (0.7 for v-prediction models on a "
+                   "zero-terminal-SNR schedule; Stable Diffusion models only)")
     p.add_argument("--sampler", default=None)
     p.add_argument("-n", type=int, default=1, help="number of images")
     p.add_argument("--out", default="out.png")
@@ -178,8 +181,13 @@ def cmd_sample(args):
     common = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                   guidance=args.guidance, sampler=args.sampler, n=args.n, callback=callback,
                   preview=args.save_steps or False)
-    if isinstance(pipe, UnCLIPPipeline) and common.pop("preview"):
-        raise ValueError("--save-steps is for Stable Diffusion models, not unCLIP ones")
+    if isinstance(pipe, UnCLIPPipeline):
+        if common.pop("preview"):
+            raise ValueError("--save-steps is for Stable Diffusion models, not unCLIP ones")
+        if args.guidance_rescale:
+            raise ValueError("--guidance-rescale is for Stable Diffusion models, not unCLIP ones")
+    else:
+        common["guidance_rescale"] = args.guidance_rescale
     if args.command == "generate":
         images = pipe.generate(args.prompt, width=args.width, height=args.height,
                                best_of=best_of, **common)

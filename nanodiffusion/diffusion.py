@@ -199,39 +199,32 @@ class Denoiser:
             x0 = x0.clamp(-self.clip_denoised, self.clip_denoised)
         return x0.to(dtype)
 
-
-class CFGDenoiser:
-    """Classifier-free guidance: uncond + g * (cond - uncond), both passes as ONE batch of 2B
-    ([uncond, cond], diffusers' order). `uncond` holds the unconditional kwargs (tensors with
-    batch dim 0, e.g. `context`); `cond` may be bound here or given per call. guidance == 1.0
-    runs the conditional pass alone."""
-
-    def __init__(self, denoiser, guidance: float, uncond: dict, cond: dict | None = None):
-        self.denoiser, self.guidance = denoiser, float(guidance)
-        self.uncond, self.cond = dict(uncond), dict(cond or {})
-
-    def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        cond = {**self.cond, **cond}
-        if self.guidance == 1.0:
-            return self.denoiser(x, sigma, **cond)
-        if set(cond) != set(self.uncond):
-            raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys "
-                             f"{sorted(self.uncond)}")
-        B = x.shape[0]
+    def base(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The x0 a zero model output gives at (x, sigma), float32: x for epsilon, x / (sigma^2
+        + 1) for v, 0 for sample prediction (x0 = base + k * output)."""
+        x = x.float()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
-        kw = {k: torch.cat([self.uncond[k], v]) if torch.is_tensor(v) else v
-              for k, v in cond.items()}
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **kw)  # (2B, ...)
-        uncond, cond_out = out.float().chunk(2)
-        return (uncond + self.guidance * (cond_out - uncond)).to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x
+        if self.prediction_type == "v_prediction":
+            return x / (_bcast(sigma.expand(x.shape[0]), x) ** 2 + 1)
+        return torch.zeros_like(x)
 
 
-def cfg_denoiser(denoiser, guidance: float):
-    """Guidance for callers that batch the conditioning themselves: with guidance != 1 every
-    cond kwarg is (2B, ...) = [uncond; cond], x and sigma are (B,) and get doubled; with
-    guidance == 1 the kwargs are (B, ...) and the denoiser runs once as is."""
-    guidance = float(guidance)
+def cfg_denoiser(denoiser, guidance: float, rescale: float = 0.0):
+    """Classifier-free guidance, uncond + g * (cond - uncond), for callers that batch the
+    conditioning themselves: with guidance != 1 every cond kwarg is (2B, ...) = [uncond; cond]
+    (diffusers' order), x and sigma are (B,) and get doubled, and the model runs once on the 2B
+    batch; with guidance == 1 the kwargs are (B, ...) and the denoiser runs once as is.
+
+    `rescale` (0..1) is diffusers' `guidance_rescale` (Lin et al. 2023, "Common Diffusion Noise
+    Schedules are Flawed", eq. 15-16): the guided model output is scaled to the conditional
+    output's standard deviation, and mixed with the unscaled one by `rescale`. It needs a
+    `Denoiser` (its `base`)."""
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or \
+            not 0 <= rescale <= 1:  # also rejects NaN
+        raise ValueError(f"guidance_rescale must be a number in [0, 1], got {rescale!r}")
+    guidance, rescale = float(guidance), float(rescale)
     if guidance == 1.0:
         return denoiser
 
@@ -240,8 +233,22 @@ def cfg_denoiser(denoiser, guidance: float):
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **cond)  # (2B, ...)
         uncond, cond_out = out.float().chunk(2)
-        return (uncond + guidance * (cond_out - uncond)).to(x.dtype)
+        x0 = uncond + guidance * (cond_out - uncond)
+        if rescale:
+            x0 = rescale_guided(x0, cond_out, denoiser.base(x, sigma), rescale)
+        return x0.to(x.dtype)
     return guided
+
+
+def rescale_guided(x0_cfg, x0_cond, base, rescale: float):
+    """guidance_rescale in x0 terms. A model output is affine in x0, out = (x0 - base) / k with
+    the same base and k for both branches, so the ratio of the outputs' per-sample standard
+    deviations (torch.std, as diffusers) is that of x0 - base, and mixing outputs is mixing
+    x0 - base."""
+    dims = list(range(1, x0_cfg.ndim))
+    guided, cond = x0_cfg - base, x0_cond - base
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return base + guided * (rescale * ratio + (1 - rescale))
 
 
 def _alpha_bar(schedule: NoiseSchedule, t, x: torch.Tensor) -> torch.Tensor:

@@ -137,38 +137,42 @@ class Pipeline:
     # ---- public tasks -------------------------------------------------------------------
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, preview=False,
-                 eta=None, best_of=1):
+                 eta=None, best_of=1, guidance_rescale=0.0):
         """txt2img: a list of `n` PIL images. best_of > 1 keeps, for each image, the best of
-        `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`."""
+        `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`.
+        guidance_rescale (0..1): diffusers' option of that name (diffusion.cfg_denoiser), for
+        v-prediction models on zero-terminal-SNR schedules whose guided images over-saturate."""
         if best_of != 1:
             return best_of_n(self, lambda s: self.generate(
                 prompt, negative_prompt, s, steps, guidance, sampler, width, height, n,
-                callback, preview, eta), prompt, seed, n, best_of)
+                callback, preview, eta, guidance_rescale=guidance_rescale), prompt, seed, n,
+                best_of)
         width = self.defaults.width if width is None else width
         height = self.defaults.height if height is None else height
         _check_size(width, height, self.vae_factor)
         return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
-                         preview, eta, size=(width, height))
+                         preview, eta, size=(width, height), rescale=guidance_rescale)
 
     def img2img(self, prompt, image, strength=0.6, negative_prompt="", seed=None, steps=None,
                 guidance=None, sampler=None, n=1, callback=None, preview=False, eta=None,
-                width=None, height=None):
+                width=None, height=None, guidance_rescale=0.0):
         """Start from `image` noised to `strength` (0 < strength <= 1): a list of `n` images."""
         _check_strength(strength)
         init = self._image_input(image, width, height)
         return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
-                         preview, eta, init=init, strength=strength)
+                         preview, eta, init=init, strength=strength, rescale=guidance_rescale)
 
     def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", seed=None,
                 steps=None, guidance=None, sampler=None, n=1, callback=None, preview=False,
-                eta=None, width=None, height=None):
+                eta=None, width=None, height=None, guidance_rescale=0.0):
         """Repaint where `mask` is white (>= 128), keep the rest. 9-channel UNets see the mask;
         other UNets get the known region blended back in at every step."""
         _check_strength(strength)
         init = self._image_input(image, width, height)
         mask_t = _mask_input(mask, init.shape[-1], init.shape[-2])
         return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
-                         preview, eta, init=init, strength=strength, mask=mask_t)
+                         preview, eta, init=init, strength=strength, mask=mask_t,
+                         rescale=guidance_rescale)
 
     def _image_input(self, image, width, height):
         """The init image at `width` x `height`, which must be multiples of the VAE factor; by
@@ -198,7 +202,7 @@ class Pipeline:
 
     @torch.no_grad()
     def _run(self, prompt, negative, seed, steps, guidance, sampler, n, callback, preview,
-             eta, size=None, init=None, strength=1.0, mask=None):
+             eta, size=None, init=None, strength=1.0, mask=None, rescale=0.0):
         if not isinstance(prompt, str) or not isinstance(negative, str):
             raise TypeError("prompt and negative_prompt must be strings")
         seed, steps, guidance, sampler = self._settings(seed, steps, guidance, sampler, n, eta)
@@ -225,13 +229,14 @@ class Pipeline:
             if strength == 1.0:
                 init_latents = None  # diffusers starts from pure noise at full strength
         denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), self.schedule,
-                                         quantize_t=plan.quantize_t), guidance)
+                                         quantize_t=plan.quantize_t), guidance, rescale)
         latents = self._sample(plan, denoiser, noise, init_latents, gen,
                                self._wrap_callback(callback, preview), post_step, cond)
         images = self._decode(latents)
         params = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                       guidance=guidance, seed=seed, width=w, height=h, model=self.name,
-                      strength=strength if init is not None else None, batch_size=n)
+                      strength=strength if init is not None else None, batch_size=n,
+                      extra={"Rescale CFG": rescale} if rescale else None)
         for i, im in enumerate(images):
             im.info["parameters"] = format_parameters({**params, "batch_pos": i})
         return images

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanodiffusion.diffusion import (CFGDenoiser, Denoiser, NoiseSchedule, ScheduleConfig,
+from nanodiffusion.diffusion import (Denoiser, NoiseSchedule, ScheduleConfig,
                                      add_noise, cfg_denoiser, karras_sigmas, loss_weights, snr,
                                      training_targets)
 
@@ -99,24 +99,49 @@ def test_add_noise_matches_diffusers():
     assert torch.allclose(add_noise(s, x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-6)
 
 
-def test_cfg_batches_once_and_combines():
-    calls = []
-
+def _toy_model(calls):
     def model(x_in, t, context):
         calls.append(x_in.shape[0])
-        return x_in * 0.1 + context.mean(dim=(1, 2)).reshape(-1, 1) * torch.cos(t / 100)[:, None]
+        c = context.mean(dim=(1, 2)).reshape(-1, 1)
+        return x_in * (0.1 + c) + c * torch.cos(t / 100)[:, None]
+    return model
 
-    s = NoiseSchedule()
-    den = Denoiser(model, s)
+
+def test_cfg_batches_once_and_combines():
+    calls = []
+    den = Denoiser(_toy_model(calls), NoiseSchedule())
     x, sigma = torch.randn(3, 6), torch.full((3,), 2.0)
     cond, uncond = torch.randn(3, 5, 4), torch.zeros(3, 5, 4)
-    out1 = CFGDenoiser(den, 1.0, dict(context=uncond))(x, sigma, context=cond)
+    out1 = cfg_denoiser(den, 1.0)(x, sigma, context=cond)
     assert calls == [3] and torch.allclose(out1, den(x, sigma, context=cond))
     calls.clear()
-    guided = CFGDenoiser(den, 7.5, dict(context=uncond), dict(context=cond))(x, sigma)
+    guided = cfg_denoiser(den, 7.5)(x, 2.0, context=torch.cat([uncond, cond]))
     assert calls == [6]
     u, c = den(x, sigma, context=uncond), den(x, sigma, context=cond)
     assert torch.allclose(guided, u + 7.5 * (c - u), atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_guidance_rescale_is_diffusers_rescale_of_the_model_output(prediction_type):
+    """Our guidance works on x0; diffusers' guidance_rescale on the model output (eps or v).
+    The x0 we return must be the x0 of diffusers' rescaled output."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    s = NoiseSchedule(ScheduleConfig(prediction_type=prediction_type))
+    model = _toy_model([])
+    den = Denoiser(model, s)
+    x, sigma = torch.randn(2, 6) * 3, torch.tensor([2.0, 0.5])
+    cond, uncond = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    got = cfg_denoiser(den, 7.5, rescale=0.7)(x, sigma, context=torch.cat([uncond, cond]))
+    plain = cfg_denoiser(den, 7.5)(x, sigma, context=torch.cat([uncond, cond]))
+    # diffusers: outputs on the VP input, guidance, rescale, then the same x0 conversion
+    x_in, t = x / (sigma[:, None] ** 2 + 1) ** 0.5, s.sigma_to_t(sigma)
+    out_u, out_c = model(x_in, t, uncond), model(x_in, t, cond)
+    out = rescale_noise_cfg(out_u + 7.5 * (out_c - out_u), out_c, guidance_rescale=0.7)
+    want = Denoiser(lambda *a, **k: out, s)(x, sigma)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-2  # rescale changed the result
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        cfg_denoiser(den, 7.5, rescale=1.5)
 
 
 def test_min_snr_weights():

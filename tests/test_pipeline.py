@@ -81,6 +81,21 @@ def test_v_prediction_matches_diffusers(sd_v, name):
     check_parity(sd_v, name, width=32, height=24)
 
 
+@pytest.mark.parametrize("model,name", [("sd_v", "euler"), ("sd_v", "dpmpp-2m"), ("sd", "ddim")])
+def test_guidance_rescale_matches_diffusers(model, name, request):
+    """diffusers' guidance_rescale (on the eps or v output) through our x0-space guidance."""
+    model = request.getfixturevalue(model)
+    check_parity(model, name, width=32, height=24, guidance_rescale=0.7)
+    kw = dict(seed=SEED, steps=STEPS, sampler=name, width=32, height=24)
+    plain, rescaled = model.ours.generate(PROMPT, **kw)[0], \
+        model.ours.generate(PROMPT, guidance_rescale=0.7, **kw)[0]
+    assert plain.tobytes() != rescaled.tobytes()
+    assert "Rescale CFG: 0.7" in rescaled.info["parameters"]
+    assert "Rescale" not in plain.info["parameters"]
+    with pytest.raises(ValueError, match=r"must be a number in \[0, 1\], got -0.5"):
+        model.ours.generate(PROMPT, guidance_rescale=-0.5, **kw)
+
+
 @pytest.fixture(scope="module")
 def img2img_ref(sd):
     pipe = StableDiffusionImg2ImgPipeline(**sd.ref.components)

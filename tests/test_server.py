@@ -80,6 +80,10 @@ def test_openai_generations(client):
     im = _png(base64.b64decode(r.data[0].b64_json))
     assert im.size == (32, 32)
     assert "Seed: 1" in im.info["parameters"] and "Steps: 2" in im.info["parameters"]
+    assert "Rescale CFG" not in im.info["parameters"]
+    r = client.images.generate(model="tiny", prompt="a red circle", size="32x32",
+                               extra_body={"seed": 1, "steps": 2, "guidance_rescale": 0.7})
+    assert "Rescale CFG: 0.7" in _png(base64.b64decode(r.data[0].b64_json)).info["parameters"]
     r = client.images.generate(model="tiny", prompt="a red circle", size="32x32",
                                response_format="url", extra_body={"seed": 1, "steps": 2})
     assert _png(httpx.get(r.data[0].url).content).size == (32, 32)
@@ -112,6 +116,9 @@ def test_openai_errors_and_models(client):
         client.images.generate(model="tiny", prompt="x", extra_body={"steps": 151})
     with pytest.raises(openai.BadRequestError, match="sampler"):
         client.images.generate(model="tiny", prompt="x", extra_body={"sampler": "nope"})
+    with pytest.raises(openai.BadRequestError,
+                       match=r"guidance_rescale must be a number in \[0, 1\], got 2"):
+        client.images.generate(model="tiny", prompt="x", extra_body={"guidance_rescale": 2})
     with pytest.raises(openai.BadRequestError, match="not a decodable image"):
         client.images.edit(model="tiny", image=("in.png", b"not a png"), prompt="x")
     for bad in ("../tiny", "/etc/passwd", "a/b", ".."):
@@ -159,6 +166,8 @@ def test_a1111_routes(server):
     assert httpx.get(server + "/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny"
     p = httpx.get(server + "/sdapi/v1/progress").json()
     assert {"progress", "eta_relative", "state", "current_image"} <= set(p)
+    r = httpx.post(server + "/sdapi/v1/txt2img", json={**body, "guidance_rescale": 0.5})
+    assert "Rescale CFG: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
     r = httpx.post(server + "/sdapi/v1/txt2img", json={**body, "width": 33})
     assert r.status_code == 400 and r.json()["error"]["param"] == "width"
     r = httpx.post(server + "/sdapi/v1/txt2img",

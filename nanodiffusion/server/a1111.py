@@ -29,7 +29,8 @@ def _fields(body, limits):
             "seed": body.get("seed"), "steps": body.get("steps"),
             "guidance": body.get("cfg_scale"), "sampler": body.get("sampler_name") or
             body.get("sampler_index"), "width": body.get("width"),
-            "height": body.get("height"), "n": n, "strength": body.get("denoising_strength")}
+            "height": body.get("height"), "n": n, "strength": body.get("denoising_strength"),
+            "guidance_rescale": body.get("guidance_rescale")}
 
 
 def _answer(body, task, job):

@@ -1,6 +1,6 @@
 """OpenAI's Images API, so the official client works with base_url=".../v1". Extras beyond
-OpenAI's fields (seed, steps, guidance, sampler, negative_prompt, strength) come through the
-client's `extra_body`, as JSON or as multipart form fields."""
+OpenAI's fields (seed, steps, guidance, guidance_rescale, sampler, negative_prompt, strength)
+come through the client's `extra_body`, as JSON or as multipart form fields."""
 import time
 
 from fastapi import APIRouter, Request
@@ -16,7 +16,7 @@ FORMATS = ("b64_json", "url")
 def _fields(body, limits):
     """OpenAI names -> the common ones; `size` "WxH" -> width, height."""
     f = {k: body.get(k) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance",
-                                  "sampler", "n", "strength")}
+                                  "sampler", "n", "strength", "guidance_rescale")}
     f["width"], f["height"] = parse_size(body.get("size"), limits)
     if f["guidance"] is None:
         f["guidance"] = body.get("guidance_scale")

@@ -180,7 +180,8 @@ def b64(data):
 # ---- the common task --------------------------------------------------------------------
 def build_task(model, f, limits, image=None, mask=None):
     """`f`: normalized fields (prompt, negative_prompt, seed, steps, guidance, sampler, width,
-    height, n, strength). With `image` img2img, with `image` and `mask` inpaint."""
+    height, n, strength, guidance_rescale). With `image` img2img, with `image` and `mask`
+    inpaint."""
     prompt = get_str(f, "prompt", None, limits.max_prompt_chars)
     if prompt is None:
         raise bad("prompt", "prompt is required")
@@ -189,6 +190,9 @@ def build_task(model, f, limits, image=None, mask=None):
               seed=get_seed(f), steps=get_int(f, "steps", None, 1, limits.max_steps),
               guidance=get_float(f, "guidance", None, 0, 100), sampler=get_sampler(f),
               n=get_int(f, "n", 1, 1, limits.max_n))
+    rescale = get_float(f, "guidance_rescale", 0.0, 0, 1)
+    if rescale:  # passed only when asked for: unCLIP pipelines have no such option
+        kw["guidance_rescale"] = rescale
     for side in ("width", "height"):
         v = get_int(f, side, None, 1, 10**6)
         if v is not None:
