@@ -234,6 +234,9 @@ def _add_unclip_commands(sub):
     v = sub.add_parser("vary", help="unCLIP variations of an image")
     v.add_argument("image")
     v.add_argument("-n", type=int, default=4, help="number of variations")
+    v.add_argument("--caption", default="auto", help="what a decoder that reads text is told: "
+                   "auto (the caption CLIP ranks first for the image), your own, or \"\" "
+                   "(the image embedding alone)")
     e = sub.add_parser("edit", help="unCLIP text diff: move an image from one caption to another")
     e.add_argument("image")
     e.add_argument("--from", dest="source", required=True, help="a caption of the image")
@@ -305,7 +308,8 @@ def _settings(args):
 def cmd_vary(args):
     image = _open_image(args.image)
     pipe = _load(args.model, args.device, "unclip")
-    _save_images(pipe.variations(image, n=args.n, **_settings(args)), args.out, args, args.grid)
+    images = pipe.variations(image, n=args.n, caption=args.caption, **_settings(args))
+    _save_images(images, args.out, args, args.grid)
 
 
 def cmd_edit(args):

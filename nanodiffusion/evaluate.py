@@ -75,14 +75,15 @@ def _kept_objects(image, attributes):
     return sorted((o["colour"], o["shape"] or "?") for o in find_objects(image)) == want
 
 
-def variations_score(pipe, n=100, seed=0, size=64):
-    """DALL·E 2 variations of n eval images (one each, seed + i): `kept`, the share that keep
-    every object's colour and shape (and no more objects); `mean_abs_diff`, the mean absolute
-    pixel difference from the input (0..1); `copies`, the share within 1/255 of it."""
+def variations_score(pipe, n=100, seed=0, size=64, caption="auto"):
+    """DALL·E 2 variations of n eval images (one each, seed + i; `caption` as in
+    UnCLIPPipeline.variations): `kept`, the share that keep every object's colour and shape
+    (and no more objects); `mean_abs_diff`, the mean absolute pixel difference from the input
+    (0..1); `copies`, the share within 1/255 of it."""
     kept, diffs = [], []
     for i in range(n):
         image, _, attributes = shapes.sample(i, "eval", seed, size)
-        out = pipe.variations(image, n=1, seed=seed + i)[0]
+        out = pipe.variations(image, n=1, seed=seed + i, caption=caption)[0]
         kept.append(_kept_objects(out, attributes))
         diffs.append(float(np.abs(np.asarray(out, np.float32) - np.asarray(image, np.float32))
                            .mean() / 255))
@@ -130,8 +131,8 @@ def _model_folder(path):
 
 def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_prompts=None):
     """Evaluate a run folder (runs/shapes, its model/ or model-unclip/) or a model folder;
-    print and write report.json (or `out`). An unCLIP model also gets variations and text
-    diffs scored; best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on
+    print and write report.json (or `out`). An unCLIP model also gets variations (for a
+    decoder that reads text, also from the image embedding alone) and text diffs scored; best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on
     the first `best_of_prompts` (default n) single-object prompts, beside best-of-1 on the
     same prompts."""
     from .loading import load_pipeline
@@ -158,6 +159,9 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
     if hasattr(pipe, "variations"):
         size = pipe.defaults.width  # the scenes at the size the model makes
         result["variations"] = variations_score(pipe, n=n, seed=seed, size=size)
+        if pipe.decoder_text:  # the default reads CLIP's caption; also the embedding alone
+            result["variations_image_only"] = variations_score(pipe, n=n, seed=seed,
+                                                               size=size, caption="")
         result["text_diffs"] = text_diff_score(pipe, n=n, seed=seed, size=size)
     text = json.dumps(result, indent=2)
     print(text)

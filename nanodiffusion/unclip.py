@@ -222,11 +222,22 @@ class UnCLIPPipeline:
                          negative_prompt)
 
     def variations(self, image, n=4, seed=1, steps=None, guidance=None, sampler=None,
-                   width=None, height=None, callback=None):
-        """The image's CLIP embedding rendered again with new noise: n PIL images."""
+                   width=None, height=None, callback=None, caption="auto"):
+        """The image's CLIP embedding rendered again with new noise: n PIL images. A decoder
+        that reads text also gets `caption`: by default ("auto") the caption CLIP ranks first
+        for the image (`describe`), so all the decoder sees still comes from the image through
+        CLIP; or a caption of your own; "" gives the image embedding alone (DALL·E 2's)."""
         s = self._settings(seed, steps, guidance, sampler, width, height, n)
+        if caption == "auto":
+            caption = self.describe(image, top=1)[0][0] if self.decoder_text else ""
+        if not isinstance(caption, str):
+            raise TypeError(f"caption must be a string or \"auto\", got {type(caption).__name__}")
+        if caption and not self.decoder_text:
+            raise ValueError(f"caption {caption!r}: this decoder does not read text; give "
+                             f"\"auto\" or \"\"")
         embeds = self.encode_image([image]).expand(n, -1)  # (n, E)
-        return self._tag(self._decode(embeds, s, callback), s, Task="variations")
+        return self._tag(self._decode(embeds, s, callback, prompt=caption), s, caption,
+                         Task="variations")
 
     def edit(self, image, source, target, strength=1.0, seed=1, n=1, steps=None,
              guidance=None, sampler=None, width=None, height=None):

@@ -16,7 +16,7 @@ class Copier:
     def __init__(self, perfect=True):
         self.perfect = perfect
 
-    def variations(self, image, n=1, seed=0):
+    def variations(self, image, n=1, seed=0, caption="auto"):
         return [image] * n
 
     def edit(self, image, source, target, strength=1.0, seed=0):

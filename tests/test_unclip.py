@@ -126,6 +126,8 @@ def test_best_of_keeps_the_most_clip_similar(pipe):
 
 def test_variations_edit_interpolate(pipe, image):
     _check(pipe.variations(image, n=3, seed=1, steps=2), 3)
+    with pytest.raises(ValueError, match="does not read text"):
+        pipe.variations(image, n=1, steps=2, caption="a red circle")
     _check(pipe.edit(image, "a red circle", "a blue circle", strength=0.5, steps=2), 1)
     frames = pipe.interpolate(image, "a green star", frames=3, seed=1, steps=2)
     _check(frames, 3)
@@ -199,7 +201,14 @@ def test_decoder_text_starts_from_the_unet_and_reads_the_caption(unclip_run, tmp
     a2, b = (pipe.decode(embeds, torch.Generator().manual_seed(0), 2, 4.0, "ddim", SIZE, SIZE,
                          prompt=p)[0] for p in ("a red circle", "a blue square"))
     assert a2.tobytes() != b.tobytes()  # one image embedding, two captions
-    _check(pipe.variations(a, n=2, seed=1, steps=2), 2)
+    auto = pipe.variations(a, n=2, seed=1, steps=2)  # told the caption CLIP ranks first
+    _check(auto, 2)
+    top = pipe.describe(a, top=1)[0][0]
+    assert auto[0].info["parameters"].startswith(top + "\n")
+    told = pipe.variations(a, n=2, seed=1, steps=2, caption=top)
+    alone = pipe.variations(a, n=2, seed=1, steps=2, caption="")
+    assert [im.tobytes() for im in told] == [im.tobytes() for im in auto]
+    assert alone[0].tobytes() != auto[0].tobytes()
 
 
 @pytest.mark.parametrize("text_dropout, empty", [(0.0, 0), (1.0, 8)])

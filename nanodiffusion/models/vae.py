@@ -89,7 +89,8 @@ class VAEAttention(Attention):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, T, C)
+        # permute then reshape is a free view when x is channels-last
+        h = self.group_norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, T, C)
         if H * W <= self.chunk_size:
             y = super().forward(h)
         else:
@@ -97,7 +98,7 @@ class VAEAttention(Attention):
             for i in range(0, H * W, self.chunk_size):
                 chunks.append(super().forward(h[:, i:i + self.chunk_size], context=h))
             y = torch.cat(chunks, dim=1)  # (B, T, C)
-        return x + y.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + y.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 class MidBlock(nn.Module):
