@@ -1,21 +1,48 @@
 #!/usr/bin/env bash
 # Copy a trained shapes run into the package as the bundled models (float16 storage), with
 # their eval reports: RUN/model -> weights/shapes and, if trained, RUN/model-unclip ->
-# weights/shapes-unclip.   bash scripts/ship-shapes.sh [RUN=runs/shapes]
+# weights/shapes-unclip. A weight file whose tensors and metadata are unchanged keeps its
+# bytes (safetensors writes metadata in a random order), and shapes-unclip's CLIP and VAE,
+# when they are the shapes model's, get that file's bytes, so git stores each blob once.
+#   bash scripts/ship-shapes.sh [RUN=runs/shapes]
 set -euo pipefail
 RUN=${1:-runs/shapes}
 PY=${PYTHON:-.venv/bin/python}
 $PY - "$RUN" <<'PY'
-import sys, torch
+import shutil, sys, tempfile, torch
 from pathlib import Path
+from safetensors import safe_open
 from nanodiffusion.loading import load_pipeline, save_pipeline
 from nanodiffusion.unclip import save_unclip_pipeline
-run = Path(sys.argv[1])
+
+
+def same(a, b):
+    """Same tensors and metadata in two safetensors files."""
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        return (fa.metadata() == fb.metadata() and set(fa.keys()) == set(fb.keys()) and
+                all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys()))
+
+
+run, weights = Path(sys.argv[1]), Path("nanodiffusion/weights")
 for src, name, save in ((run / "model", "shapes", save_pipeline),
                         (run / "model-unclip", "shapes-unclip", save_unclip_pipeline)):
-    if (src / "model.json").exists():
-        save(load_pipeline(src), f"nanodiffusion/weights/{name}", dtype=torch.float16)
-        print("shipped", src, "as", name)
+    if not (src / "model.json").exists():
+        continue
+    dest = weights / name
+    with tempfile.TemporaryDirectory() as tmp:
+        save(load_pipeline(src), tmp, dtype=torch.float16)
+        for f in Path(tmp).rglob("*"):
+            old = dest / f.relative_to(tmp)
+            keep = old.exists() and f.suffix == ".safetensors" and same(f, old)
+            if f.is_file() and not keep:
+                old.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, old)
+    print("shipped", src, "as", name)
+for part in ("clip", "vae"):
+    a, b = (weights / n / f"{part}.safetensors" for n in ("shapes", "shapes-unclip"))
+    if a.exists() and b.exists() and same(a, b):
+        shutil.copyfile(a, b)
+        print(f"shapes-unclip's {part} is the shapes model's")
 PY
 for pair in "model:shapes" "model-unclip:shapes-unclip"; do
     src=${pair%%:*}; dest=nanodiffusion/weights/${pair##*:}
