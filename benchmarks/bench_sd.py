@@ -18,17 +18,21 @@ def _sync(device):
         torch.accelerator.synchronize()
 
 
-def _median_time(fn, repeats, device, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
+def _median_times(fns, repeats, device, warmup=1):
+    """Median seconds of each function, the calls interleaved (a, b, a, b, ...) so that drifts
+    of the machine's speed fall on both sides alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def build_pairs():
@@ -47,6 +51,7 @@ def build_pairs():
                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
     ours_vae = vae.VAE(vae.SD)
     ours_vae.load_state_dict(ref_vae.state_dict(), strict=True)
+    ours_vae = vae.for_inference(ours_vae)  # as our pipelines run it
     ref_text = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", hidden_size=768,
                                             intermediate_size=3072, num_attention_heads=12,
                                             num_hidden_layers=12, projection_dim=768))
@@ -74,11 +79,11 @@ def run(size, repeats, device, dtype):
         (f"vae decode {size}px", lambda: ours_vae.decode(z), lambda: ref_vae.decode(z).sample),
     ]
     print(f"torch {torch.__version__}, {device}, {dtype}, threads {torch.get_num_threads()}, "
-          f"{size}px, median of {repeats}")
+          f"{size}px, median of {repeats}, interleaved")
     print(f"{'part':<26}{'ours s':>10}{'diffusers s':>13}{'ratio':>8}{'max |diff|':>12}")
     for name, ours, ref in rows:
         diff = (ours().float() - ref().float()).abs().max().item()
-        a, b = _median_time(ours, repeats, device), _median_time(ref, repeats, device)
+        a, b = _median_times([ours, ref], repeats, device)
         print(f"{name:<26}{a:>10.4f}{b:>13.4f}{b / a:>8.2f}{diff:>12.2e}")
 
 

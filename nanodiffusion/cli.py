@@ -20,6 +20,12 @@ def _add_sampling_args(p):
     p.add_argument("--out", default="out.png")
     p.add_argument("--grid", action="store_true", help="also write a contact sheet")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations "
+                   "of a Stable Diffusion model (bfloat16: about 2x faster on CPUs with "
+                   "AVX-512 BF16 or AMX; float16 for GPUs)")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _at_least_one(text):
@@ -174,7 +180,7 @@ def cmd_sample(args):
     if args.save_steps and best_of != 1:
         raise ValueError(f"--save-steps shows one image's steps, so it does not go with "
                          f"--best-of {best_of} (several candidates per image)")
-    pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"))
+    pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"), args.dtype)
     callback, frames = _progress(), None
     if args.save_steps:
         callback, frames = _step_frames(callback)
@@ -287,9 +293,11 @@ def _open_image(path):
 KINDS = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP model"}
 
 
-def _load(model, device, kind=None):
+def _load(model, device, kind=None, dtype="float32"):
     """The model at `model` (None: the bundled default of `kind`); with `kind` ("sd" or
     "unclip"), a model of the other kind is refused before its weights are read."""
+    import torch
+
     from .loading import load_pipeline, model_kind
 
     model = model or ("shapes-unclip" if kind == "unclip" else "shapes")
@@ -298,7 +306,9 @@ def _load(model, device, kind=None):
         hint = " (model.json kind \"unclip\", as a training run's model-unclip folder)"
         raise ValueError(f"{model!r} is {KINDS[actual]}; this needs {KINDS[kind]}"
                          + (hint if kind == "unclip" else ""))
-    return load_pipeline(model, device=device)
+    if dtype != "float32" and (actual or model_kind(model)) == "unclip":
+        raise ValueError(f"--dtype {dtype}: unCLIP models run in float32 only")
+    return load_pipeline(model, device=device, dtype=getattr(torch, dtype))
 
 
 def _settings(args):

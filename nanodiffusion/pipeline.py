@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import samplers
 from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from .models.vae import for_inference as vae_for_inference
 from .pnginfo import format_parameters
 
 MAX_SIDE = 4096
@@ -93,7 +94,8 @@ class Pipeline:
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig,
                  defaults: Defaults = None, clip=None, name="model"):
-        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
+        self.unet, self.text_encoder = unet.eval(), text_encoder.eval()
+        self.vae = vae_for_inference(vae)
         self.tokenizer, self.schedule_config = tokenizer, schedule
         self.schedule = NoiseSchedule(schedule)
         self.defaults = defaults or Defaults()
@@ -248,23 +250,30 @@ class Pipeline:
         return self.unet.text_condition(*self._encode_prompts(prompts))
 
     def _model_fn(self, unet_extra):
-        """The UNet as the denoiser wrapper calls it; 9-channel UNets also get the mask and the
-        masked image's latents, `unet_extra` (n, 1 + C, h, w)."""
-        if unet_extra is None:
-            return self.unet
+        """The UNet as the denoiser wrapper calls it, its input in the UNet's dtype (the
+        sampler's latents stay float32); 9-channel UNets also get the mask and the masked
+        image's latents, `unet_extra` (n, 1 + C, h, w)."""
+        dtype = next(self.unet.parameters()).dtype
 
         def fn(x, t, **cond):
-            reps = x.shape[0] // unet_extra.shape[0]
-            return self.unet(torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1), t, **cond)
+            if unet_extra is not None:
+                reps = x.shape[0] // unet_extra.shape[0]
+                x = torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1)
+            return self.unet(x.to(dtype), t, **cond)
         return fn
 
+    @property
+    def _vae_dtype(self):
+        return next(self.vae.parameters()).dtype
+
     def _encode(self, image, gen):
-        """Init image (1, 3, H, W) -> scaled latents, sampled from the posterior with `gen`."""
-        post = self.vae.encode(image.to(self._device))
-        return post.sample(gen) * self.vae.config.scaling_factor
+        """Init image (1, 3, H, W) -> scaled float32 latents, sampled from the posterior with
+        `gen`."""
+        post = self.vae.encode(image.to(self._device, self._vae_dtype))
+        return post.sample(gen).float() * self.vae.config.scaling_factor
 
     def _decode(self, latents):
-        x = self.vae.decode(latents / self.vae.config.scaling_factor)
+        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self._vae_dtype))
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values (numerical "
                                      "overflow); try float32 or another sampler")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, samplers
 from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from .models.vae import for_inference as vae_for_inference
 from .pipeline import (Defaults, _check_guidance, _check_int, _check_size, best_of_n,
                        from_pil, to_pil)
 from .pnginfo import format_parameters
@@ -84,7 +85,7 @@ class UnCLIPPipeline:
         # DALL·E 2's decoder also reads the caption (GLIDE's text pathway): text-to-image
         # passes the prompt, the image-only tasks (variations, edits, interpolation) ""
         self.decoder_text = decoder_text
-        self.vae, self.clip, self.tokenizer = vae.eval(), clip.eval(), tokenizer
+        self.vae, self.clip, self.tokenizer = vae_for_inference(vae), clip.eval(), tokenizer
         self.schedule_config, self.prior_schedule = schedule, prior_schedule
         self.schedule = NoiseSchedule(schedule)
         self.defaults = defaults or UnCLIPDefaults()

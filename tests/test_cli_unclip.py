@@ -171,6 +171,18 @@ def test_cli_pipeline_kind_must_match(folders, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_cli_dtype(folders, tmp_path, capsys):
+    """--dtype runs a Stable Diffusion model in half precision and is refused for unCLIP."""
+    rc, _, err = _run(capsys, "generate", "a red circle", "--model", folders["sd-clip"],
+                      "--dtype", "bfloat16", "--steps", "2", "--seed", "1", "--out",
+                      tmp_path / "half.png")
+    assert rc == 0 and Image.open(tmp_path / "half.png").size[0] > 0
+    rc, _, err = _run(capsys, "generate", "a red circle", "--pipeline", "unclip", "--model",
+                      folders["unclip"], "--dtype", "bfloat16", "--out", tmp_path / "u.png")
+    assert rc == 2 and "--dtype bfloat16: unCLIP models run in float32 only" in err
+    assert not (tmp_path / "u.png").exists()
+
+
 def test_cli_bundled_unclip_not_shipped(monkeypatch, photo, tmp_path, capsys):
     monkeypatch.setattr(loading, "BUNDLED", tmp_path / "weights")
     out = ["--out", tmp_path / "o.png"]

@@ -96,6 +96,25 @@ def test_guidance_rescale_matches_diffusers(model, name, request):
         model.ours.generate(PROMPT, guidance_rescale=-0.5, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipelines_run_and_stay_close(sd, init_image, mask_image, dtype):
+    """Weights in bfloat16 / float16 (the sampler's latents stay float32): every task runs,
+    and the final latents stay near the float32 pipeline's."""
+    import nanodiffusion
+
+    half = nanodiffusion.load(sd.folder, dtype=dtype)
+    assert next(half.unet.parameters()).dtype == dtype
+    kw = dict(seed=SEED, steps=STEPS, sampler="dpmpp-2m", n=2)
+    with tiny_sd.latents_of(sd.ours.vae) as want, tiny_sd.latents_of(half.vae) as got:
+        full = sd.ours.generate(PROMPT, width=W, height=H, **kw)
+        images = half.generate(PROMPT, width=W, height=H, **kw)
+    scale = want[0].abs().max().item()
+    assert (got[0].float() - want[0]).abs().max().item() < 0.05 * scale
+    assert np.abs(tiny_sd.as_array(images) - tiny_sd.as_array(full)).mean() < 0.02
+    assert len(half.img2img(PROMPT, init_image, strength=0.5, **kw)) == 2
+    assert len(half.inpaint(PROMPT, init_image, mask_image, **kw)) == 2
+
+
 @pytest.fixture(scope="module")
 def img2img_ref(sd):
     pipe = StableDiffusionImg2ImgPipeline(**sd.ref.components)

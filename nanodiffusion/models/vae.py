@@ -259,6 +259,15 @@ class VAE(nn.Module):
         return out / total
 
 
+def for_inference(vae):
+    """The VAE as pipelines run it: eval mode, convolution weights in channels-last layout, so
+    oneDNN convolves without reordering them and the activations (the decoder's full-size
+    ones dominate its time) stay channels-last too. Same results within float rounding; a
+    256 px decode on 2 CPU threads 1.11x faster (benchmarks/bench_sd.py). Training keeps the
+    default layout."""
+    return vae.eval().to(memory_format=torch.channels_last)
+
+
 def _tile_starts(n, tile, overlap):
     """Starts of tiles of `tile` covering 0..n, stride tile - overlap, the last flush with n."""
     if n <= tile:
