@@ -102,6 +102,8 @@ def _parser():
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                    "(default: $NANODIFFUSION_API_KEY, else none)")
     v.add_argument("--device", default="cpu")
+    v.add_argument("--dtype", default="float32", choices=DTYPES, help="Stable Diffusion "
+                   "models' precision (unCLIP models stay float32)")
     v.add_argument("--max-queue", type=int, default=8, help="waiting jobs per model")
     v.add_argument("--max-side", type=int, default=1024)
     v.add_argument("--max-n", type=int, default=8)
@@ -419,7 +421,7 @@ def cmd_serve(args):
                     max_queue=args.max_queue)
     serve(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
           api_key=args.api_key or os.environ.get("NANODIFFUSION_API_KEY") or None,
-          limits=limits)
+          limits=limits, dtype=args.dtype)
 
 
 def main(argv=None):

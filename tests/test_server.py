@@ -307,6 +307,21 @@ def test_serve_arguments():
     args = _parser().parse_args(["serve", "--models-dir", "m", "--port", "9000",
                                  "--max-queue", "2"])
     assert (args.models_dir, args.port, args.max_queue, args.host) == ("m", 9000, 2, "127.0.0.1")
+    assert args.dtype == "float32"
+
+
+def test_registry_dtype(models_dir):
+    """--dtype bfloat16 loads Stable Diffusion models in bfloat16, and they serve."""
+    from nanodiffusion.server.models import Registry
+
+    reg = Registry(models_dir, dtype="bfloat16")
+    pipe = reg.pipe("tiny")
+    assert next(pipe.unet.parameters()).dtype == torch.bfloat16
+    assert pipe.generate("a red circle", seed=1, steps=2)[0].size == (32, 32)
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        Registry(models_dir, dtype="int8")
+    bundled = Registry(dtype="bfloat16")  # unCLIP models stay float32
+    assert next(bundled.pipe("shapes-unclip").decoder.parameters()).dtype == torch.float32
 
 
 def test_a_client_that_disconnects_frees_its_slot(models_dir, monkeypatch):

@@ -3,6 +3,8 @@ lazily on first use, then kept; each loaded model gets its own Worker."""
 import threading
 from pathlib import Path
 
+import torch
+
 from .. import loading
 from .jobs import Files, Job, Worker
 from .params import APIError, Limits, Task
@@ -44,7 +46,12 @@ def check_name(name):
 
 
 class Registry:
-    def __init__(self, models_dir=None, device="cpu", limits=None):
+    def __init__(self, models_dir=None, device="cpu", limits=None, dtype="float32"):
+        """`dtype`: a torch float dtype's name for Stable Diffusion models (unCLIP models
+        always load in float32)."""
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self.dtype = dtype
         self.models_dir = None if models_dir is None else Path(models_dir)
         if self.models_dir is not None and not self.models_dir.is_dir():
             raise FileNotFoundError(f"--models-dir {models_dir}: not a folder")
@@ -84,7 +91,9 @@ class Registry:
                 path = scan(self.models_dir).get(name)
                 if path is None:
                     raise ValueError(f"model {name!r} is no longer installed")
-                pipe = loading.load_pipeline(path, device=self.device)
+                dtype = "float32" if loading.model_kind(path) == "unclip" else self.dtype
+                pipe = loading.load_pipeline(path, device=self.device,
+                                             dtype=getattr(torch, dtype))
                 with self._lock:
                     self._pipes[name] = pipe
             return self._pipes[name]
