@@ -229,15 +229,15 @@ class UnCLIPPipeline:
         for the image (`describe`), so all the decoder sees still comes from the image through
         CLIP; or a caption of your own; "" gives the image embedding alone (DALL·E 2's)."""
         s = self._settings(seed, steps, guidance, sampler, width, height, n)
+        z = self.encode_image([image])  # (1, E)
         if caption == "auto":
-            caption = self.describe(image, top=1)[0][0] if self.decoder_text else ""
+            caption = self._describe(z, top=1)[0][0] if self.decoder_text else ""
         if not isinstance(caption, str):
             raise TypeError(f"caption must be a string or \"auto\", got {type(caption).__name__}")
         if caption and not self.decoder_text:
             raise ValueError(f"caption {caption!r}: this decoder does not read text; give "
                              f"\"auto\" or \"\"")
-        embeds = self.encode_image([image]).expand(n, -1)  # (n, E)
-        return self._tag(self._decode(embeds, s, callback, prompt=caption), s, caption,
+        return self._tag(self._decode(z.expand(n, -1), s, callback, prompt=caption), s, caption,
                          Task="variations")
 
     def edit(self, image, source, target, strength=1.0, seed=1, n=1, steps=None,
@@ -269,10 +269,14 @@ class UnCLIPPipeline:
         images = [self._decode(slerp(ends[0], ends[1], th), s)[0] for th in thetas]
         return self._tag(images, s, Task="interpolate")
 
-    @torch.no_grad()
     def describe(self, image, candidates=None, top=5):
         """The `top` captions most similar to the image under CLIP, as (caption, cosine
         similarity) pairs, most similar first. Default candidates: every shapes caption."""
+        return self._describe(self.encode_image([image]), candidates, top)
+
+    @torch.no_grad()
+    def _describe(self, embedding, candidates=None, top=5):
+        """describe() for an image's CLIP embedding (1, E), encoded already."""
         if candidates is None:
             from .data.shapes import enumerate_captions
 
@@ -282,7 +286,7 @@ class UnCLIPPipeline:
             raise ValueError("candidates must be a non-empty list of strings")
         _check_int("top", top, 1, len(candidates))
         text = self._candidate_embeds(candidates)  # (N, E) unit
-        img = F.normalize(self.encode_image([image]), dim=-1)  # (1, E)
+        img = F.normalize(embedding, dim=-1)  # (1, E)
         scores = (text @ img[0]).tolist()
         order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:top]
         return [(candidates[i], scores[i]) for i in order]
