@@ -1,6 +1,9 @@
 """nanodiffusion: Stable Diffusion and DALL-E 2 (unCLIP) in plain PyTorch."""
 
 __version__ = "0.1.0"
+# The precisions a Stable Diffusion pipeline runs in (CLI --dtype, serve --dtype); here, not
+# in loading.py, so that the CLI parser is built without importing torch.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load(path=None, **kwargs):

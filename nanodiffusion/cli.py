@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import DTYPES
+
 
 def _add_sampling_args(p):
     p.add_argument("--model", default=None, help="model folder, single file, hub id, or a "
@@ -23,9 +25,6 @@ def _add_sampling_args(p):
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations "
                    "of a Stable Diffusion model (bfloat16: about 2x faster on CPUs with "
                    "AVX-512 BF16 or AMX; float16 for GPUs)")
-
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _at_least_one(text):

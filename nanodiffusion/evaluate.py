@@ -132,9 +132,10 @@ def _model_folder(path):
 def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_prompts=None):
     """Evaluate a run folder (runs/shapes, its model/ or model-unclip/) or a model folder;
     print and write report.json (or `out`). An unCLIP model also gets variations (for a
-    decoder that reads text, also from the image embedding alone) and text diffs scored; best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on
-    the first `best_of_prompts` (default n) single-object prompts, beside best-of-1 on the
-    same prompts."""
+    decoder that reads text, also from the image embedding alone) and text diffs scored;
+    best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on the first
+    `best_of_prompts` (default n) single-object prompts, beside best-of-1 on the same
+    prompts."""
     from .loading import load_pipeline
 
     folder = _model_folder(path)

@@ -263,8 +263,8 @@ def for_inference(vae):
     """The VAE as pipelines run it: eval mode, convolution weights in channels-last layout, so
     oneDNN convolves without reordering them and the activations (the decoder's full-size
     ones dominate its time) stay channels-last too. Same results within float rounding; a
-    256 px decode on 2 CPU threads 1.11x faster (benchmarks/bench_sd.py). Training keeps the
-    default layout."""
+    256 px decode on 2 CPU threads went from diffusers' speed to 1.19x it (benchmarks/
+    bench_sd.py). Training keeps the default layout."""
     return vae.eval().to(memory_format=torch.channels_last)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .. import loading
+from .. import DTYPES, loading
 from .jobs import Files, Job, Worker
 from .params import APIError, Limits, Task
 
@@ -49,7 +49,7 @@ class Registry:
     def __init__(self, models_dir=None, device="cpu", limits=None, dtype="float32"):
         """`dtype`: a torch float dtype's name for Stable Diffusion models (unCLIP models
         always load in float32)."""
-        if dtype not in ("float32", "bfloat16", "float16"):
+        if dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.dtype = dtype
         self.models_dir = None if models_dir is None else Path(models_dir)
