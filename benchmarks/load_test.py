@@ -1,6 +1,7 @@
 """Load test of a running server: C clients x R requests to /v1/images/generations at once,
 then every completed request again, one at a time, to check its bytes equal the concurrent
-answer (a seed must give the same image whatever else runs).
+answer (a seed must give the same image whatever else runs). The server's resident memory
+(AUTOMATIC1111's /sdapi/v1/memory) is read before, after the concurrent part, and at the end.
 
     nanodiffusion serve --models-dir models &
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --model tiny
@@ -50,6 +51,10 @@ def _client(args, http, client, results):
         results.append({"body": body, "status": r.status_code, "latency": dt, "image": image})
 
 
+def _rss(http, args):
+    return http.get(args.url.rstrip("/") + "/sdapi/v1/memory").json()["ram"]["used"]
+
+
 def _percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
@@ -58,9 +63,11 @@ def _percentile(values, q):
 def main():
     args = _args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    results = []
+    results, rss = [], []
     with httpx.Client(timeout=args.timeout, headers=headers,
                       limits=httpx.Limits(max_connections=args.clients * 2)) as http:
+        _post(http, args, _body(args, 0, 0))  # the model loaded before the clock starts
+        rss.append(_rss(http, args))
         t0 = time.perf_counter()
         threads = [threading.Thread(target=_client, args=(args, http, c, results))
                    for c in range(args.clients)]
@@ -69,13 +76,17 @@ def main():
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        rss.append(_rss(http, args))
         done = [r for r in results if r["status"] == 200]
         mismatched = 0
         for r in done:  # sequential twins
             twin, _ = _post(http, args, r["body"])
             if twin.status_code != 200 or twin.json()["data"][0]["b64_json"] != r["image"]:
                 mismatched += 1
+        rss.append(_rss(http, args))
     _report(results, done, mismatched, wall)
+    print("server RSS MB: loaded {:.0f}, after the load {:.0f}, after the twins {:.0f}".format(
+        *(r / 2**20 for r in rss)))
     return 1 if mismatched else 0
 
 

@@ -9,12 +9,13 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import tempfile
 import typing
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "nanodiffusion/1"
@@ -77,11 +78,13 @@ def atomic_write(path, write_fn):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a model is for others to read
     try:
         write_fn(tmp)
+        # mkstemp makes 0600 files, and writers may replace the file (safetensors' save_file
+        # does), so the mode is set on what was written: 0666 less the umask, as open() gives
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -89,6 +92,52 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _write(path, write_fn):
+    """atomic_write, with a failed write (full disk, read-only folder, file size limit) as an
+    OSError whose filename is `path` (not the temporary file) and whose strerror is the cause.
+    torch.save and safetensors report such failures as their own errors (torch: a RuntimeError
+    "enforce fail at inline_container.cc" that names neither)."""
+    try:
+        atomic_write(path, write_fn)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    except SafetensorError as e:  # its message ends "I/O error: <strerror> (os error <errno>)"
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+class _RecordingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer
+    turns it into a RuntimeError without the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _torch_save(obj, tmp):
+    with open(tmp, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 def unwrap(module):
@@ -114,7 +163,7 @@ def save_model(module, path, dtype=None, extra=None):
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         sd[k] = v.contiguous()
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    _write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 def read_metadata(path):
@@ -165,8 +214,9 @@ def _load_strict(model, sd, path):
 
 
 def save_state(path, state):
-    """Training state: a dict of tensors, numbers, strings, lists and dicts (no objects)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Training state: a dict of tensors, numbers, strings, lists and dicts (no objects).
+    A failed write is an OSError naming `path` and the cause; the file there is kept."""
+    _write(path, lambda tmp: _torch_save(state, tmp))
 
 
 def load_state(path):

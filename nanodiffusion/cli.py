@@ -4,27 +4,57 @@ import os
 import sys
 from pathlib import Path
 
-from . import DTYPES
+from . import DTYPES, cli_io
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _add_common_sampling(p, model_help="model folder, single file, hub id, or a bundled name "
+                         "(default: the bundled shapes model)"):
+    """The settings every image command takes; each default is the model's own."""
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--seed", type=int, default=None, help="random seed, 0 .. 2**63-1 (default: "
+                   "a random one; the PNG records it)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the "
+                   "model's; the bundled models: 15 and 20)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance "
+                   "scale, 0 .. 100; 1 turns it off (default: the model's)")
+    p.add_argument("--sampler", default=None, help="ddim, ddpm, pndm, plms, euler, "
+                   "euler-karras, euler-exponential, euler-ancestral, heun, lms, dpmpp-2m, "
+                   "dpmpp-2m-karras, dpmpp-2m-sde, dpmpp-2m-sde-karras or unipc (default: the "
+                   "model's)")
+    p.add_argument("--device", default="cpu", help="cpu, or an accelerator torch knows "
+                   "(default: cpu)")
 
 
 def _add_sampling_args(p):
-    p.add_argument("--model", default=None, help="model folder, single file, hub id, or a "
-                   "bundled name (default: the bundled shapes model)")
+    _add_common_sampling(p)
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="diffusers' guidance_rescale, 0..1 (0.7 for v-prediction models on a "
                    "zero-terminal-SNR schedule; Stable Diffusion models only)")
-    p.add_argument("--sampler", default=None)
-    p.add_argument("-n", type=int, default=1, help="number of images")
-    p.add_argument("--out", default="out.png")
+    p.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--out", default="out.png", help="output PNG (default out.png; OUT-1.png, "
+                   "OUT-2.png ... when several)")
     p.add_argument("--grid", action="store_true", help="also write a contact sheet")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations "
                    "of a Stable Diffusion model (bfloat16: about 2x faster on CPUs with "
                    "AVX-512 BF16 or AMX; float16 for GPUs)")
+    p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
+                   help="what the UNet of a single-file checkpoint predicts, which the file "
+                   "does not record (default: found as diffusers finds it, or from a "
+                   "MODEL.yaml beside the file)")
+
+
+def _port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text!r}")
+    return port
 
 
 def _at_least_one(text):
@@ -48,8 +78,10 @@ def _parser():
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--height", type=int, default=None)
+    for side in ("width", "height"):
+        g.add_argument(f"--{side}", type=int, default=None, help=f"image {side} in pixels, a "
+                       "multiple of 8 (of 4 for the bundled models) (default: the model's; "
+                       "the bundled models: 64)")
     g.add_argument("--pipeline", choices=["sd", "unclip"], default=None,
                    help="the kind of model --model must be; unclip with no --model uses the "
                    "bundled shapes-unclip (default: whatever --model is)")
@@ -61,10 +93,18 @@ def _parser():
     for name in ("img2img", "inpaint"):
         s = sub.add_parser(name, help=f"{name} from an init image")
         s.add_argument("prompt")
-        s.add_argument("--image", required=True)
+        s.add_argument("--image", required=True, help="the init image (PNG, JPEG, WebP), "
+                       "resized down to a multiple of the model's size step")
         if name == "inpaint":
-            s.add_argument("--mask", required=True, help="white = repaint")
-        s.add_argument("--strength", type=float, default=0.6 if name == "img2img" else 1.0)
+            s.add_argument("--mask", required=True, help="mask image: white = repaint, "
+                           "black = keep")
+            s.add_argument("--keep-unmasked", action="store_true", help="paste the input's "
+                           "exact pixels back outside the mask (AUTOMATIC1111's overlay); "
+                           "without it they are the VAE's, as in diffusers")
+        strength = 0.6 if name == "img2img" else 1.0
+        s.add_argument("--strength", type=float, default=strength, help="how far the init "
+                       f"image is noised before denoising, (0, 1]; 1 repaints it all "
+                       f"(default {strength})")
         _add_sampling_args(s)
         _add_save_steps(s)
     _add_unclip_commands(sub)
@@ -97,12 +137,15 @@ def _parser():
     v.add_argument("--models-dir", default=None, help="serve every model in this folder "
                    "(default: the bundled models)")
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=_port, default=8000, help="(default 8000)")
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                    "(default: $NANODIFFUSION_API_KEY, else none)")
     v.add_argument("--device", default="cpu")
     v.add_argument("--dtype", default="float32", choices=DTYPES, help="Stable Diffusion "
                    "models' precision (unCLIP models stay float32)")
+    v.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
+                   help="what the UNets of the single-file checkpoints served predict "
+                   "(default: found per file, as diffusers finds it)")
     v.add_argument("--max-queue", type=int, default=8, help="waiting jobs per model")
     v.add_argument("--max-side", type=int, default=1024)
     v.add_argument("--max-n", type=int, default=8)
@@ -113,67 +156,6 @@ def _parser():
     return ap
 
 
-def _save_images(images, out, args, grid):
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [
-        out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(len(images))]
-    for im, p in zip(images, paths):
-        from .pnginfo import save_png
-
-        save_png(im, p)
-        print(p)
-    if grid and len(images) > 1:
-        from .pipeline import make_grid
-
-        g = out.with_name(f"{out.stem}-grid{out.suffix}")
-        make_grid(images).save(g)
-        print(g)
-    return paths
-
-
-def _step_frames(callback):
-    """`callback` plus the keeping of the previews the pipeline decodes (preview=K): a list,
-    one entry per kept step, of the n images' estimates. The last step's is left out: the
-    final image stands at the end of the strip."""
-    frames = []
-
-    def cb(info):
-        callback(info)
-        if "preview" in info and info["step"] < info["total"] - 1:
-            frames.append(info["preview"])
-    return cb, frames
-
-
-def _save_strips(frames, images, paths):
-    """OUT-steps.png per image: its estimate at every kept step, then the final image; it
-    carries the image's parameters too."""
-    from .pipeline import make_grid
-    from .pnginfo import save_png
-
-    for i, (im, p) in enumerate(zip(images, paths)):
-        strip = make_grid([f[i] for f in frames] + [im], rows=1)
-        strip.info["parameters"] = im.info.get("parameters")
-        path = p.with_name(f"{p.stem}-steps{p.suffix}")
-        save_png(strip, path)
-        print(path)
-
-
-def _progress(total_hint="steps"):
-    from tqdm import tqdm
-
-    bar = {}
-
-    def cb(info):
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=info["total"], desc="denoise", unit="step", leave=False,
-                              disable=None)
-        bar["bar"].update(1)
-        if info["step"] + 1 >= info["total"]:
-            bar.pop("bar").close()
-    return cb
-
-
 def cmd_sample(args):
     from .unclip import UnCLIPPipeline
 
@@ -181,10 +163,12 @@ def cmd_sample(args):
     if args.save_steps and best_of != 1:
         raise ValueError(f"--save-steps shows one image's steps, so it does not go with "
                          f"--best-of {best_of} (several candidates per image)")
-    pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"), args.dtype)
-    callback, frames = _progress(), None
+    cli_io.check_out(args.out)
+    pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"), args.dtype,
+                 args.prediction_type)
+    callback, frames = cli_io.progress(), None
     if args.save_steps:
-        callback, frames = _step_frames(callback)
+        callback, frames = cli_io.step_frames(callback)
     common = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                   guidance=args.guidance, sampler=args.sampler, n=args.n, callback=callback,
                   preview=args.save_steps or False)
@@ -199,14 +183,15 @@ def cmd_sample(args):
         images = pipe.generate(args.prompt, width=args.width, height=args.height,
                                best_of=best_of, **common)
     elif args.command == "img2img":
-        images = pipe.img2img(args.prompt, _open_image(args.image), strength=args.strength,
-                              **common)
-    else:
-        images = pipe.inpaint(args.prompt, _open_image(args.image), _open_image(args.mask),
+        images = pipe.img2img(args.prompt, cli_io.open_image(args.image),
                               strength=args.strength, **common)
-    paths = _save_images(images, args.out, args, args.grid)
+    else:
+        images = pipe.inpaint(args.prompt, cli_io.open_image(args.image),
+                              cli_io.open_image(args.mask), strength=args.strength,
+                              keep_unmasked=args.keep_unmasked, **common)
+    paths = cli_io.save_images(images, args.out, args.grid)
     if frames is not None:
-        _save_strips(frames, images, paths)
+        cli_io.save_strips(frames, images, paths)
 
 
 def cmd_info(args):
@@ -239,14 +224,15 @@ def cmd_info(args):
 # ---- unCLIP: variations, text-diff edits, interpolation, captions --------------------------
 def _add_unclip_commands(sub):
     v = sub.add_parser("vary", help="unCLIP variations of an image")
-    v.add_argument("image")
+    v.add_argument("image", help="the image (PNG, JPEG, WebP)")
     v.add_argument("-n", type=int, default=4, help="number of variations")
     v.add_argument("--caption", default="auto", help="what a decoder that reads text is told: "
                    "auto (the caption CLIP ranks first for the image), your own, or \"\" "
                    "(the image embedding alone)")
     e = sub.add_parser("edit", help="unCLIP text diff: move an image from one caption to another")
-    e.add_argument("image")
-    e.add_argument("--from", dest="source", required=True, help="a caption of the image")
+    e.add_argument("image", help="the image (PNG, JPEG, WebP)")
+    e.add_argument("--from", dest="source", default="auto", help="a caption of the image "
+                   "(default: auto, the caption CLIP ranks first for it)")
     e.add_argument("--to", dest="target", required=True, help="the caption it should match")
     e.add_argument("--strength", type=float, default=1.0, help="how far to move, in [0, 1]")
     e.add_argument("-n", type=int, default=1, help="number of images")
@@ -256,11 +242,10 @@ def _add_unclip_commands(sub):
     i.add_argument("--frames", type=int, default=8, help="images along the way, ends included")
     i.add_argument("--save-frames", action="store_true",
                    help="also write each frame as OUT-1.png, OUT-2.png, ...")
+    unclip_model = ("an unCLIP model folder or bundled name (default: the bundled "
+                    "shapes-unclip)")
     for p, out in ((v, "variations.png"), (e, "edit.png"), (i, "morph.png")):
-        p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--steps", type=int, default=None)
-        p.add_argument("--guidance", type=float, default=None)
-        p.add_argument("--sampler", default=None)
+        _add_common_sampling(p, unclip_model)
         if p is i:
             p.add_argument("--out", default=out, help=f"the frames' strip (default {out})")
         else:
@@ -268,35 +253,21 @@ def _add_unclip_commands(sub):
                            "... when several)")
             p.add_argument("--grid", action="store_true", help="also write a contact sheet")
     d = sub.add_parser("describe", help="the captions CLIP ranks highest for an image")
-    d.add_argument("image")
+    d.add_argument("image", help="the image (PNG, JPEG, WebP)")
     d.add_argument("--top", type=int, default=None, help="how many captions (default 5)")
     d.add_argument("--candidates", default=None, help="a text file of captions, one per line "
                    "(default: every caption of the shapes grammar)")
-    for p in (v, e, i, d):
-        p.add_argument("--model", default=None, help="an unCLIP model folder or bundled name "
-                       "(default: the bundled shapes-unclip)")
-        p.add_argument("--device", default="cpu")
-
-
-def _open_image(path):
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no image file at {path!r}")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path!r} is not an image file PIL can read ({e})") from None
-    return image
+    d.add_argument("--model", default=None, help=unclip_model)
+    d.add_argument("--device", default="cpu", help="(default: cpu)")
 
 
 KINDS = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP model"}
 
 
-def _load(model, device, kind=None, dtype="float32"):
+def _load(model, device, kind=None, dtype="float32", prediction_type=None):
     """The model at `model` (None: the bundled default of `kind`); with `kind` ("sd" or
-    "unclip"), a model of the other kind is refused before its weights are read."""
+    "unclip"), a model of the other kind is refused before its weights are read.
+    `prediction_type`: for single files, which do not record it."""
     import torch
 
     from .loading import load_pipeline, model_kind
@@ -309,50 +280,51 @@ def _load(model, device, kind=None, dtype="float32"):
                          + (hint if kind == "unclip" else ""))
     if dtype != "float32" and (actual or model_kind(model)) == "unclip":
         raise ValueError(f"--dtype {dtype}: unCLIP models run in float32 only")
-    return load_pipeline(model, device=device, dtype=getattr(torch, dtype))
+    return load_pipeline(model, device=device, dtype=getattr(torch, dtype),
+                         prediction_type=prediction_type)
 
 
 def _settings(args):
-    return dict(seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler)
+    return dict(seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                callback=cli_io.progress())
 
 
 def cmd_vary(args):
-    image = _open_image(args.image)
+    image = cli_io.open_image(args.image)
+    cli_io.check_out(args.out)
     pipe = _load(args.model, args.device, "unclip")
     images = pipe.variations(image, n=args.n, caption=args.caption, **_settings(args))
-    _save_images(images, args.out, args, args.grid)
+    cli_io.save_images(images, args.out, args.grid)
 
 
 def cmd_edit(args):
-    image = _open_image(args.image)
+    image = cli_io.open_image(args.image)
+    cli_io.check_out(args.out)
     pipe = _load(args.model, args.device, "unclip")
     images = pipe.edit(image, args.source, args.target, strength=args.strength, n=args.n,
                        **_settings(args))
-    _save_images(images, args.out, args, args.grid)
+    cli_io.save_images(images, args.out, args.grid)
 
 
 def cmd_interpolate(args):
     """The frames as one strip (up to 8 a row) at --out, carrying the first frame's parameters
     as AUTOMATIC1111's grids do; with --save-frames each frame too."""
     from .pipeline import make_grid
-    from .pnginfo import save_png
 
-    a, b = _open_image(args.a), _open_image(args.b)
+    a, b = cli_io.open_image(args.a), cli_io.open_image(args.b)
+    cli_io.check_out(args.out)
     pipe = _load(args.model, args.device, "unclip")
     frames = pipe.interpolate(a, b, frames=args.frames, **_settings(args))
     strip = make_grid(frames, rows=-(-len(frames) // 8))
     strip.info["parameters"] = frames[0].info["parameters"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(strip, out)
-    print(out)
+    cli_io.save_images([strip], args.out, False)
     if args.save_frames:
-        _save_images(frames, out, args, False)
+        cli_io.save_images(frames, args.out, False)
 
 
 def cmd_describe(args):
     """Print `score  caption` lines, the highest CLIP cosine similarity first."""
-    image = _open_image(args.image)
+    image = cli_io.open_image(args.image)
     candidates = None
     if args.candidates is not None:
         path = Path(args.candidates)
@@ -364,12 +336,15 @@ def cmd_describe(args):
             raise ValueError(f"{args.candidates!r} holds no captions (one per line expected)")
     pipe = _load(args.model, args.device, "unclip")
     top = args.top if args.top is not None else min(5, len(candidates or range(5)))
-    for caption, score in pipe.describe(image, candidates, top=top):
+    for caption, score in pipe.describe(image, candidates, top=top,
+                                        callback=cli_io.progress("encode captions", "chunk")):
         print(f"{score:.4f}  {caption}")
 
 
 def cmd_train(args):
-    from .train import TrainConfig, load_recipe, main_ddp, train
+    import signal
+
+    from .train import TrainConfig, WriteFailed, load_recipe, main_ddp, train
 
     over = {"data": args.data, "out": args.out, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "device": args.device,
@@ -378,10 +353,20 @@ def cmd_train(args):
         cfg = load_recipe(args.recipe, args.part, **over)
     else:
         cfg = TrainConfig(part=args.part, **{k: v for k, v in over.items() if v is not None})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        main_ddp(cfg)
-    else:
-        train(cfg)
+    try:
+        records = main_ddp(cfg) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else train(cfg)
+    except WriteFailed as e:  # full disk, read-only folder: the message says what is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # Ctrl-C before the loop's handler, or a second one
+        print(f"error: interrupted ({e or 'SIGINT'}); the last checkpoint on disk is kept",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    if records.stopped_by:  # saved after SIGINT / SIGTERM: exit 128 + n, as shells report it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{signal.Signals(records.stopped_by).name}: saved at step "
+                  f"{records[-1]['step']}; run the same command to resume", file=sys.stderr)
+        return 128 + records.stopped_by
 
 
 def cmd_eval(args):
@@ -420,7 +405,7 @@ def cmd_serve(args):
                     max_queue=args.max_queue)
     serve(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
           api_key=args.api_key or os.environ.get("NANODIFFUSION_API_KEY") or None,
-          limits=limits, dtype=args.dtype)
+          limits=limits, dtype=args.dtype, prediction_type=args.prediction_type)
 
 
 def main(argv=None):
@@ -431,9 +416,15 @@ def main(argv=None):
                 "interpolate": cmd_interpolate, "describe": cmd_describe}
     try:
         rc = handlers[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except cli_io.OutputError as e:  # the work is done: only the writing failed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # bad input, a missing or unreadable file
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return rc if isinstance(rc, int) else 0
 
 

@@ -323,10 +323,13 @@ def infer_clip_text_config(sd: dict, version: str, hints: LDMHints) -> CLIPTextC
         activation="gelu" if v2 else "quick_gelu", pad_token_id=0 if v2 else 49407)
 
 
-def ldm_to_diffusers(sd: dict, *, use_ema: bool = True, hints: LDMHints | None = None) -> dict:
+def ldm_to_diffusers(sd: dict, *, use_ema: bool = True, hints: LDMHints | None = None,
+                     configs: dict | None = None) -> dict:
     """A single-file SD 1.x / 2.x checkpoint -> {"unet", "vae", "text": diffusers-layout state
     dicts (None where the file has no such part), "info": {"version", "inpainting", "ema",
-    "unet_config", "vae_config", "text_config"}}. Every key must be used or on an ignore list."""
+    "unet_config", "vae_config", "text_config"}}. Every key must be used or on an ignore list.
+    The configs are read off the tensors and `hints`, unless `configs` gives them (the keys
+    "unet_config", "vae_config", "text_config": a file that records its own)."""
     hints = hints or LDMHints()
     version = ldm.detect_version(sd)
     unet, accounted, ema = ldm.unet_from_ldm(sd, use_ema)
@@ -335,11 +338,13 @@ def ldm_to_diffusers(sd: dict, *, use_ema: bool = True, hints: LDMHints | None =
     unused = set(sd) - accounted - used_vae - used_text - set(ldm.IGNORED_KEYS)
     if unused:
         raise ValueError(f"{len(unused)} keys of the checkpoint were not used: {key_list(unused)}")
-    unet_cfg = infer_unet_config(unet, version, hints)
-    info = {"version": version, "inpainting": unet_cfg.in_channels == 9, "ema": ema,
-            "unet_config": unet_cfg,
-            "vae_config": None if vae is None else infer_vae_config(vae, hints),
-            "text_config": None if text is None else infer_clip_text_config(text, version, hints)}
+    if configs is None:
+        configs = {"unet_config": infer_unet_config(unet, version, hints),
+                   "vae_config": None if vae is None else infer_vae_config(vae, hints),
+                   "text_config": None if text is None else
+                   infer_clip_text_config(text, version, hints)}
+    info = {"version": version, "inpainting": configs["unet_config"].in_channels == 9,
+            "ema": ema, **{k: configs[k] for k in ("unet_config", "vae_config", "text_config")}}
     return {"unet": unet, "vae": vae, "text": text, "info": info}
 
 
@@ -368,12 +373,20 @@ TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 def read_state_dict(path) -> dict:
     """Tensors of a .safetensors file, or of a pickled .ckpt/.pt/.pth/.bin read with
     weights_only=True (no code runs; a file that needs code is refused)."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path) -> tuple[dict, int | None]:
+    """(tensors, global_step) of a weight file as read_state_dict reads it. global_step, the
+    training step ldm's checkpoints record beside the weights (or a "global_step" tensor among
+    them), is None where the file has none; it is taken out of the tensors."""
     path = Path(path)
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path), device="cpu")
+            sd = load_file(str(path), device="cpu")
         except SafetensorError as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        return sd, _global_step(sd.pop("global_step", None), path)
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown weight format (accepted: .safetensors, "
                          f"{', '.join(TORCH_SUFFIXES)})")
@@ -385,7 +398,17 @@ def read_state_dict(path) -> dict:
                          f"({str(e).splitlines()[0]})") from e
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
-    return _tensors_only(obj, path)
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    sd = _tensors_only(obj, path)
+    inner = sd.pop("global_step", None)
+    return sd, _global_step(inner if inner is not None else step, path)
+
+
+def _global_step(value, path: Path) -> int | None:
+    value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{path}: global_step={value!r} is not a whole number")
 
 
 def _tensors_only(obj, path: Path) -> dict:
@@ -393,6 +416,8 @@ def _tensors_only(obj, path: Path) -> dict:
         obj = obj["state_dict"]  # Lightning checkpoints wrap the weights
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    if not isinstance(obj.get("global_step", 0), torch.Tensor):  # a step beside the weights
+        obj = {k: v for k, v in obj.items() if k != "global_step"}
     bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{path}: entries that are not tensors: {key_list(bad)}")

@@ -7,10 +7,12 @@ a_t = alphas_cumprod[t]. `Denoiser` turns such a network into `denoiser(x, sigma
 (k-diffusion's `DiscreteEpsDDPMDenoiser`); guidance is one more wrapper around it.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
+
+from .errors import InputError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -39,6 +41,9 @@ class ScheduleConfig:
     # Lin et al. 2024: shift and scale sqrt(alphas_cumprod) so the last timestep is pure noise
     # (zero SNR); used with v prediction and trailing timesteps
     rescale_betas_zero_snr: bool = False
+    # the fields the diffusers scheduler_config.json this came from left out: each sampler
+    # gives them the default of its own diffusers class (`for_scheduler`), as diffusers does
+    defaulted: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -46,19 +51,62 @@ class ScheduleConfig:
         _check("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 2")
+        self.defaulted = tuple(self.defaulted)
+        unknown = sorted(set(self.defaulted) - set(_DIFFUSERS_BASE))
+        if unknown:
+            raise ValueError(f"defaulted={unknown} are not fields of ScheduleConfig; accepted: "
+                             f"{', '.join(_DIFFUSERS_BASE)}")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "ScheduleConfig":
         """From a diffusers scheduler_config.json dict; keys we do not model are ignored, keys
-        that would change the math in a way we cannot express raise ValueError."""
+        that would change the math in a way we cannot express raise ValueError. Keys left out
+        take the defaults of the class the file names (`_class_name`), as diffusers' loader
+        gives them, and are recorded in `defaulted`."""
         if config.get("trained_betas") is not None:
             raise ValueError("trained_betas is not supported; accepted: beta_schedule "
                              f"in {', '.join(BETA_SCHEDULES)}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        given = {k: v for k, v in config.items() if k in _DIFFUSERS_BASE}
+        base = {**_DIFFUSERS_BASE, **SCHEDULER_DEFAULTS.get(config.get("_class_name"), {})}
+        missing = tuple(k for k in _DIFFUSERS_BASE if k not in given)
+        return cls(**{**base, **given}, defaulted=missing)
 
     def to_diffusers(self) -> dict:
-        return asdict(self)
+        """The scheduler_config.json keys, without the defaulted ones (so a diffusers class
+        reading it gives them its own default, as our samplers do)."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "defaulted" and k not in self.defaulted}
+
+    def for_scheduler(self, class_name: str) -> "ScheduleConfig":
+        """This config as diffusers' `<class_name>.from_config` reads it (the idiom
+        `DDIMScheduler.from_config(pipe.scheduler.config)`): the defaulted fields take that
+        class's defaults, the given ones are kept. Returns self when nothing changes."""
+        if class_name not in SCHEDULER_DEFAULTS:
+            raise ValueError(f"unknown diffusers scheduler class {class_name!r}; accepted: "
+                             f"{', '.join(SCHEDULER_DEFAULTS)}")
+        defaults = {**_DIFFUSERS_BASE, **SCHEDULER_DEFAULTS[class_name]}
+        resolved = replace(self, **{k: defaults[k] for k in self.defaulted})
+        return self if resolved == self else resolved
+
+
+# The defaults of ScheduleConfig's fields in diffusers' scheduler classes (their __init__
+# signatures, diffusers 0.42): diffusers records the keys a scheduler_config.json leaves out
+# (`_use_default_values`) and `from_config` of another class drops them, so that class's
+# defaults apply: an Euler config read by DDIM clips x0 and ends at alpha 1. A class without
+# an option behaves as its value here (no clipping, no alpha-1 step).
+_DIFFUSERS_BASE = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+    prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0, clip_sample=False,
+    clip_sample_range=1.0, set_alpha_to_one=False, rescale_betas_zero_snr=False)
+SCHEDULER_DEFAULTS = {
+    "DDIMScheduler": dict(timestep_spacing="leading", clip_sample=True, set_alpha_to_one=True),
+    "DDPMScheduler": dict(timestep_spacing="leading", clip_sample=True),
+    "PNDMScheduler": dict(timestep_spacing="leading"),
+    "HeunDiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012),
+    "EulerDiscreteScheduler": {}, "EulerAncestralDiscreteScheduler": {},
+    "LMSDiscreteScheduler": {}, "DPMSolverMultistepScheduler": {},
+    "UniPCMultistepScheduler": {},
+}
 
 
 def _betas(cfg: ScheduleConfig) -> torch.Tensor:
@@ -223,7 +271,7 @@ def cfg_denoiser(denoiser, guidance: float, rescale: float = 0.0):
     `Denoiser` (its `base`)."""
     if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or \
             not 0 <= rescale <= 1:  # also rejects NaN
-        raise ValueError(f"guidance_rescale must be a number in [0, 1], got {rescale!r}")
+        raise InputError(f"guidance_rescale must be a number in [0, 1], got {rescale!r}")
     guidance, rescale = float(guidance), float(rescale)
     if guidance == 1.0:
         return denoiser

@@ -1,9 +1,9 @@
 """An independent judge of `shapes` images: does this image show what this prompt says?
 
-It knows only the contract, SHAPES.md, and nothing of the generator's code: the tables below
-are copied from that page on purpose (a test checks they agree with data/shapes.py), and shapes
-are recognised by fitting this file's own rasterisation of each shape's definition. So a bug in
-the generator shows up as a judging failure instead of being shared by both.
+It knows only the contract (its user's page: docs/shapes.md), not the generator's code: the
+tables below are copied from it on purpose (a test checks they agree with data/shapes.py), and
+shapes are recognised by fitting this file's own rasterisation of each shape's definition. So a
+bug in the generator shows up as a judging failure instead of being shared by both.
 
 Pipeline: non-white pixels -> connected blobs (tiny fragments merged or dropped) -> per blob,
 the colour (nearest table colour), a soft coverage map, and the best fitting shape template,
@@ -66,7 +66,7 @@ def _as_rgb(image):
 
 
 def parse_prompt(prompt):
-    """Prompt of the SHAPES.md grammar -> dict(objects=[dict(colour, shape, size, position)],
+    """Prompt of the shapes grammar -> dict(objects=[dict(colour, shape, size, position)],
     relation, held_out). size/position are None where not stated. ValueError otherwise."""
     text = " ".join(prompt.lower().strip().rstrip(".").split())
     colour, shape = "|".join(COLOURS), "|".join(SHAPES)
@@ -80,7 +80,7 @@ def parse_prompt(prompt):
         plain = rf"an? ({colour}) ({shape})"  # pair captions state no size
         m = re.fullmatch(rf"{plain} ({'|'.join(RELATIONS)}) {plain}", text)
         if not m:
-            raise ValueError(f"prompt is outside the shapes grammar (SHAPES.md): {prompt!r}")
+            raise ValueError(f"prompt is outside the shapes grammar (docs/shapes.md): {prompt!r}")
         c1, s1, relation, c2, s2 = m.groups()
         objects = [dict(colour=c1, shape=s1, size=None, position=None),
                    dict(colour=c2, shape=s2, size=None, position=None)]
@@ -130,7 +130,8 @@ def _dilate(mask, r):
 
 
 def _inside(shape, px, py, cx, cy, d):
-    """Which points lie inside the shape with box side d centred at (cx, cy), per SHAPES.md."""
+    """Which points lie inside the shape with box side d centred at (cx, cy), per the shapes
+    contract."""
     dx, dy = px - cx, py - cy
     if shape == "circle":
         return dx * dx + dy * dy <= (d / 2) ** 2
@@ -249,7 +250,8 @@ def _blobs(ink):
 
 def find_objects(image):
     """Objects in a shapes image: list of dict(colour, shape, size, cell, cx, cy, d, fit_error,
-    area); cx, cy the box centre and d the box side in pixels, as SHAPES.md defines them."""
+    area); cx, cy the box centre and d the box side in pixels, as the shapes contract defines
+    them."""
     return _find(_as_rgb(image))
 
 

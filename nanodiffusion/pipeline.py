@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import samplers
 from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from .errors import InputError
 from .models.vae import for_inference as vae_for_inference
 from .pnginfo import format_parameters
 
@@ -69,20 +70,20 @@ def make_grid(images, rows=None):
 
 def _check_int(name, value, lo, hi):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
 def _check_size(width, height, factor):
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or v < factor or v > MAX_SIDE or v % factor:
-            raise ValueError(f"{name} must be a multiple of {factor} between {factor} and "
+            raise InputError(f"{name} must be a multiple of {factor} between {factor} and "
                              f"{MAX_SIDE}, got {v!r}")
 
 
 def _check_guidance(guidance):
     if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or \
             not 0 <= guidance <= 100:
-        raise ValueError(f"guidance must be a finite number in [0, 100], got {guidance!r}")
+        raise InputError(f"guidance must be a finite number in [0, 100], got {guidance!r}")
 
 
 class Pipeline:
@@ -166,15 +167,21 @@ class Pipeline:
 
     def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", seed=None,
                 steps=None, guidance=None, sampler=None, n=1, callback=None, preview=False,
-                eta=None, width=None, height=None, guidance_rescale=0.0):
+                eta=None, width=None, height=None, guidance_rescale=0.0, keep_unmasked=False):
         """Repaint where `mask` is white (>= 128), keep the rest. 9-channel UNets see the mask;
-        other UNets get the known region blended back in at every step."""
+        other UNets get the known region blended back in at every step. The VAE decoder mixes
+        neighbouring latents, so pixels outside the mask near it change too (diffusers' images
+        do, the same); `keep_unmasked=True` pastes the input's pixels back outside the mask
+        after decoding (AUTOMATIC1111's mask overlay)."""
         _check_strength(strength)
+        if not isinstance(keep_unmasked, bool):
+            raise InputError(f"keep_unmasked must be True or False, got {keep_unmasked!r}")
         init = self._image_input(image, width, height)
         mask_t = _mask_input(mask, init.shape[-1], init.shape[-2])
-        return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
-                         preview, eta, init=init, strength=strength, mask=mask_t,
-                         rescale=guidance_rescale)
+        images = self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
+                           preview, eta, init=init, strength=strength, mask=mask_t,
+                           rescale=guidance_rescale)
+        return _paste_unmasked(images, init, mask_t) if keep_unmasked else images
 
     def _image_input(self, image, width, height):
         """The init image at `width` x `height`, which must be multiples of the VAE factor; by
@@ -199,7 +206,7 @@ class Pipeline:
         _check_guidance(guidance)
         _check_eta(eta, sampler)
         if sampler not in samplers.SAMPLER_NAMES:
-            raise ValueError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
+            raise InputError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
         return seed, steps, float(guidance), sampler
 
     @torch.no_grad()
@@ -230,11 +237,11 @@ class Pipeline:
                 post_step = _blend_known(init_latents, noise, m, plan)
             if strength == 1.0:
                 init_latents = None  # diffusers starts from pure noise at full strength
-        denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), self.schedule,
+        denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), plan.schedule,
                                          quantize_t=plan.quantize_t), guidance, rescale)
         latents = self._sample(plan, denoiser, noise, init_latents, gen,
                                self._wrap_callback(callback, preview), post_step, cond)
-        images = self._decode(latents)
+        images = self.decode_latents(latents)
         params = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                       guidance=guidance, seed=seed, width=w, height=h, model=self.name,
                       strength=strength if init is not None else None, batch_size=n,
@@ -272,7 +279,8 @@ class Pipeline:
         post = self.vae.encode(image.to(self._device, self._vae_dtype))
         return post.sample(gen).float() * self.vae.config.scaling_factor
 
-    def _decode(self, latents):
+    def decode_latents(self, latents):
+        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder)."""
         x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self._vae_dtype))
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values (numerical "
@@ -306,7 +314,7 @@ class Pipeline:
 
         def cb(info):
             if every and info["step"] % every == 0:
-                info = {**info, "preview": self._decode(info["denoised"])}
+                info = {**info, "preview": self.decode_latents(info["denoised"])}
             return callback(info)
         return cb
 
@@ -332,7 +340,7 @@ MAX_BEST_OF = 16
 def _image_clip(pipe):
     clip = getattr(pipe, "clip", None)
     if clip is None or not hasattr(clip, "encode_image"):
-        raise ValueError(f"best_of needs a CLIP image encoder to rank the candidates, and the "
+        raise InputError(f"best_of needs a CLIP image encoder to rank the candidates, and the "
                          f"model {pipe.name!r} has a text encoder only; use best_of=1, or a "
                          f"model whose folder holds a full CLIP (text and image towers)")
     return clip
@@ -382,15 +390,28 @@ def _check_eta(eta, sampler):
     if eta is None:
         return
     if sampler not in ETA_SAMPLERS:
-        raise ValueError(f"eta is an option of the {', '.join(ETA_SAMPLERS)} samplers only, "
+        raise InputError(f"eta is an option of the {', '.join(ETA_SAMPLERS)} samplers only, "
                          f"not of {sampler!r}")
     if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
 
 
 def _check_strength(strength):
     if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        raise InputError(f"strength must be in (0, 1], got {strength!r}")
+
+
+def _paste_unmasked(images, init, mask):
+    """The input image's pixels (init (1, 3, H, W) in [-1, 1]) where the binary `mask` (1, 1, H,
+    W) is 0, the generated ones where it is 1; each image keeps its parameters."""
+    original = to_pil(init)[0]  # exact: from_pil's v / 255 rounds back to v
+    alpha = Image.fromarray((mask[0, 0].cpu().numpy() * 255).astype(np.uint8))  # (H, W)
+    out = []
+    for im in images:
+        pasted = Image.composite(im, original, alpha)
+        pasted.info.update(im.info)
+        out.append(pasted)
+    return out
 
 
 def _mask_input(mask, width, height):

@@ -11,9 +11,12 @@ device, in x's dtype) so that one generator reproduces a diffusers run draw for 
 Each sampler gives the same result as one diffusers scheduler in a pipeline loop (see
 `diffusers_scheduler_for`); `plan` builds the sigmas and options that make it so, `run` runs it.
 Known differences: PNDM with v_prediction (diffusers mixes raw v outputs of several steps before
-converting them to noise); DPM-Solver Karras with squaredcos_cap_v2 (diffusers truncates t).
+converting them to noise); DPM-Solver Karras with squaredcos_cap_v2 (diffusers truncates t);
+rescale_betas_zero_snr, which diffusers' PNDM, LMS and Heun classes lack (they sample a
+zero-terminal-SNR model on the plain schedule; ours keep the model's).
 """
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from .diffusion import NoiseSchedule, exponential_sigmas, karras_sigmas
+from .errors import InputError
 
 
 def _draw(x, generator, dtype):
@@ -82,9 +86,18 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None
     return x.to(dtype)
 
 
-def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None):
+def _clipped(denoiser, clip_sample):
+    """diffusers' clip_sample: the denoised estimate clamped to [-clip_sample, clip_sample]."""
+    if clip_sample is None:
+        return denoiser
+    return lambda x, sigma: denoiser(x, sigma).clamp(-clip_sample, clip_sample)
+
+
+def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
+                clip_sample=None):
     """diffusers HeunDiscreteScheduler: Euler predictor, trapezoid corrector; Euler alone on
-    the step to sigma 0 (2N - 1 denoiser calls)."""
+    the step to sigma 0 (2N - 1 denoiser calls). `clip_sample`: clamp both estimates."""
+    denoiser = _clipped(denoiser, clip_sample)
     dtype, x, s = x.dtype, x.float(), sigmas.tolist()
     for i in range(len(s) - 1):
         den = _denoise(denoiser, x, s[i], dtype)
@@ -218,16 +231,19 @@ def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, post_ste
 
 
 def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None, eta=0.0,
-                to_sigmas=None):
+                to_sigmas=None, clip_sample=None):
     """diffusers DDIMScheduler in VE scaling: x = x0 + sqrt(s_to^2 - std^2) eps + std z, where
     std = eta * DDIM's sigma_t / sqrt(a_prev). `to_sigmas[i]` is the level diffusers steps to
-    (t - T//steps; the final alpha when below 0); by default sigmas[i + 1]."""
+    (t - T//steps; the final alpha when below 0); by default sigmas[i + 1]. `clip_sample`:
+    x0 clamped to [-clip_sample, clip_sample], eps kept unclipped (as diffusers' step)."""
     dtype, x, s = x.dtype, x.float(), sigmas.tolist()
     to = to_sigmas.tolist() if to_sigmas is not None else s[1:]
     for i in range(len(s) - 1):
         den = _denoise(denoiser, x, s[i], dtype)
-        _report(callback, i, len(s) - 1, x, den, s[i])
         eps = (x - den) / s[i]
+        if clip_sample is not None:
+            den = den.clamp(-clip_sample, clip_sample)
+        _report(callback, i, len(s) - 1, x, den, s[i])
         std = eta * to[i] * math.sqrt(max(s[i] ** 2 - to[i] ** 2, 0.0)) / s[i]
         x = den + math.sqrt(to[i] ** 2 - std**2) * eps
         if eta > 0:
@@ -237,10 +253,12 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, post_step
 
 
 def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
-                final_noise=True):
+                final_noise=True, clip_sample=None):
     """diffusers DDPMScheduler (fixed_small) posterior q(x_next | x, x0) in VE scaling:
     mean x0 + (s_next / s)^2 (x - x0), std s_next sqrt(1 - (s_next / s)^2). diffusers draws
-    noise while t > 0, so the last step draws unless it starts at t = 0 (`final_noise`)."""
+    noise while t > 0, so the last step draws unless it starts at t = 0 (`final_noise`).
+    `clip_sample`: x0 clamped to [-clip_sample, clip_sample]."""
+    denoiser = _clipped(denoiser, clip_sample)
     dtype, x, s = x.dtype, x.float(), sigmas.tolist()
     n = len(s) - 1
     for i in range(n):
@@ -321,7 +339,7 @@ SAMPLER_NAMES = list(_SAMPLERS)
 
 def _spec(name: str):
     if name not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLER_NAMES)}")
+        raise InputError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLER_NAMES)}")
     return _SAMPLERS[name]
 
 
@@ -341,7 +359,9 @@ class Plan:
     quantize_t: build the Denoiser with it (diffusers' integer timesteps); final_scale: the
     sampler returns x at sigmas[-1] in VE scaling, which `run` multiplies by this to get the
     latents diffusers returns (1 / sqrt(sigma_last^2 + 1), not 1 where DDIM/PNDM end at
-    alphas_cumprod[0]); fn: the sampler with its options bound.
+    alphas_cumprod[0]); fn: the sampler with its options bound; schedule: the NoiseSchedule
+    the sampler's diffusers class makes of the model's (`ScheduleConfig.for_scheduler`), to
+    build the Denoiser with.
     """
 
     sampler: str
@@ -351,15 +371,16 @@ class Plan:
     quantize_t: bool
     final_scale: float
     fn: Callable
+    schedule: NoiseSchedule | None = None
 
 
 def _start(steps: int, strength: float) -> int:
     """diffusers img2img `get_timesteps`: the index of the first step that runs."""
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength={strength} must be in (0, 1]")
+        raise InputError(f"strength={strength} must be in (0, 1]")
     start = max(steps - min(int(steps * strength), steps), 0)
     if start >= steps:
-        raise ValueError(f"steps={steps} at strength={strength} leaves no step to run; "
+        raise InputError(f"steps={steps} at strength={strength} leaves no step to run; "
                          "raise steps or strength")
     return start
 
@@ -418,11 +439,18 @@ def plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.
          **options) -> Plan:
     """The sigmas, start scaling and options that make `sampler` reproduce its diffusers
     scheduler (`diffusers_scheduler_for`) for `steps` steps, starting at img2img `strength`.
-    `options` go to the sampler (e.g. eta=1.0 for ddim, as diffusers' `step(eta=...)`)."""
-    fn = _spec(sampler)[0]
+    `options` go to the sampler (e.g. eta=1.0 for ddim, as diffusers' `step(eta=...)`).
+    Schedule options a diffusers scheduler_config left out take the defaults of the sampler's
+    diffusers class, as `<class>.from_config(pipe.scheduler.config)` gives them."""
+    fn, cls, _ = _spec(sampler)
     if steps < 1 or steps > schedule.num_train_timesteps:
-        raise ValueError(f"steps={steps} must be in [1, {schedule.num_train_timesteps}]")
+        raise InputError(f"steps={steps} must be in [1, {schedule.num_train_timesteps}]")
     start = _start(steps, strength)
+    cfg = schedule.config.for_scheduler(cls)
+    if cfg is not schedule.config:
+        schedule = NoiseSchedule(cfg)
+    clip = {"clip_sample": cfg.clip_sample_range} if cfg.clip_sample and \
+        "clip_sample" in inspect.signature(fn).parameters else {}
     if sampler in ("ddim", "ddpm", "pndm", "plms"):
         ts, sig, opts = _vp_plan(sampler, schedule, steps, start)
         sigmas = torch.tensor(sig, dtype=torch.float32)
@@ -442,7 +470,7 @@ def plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.
     return Plan(sampler=sampler, sigmas=sigmas, timesteps=torch.tensor(np.asarray(ts)).float(),
                 init_noise_scale=init, quantize_t=quantize,
                 final_scale=1 / math.sqrt(sigmas[-1].item() ** 2 + 1),
-                fn=functools.partial(fn, **opts, **options))
+                fn=functools.partial(fn, **opts, **clip, **options), schedule=schedule)
 
 
 def run(plan: Plan, denoiser, noise: torch.Tensor, *, init: torch.Tensor | None = None,

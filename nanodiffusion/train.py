@@ -16,6 +16,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 import tomllib
 import warnings
@@ -115,18 +116,51 @@ class TrainConfig:
 
 
 def load_recipe(path, part, **overrides):
-    """A recipe TOML has a [common] table and one table per part; overrides win."""
-    with open(path, "rb") as f:
-        recipe = tomllib.load(f)
+    """A recipe TOML has a [common] table and one table per part; overrides win. The recipe
+    is checked as written first; a `steps` override shorter than it then takes the recipe's
+    schedule along (_fit_steps)."""
+    try:
+        with open(path, "rb") as f:
+            recipe = tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no recipe file at {path}") from None
+    except (OSError, ValueError) as e:  # a folder, bad UTF-8, bad TOML
+        raise ValueError(f"{path}: not a readable TOML recipe ({e})") from None
     if part not in recipe:
         raise ValueError(f"{path}: no [{part}] table; it has {sorted(recipe)}")
     values = {**recipe.get("common", {}), **recipe[part], "part": part}
-    values.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{path}: unknown settings {unknown}; accepted: {sorted(names)}")
-    return TrainConfig(**values)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        TrainConfig(**values)
+        if isinstance(given.get("steps"), int):
+            values.update(_fit_steps(values, given["steps"]))
+        return TrainConfig(**{**values, **given})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _fit_steps(values, steps):
+    """The recipe's restarts and warmup for a shorter run (a trial with --steps 2): restarts
+    at or past `steps` are dropped, and a warmup as long as the run shrinks to the recipe's
+    share of it; one note on stderr says what changed."""
+    planned = values.get("steps", TrainConfig.steps)
+    restarts, warmup = values.get("restarts", []), values.get("warmup", TrainConfig.warmup)
+    if steps >= planned:
+        return {}
+    fitted, changes = {"restarts": [r for r in restarts if r < steps]}, []
+    if fitted["restarts"] != restarts:
+        changes.append(f"restarts {restarts} -> {fitted['restarts']}")
+    if warmup >= steps:
+        fitted["warmup"] = warmup * steps // planned
+        changes.append(f"warmup {warmup} -> {fitted['warmup']}")
+    if changes:
+        print(f"note: steps {steps} ends before the recipe's {planned}: {', '.join(changes)}",
+              file=sys.stderr)
+    return fitted
 
 
 def lr_at(cfg, step):
@@ -169,7 +203,7 @@ class Stop:
     """Turns SIGINT / SIGTERM into a flag the loop checks after each step (save, then exit)."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum = False, None
         self._old = {}
 
     def __enter__(self):
@@ -183,7 +217,7 @@ class Stop:
     def _handle(self, signum, frame):
         if self.requested:  # a second signal: the loop is stuck somewhere; leave now
             raise KeyboardInterrupt(f"signal {signum} received twice: stopped without saving")
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -196,14 +230,43 @@ def _dist_info():
     return 0, 1
 
 
-def _save(cfg, part, model, ema, opt, step, rank):
+class Records(list):
+    """What train() returns: the records of this call's steps. `stopped_by` is the signal
+    (SIGINT, SIGTERM) that ended the run before cfg.steps, after saving its last step."""
+    stopped_by = None
+
+
+class WriteFailed(OSError):
+    """A file of the run could not be written (full disk, read-only folder). The message
+    names the file, the cause and the checkpoint on disk, which atomic writes keep intact."""
+
+
+@contextlib.contextmanager
+def _failing_writes(what, saved):
+    """A failed write in the block as WriteFailed; `saved`: the step of the checkpoint on
+    disk (0: none)."""
+    try:
+        yield
+    except OSError as e:
+        kept = f"the last checkpoint (step {saved}) is intact" if saved else "nothing saved yet"
+        where = f" {e.filename}" if e.filename else ""
+        err = WriteFailed(f"cannot write {what}{where}: {e.strerror or e}; {kept}")
+        err.errno = e.errno
+        raise err from e
+
+
+def _save(cfg, part, model, ema, opt, step, rank, saved):
+    """Write the part's exports, then the training state; returns the step saved. The state
+    goes last so that it never runs ahead of the exports: a resume after a failed write (at
+    `saved`, the step on disk before) redoes the steps and writes both again."""
     if rank != 0:
-        return
-    run = cfg.run_dir
+        return step
     state = {"step": step, "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
              "ema": ema.params if ema else None, "config": json.dumps(dataclasses.asdict(cfg))}
-    checkpoint.save_state(run / "state.pt", state)
-    part.export(cfg, unwrap(model), ema.params if ema else None)
+    with _failing_writes("checkpoint", saved):
+        part.export(cfg, unwrap(model), ema.params if ema else None)
+        checkpoint.save_state(cfg.run_dir / "state.pt", state)
+    return step
 
 
 def _resume(cfg, model, ema, opt):
@@ -218,9 +281,29 @@ def _resume(cfg, model, ema, opt):
     return int(state["step"])
 
 
-def _log(cfg, record, rank):
+def _trim_log(path, step):
+    """Cut log.jsonl after the last line of a step <= `step` (the resumed checkpoint's): a run
+    killed after logging steps it had not saved yet logs them again when it resumes. A torn
+    last line (killed while writing it) goes too."""
+    if not path.exists():
+        return
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                done = line.endswith(b"\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                done = False
+            if not done:
+                break
+            keep += len(line)
+    if keep < path.stat().st_size:  # no write when there is nothing to cut (read-only disk)
+        os.truncate(path, keep)
+
+
+def _log(cfg, record, rank, saved):
     if rank == 0:
-        with open(cfg.run_dir / "log.jsonl", "a") as f:
+        with _failing_writes("log", saved), open(cfg.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -233,7 +316,8 @@ def train(cfg: TrainConfig, progress=True):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by ranks x grad_accum "
                          f"({world} x {cfg.grad_accum})")
     device = torch.device(cfg.device)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with _failing_writes("run folder", 0):
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
     part = get_part(cfg.part)
     prefetch = Prefetcher(cfg, rank, world) if cfg.num_workers > 0 else None  # fork first
     try:
@@ -246,6 +330,9 @@ def train(cfg: TrainConfig, progress=True):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         start = _resume(cfg, model, ema, opt)
+        if rank == 0:
+            with _failing_writes("log", start):
+                _trim_log(cfg.run_dir / "log.jsonl", start)
         if world > 1:  # as DDP does on wrapping: every rank starts from rank 0's weights
             for t in model.state_dict().values():
                 dist.broadcast(t, 0)
@@ -260,10 +347,10 @@ def train(cfg: TrainConfig, progress=True):
 def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progress):
     from tqdm import tqdm
 
-    records, micro = [], cfg.batch_size // (world * cfg.grad_accum)
+    records, micro, saved = Records(), cfg.batch_size // (world * cfg.grad_accum), start
     bar = tqdm(total=cfg.steps, initial=start, disable=None if progress and rank == 0 else True,
                desc=f"train {cfg.part}", dynamic_ncols=True)
-    with Stop() as stop:
+    with bar, Stop() as stop:  # the bar ends its line before an error is printed
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             for g in opt.param_groups:
@@ -281,19 +368,27 @@ def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progre
             rec = {"step": step + 1, "loss": loss_sum, "lr": lr_at(cfg, step),
                    "grad_norm": float(norm), "samples_per_s": cfg.batch_size / dt, **metrics}
             records.append(rec)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", sps=f"{rec['samples_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss_sum:.4f}", sps=_rate(rec["samples_per_s"]))
             bar.update(1)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                _log(cfg, rec, rank)
+                _log(cfg, rec, rank, saved)
             if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
-                _save(cfg, part, model, ema, opt, done, rank)
+                saved = _save(cfg, part, model, ema, opt, done, rank, saved)
             if cfg.sample_every and done % cfg.sample_every == 0 and rank == 0:
-                part.sample(cfg, unwrap(model), frozen, cfg.run_dir / f"sample-{done:06d}.png")
+                with _failing_writes("sample", saved):
+                    part.sample(cfg, unwrap(model), frozen, cfg.run_dir / f"sample-{done:06d}.png")
             if stopping:
+                if done < cfg.steps:  # other ranks stop with the one that got the signal
+                    records.stopped_by = stop.signum or signal.SIGTERM
                 break
-    bar.close()
     return records
+
+
+def _rate(samples_per_s):
+    """Samples per second for the progress bar, with 3 significant digits: a large model on a
+    CPU trains at well under one."""
+    return f"{samples_per_s:.0f}" if samples_per_s >= 100 else f"{samples_per_s:.3g}"
 
 
 def _check_finite(name, value, step):

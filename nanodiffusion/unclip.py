@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, samplers
 from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from .errors import InputError
 from .models.vae import for_inference as vae_for_inference
 from .pipeline import (Defaults, _check_guidance, _check_int, _check_size, best_of_n,
                        from_pil, to_pil)
@@ -182,12 +183,17 @@ class UnCLIPPipeline:
             cond.update(self.decoder.text_condition(*self._text_states(prompts)))
         latents = samplers.run(plan, denoiser, noise, generator=generator, callback=callback,
                                cond=cond)
+        return self.decode_latents(latents)
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder)."""
         x = self.vae.decode(latents / self.vae.config.scaling_factor)
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values")
         return to_pil(x)
 
-    def _decode(self, embeds, s, callback=None, generator=None, prompt=""):
+    def _render(self, embeds, s, callback=None, generator=None, prompt=""):
         gen = generator or torch.Generator("cpu").manual_seed(s["seed"])
         return self.decode(embeds, gen, s["steps"], float(s["guidance"]), s["sampler"],
                            s["width"], s["height"], callback, prompt)
@@ -219,7 +225,7 @@ class UnCLIPPipeline:
         gen = torch.Generator("cpu").manual_seed(s["seed"])
         embeds = self.prior_embeds(prompt, negative_prompt, n, gen, prior_steps,
                                    prior_guidance, prior_sampler)
-        return self._tag(self._decode(embeds, s, callback, gen, prompt), s, prompt,
+        return self._tag(self._render(embeds, s, callback, gen, prompt), s, prompt,
                          negative_prompt)
 
     def variations(self, image, n=4, seed=1, steps=None, guidance=None, sampler=None,
@@ -235,28 +241,32 @@ class UnCLIPPipeline:
         if not isinstance(caption, str):
             raise TypeError(f"caption must be a string or \"auto\", got {type(caption).__name__}")
         if caption and not self.decoder_text:
-            raise ValueError(f"caption {caption!r}: this decoder does not read text; give "
+            raise InputError(f"caption {caption!r}: this decoder does not read text; give "
                              f"\"auto\" or \"\"")
-        return self._tag(self._decode(z.expand(n, -1), s, callback, prompt=caption), s, caption,
+        return self._tag(self._render(z.expand(n, -1), s, callback, prompt=caption), s, caption,
                          Task="variations")
 
     def edit(self, image, source, target, strength=1.0, seed=1, n=1, steps=None,
-             guidance=None, sampler=None, width=None, height=None):
+             guidance=None, sampler=None, width=None, height=None, callback=None):
         """DALL·E 2 text diffs (§3.3), applied directly in CLIP space (not through the
         prior): the image embedding is slerped towards the unit difference of the target's
-        and the source caption's text embeddings by theta = 0.5 * strength."""
+        and the source caption's text embeddings by theta = 0.5 * strength. `source` "auto":
+        the caption CLIP ranks first for the image (`describe`), for callers that have only
+        the target (OpenAI's images.edit)."""
         if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+            raise InputError(f"strength must be in [0, 1], got {strength!r}")
         s = self._settings(seed, steps, guidance, sampler, width, height, n)
         z = self.encode_image([image])  # (1, E)
+        if source == "auto":
+            source = self._describe(z, top=1)[0][0]
         _, emb = self.encode_text([source, target])  # (2, E)
         diff = F.normalize(emb[1:] - emb[:1], dim=-1) * z.norm(dim=-1, keepdim=True)
         edited = slerp(z, diff, EDIT_MAX_THETA * strength)
-        return self._tag(self._decode(edited.expand(n, -1), s), s, target, Task="edit",
-                         **{"Edit from": source, "Edit strength": strength})
+        return self._tag(self._render(edited.expand(n, -1), s, callback), s, target,
+                         Task="edit", **{"Edit from": source, "Edit strength": strength})
 
     def interpolate(self, a, b, frames=8, seed=1, steps=None, guidance=None, sampler=None,
-                    width=None, height=None):
+                    width=None, height=None, callback=None):
         """`frames` images along the slerp from a to b (PIL images, or prompts turned into
         embeddings by the prior), each decoded from the same noise (a fresh generator with
         `seed` per frame, so stochastic samplers' step noise is shared too)."""
@@ -266,16 +276,19 @@ class UnCLIPPipeline:
         ends = [self.prior_embeds(x, "", 1, gen) if isinstance(x, str) else
                 self.encode_image([x]) for x in (a, b)]
         thetas = [i / (frames - 1) for i in range(frames)]
-        images = [self._decode(slerp(ends[0], ends[1], th), s)[0] for th in thetas]
+        images = [self._render(slerp(ends[0], ends[1], th), s,
+                               _frame_callback(callback, i, frames))[0]
+                  for i, th in enumerate(thetas)]
         return self._tag(images, s, Task="interpolate")
 
-    def describe(self, image, candidates=None, top=5):
+    def describe(self, image, candidates=None, top=5, callback=None):
         """The `top` captions most similar to the image under CLIP, as (caption, cosine
-        similarity) pairs, most similar first. Default candidates: every shapes caption."""
-        return self._describe(self.encode_image([image]), candidates, top)
+        similarity) pairs, most similar first. Default candidates: every shapes caption.
+        `callback({"step", "total"})` after each chunk of candidates encoded."""
+        return self._describe(self.encode_image([image]), candidates, top, callback)
 
     @torch.no_grad()
-    def _describe(self, embedding, candidates=None, top=5):
+    def _describe(self, embedding, candidates=None, top=5, callback=None):
         """describe() for an image's CLIP embedding (1, E), encoded already."""
         if candidates is None:
             from .data.shapes import enumerate_captions
@@ -283,26 +296,43 @@ class UnCLIPPipeline:
             candidates = enumerate_captions()
         candidates = list(candidates)
         if not candidates or not all(isinstance(c, str) for c in candidates):
-            raise ValueError("candidates must be a non-empty list of strings")
+            raise InputError("candidates must be a non-empty list of strings")
         _check_int("top", top, 1, len(candidates))
-        text = self._candidate_embeds(candidates)  # (N, E) unit
+        text = self._candidate_embeds(candidates, callback)  # (N, E) unit
         img = F.normalize(embedding, dim=-1)  # (1, E)
         scores = (text @ img[0]).tolist()
         order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:top]
         return [(candidates[i], scores[i]) for i in order]
 
-    def _candidate_embeds(self, candidates, chunk=256):
+    def _candidate_embeds(self, candidates, callback=None, chunk=256):
         if self._candidates[0] == candidates:  # the default list is encoded once
             return self._candidates[1]
-        embs = torch.cat([self.encode_text(candidates[i:i + chunk])[1]
-                          for i in range(0, len(candidates), chunk)])
+        starts = range(0, len(candidates), chunk)
+        embs = []
+        for k, i in enumerate(starts):
+            embs.append(self.encode_text(candidates[i:i + chunk])[1])
+            if callback is not None:
+                callback({"step": k, "total": len(starts)})
+        embs = torch.cat(embs)
         self._candidates = (candidates, F.normalize(embs, dim=-1))
         return self._candidates[1]
 
 
+def _frame_callback(callback, frame, frames):
+    """A step callback of one frame of `frames` -> the caller's, counting the steps of all
+    frames as one run (step, total)."""
+    if callback is None:
+        return None
+
+    def cb(info):
+        return callback({**info, "step": frame * info["total"] + info["step"],
+                         "total": frames * info["total"]})
+    return cb
+
+
 def _check_sampler(sampler):
     if sampler not in samplers.SAMPLER_NAMES:
-        raise ValueError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
+        raise InputError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
 
 
 # ---- our folder format, kind "unclip" ---------------------------------------------------

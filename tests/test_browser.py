@@ -1,7 +1,8 @@
 """The web page in a real headless browser: Debian's chromium, driven by Selenium through
 Debian's chromedriver (both installed by scripts/install-test.sh), against a real server with
-the bundled shapes model. It fills the form, generates, watches the progress bar and the live
-preview move, and gets decoded images in the gallery. A missing browser fails the test: the
+the bundled models, started as a user starts it (`nanodiffusion serve`, a subprocess). It fills
+the form, generates, watches the progress bar and the live preview move, and gets decoded
+images in the gallery; then the same with the unCLIP model. A missing browser fails the test: the
 project's setup installs it."""
 import io
 from pathlib import Path
@@ -13,8 +14,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from live_server import serve
-from nanodiffusion.server import create_app
+import httpx
+from front_door import served
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 STEPS, SEED, SIDE = 20, 7, 64  # the bundled model draws 64x64
@@ -22,9 +23,10 @@ STEPS, SEED, SIDE = 20, 7, 64  # the bundled model draws 64x64
 
 @pytest.fixture(scope="module")
 def server():
-    app = create_app()  # no models dir: the bundled models
-    with serve(app) as url:
-        app.state.registry.pipe("shapes")  # loaded before the page asks, so it times steps
+    with served() as (url, _):  # no models dir: the bundled models
+        for model in ("shapes", "shapes-unclip"):  # loaded before the page asks
+            httpx.post(url + "/v1/images/generations", timeout=120,
+                       json={"model": model, "prompt": "a red circle", "steps": 1})
         yield url
 
 
@@ -109,3 +111,28 @@ def test_page_generates_with_progress_and_gallery(server, browser, tmp_path):
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
     assert len(imgs) == 4
+
+
+def test_page_generates_with_the_unclip_model(server, browser):
+    browser.get(server + "/")
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == "shapes")
+    browser.execute_script("const m = document.getElementById('model'); m.value = "
+                           "'shapes-unclip'; m.dispatchEvent(new Event('change'));")
+    _fill(browser, "prompt", "a green star below a purple circle")
+    _fill(browser, "steps", "6")
+    _fill(browser, "seed", str(SEED))
+    browser.execute_script(WATCH)
+    browser.find_element(By.ID, "go").click()
+    wait.until(lambda d: d.execute_script("return window.seen.status.slice(-1)[0] == 'done' || "
+                                          "window.seen.status.some(s => /error|fail/i.test(s))"))
+    seen = browser.execute_script("return window.seen")
+    assert seen["status"][-1] == "done", seen["status"]
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#gallery .tile img')].every(i => i.complete)"))
+    params = browser.find_element(By.CSS_SELECTOR, "#gallery .card .params").text
+    assert "Model: shapes-unclip" in params and "Steps: 6" in params
+    sizes = browser.execute_script(
+        "return [...document.querySelectorAll('#gallery .card:first-child .tile img')]"
+        ".map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes and all(s == [SIDE, SIDE] for s in sizes), sizes

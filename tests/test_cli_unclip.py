@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanodiffusion import cli, loading
+from nanodiffusion import cli, cli_io, loading
 from nanodiffusion.diffusion import ScheduleConfig
 from nanodiffusion.models import clip, prior, unet, vae
 from nanodiffusion.models.tokenizer import CLIPTokenizer
@@ -343,3 +343,27 @@ def test_eval_writes_a_best_of_report_where_asked(folders, tmp_path, capsys):
     rc, _, err = _run(capsys, "eval", folders["unclip"], "--n", 2, "--best-of", 2,
                       "--best-of-prompts", 3, "--out", out)
     assert rc != 0 and "best_of_prompts" in err and "3" in err
+
+
+def test_unclip_commands_report_progress(folders, photo, tmp_path, capsys, monkeypatch):
+    """vary, edit, interpolate and describe show a progress bar, as generate does: each calls
+    the CLI's progress callback over its whole run (interpolate: every frame's steps)."""
+    seen = {}
+
+    def progress(desc="denoise", unit="step"):
+        def cb(info):
+            seen.setdefault(command, []).append((info["step"], info["total"]))
+        return cb
+    monkeypatch.setattr(cli_io, "progress", progress)
+    common = ("--model", folders["unclip"], "--seed", 1, "--steps", 2)
+    for command, argv in (("vary", ("vary", photo, "-n", 1, *common)),
+                          ("edit", ("edit", photo, "--to", "a blue circle", *common)),
+                          ("interpolate", ("interpolate", photo, photo, "--frames", 3,
+                                           *common)),
+                          ("describe", ("describe", photo, "--model", folders["unclip"]))):
+        rc, _, err = _run(capsys, *argv, *(() if command == "describe" else
+                                          ("--out", tmp_path / f"{command}.png")))
+        assert rc == 0, err
+    assert seen["vary"] == [(0, 2), (1, 2)] and seen["edit"] == [(0, 2), (1, 2)]
+    assert seen["interpolate"] == [(i, 6) for i in range(6)]
+    assert seen["describe"] and seen["describe"][-1][0] == seen["describe"][-1][1] - 1

@@ -1,4 +1,6 @@
 """Schedules, denoiser wrappers, guidance and training targets (diffusers as the reference)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +22,12 @@ def test_config_round_trip_and_errors():
             "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
             "clip_sample": False}
     cfg = ScheduleConfig.from_diffusers(sd15)
-    assert cfg == ScheduleConfig()
-    assert ScheduleConfig.from_diffusers(cfg.to_diffusers()) == cfg
+    # the keys SD 1.5's file leaves out take PNDMScheduler's defaults, and are remembered
+    assert cfg.defaulted == ("prediction_type", "timestep_spacing", "clip_sample_range",
+                             "rescale_betas_zero_snr")
+    assert dataclasses.replace(cfg, defaulted=()) == ScheduleConfig()
+    assert ScheduleConfig.from_diffusers({"_class_name": "PNDMScheduler",
+                                          **cfg.to_diffusers()}) == cfg
     with pytest.raises(ValueError, match="'cosine'.*squaredcos_cap_v2"):
         ScheduleConfig.from_diffusers({"beta_schedule": "cosine"})
     with pytest.raises(ValueError, match="v_prediction"):

@@ -108,7 +108,7 @@ def test_openai_edits(client):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # create_variation, in the client
 def test_openai_errors_and_models(client):
     assert [m.id for m in client.models.list()] == ["tiny"]
-    with pytest.raises(openai.BadRequestError, match="no image variations"):
+    with pytest.raises(openai.BadRequestError, match="variations needs an unCLIP"):
         client.images.create_variation(model="tiny", image=("in.png", _b64png()))
     with pytest.raises(openai.BadRequestError, match="size must be a multiple of 8"):
         client.images.generate(model="tiny", prompt="x", size="30x30")
@@ -347,3 +347,26 @@ def test_a_client_that_disconnects_frees_its_slot(models_dir, monkeypatch):
         # the slot is free: the next request is served at once
         r = httpx.post(url + "/v1/images/generations", json={**body, "steps": 2}, timeout=30)
         assert r.status_code == 200
+
+
+def test_internal_errors_are_500s_and_user_errors_400s(models_dir, monkeypatch, capfd):
+    """A bug inside a pipeline (here a TypeError, which the server used to answer as "bad
+    request") is a 500 with its traceback in the server's log; a setting the model refuses
+    (an InputError from the pipeline's checks) is a 400 naming it."""
+    app = create_app(models_dir)
+    pipe = app.state.registry.pipe("tiny")
+
+    def broken(**kw):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+    monkeypatch.setattr(pipe, "generate", broken)
+    body = {"model": "tiny", "prompt": "a cat", "size": "32x32", "steps": 2}
+    with TestClient(app) as c:
+        r = c.post("/v1/images/generations", json=body)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "TypeError" in capfd.readouterr().err  # the traceback, in the log
+        monkeypatch.undo()
+        real = pipe._settings
+        monkeypatch.setattr(pipe, "_settings", lambda *a: real(*a[:-1], 2.0))  # eta 2
+        r = c.post("/v1/images/generations", json={**body, "sampler": "ddim"})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "eta must be a number in [0, 1], got 2.0"

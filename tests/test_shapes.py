@@ -1,4 +1,4 @@
-"""The shapes generator against its contract, SHAPES.md."""
+"""The shapes generator against its contract (docs/shapes.md, and the numbers in shapes.py)."""
 
 import re
 import time

@@ -158,9 +158,11 @@ class CLIPTokenizer:
             kwargs["pad_token_id"] = vocab[pad]
         return cls(vocab, merges, **kwargs)
 
-    def save(self, folder):
+    def save(self, folder, max_length=None):
         """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json in the
-        layout transformers' CLIPTokenizer.from_pretrained reads."""
+        layout transformers' CLIPTokenizer.from_pretrained reads. `max_length` (default: ours)
+        is written as model_max_length, the length transformers pads and cuts prompts to: it
+        must be the text encoder's number of positions, or diffusers' pipelines fail."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False),
@@ -169,7 +171,8 @@ class CLIPTokenizer:
         (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT,
                    "pad_token": self.decoder[self.pad_token_id]}
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
+        max_length = self.max_length if max_length is None else max_length
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
                   "do_lower_case": True, "errors": "replace", **special}
         for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
             (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",

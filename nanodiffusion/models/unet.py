@@ -336,7 +336,8 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 # The bundled shapes model: 16x16x4 latents (f=4 VAE on 64 px), attention only at 8x8 and 4x4
-# (MEASUREMENTS.md: attention at the finest level costs most and is not needed here).
+# (measured with diffusers' same UNet, batch 64 on 2 cores: attention at 16x16 as well took a
+# step from 0.84 s to 1.9 s; it costs most at the finest level and is not needed here).
 # 6.7M parameters, ~40 samples/s training on 2 cores (as fast as diffusers' same UNet).
 SHAPES = UNetConfig(block_channels=(64, 128, 128), layers_per_block=1,
                     attention_levels=(False, True, True), num_heads=(4, 4, 4), context_dim=128,

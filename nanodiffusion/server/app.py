@@ -20,10 +20,13 @@ OPEN_PATHS = ("/", "/health", "/favicon.ico")
 OPEN_PREFIXES = ("/static/", "/v1/files/")  # file ids are unguessable; <img> sends no header
 
 
-def create_app(models_dir=None, device="cpu", api_key=None, limits=None, dtype="float32"):
+def create_app(models_dir=None, device="cpu", api_key=None, limits=None, dtype="float32",
+               prediction_type=None):
+    """`dtype`: Stable Diffusion models' precision; `prediction_type`: that of the single-file
+    checkpoints in `models_dir` (None: found per file)."""
     limits = limits or Limits()
     app = FastAPI(title="nanodiffusion", docs_url="/docs", redoc_url=None)
-    app.state.registry = Registry(models_dir, device, limits, dtype)
+    app.state.registry = Registry(models_dir, device, limits, dtype, prediction_type)
     app.state.api_key = api_key
     _install_errors(app)
     _install_auth(app, api_key)

@@ -13,6 +13,7 @@ import traceback
 import uuid
 from collections import OrderedDict
 
+from ..errors import InputError
 from ..pipeline import Interrupted
 from .params import APIError, Task, b64, encode_png, public_params
 
@@ -52,6 +53,7 @@ class Job:
         self.created, self.started, self.finished = time.time(), None, None
         self.cancel_requested = threading.Event()
         self.interrupt_requested = threading.Event()  # stop, but keep the images as they are
+        self.skip_requested = threading.Event()  # stop this image, go on with the next
         self._lock, self._listeners, self._history = threading.Lock(), [], []
 
     # ---- events -----------------------------------------------------------------------
@@ -97,6 +99,11 @@ class Job:
     def interrupt(self):
         """AUTOMATIC1111's interrupt: stop sampling and finish with the current estimate."""
         self.interrupt_requested.set()
+
+    def skip(self):
+        """AUTOMATIC1111's skip, for a seed_per_image task: the image being made stops as
+        it is (as on interrupt), the batch goes on with the next."""
+        self.skip_requested.set()
 
     def summary(self):
         out = {"id": self.id, "status": self.status, "model": self.task.model,
@@ -146,20 +153,20 @@ class Worker:
         try:
             pipe = self.get_pipe(self.name)
             method = getattr(pipe, job.task.kind)
-            images = method(**job.task.kwargs, callback=self._callback(job, pipe))
+            images, seeds = _call(method, job, self._callback(job, pipe))
         except (Cancelled, Interrupted):  # Interrupted: from a task that cannot stop early
             return self._finish_cancelled(job)
-        except (ValueError, TypeError) as e:
+        except InputError as e:  # a setting this model refuses: the client can fix it
             return self._finish_error(job, 400, str(e))
-        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+        except Exception as e:  # noqa: BLE001 - an internal error: a 500, logged here
             traceback.print_exc()
             return self._finish_error(job, 500, f"{type(e).__name__}: {e}")
         pngs = [encode_png(im) for im in images]
         ids = [self.files.put(p) for p in pngs]
         infotexts = [im.info.get("parameters", "") for im in images]
         job.result = {"images": [f"/v1/files/{i}.png" for i in ids], "infotexts": infotexts,
-                      "seed": job.task.kwargs["seed"], **_settings(job.task.kwargs, pipe,
-                                                                   images[0].size),
+                      "seed": job.task.kwargs["seed"], "seeds": seeds,
+                      **_settings(job.task.kwargs, pipe, images[0].size),
                       "interrupted": job.interrupt_requested.is_set()}
         job.pngs = pngs
         job.finished, job.status = time.time(), "done"
@@ -181,7 +188,7 @@ class Worker:
         def cb(info):
             if job.cancel_requested.is_set():
                 raise Cancelled()
-            if job.interrupt_requested.is_set():
+            if job.interrupt_requested.is_set() or job.skip_requested.is_set():
                 raise Interrupted()
             job.step, job.total = info["step"] + 1, info["total"]
             every = max(1, job.total // 6)
@@ -190,6 +197,28 @@ class Worker:
             job.publish("progress", {"step": job.step, "total": job.total,
                                      "preview": job.preview})
         return cb
+
+
+def _call(method, job, callback):
+    """Run the task: (images, the seed each image was made with). A seed_per_image task runs
+    one call per image with seed + i, so that image i is what a single request with that seed
+    gives (AUTOMATIC1111's batches); its progress counts the whole batch. An interrupt ends
+    the batch at the image it stops, a skip only that image."""
+    kw = job.task.kwargs
+    if not job.task.seed_per_image:
+        images = method(**kw, callback=callback)
+        return images, [kw["seed"]] * len(images)
+    n, images = kw["n"], []
+    for i in range(n):
+        if i and job.interrupt_requested.is_set():
+            break
+
+        def step(info, i=i):
+            total = n * info["total"]
+            return callback({**info, "step": i * info["total"] + info["step"], "total": total})
+        images += method(**{**kw, "n": 1, "seed": kw["seed"] + i}, callback=step)
+        job.skip_requested.clear()
+    return images, [kw["seed"] + i for i in range(len(images))]
 
 
 def _settings(kwargs, pipe, size):
@@ -203,7 +232,7 @@ def _settings(kwargs, pipe, size):
 def preview_png(pipe, denoised):
     """A small PNG (base64) of the first image's current estimate. Decodes with the VAE every
     few steps rather than through `preview=True`, which would decode all images every step."""
-    im = pipe._decode(denoised[:1])[0]
+    im = pipe.decode_latents(denoised[:1])[0]
     im.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
     buf = io.BytesIO()
     im.save(buf, format="PNG")

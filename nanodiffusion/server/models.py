@@ -34,6 +34,25 @@ def scan(models_dir):
     return found
 
 
+# What each kind of model does through the server, and the options only one kind has.
+TASKS = {"sd": ("generate", "img2img", "inpaint"), "unclip": ("generate", "variations", "edit")}
+KIND_NAMES = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP (DALL·E 2) model"}
+SD_OPTIONS = ("guidance_rescale",)
+
+
+def check_task(task, kind):
+    """A 400 naming what `task` asks that a model of `kind` cannot do, before it is queued."""
+    if task.kind not in TASKS[kind]:
+        other = next(k for k in TASKS if task.kind in TASKS[k])
+        raise APIError(400, f"model {task.model!r} is {KIND_NAMES[kind]}, which does "
+                            f"{', '.join(TASKS[kind])}; {task.kind} needs {KIND_NAMES[other]}",
+                       param="model", code="unsupported_for_model")
+    for key in SD_OPTIONS:
+        if kind != "sd" and key in task.kwargs:
+            raise APIError(400, f"{key} is an option of Stable Diffusion models; model "
+                                f"{task.model!r} is {KIND_NAMES[kind]}", param=key)
+
+
 def check_name(name):
     """Model names are plain names: no path separators, no '..', nothing absolute."""
     if not isinstance(name, str) or not name:
@@ -46,12 +65,13 @@ def check_name(name):
 
 
 class Registry:
-    def __init__(self, models_dir=None, device="cpu", limits=None, dtype="float32"):
+    def __init__(self, models_dir=None, device="cpu", limits=None, dtype="float32",
+                 prediction_type=None):
         """`dtype`: a torch float dtype's name for Stable Diffusion models (unCLIP models
-        always load in float32)."""
+        always load in float32); `prediction_type`: that of single files (None: found)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        self.dtype = dtype
+        self.dtype, self.prediction_type = dtype, prediction_type
         self.models_dir = None if models_dir is None else Path(models_dir)
         if self.models_dir is not None and not self.models_dir.is_dir():
             raise FileNotFoundError(f"--models-dir {models_dir}: not a folder")
@@ -92,8 +112,9 @@ class Registry:
                 if path is None:
                     raise ValueError(f"model {name!r} is no longer installed")
                 dtype = "float32" if loading.model_kind(path) == "unclip" else self.dtype
+                single = {"prediction_type": self.prediction_type} if path.is_file() else {}
                 pipe = loading.load_pipeline(path, device=self.device,
-                                             dtype=getattr(torch, dtype))
+                                             dtype=getattr(torch, dtype), **single)
                 with self._lock:
                     self._pipes[name] = pipe
             return self._pipes[name]
@@ -105,7 +126,16 @@ class Registry:
                                              self.limits.max_queue)
             return self._workers[name]
 
+    def kind(self, name):
+        """"sd" or "unclip" for a model this server offers, read without loading it."""
+        path = scan(self.models_dir).get(name)
+        if path is None:
+            raise APIError(404, f"model {name!r} not found; available: {self.names()}",
+                           param="model", code="model_not_found")
+        return loading.model_kind(path)
+
     def submit(self, task: Task):
+        check_task(task, self.kind(task.model))
         job = self.worker(task.model).submit(Job(task))
         with self._lock:
             self.jobs[job.id] = job

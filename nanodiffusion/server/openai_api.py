@@ -7,7 +7,8 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
 from .app import json_body, run
-from .params import bad, b64, build_task, decode_image, get_str, parse_size
+from .params import (OPENAI, bad, b64, build_task, build_unclip_task, decode_image, get_str,
+                     parse_size)
 
 router = APIRouter(prefix="/v1")
 FORMATS = ("b64_json", "url")
@@ -16,7 +17,8 @@ FORMATS = ("b64_json", "url")
 def _fields(body, limits):
     """OpenAI names -> the common ones; `size` "WxH" -> width, height."""
     f = {k: body.get(k) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance",
-                                  "sampler", "n", "strength", "guidance_rescale")}
+                                  "sampler", "n", "strength", "guidance_rescale",
+                                  "keep_unmasked")}
     f["width"], f["height"] = parse_size(body.get("size"), limits)
     if f["guidance"] is None:
         f["guidance"] = body.get("guidance_scale")
@@ -76,20 +78,33 @@ async def _form(request):
 
 @router.post("/images/edits")
 async def edits(request: Request):
-    """With a mask: inpaint (transparent or white mask pixels are repainted); without: img2img
-    at `strength` (default 0.6)."""
+    """Stable Diffusion models: with a mask inpaint (transparent or white mask pixels are
+    repainted), without img2img at `strength` (default 0.6). unCLIP models: DALL·E 2's text
+    diff from the caption CLIP gives the image to the prompt (no mask)."""
     reg = request.app.state.registry
     body, files = await _form(request)
     fmt = _format(body)
     model = reg.resolve_name(body.get("model"))
+    image = _image(files, reg.limits)
+    fields = _fields(body, reg.limits)
+    if reg.kind(model) == "unclip":
+        if "mask" in files:
+            raise bad("mask", f"model {model!r} is an unCLIP model, whose edits follow the "
+                              "prompt over the whole image: leave out the mask, or use a "
+                              "Stable Diffusion model to inpaint")
+        task = build_unclip_task(model, fields, reg.limits, image)
+    else:
+        mask = None
+        if "mask" in files:
+            mask = openai_mask(decode_image(files["mask"], "mask", reg.limits))
+        task = build_task(model, fields, reg.limits, image=image, mask=mask, dialect=OPENAI)
+    return _response(request, await run(request, task), fmt)
+
+
+def _image(files, limits):
     if "image" not in files:
         raise bad("image", "image is required (a PNG, JPEG or WebP file)")
-    image = decode_image(files["image"], "image", reg.limits)
-    mask = None
-    if "mask" in files:
-        mask = openai_mask(decode_image(files["mask"], "mask", reg.limits))
-    task = build_task(model, _fields(body, reg.limits), reg.limits, image=image, mask=mask)
-    return _response(request, await run(request, task), fmt)
+    return decode_image(files["image"], "image", limits)
 
 
 def openai_mask(mask):
@@ -104,8 +119,17 @@ def openai_mask(mask):
 
 @router.post("/images/variations")
 async def variations(request: Request):
+    """DALL·E 2's variations of an image (unCLIP models): its CLIP embedding decoded again."""
     reg = request.app.state.registry
-    ctype = request.headers.get("content-type", "")
-    body = (await _form(request))[0] if ctype.startswith("multipart/") else {}
-    model = reg.resolve_name(body.get("model"))
-    raise bad("model", f"model {model} has no image variations (unCLIP) support")
+    body, files = await _form(request)
+    fmt = _format(body)
+    model = reg.resolve_name(body.get("model") or _default_unclip(reg))
+    fields = _fields(body, reg.limits)
+    fields["prompt"] = None  # OpenAI's variations take no prompt
+    task = build_unclip_task(model, fields, reg.limits, _image(files, reg.limits))
+    return _response(request, await run(request, task), fmt)
+
+
+def _default_unclip(reg):
+    """With no model named, variations go to the first unCLIP model this server offers."""
+    return next((n for n in reg.names() if reg.kind(n) == "unclip"), None)

@@ -7,6 +7,7 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -51,10 +52,33 @@ def bad(param, message):
 
 @dataclass
 class Task:
-    """One call of a Pipeline method: `kind` is generate, img2img or inpaint."""
+    """One call of a Pipeline method: `kind` is generate, img2img or inpaint. seed_per_image:
+    image i of the batch is made alone with seed + i (AUTOMATIC1111's batches), not drawn
+    with the others from one generator seeded with seed (diffusers' batches)."""
     model: str
     kind: str
     kwargs: dict = field(default_factory=dict)
+    seed_per_image: bool = False
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How an API spells the common fields, so that its errors name the client's fields:
+    `names` maps ours (guidance, sampler, strength) to the client's (cfg_scale, ...);
+    `sampler(d, name)` reads the sampler field (default get_sampler)."""
+    names: dict = field(default_factory=dict)
+    sampler: Callable | None = None
+    seed_per_image: bool = False
+    # inpainting keeps the input's pixels outside the mask exactly (AUTOMATIC1111's overlay,
+    # OpenAI's edits), rather than diffusers' decoded ones; a request's keep_unmasked wins
+    keep_unmasked: bool = False
+
+    def name(self, ours):
+        return self.names.get(ours, ours)
+
+
+NATIVE = Dialect()  # the job API: our names, diffusers' images
+OPENAI = Dialect(keep_unmasked=True)
 
 
 # ---- scalar fields ----------------------------------------------------------------------
@@ -88,6 +112,17 @@ def get_float(d, name, default, lo, hi):
     return v
 
 
+def get_bool(d, name, default):
+    v = d.get(name)
+    if v is None or v == "":
+        return default
+    if isinstance(v, str) and v.lower() in ("true", "false"):  # multipart form fields
+        return v.lower() == "true"
+    if not isinstance(v, bool):
+        raise bad(name, f"{name} must be true or false, got {v!r}")
+    return v
+
+
 def get_str(d, name, default="", limit=10000):
     v = d.get(name)
     if v is None:
@@ -96,6 +131,11 @@ def get_str(d, name, default="", limit=10000):
         raise bad(name, f"{name} must be a string, got {type(v).__name__}")
     if len(v) > limit:
         raise bad(name, f"{name} is longer than {limit} characters")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes: a lone surrogate
+        raise bad(name, f"{name} is not valid Unicode text: character {e.start} is a lone "
+                        f"surrogate ({v[e.start]!a})") from None
     return v
 
 
@@ -156,14 +196,18 @@ def decode_image(data, param, limits):
     if len(data) > limits.max_image_bytes:
         raise bad(param, f"{param} is larger than {limits.max_image_bytes} bytes")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))  # reads the header only
+        _check_image_size(im, param, limits)  # before the pixels are decoded
         im.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise bad(param, f"{param} is not a decodable image (PNG, JPEG, WebP)") from None
+    return im
+
+
+def _check_image_size(im, param, limits):
     if max(im.size) > 4 * limits.max_side:
         raise bad(param, f"{param} is {im.size[0]}x{im.size[1]}; at most "
                          f"{4 * limits.max_side} pixels a side")
-    return im
 
 
 def encode_png(image):
@@ -178,40 +222,78 @@ def b64(data):
 
 
 # ---- the common task --------------------------------------------------------------------
-def build_task(model, f, limits, image=None, mask=None):
-    """`f`: normalized fields (prompt, negative_prompt, seed, steps, guidance, sampler, width,
-    height, n, strength, guidance_rescale). With `image` img2img, with `image` and `mask`
-    inpaint."""
+def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
+    """`f`: the request's fields (prompt, negative_prompt, seed, steps, guidance, sampler,
+    width, height, n, strength, guidance_rescale), guidance, sampler and strength as
+    `dialect` names them. With `image` img2img, with `image` and `mask` inpaint."""
     prompt = get_str(f, "prompt", None, limits.max_prompt_chars)
     if prompt is None:
         raise bad("prompt", "prompt is required")
     kw = dict(prompt=prompt,
               negative_prompt=get_str(f, "negative_prompt", "", limits.max_prompt_chars),
-              seed=get_seed(f), steps=get_int(f, "steps", None, 1, limits.max_steps),
-              guidance=get_float(f, "guidance", None, 0, 100), sampler=get_sampler(f),
-              n=get_int(f, "n", 1, 1, limits.max_n))
+              **_sampling(f, limits, dialect))
     rescale = get_float(f, "guidance_rescale", 0.0, 0, 1)
     if rescale:  # passed only when asked for: unCLIP pipelines have no such option
         kw["guidance_rescale"] = rescale
+    per_image = dialect.seed_per_image
+    if image is None:
+        if mask is not None:
+            raise bad("mask", "a mask needs an image to inpaint")
+        return Task(model, "generate", kw, seed_per_image=per_image)
+    kw["image"] = _init_image(image, kw, limits)
+    if mask is not None:
+        kw["mask"] = mask
+        kw["keep_unmasked"] = get_bool(f, "keep_unmasked", dialect.keep_unmasked)
+    kw["strength"] = _strength(f, kw["steps"], 0.6 if mask is None else 1.0,
+                               dialect.name("strength"))
+    return Task(model, "img2img" if mask is None else "inpaint", kw, seed_per_image=per_image)
+
+
+def _strength(f, steps, default, name):
+    """img2img's strength, which must leave steps * strength >= 1 steps to run (diffusers'
+    get_timesteps)."""
+    v = get_float(f, name, default, 1e-3, 1.0)
+    if steps is not None and int(steps * v) < 1:
+        raise bad(name, f"{name} {v} with steps {steps} leaves no step to run (steps * {name} "
+                        f"must be at least 1); raise steps or {name}")
+    return v
+
+
+def _sampling(f, limits, dialect=NATIVE):
+    """The settings every task has: seed, steps, guidance, sampler, n, width, height."""
+    name = dialect.name
+    kw = dict(seed=get_seed(f), steps=get_int(f, "steps", None, 1, limits.max_steps),
+              guidance=get_float(f, name("guidance"), None, 0, 100),
+              sampler=(dialect.sampler or get_sampler)(f, name("sampler")),
+              n=get_int(f, "n", 1, 1, limits.max_n))
+    if dialect.seed_per_image and kw["seed"] + kw["n"] - 1 > 2**63 - 1:
+        raise bad("seed", f"seed {kw['seed']} + {kw['n'] - 1} (the batch's last image) is past "
+                          f"2**63 - 1")
     for side in ("width", "height"):
         v = get_int(f, side, None, 1, 10**6)
         if v is not None:
             check_side(side, v, limits)
         kw[side] = v
-    if image is None:
-        if mask is not None:
-            raise bad("mask", "a mask needs an image to inpaint")
-        return Task(model, "generate", kw)
+    return kw
+
+
+def _init_image(image, kw, limits):
     if kw["width"] is None and max(image.size) > limits.max_side:
         raise bad("image", f"image is {image.size[0]}x{image.size[1]}; give a size, or an "
                            f"image at most {limits.max_side} pixels a side")
-    kw["image"] = image
-    if mask is None:
-        kw["strength"] = get_float(f, "strength", 0.6, 1e-3, 1.0)
-        return Task(model, "img2img", kw)
-    kw["mask"] = mask
-    kw["strength"] = get_float(f, "strength", 1.0, 1e-3, 1.0)
-    return Task(model, "inpaint", kw)
+    return image
+
+
+def build_unclip_task(model, f, limits, image):
+    """unCLIP tasks on an image: variations, or with a `prompt` DALL·E 2's text-diff edit
+    from the caption CLIP gives the image to the prompt (`strength` in [0, 1], default 1)."""
+    kw = _sampling(f, limits)
+    kw["image"] = _init_image(image, kw, limits)
+    prompt = get_str(f, "prompt", None, limits.max_prompt_chars)
+    if prompt is None:
+        return Task(model, "variations", kw)
+    kw.update(source="auto", target=prompt, strength=get_float(f, "strength", 1.0, 0, 1.0))
+    return Task(model, "edit", kw)
 
 
 def public_params(task):

@@ -1,0 +1,173 @@
+"""AUTOMATIC1111's settings and checkpoints: GET/POST /sdapi/v1/options (sd_model_checkpoint
+picks the model that A1111 requests use when they name none; other keys are kept and echoed,
+as A1111 keeps them), sd-models with their sha256 once known, and the refresh routes."""
+import asyncio
+import hashlib
+import re
+import threading
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+
+from .app import json_body
+from .models import scan
+from .params import APIError, bad
+
+router = APIRouter()
+
+# Options clients read whose values this server cannot change (it has no VAE choice, no clip
+# skip, one image format): the values it runs with, the first one shown.
+FIXED = {"sd_vae": ("Automatic", "None"), "CLIP_stop_at_last_layers": (1,),
+         "samples_format": ("png",)}
+READ_ONLY = ("sd_model_checkpoint", "sd_checkpoint_hash")  # set by the model switch only
+MAX_OPTIONS = 1000
+# A1111 titles checkpoints "name.safetensors [0123456789]"; clients send those back.
+TITLE_SUFFIX = re.compile(r"(\.(safetensors|ckpt|pt|bin|pth))?( \[[0-9a-fA-F]{8,64}\])?$")
+
+
+class Options:
+    def __init__(self):
+        self.model = None  # chosen by POST sd_model_checkpoint; None: the server's default
+        self.values = {k: accepted[0] for k, accepted in FIXED.items()}
+
+
+def options(app):
+    """This app's A1111 options, made on first use."""
+    opts = getattr(app.state, "a1111_options", None)
+    if opts is None:
+        opts = app.state.a1111_options = Options()
+    return opts
+
+
+def checkpoint(app, title, param):
+    """A model as A1111 clients name it (our name, or a title with an extension and a hash)
+    -> our name; a 400 for a path, a 404 naming it for any other unknown name."""
+    names = app.state.registry.names()
+    if not isinstance(title, str) or not title:
+        raise bad(param, f"{param} must be a model name, got {title!r}")
+    for name in (title, TITLE_SUFFIX.sub("", title)):
+        if name in names:
+            return name
+    if any(c in title for c in "/\\\0") or ".." in title:
+        raise bad(param, f"{param} {title!r} is a path; give a model name from "
+                         f"/sdapi/v1/sd-models: {names}")
+    raise APIError(404, f"{param} {title!r} is not a model of this server; available: {names}",
+                   param=param, code="model_not_found")
+
+
+def current_model(app):
+    """The model A1111 requests use when they name none: the one POST /options chose, else
+    the server's default."""
+    reg, chosen = app.state.registry, options(app).model
+    if chosen is None:
+        return reg.default_name()
+    if chosen not in reg.names():
+        raise APIError(404, f"sd_model_checkpoint {chosen!r} (chosen with /sdapi/v1/options) "
+                            f"is no longer installed; available: {reg.names()}",
+                       param="sd_model_checkpoint", code="model_not_found")
+    return chosen
+
+
+# ---- checkpoint hashes ------------------------------------------------------------------
+_hashes, _hash_lock = {}, threading.Lock()
+
+
+def _files(path):
+    """The identity of a model's files: (path, size, mtime) of each, in path order."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+
+
+def sha256(path):
+    """A checkpoint's sha256: of a single file its bytes (the hash A1111 and civitai show); of
+    a model folder, each file's relative path, size and bytes, in path order. Computed once
+    while the files' sizes and times stay the same."""
+    key = _files(path)
+    with _hash_lock:
+        if key in _hashes:
+            return _hashes[key]
+    root, h = Path(path), hashlib.sha256()
+    for name, size, _ in key:
+        if root.is_dir():
+            h.update(f"{Path(name).relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    with _hash_lock:
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
+
+
+def cached_sha256(path):
+    """sha256(path) where it was computed already, else None (as A1111 lists unhashed ones)."""
+    key = _files(path)
+    with _hash_lock:
+        return _hashes.get(key)
+
+
+def short_hash(app, name):
+    """A1111's short model hash (10 hex digits) where known."""
+    path = scan(app.state.registry.models_dir).get(name)
+    sha = cached_sha256(path) if path is not None else None
+    return sha and sha[:10]
+
+
+# ---- routes -----------------------------------------------------------------------------
+@router.get("/options")
+async def get_options(request: Request):
+    reg, opts = request.app.state.registry, options(request.app)
+    found = scan(reg.models_dir)
+    name = opts.model or (reg.default_name() if found else None)
+    path = found.get(name)
+    sha = None if path is None else await asyncio.to_thread(sha256, path)
+    return {**opts.values, "sd_model_checkpoint": name, "sd_checkpoint_hash": sha}
+
+
+@router.post("/options")
+async def set_options(request: Request):
+    """sd_model_checkpoint switches the model; the FIXED options take only the values this
+    server runs with; other keys are kept and echoed. All or nothing: a bad value changes
+    nothing. Answers null, as A1111 does."""
+    body = await json_body(request)
+    for key, accepted in FIXED.items():
+        if key in body and body[key] not in accepted:
+            raise bad(key, f"{key} {body[key]!r} is not supported here; accepted: "
+                           f"{list(accepted)}")
+    name = None
+    if "sd_model_checkpoint" in body:
+        name = checkpoint(request.app, body["sd_model_checkpoint"], "sd_model_checkpoint")
+    opts = options(request.app)
+    new = {k: v for k, v in body.items() if k not in READ_ONLY}
+    if len(opts.values.keys() | new.keys()) > MAX_OPTIONS:
+        raise bad(None, f"at most {MAX_OPTIONS} options are kept")
+    opts.values.update(new)
+    if name is not None:
+        opts.model = name
+    return None
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request):
+    out = []
+    for name, path in sorted(scan(request.app.state.registry.models_dir).items()):
+        sha = cached_sha256(path)
+        out.append({"title": name, "model_name": name, "hash": sha and sha[:10],
+                    "sha256": sha, "filename": name, "config": None})
+    return out
+
+
+@router.post("/refresh-checkpoints")
+async def refresh_checkpoints():
+    """The model folder is read on every request already: nothing to refresh."""
+    return None
+
+
+@router.post("/refresh-vae")
+async def refresh_vae():
+    return None
+
+
+@router.post("/refresh-loras")
+async def refresh_loras():
+    return None
