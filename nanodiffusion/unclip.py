@@ -58,9 +58,11 @@ def sample_prior(prior, schedule, text, uncond, *, generator, steps, guidance, s
                  callback=None):
     """CLIP image embeddings (B, E) for text conditions `text` = (states (B, T, D), emb
     (B, E)), with classifier-free guidance against `uncond` (same shapes)."""
-    sched = NoiseSchedule(schedule)
-    plan = samplers.plan(sampler, sched, steps)
     clip = schedule.clip_sample_range if schedule.clip_sample else None
+    # x0 is clamped in each guidance branch (the Denoiser), as the shipped prior was measured;
+    # the sampler must not clamp the guided x0 again (diffusers clamps only after guidance)
+    sched = NoiseSchedule(dataclasses.replace(schedule, clip_sample=False))
+    plan = samplers.plan(sampler, sched, steps)
 
     def model(x, t, text_states, text_emb):
         return prior(x, t, text_states, text_emb)

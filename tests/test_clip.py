@@ -187,7 +187,7 @@ def test_hard_negatives_enter_the_image_to_text_side():
 
 
 def test_mirrored_caption():
-    from nanodiffusion.train_parts import mirrored_caption
+    from nanodiffusion.data.shapes import mirrored_caption
 
     assert mirrored_caption("a red star in the top left corner") == \
         "a red star in the bottom right corner"

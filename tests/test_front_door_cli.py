@@ -2,17 +2,22 @@
 the installed command) in a fresh folder, with the bundled models and tiny stand-ins for the
 checkpoints a user would download. The commands are read from the README itself, so the
 README cannot drift from what works. Plus the faults of the CLI's own doors."""
+import base64
 import errno
+import io
 import re
 import shlex
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import tiny_sd
-from front_door import run_cli
+from front_door import run_cli, served
 from nanodiffusion import cli, pnginfo
 from nanodiffusion.data import shapes
 
@@ -130,12 +135,36 @@ def test_images_are_kept_when_out_fails_after_generating(tmp_path, monkeypatch, 
 
 
 def test_non_model_files_are_named(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
     garbage, other = tmp_path / "notes.safetensors", tmp_path / "classifier.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     save_file({"fc.weight": torch.zeros(2, 2)}, other)  # a real file, not Stable Diffusion
     for bad in (garbage, other):
         r = run_cli("generate", "x", "--model", bad, "--out", tmp_path / "o.png")
         assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prediction_type_of_a_single_file_from_the_cli_and_serve(workdir, tmp_path):
+    """--prediction-type overrides what a single file is taken to predict, in `generate` and in
+    `serve` (the file here records v_prediction: an export of the v stand-in)."""
+    root, stand_ins = workdir
+    models = tmp_path / "models"
+    models.mkdir()
+    single = models / "v2.safetensors"
+    r = run_cli("export", stand_ins["v2-1_768-ema-pruned.safetensors"], single,
+                "--format", "single-file")
+    assert r.returncode == 0, r.stderr
+    pixels = {}
+    for kind in (None, "v_prediction", "epsilon"):
+        out = tmp_path / f"{kind}.png"
+        flag = ("--prediction-type", kind) if kind else ()
+        r = run_cli("generate", "a cat", "--model", single, "--seed", 1, "--steps", 3,
+                    "--width", 64, "--height", 64, "--out", out, *flag)
+        assert r.returncode == 0, r.stderr
+        pixels[kind] = Image.open(out).convert("RGB").tobytes()
+    assert pixels[None] == pixels["v_prediction"] != pixels["epsilon"]
+    with served("--models-dir", models, "--prediction-type", "epsilon") as (url, _):
+        r = httpx.post(url + "/v1/images/generations", timeout=120, json={
+            "model": "v2", "prompt": "a cat", "seed": 1, "steps": 3, "size": "64x64"})
+        assert r.status_code == 200, r.text
+    served_pixels = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert served_pixels.convert("RGB").tobytes() == pixels["epsilon"]

@@ -182,7 +182,7 @@ def test_rotated_scene_fits_the_mirrored_caption():
     """CLIP's hard-negative twins: the scene turned half a turn is drawn as the mirrored caption
     says (the independent judge agrees) and no longer as the original one, where the caption
     has a spatial word."""
-    from nanodiffusion.train_parts import mirrored_caption
+    from nanodiffusion.data.shapes import mirrored_caption
 
     changed = 0
     for i in range(60):

@@ -110,8 +110,11 @@ def test_openai_errors_and_models(client):
     assert [m.id for m in client.models.list()] == ["tiny"]
     with pytest.raises(openai.BadRequestError, match="variations needs an unCLIP"):
         client.images.create_variation(model="tiny", image=("in.png", _b64png()))
-    with pytest.raises(openai.BadRequestError, match="size must be a multiple of 8"):
-        client.images.generate(model="tiny", prompt="x", size="30x30")
+    with pytest.raises(openai.BadRequestError,  # the model's size step (tiny VAE: 2)
+                       match="width must be a multiple of 2 between 2 and 4096, got 31"):
+        client.images.generate(model="tiny", prompt="x", size="31x31")
+    with pytest.raises(openai.BadRequestError, match=r"size must be between 1 and 256 \(this"):
+        client.images.generate(model="tiny", prompt="x", size="512x512")
     with pytest.raises(openai.BadRequestError, match="steps"):
         client.images.generate(model="tiny", prompt="x", extra_body={"steps": 151})
     with pytest.raises(openai.BadRequestError, match="sampler"):
@@ -370,3 +373,38 @@ def test_internal_errors_are_500s_and_user_errors_400s(models_dir, monkeypatch, 
         r = c.post("/v1/images/generations", json={**body, "sampler": "ddim"})
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "eta must be a number in [0, 1], got 2.0"
+
+
+def test_an_image_too_large_is_refused_from_its_header(monkeypatch):
+    """A 9000x9000 PNG is a few KB on the wire and 243 MB decoded: its size is read from the
+    header and refused before a pixel is decoded."""
+    from PIL import ImageFile
+
+    from nanodiffusion.server.params import APIError, decode_image
+
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG")
+
+    def no_decode(self):
+        raise AssertionError("the pixels were decoded before the size was checked")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(APIError, match="image is 9000x9000; at most 4096 pixels a side"):
+        decode_image(buf.getvalue(), "image", Limits())
+
+
+def test_the_models_folder_is_read_once_and_on_refresh(tmp_path, models_dir, monkeypatch):
+    from nanodiffusion.server import models
+
+    (tmp_path / "tiny").symlink_to(models_dir / "tiny")
+    app = create_app(tmp_path)
+    reads = []
+    real = models.scan
+    monkeypatch.setattr(models, "scan", lambda d: reads.append(d) or real(d))
+    with TestClient(app) as c:
+        for _ in range(3):
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
+        (tmp_path / "tiny2").symlink_to(models_dir / "tiny")
+        assert c.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny"
+        assert len(reads) == 1  # not once per request
+        assert c.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny", "tiny2"]

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from nanodiffusion import checkpoint
-from nanodiffusion import train as T
+from nanodiffusion.train import loop as T
 from nanodiffusion.train import TrainConfig, load_recipe, train
-from nanodiffusion.train_parts import VaePart
+from nanodiffusion.train.vae import VaePart
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -73,7 +73,7 @@ def shapes_run(tmp_path_factory):
                 "vae": dict(lr=3e-3, ema_decay=0.9),
                 "unet": dict(lr=3e-3)}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "_chunk_indices", _fixed_indices)
+        mp.setattr(T, "chunk_indices", _fixed_indices)
         for part in ("clip", "vae", "unet"):
             records[part] = train(tiny(part, out, steps=30, batch_size=8, **settings[part]),
                                   progress=False)
@@ -167,7 +167,7 @@ def test_sigterm_saves_and_resume_is_bitwise_exact(tmp_path, monkeypatch):
 def test_unet_resume_is_bitwise_exact(shapes_run, tmp_path, monkeypatch):
     """The UNet caches frozen text states per caption, and a resumed run has seen other
     captions before: the cache must not change a bit of the result."""
-    from nanodiffusion.train_unet import UnetPart
+    from nanodiffusion.train.unet import UnetPart
 
     out, _ = shapes_run
     for name in ("a", "b"):
@@ -226,10 +226,10 @@ def test_prefetch_workers_change_nothing(tmp_path):
 
 
 def test_prefetcher_gives_the_source_samples():
-    from nanodiffusion.train_parts import _source
+    from nanodiffusion.train import common
 
     cfg = tiny("vae", "unused", steps=3, batch_size=4, num_workers=2)
-    source = _source(cfg)[0]
+    source = common.source(cfg)[0]
     pf = T.Prefetcher(cfg, 0, 1)
     try:
         for step in range(3):
@@ -305,16 +305,16 @@ def test_latent_pool_changes_nothing_on_the_first_pass(shapes_run, tmp_path):
 
 
 def test_latent_pool_encodes_each_sample_once(shapes_run, tmp_path, monkeypatch):
-    from nanodiffusion import train_parts
+    from nanodiffusion.train import unet as train_unet
 
     out, _ = shapes_run
     _copy_frozen(out, tmp_path)
-    drawn, draw = [], train_parts._images_and_captions
+    drawn, draw = [], train_unet.images_and_captions
 
     def counting(cfg, frozen, indices, device):
         drawn.extend(indices)
         return draw(cfg, frozen, indices, device)
-    monkeypatch.setattr(train_parts, "_images_and_captions", counting)
+    monkeypatch.setattr(train_unet, "images_and_captions", counting)
     records = train(tiny("unet", tmp_path, steps=5, latent_pool=6), progress=False)
     assert len(records) == 5  # 20 samples drawn from a pool of 6, each encoded once
     assert sorted(drawn) == list(range(6))
@@ -335,6 +335,69 @@ def test_zero_terminal_snr_unet_trains_and_generates(shapes_run, tmp_path):
     assert meta["schedule"]["timestep_spacing"] == "trailing"
     pipe = load_pipeline(str(tmp_path / "model"))
     assert pipe.generate("a red circle", seed=0, steps=3)[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_each_prediction_type_trains_against_its_own_target(prediction_type):
+    """The denoising loss is zero where the model predicts its type's target from x_t: the
+    noise for epsilon, v for v_prediction, x0 for sample."""
+    from nanodiffusion.diffusion import NoiseSchedule
+    from nanodiffusion.train.unet import denoising_loss, schedule_config
+
+    cfg = TrainConfig(part="unet", prediction_type=prediction_type)
+    schedule = NoiseSchedule(schedule_config(cfg))
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(4)]
+
+    def own_target(x_t, t):
+        a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        noise = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0,
+                "sample": x0}[prediction_type]
+    assert denoising_loss(cfg, schedule, x0, gens(), own_target) < 1e-8
+    assert denoising_loss(cfg, schedule, x0, gens(), lambda x_t, t: 0 * x_t) > 0.1
+
+
+def test_v_prediction_trains_on_the_inputs_and_targets_it_always_had():
+    """The shipped recipe's unet (v prediction, zero terminal SNR): x_t, t and the target bit
+    for bit those of the forward process written out by hand, as the bundled models were
+    trained (each sample's generator draws its timestep, then its noise)."""
+    from nanodiffusion.diffusion import NoiseSchedule
+    from nanodiffusion.train.unet import denoising_loss, noised, schedule_config
+
+    cfg = load_recipe(ROOT / "recipes" / "shapes.toml", "unet", out="unused")
+    assert cfg.prediction_type == "v_prediction"
+    schedule = NoiseSchedule(schedule_config(cfg))
+    x0 = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    draws, n = T.sample_generators(cfg, 7, range(8)), schedule.config.num_train_timesteps
+    t = (torch.cat([torch.rand(1, generator=g) for g in draws]) * n).long().clamp(max=n - 1)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws])
+    a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x_t, v = a.sqrt() * x0 + (1 - a).sqrt() * noise, a.sqrt() * noise - (1 - a).sqrt() * x0
+    got = noised(schedule, x0, T.sample_generators(cfg, 7, range(8)), cfg.prediction_type)
+    assert torch.equal(got[0], x_t) and torch.equal(got[1], t) and torch.equal(got[2], v)
+    seen = []
+    loss = denoising_loss(cfg, schedule, x0, T.sample_generators(cfg, 7, range(8)),
+                          lambda x_t, t: seen.append(x_t) or v)
+    assert loss == 0 and torch.equal(seen[0], x_t)
+
+
+def test_adam_betas_is_a_setting(tmp_path):
+    """AdamW's betas come from the config (default (0.9, 0.99)); a recipe's list becomes a
+    tuple, and the optimiser (as the checkpoint saves it) runs with them."""
+    assert TrainConfig().adam_betas == (0.9, 0.99)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE + "adam_betas = [0.8, 0.95]\n")
+    cfg = load_recipe(recipe, "vae", out=str(tmp_path / "run"))
+    assert cfg.adam_betas == (0.8, 0.95)
+    train(cfg, progress=False)
+    betas = _state(tmp_path / "run", "vae")["optimizer"]["param_groups"][0]["betas"]
+    assert tuple(betas) == (0.8, 0.95)
+    for bad in ((0.9, 1.0), (0.9,), 0.9):
+        with pytest.raises(ValueError, match="adam_betas must be two numbers"):
+            TrainConfig(adam_betas=bad)
 
 
 def test_pooled_text_unet_trains_and_its_folder_generates(shapes_run, tmp_path):
@@ -363,7 +426,7 @@ def test_cpu_bf16_autocast_is_opt_in_and_trains(shapes_run, tmp_path, monkeypatc
     """autocast=None keeps a CPU run in float32; autocast=True runs the forward pass in
     bfloat16 there (the losses differ, and stay close) and the weights stay float32."""
     out, _ = shapes_run
-    monkeypatch.setattr(T, "_chunk_indices", _fixed_indices)
+    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)
     logs = {}
     for name, autocast in (("fp32", None), ("bf16", True)):
         _copy_frozen(out, tmp_path / name)
@@ -388,7 +451,7 @@ def test_shipped_recipes_load(recipe):
 
 
 def test_clip_hard_negative_twins_join_the_batch(tmp_path):
-    from nanodiffusion.train_parts import ClipPart
+    from nanodiffusion.train.clip import ClipPart
 
     cfg = tiny("clip", tmp_path, steps=1, hard_negatives=True)
     model, frozen = ClipPart.build(cfg, torch.device("cpu"))
@@ -407,7 +470,7 @@ def test_clip_swap_negatives_bring_the_colour_swapped_pair(tmp_path):
     """swap_negatives: each pair of two colours (with no held-out object once swapped) brings
     the same scene with its colours exchanged, captioned so, after the mirrored twin."""
     from nanodiffusion.data import shapes
-    from nanodiffusion.train_parts import ClipPart
+    from nanodiffusion.train.clip import ClipPart
 
     cfg = tiny("clip", tmp_path, steps=1, hard_negatives=True, swap_negatives=True)
     _, frozen = ClipPart.build(cfg, torch.device("cpu"))

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from nanodiffusion import checkpoint, cli
-from nanodiffusion import train as T
+from nanodiffusion.train import loop as T
 from nanodiffusion.train import load_recipe, train
-from nanodiffusion.train_parts import VaePart
+from nanodiffusion.train.vae import VaePart
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nanodiffusion import train as T
-from nanodiffusion import train_unclip
+from nanodiffusion.train import loop as T
+from nanodiffusion.train import unclip as train_unclip
 from nanodiffusion.loading import load_pipeline
 from nanodiffusion.train import TrainConfig, train
 from nanodiffusion.unclip import UnCLIPPipeline, save_unclip_pipeline, slerp
@@ -48,7 +48,7 @@ def unclip_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("unclip")
     records = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "_chunk_indices", _fixed_indices)
+        mp.setattr(T, "chunk_indices", _fixed_indices)
         mp.setattr(T, "sample_generators", _fixed_generators)
         mp.setattr(train_unclip, "STATS_SAMPLES", 32)
         for part in ("clip", "vae", "prior", "decoder"):
@@ -217,7 +217,7 @@ def test_decoder_text_dropout_is_the_share_of_captionless_samples(unclip_run, tm
                                                                   empty):
     """text_dropout: the share of decoder samples whose caption is dropped ("" given to the
     frozen text encoder); 0 keeps every caption, 1 drops all; outside [0, 1] is refused."""
-    from nanodiffusion import train_unclip
+    from nanodiffusion.train import unclip as train_unclip
 
     common, unet_model = _decoder_text_setup(unclip_run, tmp_path)
     train(TrainConfig(part="unet", steps=1, model=unet_model, **common), progress=False)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from .. import samplers
 from ..pnginfo import A1111_SAMPLERS
 from . import a1111_info, a1111_options
-from .app import json_body, run
+from .http import json_body, run
 from .params import Dialect, bad, b64, build_task, decode_image, get_int, get_str
 
 router = APIRouter(prefix="/sdapi/v1")

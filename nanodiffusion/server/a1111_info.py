@@ -16,7 +16,7 @@ from ..pipeline import from_pil
 from ..pnginfo import parse_parameters
 from ..unclip import UnCLIPPipeline
 from .a1111_options import current_model
-from .app import json_body
+from .http import json_body
 from .params import APIError, bad, decode_image, get_str
 
 router = APIRouter()

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from .app import json_body
-from .models import scan
+from .http import json_body
 from .params import APIError, bad
 
 router = APIRouter()
@@ -108,7 +107,7 @@ def cached_sha256(path):
 
 def short_hash(app, name):
     """A1111's short model hash (10 hex digits) where known."""
-    path = scan(app.state.registry.models_dir).get(name)
+    path = app.state.registry.found().get(name)
     sha = cached_sha256(path) if path is not None else None
     return sha and sha[:10]
 
@@ -117,7 +116,7 @@ def short_hash(app, name):
 @router.get("/options")
 async def get_options(request: Request):
     reg, opts = request.app.state.registry, options(request.app)
-    found = scan(reg.models_dir)
+    found = reg.found()
     name = opts.model or (reg.default_name() if found else None)
     path = found.get(name)
     sha = None if path is None else await asyncio.to_thread(sha256, path)
@@ -150,7 +149,7 @@ async def set_options(request: Request):
 @router.get("/sd-models")
 async def sd_models(request: Request):
     out = []
-    for name, path in sorted(scan(request.app.state.registry.models_dir).items()):
+    for name, path in sorted(request.app.state.registry.found().items()):
         sha = cached_sha256(path)
         out.append({"title": name, "model_name": name, "hash": sha and sha[:10],
                     "sha256": sha, "filename": name, "config": None})
@@ -158,8 +157,9 @@ async def sd_models(request: Request):
 
 
 @router.post("/refresh-checkpoints")
-async def refresh_checkpoints():
-    """The model folder is read on every request already: nothing to refresh."""
+async def refresh_checkpoints(request: Request):
+    """Read the models folder again: models added (or removed) since appear in every API."""
+    await asyncio.to_thread(request.app.state.registry.refresh)
     return None
 
 

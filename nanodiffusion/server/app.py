@@ -1,7 +1,6 @@
 """The HTTP app: the OpenAI Images API (/v1), an AUTOMATIC1111 subset (/sdapi/v1), the native
 job API with server-sent events (/api/jobs) and the web page (/). Every route turns its fields
 into a params.Task and hands it to the model's worker, which calls the Pipeline."""
-import asyncio
 import hmac
 import json
 from pathlib import Path
@@ -12,6 +11,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from . import a1111, openai_api
+from .http import json_body
 from .models import Registry
 from .params import APIError, Limits, bad, build_task, decode_image
 
@@ -30,8 +31,6 @@ def create_app(models_dir=None, device="cpu", api_key=None, limits=None, dtype="
     app.state.api_key = api_key
     _install_errors(app)
     _install_auth(app, api_key)
-    from . import a1111, openai_api
-
     app.include_router(openai_api.router)
     app.include_router(a1111.router)
     _native_routes(app)
@@ -74,50 +73,6 @@ def _install_auth(app, api_key):
             return JSONResponse(err.body(), status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
-
-
-async def json_body(request):
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise bad(None, "the request body must be JSON") from None
-    if not isinstance(body, dict):
-        raise bad(None, "the request body must be a JSON object")
-    return body
-
-
-DISCONNECT_POLL_S = 0.25
-
-
-async def run(request, task):
-    """Queue `task`, wait for it without blocking the loop; the finished Job, or an APIError.
-    A client that goes away cancels its job (queued: skipped; running: stopped at the next
-    step), so it frees its place for the others."""
-    job = request.app.state.registry.submit(task)
-    waiter = asyncio.ensure_future(job.wait())
-    try:
-        while not waiter.done():
-            await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            if not waiter.done() and await request.is_disconnected():
-                job.cancel()
-                raise APIError(499, "the client closed the connection; its job was cancelled",
-                               code="client_disconnected")
-    finally:
-        if not waiter.done():
-            waiter.cancel()
-    ev = waiter.result()
-    if ev["event"] == "error":
-        raise APIError(job.error_status or 500, job.error, param=_param_of(job.error),
-                       code=ev["data"].get("code"))
-    return job
-
-
-def _param_of(message):
-    """The field a Pipeline error names first ("steps must be ...")."""
-    word = (message or "").split(" ", 1)[0]
-    known = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "width",
-             "height", "n", "strength", "eta", "image", "mask", "guidance_rescale")
-    return word if word in known else None
 
 
 def _native_routes(app):

@@ -77,11 +77,24 @@ class Registry:
             raise FileNotFoundError(f"--models-dir {models_dir}: not a folder")
         self.device, self.limits = device, limits or Limits()
         self.files, self.jobs = Files(), {}
-        self._pipes, self._workers = {}, {}
+        self._pipes, self._workers, self._found = {}, {}, None
         self._lock, self._load_locks = threading.Lock(), {}
 
+    def found(self):
+        """name -> path of the models served: the folder is read once, and again on
+        refresh() (AUTOMATIC1111's refresh-checkpoints), not on every request."""
+        with self._lock:
+            if self._found is None:
+                self._found = scan(self.models_dir)
+            return self._found
+
+    def refresh(self):
+        with self._lock:
+            self._found = None
+        return self.found()
+
     def names(self):
-        return sorted(scan(self.models_dir))
+        return sorted(self.found())
 
     def default_name(self):
         names = self.names()
@@ -95,7 +108,7 @@ class Registry:
         if name is None or name == "":
             return self.default_name()
         check_name(name)
-        if name not in scan(self.models_dir):
+        if name not in self.found():
             raise APIError(404, f"model {name!r} not found; available: {self.names()}",
                            param="model", code="model_not_found")
         return name
@@ -108,7 +121,7 @@ class Registry:
             lock = self._load_locks.setdefault(name, threading.Lock())
         with lock:
             if name not in self._pipes:
-                path = scan(self.models_dir).get(name)
+                path = self.found().get(name)
                 if path is None:
                     raise ValueError(f"model {name!r} is no longer installed")
                 dtype = "float32" if loading.model_kind(path) == "unclip" else self.dtype
@@ -128,7 +141,7 @@ class Registry:
 
     def kind(self, name):
         """"sd" or "unclip" for a model this server offers, read without loading it."""
-        path = scan(self.models_dir).get(name)
+        path = self.found().get(name)
         if path is None:
             raise APIError(404, f"model {name!r} not found; available: {self.names()}",
                            param="model", code="model_not_found")

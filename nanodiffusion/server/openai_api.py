@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from .app import json_body, run
+from .http import json_body, run
 from .params import (OPENAI, bad, b64, build_task, build_unclip_task, decode_image, get_str,
                      parse_size)
 

@@ -14,7 +14,6 @@ from PIL import Image, UnidentifiedImageError
 from .. import samplers
 from ..pnginfo import A1111_SAMPLERS, save_png
 
-SIZE_FACTOR = 8  # latent downsampling of every SD VAE
 
 
 @dataclass
@@ -153,9 +152,11 @@ def parse_size(value, limits, param="size"):
 
 
 def check_side(param, v, limits):
-    if v < SIZE_FACTOR or v > limits.max_side or v % SIZE_FACTOR:
-        raise bad(param, f"{param} must be a multiple of {SIZE_FACTOR} between {SIZE_FACTOR} "
-                         f"and {limits.max_side}, got {v}")
+    """The server's own limit on a side; the model's size step (its VAE factor: 8 for Stable
+    Diffusion, 4 for the bundled models) is the pipeline's check, the one place that knows it."""
+    if not 1 <= v <= limits.max_side:
+        raise bad(param, f"{param} must be between 1 and {limits.max_side} (this server's "
+                         f"--max-side), got {v}")
 
 
 def get_sampler(d, name="sampler"):

@@ -13,10 +13,15 @@ import json
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
-from .diffusion import NoiseSchedule, ScheduleConfig
-from .train_unet import (SAMPLE_PROMPTS, _frozen_parts, denoising_loss, frozen_text,
-                         encoded_batch, latents_of, noised, schedule_config, vae_posterior)
+from .. import checkpoint
+from ..diffusion import NoiseSchedule, ScheduleConfig
+from ..models import prior as prior_model
+from ..models import unet as unet_model
+from ..pipeline import make_grid
+from ..unclip import PRIOR_SCHEDULE, UnCLIPDefaults, UnCLIPPipeline, save_unclip_folder
+from .common import check_fixed, override, rand, save_ema, source
+from .unet import (SAMPLE_PROMPTS, denoising_loss, encoded_batch, frozen_parts, frozen_text,
+                   latents_of, noised, schedule_config, vae_posterior)
 
 STATS_SAMPLES = 512   # images whose CLIP embeddings give the prior's clip_mean / clip_std
 STATS_FIRST = 10_000_000  # past any training index, as the VAE's latent scale uses
@@ -28,38 +33,27 @@ def _clip_pixels(clip, images):
 
 
 @torch.no_grad()
-def _image_stats(cfg, clip, source, device, chunk=128):
+def _image_stats(cfg, clip, data, device, chunk=128):
     embs = []
     for lo in range(0, STATS_SAMPLES, chunk):
         idx = range(STATS_FIRST + lo, STATS_FIRST + min(lo + chunk, STATS_SAMPLES))
-        images = torch.stack([source(i)[0] for i in idx]).to(device)  # (b, 3, S, S)
+        images = torch.stack([data(i)[0] for i in idx]).to(device)  # (b, 3, S, S)
         embs.append(_clip_pixels(clip, images))
     return torch.cat(embs)  # (N, E)
-
-
-def _check_fixed(part, fixed, model_cfg):
-    clash = sorted(set(fixed) & set(model_cfg))
-    if clash:
-        raise ValueError(f"{part} model settings {clash} follow from the trained vae and "
-                         f"clip ({fixed}); remove them from the recipe")
 
 
 class PriorPart:
     @staticmethod
     def build(cfg, device):
-        from .models import prior
-        from .train_parts import _override, _source
-        from .unclip import PRIOR_SCHEDULE
-
-        clip, vae, tok = _frozen_parts(cfg, device)
+        clip, vae, tok = frozen_parts(cfg, device)
         text = clip.text_model.config
         fixed = {"embed_dim": clip.projection_dim, "text_dim": text.width,
                  "text_tokens": text.max_positions}
-        _check_fixed("prior", fixed, cfg.model)
-        model = prior.Prior(_override(prior.SHAPES, {**cfg.model, **fixed})).to(device)
-        source = _source(cfg)[0]
-        model.set_stats(_image_stats(cfg, clip, source, device))
-        return model, {"source": source, "clip": clip, "vae": vae, "tokenizer": tok,
+        check_fixed("prior", fixed, cfg.model)
+        model = prior_model.Prior(override(prior_model.SHAPES, {**cfg.model, **fixed})).to(device)
+        data = source(cfg)[0]
+        model.set_stats(_image_stats(cfg, clip, data, device))
+        return model, {"source": data, "clip": clip, "vae": vae, "tokenizer": tok,
                        "cache": {}, "schedule": NoiseSchedule(PRIOR_SCHEDULE)}
 
     @staticmethod
@@ -71,28 +65,24 @@ class PriorPart:
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
         """DALL·E 2: MSE between the predicted and the true clean (normalised) embedding."""
-        from .train_parts import _rand
-
         enc, captions = batch
         device, prior = enc["image_embeds"].device, checkpoint.unwrap(model)
         x0 = prior.normalize(enc["image_embeds"])  # (B, E)
-        drop = _rand(gens, device) < cfg.caption_dropout
+        drop = rand(gens, device) < cfg.caption_dropout
         if prior.config.learned_null:
             states, _, emb = frozen_text(frozen, captions)
             states, emb = prior.drop_text(states, emb, drop)
         else:  # the empty caption stands for a dropped one (Karlo)
             states, _, emb = frozen_text(frozen, ["" if d else c
                                                   for c, d in zip(captions, drop.tolist())])
-        x_t, t, _, _ = noised(frozen["schedule"], x0, gens, device)
+        x_t, t, _ = noised(frozen["schedule"], x0, gens)
         pred = model(x_t, t, states, emb)
         cos = F.cosine_similarity(prior.denormalize(pred.float()), prior.denormalize(x0)).mean()
         return F.mse_loss(pred.float(), x0), {"cos": cos.detach()}
 
     @staticmethod
     def export(cfg, model, ema):
-        from .train_parts import _save_ema
-
-        _save_ema(model, ema, cfg.run_dir / "prior.safetensors")
+        save_ema(model, ema, cfg.run_dir / "prior.safetensors")
         if (cfg.out_path("model-unclip") / "model.json").exists():
             assemble_unclip(cfg)  # a retrained prior replaces the assembled one
 
@@ -108,19 +98,16 @@ class PriorPart:
 class DecoderPart:
     @staticmethod
     def build(cfg, device):
-        from .models import unet
-        from .train_parts import _override, _source
-
-        clip, vae, tok = _frozen_parts(cfg, device)
+        clip, vae, tok = frozen_parts(cfg, device)
         c = vae.config.latent_channels
         fixed = {"in_channels": c, "out_channels": c, "image_embed_dim": clip.projection_dim}
-        _check_fixed("decoder", fixed, cfg.model)
+        check_fixed("decoder", fixed, cfg.model)
         if cfg.decoder_text:
             model = _decoder_from_unet(cfg, clip, device)
         else:
-            model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
+            model = unet_model.UNet(override(unet_model.SHAPES, {**cfg.model, **fixed})).to(device)
         schedule = NoiseSchedule(schedule_config(cfg))
-        return model, {"source": _source(cfg)[0], "clip": clip, "vae": vae, "tokenizer": tok,
+        return model, {"source": source(cfg)[0], "clip": clip, "vae": vae, "tokenizer": tok,
                        "schedule": schedule, "cache": {}}
 
     @staticmethod
@@ -135,17 +122,15 @@ class DecoderPart:
     def loss(cfg, model, frozen, batch, gens):
         """The UNet part's loss with the image embedding (zero where dropped) as the
         condition instead of the caption."""
-        from .train_parts import _rand
-
         enc, captions = batch
         device = enc["mean"].device
         x0 = latents_of(frozen["vae"], enc, gens)
         embeds = enc["image_embeds"]  # (B, E)
-        keep = _rand(gens, device) >= cfg.caption_dropout
+        keep = rand(gens, device) >= cfg.caption_dropout
         embeds = embeds * keep[:, None]
         text = {}
         if cfg.decoder_text:
-            drop = (_rand(gens, device) < cfg.text_dropout).tolist()
+            drop = (rand(gens, device) < cfg.text_dropout).tolist()
             context, pooled, _ = frozen_text(frozen, ["" if d else c
                                                       for c, d in zip(captions, drop)])
             text = checkpoint.unwrap(model).text_condition(context, pooled)
@@ -154,9 +139,7 @@ class DecoderPart:
 
     @staticmethod
     def export(cfg, model, ema):
-        from .train_parts import _save_ema
-
-        _save_ema(model, ema, cfg.run_dir / "decoder.safetensors")
+        save_ema(model, ema, cfg.run_dir / "decoder.safetensors")
         if (cfg.out_path("prior") / "prior.safetensors").exists():
             assemble_unclip(cfg, schedule_config(cfg))
 
@@ -172,8 +155,6 @@ class DecoderPart:
 def _decoder_from_unet(cfg, clip, device):
     """The run's trained UNet with the image-embedding pathway added (its new layers at their
     initialisation, every other weight the UNet's)."""
-    from .models import unet
-
     path = cfg.out_path("unet") / "unet.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: decoder_text starts the decoder from the "
@@ -182,7 +163,7 @@ def _decoder_from_unet(cfg, clip, device):
         raise ValueError(f"decoder_text: the decoder has the UNet's architecture; remove the "
                          f"decoder model settings {sorted(cfg.model)} from the recipe")
     base = checkpoint.load_model(path, device=device)
-    model = unet.UNet(dataclasses.replace(base.config, image_embed_dim=clip.projection_dim))
+    model = unet_model.UNet(dataclasses.replace(base.config, image_embed_dim=clip.projection_dim))
     weights, fresh = base.state_dict(), model.state_dict()
     added, dropped = sorted(set(fresh) - set(weights)), sorted(set(weights) - set(fresh))
     if dropped or not all(k.startswith(("encoder_hid_proj.", "add_embedding.")) for k in added):
@@ -196,9 +177,6 @@ def _decoder_from_unet(cfg, clip, device):
 def _sample_grid(cfg, prior, decoder, frozen, path, training):
     """Text-to-image samples of SAMPLE_PROMPTS; `training` (the part's model) goes back to
     train mode after. From the prior part, see _decoder_schedule."""
-    from .pipeline import make_grid
-    from .unclip import UnCLIPPipeline
-
     try:
         pipe = UnCLIPPipeline(prior, decoder, frozen["vae"], frozen["clip"], frozen["tokenizer"],
                               _decoder_schedule(cfg), defaults=shapes_unclip_defaults(cfg),
@@ -229,8 +207,6 @@ def _decoder_reads_text(cfg):
 
 
 def shapes_unclip_defaults(cfg):
-    from .unclip import UnCLIPDefaults
-
     return UnCLIPDefaults(steps=20, guidance=4.0, sampler="dpmpp-2m", width=cfg.image_size,
                           height=cfg.image_size)
 
@@ -238,8 +214,6 @@ def shapes_unclip_defaults(cfg):
 def assemble_unclip(cfg, schedule=None):
     """<out>/model-unclip from the prior, decoder, vae, clip and tokenizer of this run. The
     decoder's schedule is the decoder part's (or, from the prior part, the assembled one's)."""
-    from .unclip import save_unclip_folder
-
     folder = cfg.out_path("model-unclip")
     decoder_text = _decoder_reads_text(cfg)
     if schedule is None:

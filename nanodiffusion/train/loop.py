@@ -13,165 +13,19 @@ import contextlib
 import dataclasses
 import json
 import math
-import multiprocessing as mp
 import os
 import signal
-import sys
 import time
-import tomllib
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import checkpoint
-from .checkpoint import unwrap
-
-PARTS = ("clip", "vae", "unet", "prior", "decoder")
-
-
-@dataclass
-class TrainConfig:
-    part: str = "unet"
-    data: str = "shapes"            # "shapes" or a folder of captioned images
-    out: str = "runs/shapes"        # the run folder; each part writes <out>/<part>/
-    image_size: int = 64
-    steps: int = 1000
-    batch_size: int = 64            # global batch (split over DDP ranks), per optimizer step
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    # warm restarts of the cosine: before restarts[0] it decays as if training ended there,
-    # then as if it ended at the next entry, the last stage at `steps` (what resuming a
-    # 2,000-step run with --steps 3600 and again with --steps 5000 does: [2000, 3600])
-    restarts: list[int] = field(default_factory=list)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999        # 0 turns EMA off
-    log_every: int = 25
-    sample_every: int = 500         # 0: never
-    ckpt_every: int = 250
-    seed: int = 0
-    include_held_out: bool = False
-    device: str = "cpu"
-    compile: bool = False
-    # bf16 autocast of the forward pass: None = on accelerators only; true on CPUs with
-    # native bf16 (AVX512-BF16, AMX). On a CPU it also takes attention's math kernel over the
-    # flash one, whose bf16 backward is slow there. Forward + backward on this project's
-    # 2-core CPU, float32 -> bf16: shapes UNet (batch 64, 2 threads) 1.12 -> 0.58 s, CLIP
-    # (batch 128 + twins, 1 thread) 1.94 -> 1.18 s, VAE (batch 32, 1 thread) 1.03 -> 0.69 s
-    autocast: bool | None = None
-    num_workers: int = 0            # processes that draw the data of the next steps ahead
-    # objectives
-    prediction_type: str = "epsilon"
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 0.0      # 0: plain MSE; 5 is the min-SNR paper's choice
-    latent_pool: int = 0            # unet/decoder/prior: cycle N samples, encoded once
-    zero_terminal_snr: bool = False  # unet/decoder: pure noise at the last timestep, trailing
-    kl_weight: float = 1e-6
-    ink_weight: float = 0.0         # vae: extra loss weight of non-white pixels (shapes' objects)
-    model: dict = field(default_factory=dict)  # overrides of the part's model preset
-    hard_negatives: bool = False    # clip: captions with spatial words mirrored as negatives
-    swap_negatives: bool = False    # clip (shapes): pairs bring their colour-swapped twin too
-    pooled_text: bool = False       # unet: the pooled text state joins the time embedding too
-    decoder_text: bool = False      # decoder: start from <out>/unet, read the caption too
-    text_dropout: float = 0.5       # decoder_text: share of samples without the caption
-                                    # (DALL·E 2: 50%); the image-only tasks train on these
-    bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
-
-    def __post_init__(self):
-        if self.part not in PARTS:
-            raise ValueError(f"part {self.part!r} is not one of {PARTS}")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.text_dropout <= 1.0:
-            raise ValueError(f"text_dropout must be between 0 and 1, got {self.text_dropout}")
-        ends = [*self.restarts, self.steps]
-        if any(not isinstance(r, int) for r in self.restarts) or any(
-                a >= b for a, b in zip(ends, ends[1:])) or (self.restarts and
-                                                            self.restarts[0] <= self.warmup):
-            raise ValueError(f"restarts must be increasing whole steps between warmup "
-                             f"({self.warmup}) and steps ({self.steps}), got {self.restarts}")
-        if self.swap_negatives and self.data != "shapes":
-            raise ValueError(f"swap_negatives needs data = 'shapes' (it redraws the scene), "
-                             f"got data = {self.data!r}")
-        if self.latent_pool < 0:
-            raise ValueError(f"latent_pool must be >= 0 (0: no pool), got {self.latent_pool}")
-        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
-            raise ValueError(f"zero_terminal_snr needs prediction_type='v_prediction', got "
-                             f"{self.prediction_type!r}: at zero SNR there is no noise to "
-                             "predict from")
-
-    def out_path(self, part):
-        return Path(self.out) / part
-
-    @property
-    def run_dir(self):
-        return self.out_path(self.part)
-
-
-def load_recipe(path, part, **overrides):
-    """A recipe TOML has a [common] table and one table per part; overrides win. The recipe
-    is checked as written first; a `steps` override shorter than it then takes the recipe's
-    schedule along (_fit_steps)."""
-    try:
-        with open(path, "rb") as f:
-            recipe = tomllib.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no recipe file at {path}") from None
-    except (OSError, ValueError) as e:  # a folder, bad UTF-8, bad TOML
-        raise ValueError(f"{path}: not a readable TOML recipe ({e})") from None
-    if part not in recipe:
-        raise ValueError(f"{path}: no [{part}] table; it has {sorted(recipe)}")
-    values = {**recipe.get("common", {}), **recipe[part], "part": part}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {unknown}; accepted: {sorted(names)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        TrainConfig(**values)
-        if isinstance(given.get("steps"), int):
-            values.update(_fit_steps(values, given["steps"]))
-        return TrainConfig(**{**values, **given})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def _fit_steps(values, steps):
-    """The recipe's restarts and warmup for a shorter run (a trial with --steps 2): restarts
-    at or past `steps` are dropped, and a warmup as long as the run shrinks to the recipe's
-    share of it; one note on stderr says what changed."""
-    planned = values.get("steps", TrainConfig.steps)
-    restarts, warmup = values.get("restarts", []), values.get("warmup", TrainConfig.warmup)
-    if steps >= planned:
-        return {}
-    fitted, changes = {"restarts": [r for r in restarts if r < steps]}, []
-    if fitted["restarts"] != restarts:
-        changes.append(f"restarts {restarts} -> {fitted['restarts']}")
-    if warmup >= steps:
-        fitted["warmup"] = warmup * steps // planned
-        changes.append(f"warmup {warmup} -> {fitted['warmup']}")
-    if changes:
-        print(f"note: steps {steps} ends before the recipe's {planned}: {', '.join(changes)}",
-              file=sys.stderr)
-    return fitted
-
-
-def lr_at(cfg, step):
-    """Linear warmup, then cosine decay to min_lr_ratio * lr, towards the first of
-    cfg.restarts past `step` (cfg.steps after the last)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    end = next((r for r in cfg.restarts if r > step), cfg.steps)
-    progress = min(1.0, (step - cfg.warmup) / max(1, end - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(
-        math.pi * progress)))
+from .. import checkpoint
+from ..checkpoint import unwrap
+from .config import TrainConfig, chunk_indices, lr_at
+from .parts import get_part
+from .prefetch import Prefetcher
 
 
 def sample_generators(cfg, step, indices):
@@ -309,8 +163,6 @@ def _log(cfg, record, rank, saved):
 
 def train(cfg: TrainConfig, progress=True):
     """Train one part; returns the list of logged records of this invocation."""
-    from .train_parts import get_part
-
     rank, world = _dist_info()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by ranks x grad_accum "
@@ -328,7 +180,7 @@ def train(cfg: TrainConfig, progress=True):
             frozen["source"] = prefetch
         ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+                                weight_decay=cfg.weight_decay, betas=cfg.adam_betas)
         start = _resume(cfg, model, ema, opt)
         if rank == 0:
             with _failing_writes("log", start):
@@ -421,7 +273,7 @@ def _accumulate(cfg, part, model, frozen, step, rank, world, micro, device, stop
     if isinstance(frozen["source"], Prefetcher):
         frozen["source"].schedule(step)
     for a in range(cfg.grad_accum):
-        indices = _chunk_indices(cfg, step, a, rank, world)
+        indices = chunk_indices(cfg, step, a, rank, world)
         batch = part.batch(cfg, frozen, indices, device)
         gens = sample_generators(cfg, step, indices)
         with _precision(cfg, device):
@@ -455,79 +307,6 @@ def _sync_grads(model):
     for p in params:
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
         offset += p.numel()
-
-
-def _chunk_indices(cfg, step, chunk, rank, world):
-    """The sample indices of one rank's gradient-accumulation chunk of a step."""
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    first = step * cfg.batch_size + (chunk * world + rank) * micro
-    return list(range(first, first + micro))
-
-
-_SOURCE = None
-
-
-def _worker_init():
-    # A forked worker inherits the parent's intra-op thread count; many workers x many
-    # threads oversubscribe the cores the training step needs.
-    torch.set_num_threads(1)
-    # Its own process group: Ctrl-C in a terminal and `timeout` signal the whole group, and a
-    # worker killed by that left the main process waiting TIMEOUT_S for its samples before it
-    # could save. The main process ends the workers itself (close()); if it dies, their task
-    # pipe closes and they exit.
-    os.setpgrp()
-
-
-def _draw(index):
-    # A numpy array, not a tensor: multiprocessing pickles tensors through torch's shared-
-    # memory reducer (a file descriptor per tensor), which made 2 workers ~10x slower than
-    # drawing in the main process; numpy arrays travel as plain bytes.
-    image, caption = _SOURCE(index)
-    return index, (image.numpy(), caption)
-
-
-class Prefetcher:
-    """Draws the samples of the next few steps in worker processes while the current step
-    computes. Forked before any model exists (OpenMP and CUDA state must not be inherited).
-    Calling it with an index gives that sample, as the part's own source would."""
-
-    AHEAD = 3
-    TIMEOUT_S = 120  # a step's data late by this much means the workers are stuck
-
-    def __init__(self, cfg, rank, world):
-        from .train_parts import _source
-
-        global _SOURCE
-        _SOURCE = _source(cfg)[0]
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.pool = mp.get_context("fork").Pool(cfg.num_workers, initializer=_worker_init)
-        self.pending, self.ready = {}, {}
-
-    def _indices(self, step):
-        return [i for a in range(self.cfg.grad_accum)
-                for i in _chunk_indices(self.cfg, step, a, self.rank, self.world)]
-
-    def schedule(self, step):
-        """Ask for the steps after `step`; keep only what this step needs."""
-        for s in range(step, min(step + self.AHEAD + 1, self.cfg.steps)):
-            if self.pool is not None and s not in self.pending:
-                self.pending[s] = self.pool.map_async(_draw, self._indices(s), chunksize=8)
-        if step in self.pending:
-            try:
-                items = self.pending.pop(step).get(timeout=self.TIMEOUT_S)
-            except mp.TimeoutError:
-                warnings.warn(f"data workers gave nothing in {self.TIMEOUT_S} s; drawing the "
-                              f"data in the main process from step {step + 1} on")
-                self.close()
-                self.pool, self.pending, items = None, {}, []
-            self.ready = {i: (torch.from_numpy(image), caption) for i, (image, caption) in items}
-
-    def __call__(self, index):
-        return self.ready.pop(index) if index in self.ready else _SOURCE(index)
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.terminate()
 
 
 def main_ddp(cfg):

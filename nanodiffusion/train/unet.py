@@ -1,10 +1,18 @@
-"""The UNet part of the training loop: latent noise prediction on frozen CLIP text states and
-frozen VAE latents (Stable Diffusion's recipe), and the assembly of the finished model folder."""
+"""The UNet part: latent denoising on frozen CLIP text states and frozen VAE latents (Stable
+Diffusion's recipe), and the assembly of the finished model folder. Also what the unCLIP
+decoder shares with it (unclip.py): the frozen encoders' outputs per sample (encoded_batch,
+cached over a latent pool), the part's noise schedule and the denoising loss."""
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
-from .diffusion import NoiseSchedule, ScheduleConfig, loss_weights
+from .. import checkpoint
+from ..diffusion import NoiseSchedule, ScheduleConfig, loss_weights, training_targets
+from ..loading import save_folder
+from ..models.tokenizer import CLIPTokenizer
+from ..models.unet import SHAPES, UNet
+from ..pipeline import Defaults, Pipeline, make_grid
+from .common import (check_fixed, images_and_captions, override, rand, randn, save_ema,
+                     source)
 
 SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a large green star",
                   "a yellow triangle at the top", "a pink circle above a cyan square",
@@ -12,10 +20,8 @@ SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a large green st
                   "a blue circle below a green triangle"]
 
 
-def _frozen_parts(cfg, device):
+def frozen_parts(cfg, device):
     """The CLIP text tower, tokenizer and VAE that earlier parts of this run wrote."""
-    from .models.tokenizer import CLIPTokenizer
-
     clip_path = cfg.out_path("clip") / "clip.safetensors"
     vae_path = cfg.out_path("vae") / "vae.safetensors"
     for p in (clip_path, vae_path):
@@ -50,14 +56,12 @@ def encoded_batch(cfg, frozen, indices, encode, device):
     frozen encoders make of them (VAE posteriors, CLIP embeddings). With cfg.latent_pool = N,
     sample i is sample i % N of the data, and its encodings are kept in memory after its first
     use, so that N samples cost one pass of the encoders however long the part trains."""
-    from .train_parts import _images_and_captions
-
     pool = cfg.latent_pool
     keys = [i % pool for i in indices] if pool else list(indices)
     cache = frozen.setdefault("encoded", {}) if pool else {}
     missing = [k for k in dict.fromkeys(keys) if k not in cache]
     if missing:
-        images, captions = _images_and_captions(cfg, frozen, missing, device)
+        images, captions = images_and_captions(cfg, frozen, missing, device)
         out = encode(images)
         for j, k in enumerate(missing):
             cache[k] = ({name: v[j] for name, v in out.items()}, captions[j])
@@ -77,21 +81,19 @@ def vae_posterior(vae):
 def latents_of(vae, enc, gens):
     """Scaled latents: a sample of the posterior enc["mean"], enc["logvar"] with each
     sample's own generator."""
-    from .train_parts import _randn
-
-    eps = _randn(gens, enc["mean"].shape[1:], enc["mean"].device)
+    eps = randn(gens, enc["mean"].shape[1:], enc["mean"].device)
     return (enc["mean"] + torch.exp(0.5 * enc["logvar"]) * eps) * vae.config.scaling_factor
 
 
-def noised(schedule, x0, gens, device):
-    """(x_t, t, alpha_bar (B, 1, ...), noise): the forward process at per-sample timesteps."""
-    from .train_parts import _rand, _randn
-
+def noised(schedule, x0, gens, prediction_type="epsilon"):
+    """(x_t, t, target): x0 through the forward process at per-sample timesteps t, and what a
+    model of `prediction_type` predicts from x_t (diffusion.training_targets). Each sample's
+    generator draws its timestep, then its noise."""
     T = schedule.config.num_train_timesteps
-    t = (_rand(gens, device) * T).long().clamp(max=T - 1)
-    noise = _randn(gens, x0.shape[1:], device)
-    a = schedule.alphas_cumprod.to(device)[t].view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ...)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, a, noise
+    t = (rand(gens, x0.device) * T).long().clamp(max=T - 1)
+    noise = randn(gens, x0.shape[1:], x0.device)
+    x_t, target = training_targets(schedule, x0, noise, t, prediction_type)
+    return x_t, t, target
 
 
 def schedule_config(cfg):
@@ -105,10 +107,9 @@ def schedule_config(cfg):
 
 
 def denoising_loss(cfg, schedule, x0, gens, predict):
-    """Noise (or v) prediction MSE of `predict(x_t, t)`, optionally min-SNR weighted."""
-    x_t, t, a, noise = noised(schedule, x0, gens, x0.device)
-    target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (
-        1 - a).sqrt() * x0
+    """MSE of `predict(x_t, t)` against the target of cfg.prediction_type (the noise, v or
+    x0), optionally min-SNR weighted."""
+    x_t, t, target = noised(schedule, x0, gens, cfg.prediction_type)
     pred = predict(x_t, t)
     per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma > 0:
@@ -120,21 +121,15 @@ def denoising_loss(cfg, schedule, x0, gens, predict):
 class UnetPart:
     @staticmethod
     def build(cfg, device):
-        from .models import unet
-        from .train_parts import _override, _source
-
-        clip, vae, tok = _frozen_parts(cfg, device)
+        clip, vae, tok = frozen_parts(cfg, device)
         text = clip.text_model
         fixed = {"in_channels": vae.config.latent_channels,
                  "out_channels": vae.config.latent_channels, "context_dim": text.config.width,
                  "pooled_text_dim": text.config.width if cfg.pooled_text else None}
-        clash = sorted(set(fixed) & set(cfg.model))
-        if clash:
-            raise ValueError(f"unet model settings {clash} follow from the trained vae and "
-                             f"clip ({fixed}); remove them from the recipe")
-        model = unet.UNet(_override(unet.SHAPES, {**cfg.model, **fixed})).to(device)
+        check_fixed("unet", fixed, cfg.model)
+        model = UNet(override(SHAPES, {**cfg.model, **fixed})).to(device)
         schedule = NoiseSchedule(schedule_config(cfg))
-        frozen = {"source": _source(cfg)[0], "clip": clip, "text": text, "vae": vae,
+        frozen = {"source": source(cfg)[0], "clip": clip, "text": text, "vae": vae,
                   "tokenizer": tok, "schedule": schedule, "cache": {}}
         return model, frozen
 
@@ -144,12 +139,10 @@ class UnetPart:
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
-        from .train_parts import _rand
-
         enc, captions = batch
         device = enc["mean"].device
         x0 = latents_of(frozen["vae"], enc, gens)
-        drop = _rand(gens, device) < cfg.caption_dropout
+        drop = rand(gens, device) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         context, pooled, _ = frozen_text(frozen, captions)  # (B, T, D), (B, D)
         text = checkpoint.unwrap(model).text_condition(context, pooled)
@@ -158,15 +151,11 @@ class UnetPart:
 
     @staticmethod
     def export(cfg, model, ema):
-        from .train_parts import _save_ema
-
-        _save_ema(model, ema, cfg.run_dir / "unet.safetensors")
+        save_ema(model, ema, cfg.run_dir / "unet.safetensors")
         assemble_model(cfg)
 
     @staticmethod
     def sample(cfg, model, frozen, path):
-        from .pipeline import make_grid
-
         model.eval()
         try:
             pipe = _pipeline_from(cfg, model, frozen)
@@ -177,24 +166,18 @@ class UnetPart:
 
 
 def _pipeline_from(cfg, model, frozen):
-    from .pipeline import Pipeline
-
     return Pipeline(model, frozen["vae"], frozen["text"], frozen["tokenizer"],
                     frozen["schedule"].config, defaults=shapes_defaults(cfg), clip=frozen["clip"],
                     name="shapes")
 
 
 def shapes_defaults(cfg):
-    from .pipeline import Defaults
-
     return Defaults(steps=15, guidance=3.0, sampler="dpmpp-2m", width=cfg.image_size,
                     height=cfg.image_size)
 
 
 def assemble_model(cfg):
     """Gather the parts of this run into one model folder: <out>/model."""
-    from .loading import save_folder
-
     save_folder(cfg.out_path("model"), unet=cfg.run_dir / "unet.safetensors",
                 vae=cfg.out_path("vae") / "vae.safetensors",
                 clip=cfg.out_path("clip") / "clip.safetensors",
