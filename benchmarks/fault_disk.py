@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nanodiffusion import checkpoint  # noqa: E402
+from nanodiffusion.formats import checkpoint  # noqa: E402
 
 RECIPE = """
 [common]

@@ -8,7 +8,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def load(path=None, **kwargs):
     """Load a pipeline: a diffusers folder, a single-file checkpoint, a hub id, or (no argument)
-    the bundled default model. See `nanodiffusion.pipeline.load`."""
-    from .pipeline import load as _load
+    the bundled default model. See `nanodiffusion.loading.load_pipeline`."""
+    from .loading import load_pipeline
 
-    return _load(path, **kwargs)
+    return load_pipeline(path, **kwargs)

@@ -384,11 +384,12 @@ def cmd_export(args):
     pipe = nanodiffusion.load(args.model)
     dtype = torch.float16 if args.half else None
     if args.format == "nanodiffusion":
-        from .loading import save_pipeline
+        from .formats.ours import save_pipeline
 
         save_pipeline(pipe, args.out, dtype=dtype)
     else:
-        from .convert_folders import save_diffusers_folder, save_single_file
+        from .formats.diffusers import save_diffusers_folder
+        from .formats.single_file import save_single_file
 
         fn = save_diffusers_folder if args.format == "diffusers" else save_single_file
         fn(pipe, args.out, dtype=dtype)

@@ -109,6 +109,13 @@ SCHEDULER_DEFAULTS = {
 }
 
 
+# DALL·E 2's prior schedule: cosine betas, x0 prediction, x0 clamped to +-5 std; sampling
+# starts at the last training timestep (trailing spacing).
+PRIOR_SCHEDULE = ScheduleConfig(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                                timestep_spacing="trailing", steps_offset=0, clip_sample=True,
+                                clip_sample_range=5.0)
+
+
 def _betas(cfg: ScheduleConfig) -> torch.Tensor:
     T = cfg.num_train_timesteps
     if cfg.beta_schedule == "linear":

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
 from .data import shapes
+from .formats import checkpoint
 from .judge import check_objects, find_objects, judge, parse_prompt, score
 
 

@@ -423,9 +423,3 @@ def _mask_input(mask, width, height):
         mask = mask.resize((width, height), Image.LANCZOS)
     m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
     return (m >= 0.5).float()
-
-
-def load(path=None, **kwargs):
-    from .loading import load_pipeline
-
-    return load_pipeline(path, **kwargs)

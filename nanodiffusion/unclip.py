@@ -8,27 +8,20 @@ Seeds: one CPU generator seeded with `seed` draws the prior's initial noise (n, 
 prior sampler's noise, then the decoder's initial latents and its sampler's noise.
 """
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, samplers
-from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from . import samplers
+from .diffusion import PRIOR_SCHEDULE, Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from .errors import InputError
 from .models.vae import for_inference as vae_for_inference
 from .pipeline import (Defaults, _check_guidance, _check_int, _check_size, best_of_n,
                        from_pil, to_pil)
 from .pnginfo import format_parameters
 
-# DALL·E 2's prior schedule: cosine betas, x0 prediction, x0 clamped to +-5 std; sampling
-# starts at the last training timestep (trailing spacing).
-PRIOR_SCHEDULE = ScheduleConfig(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
-                                timestep_spacing="trailing", steps_offset=0, clip_sample=True,
-                                clip_sample_range=5.0)
 EDIT_MAX_THETA = 0.5  # edit(strength=1) slerps half way to the text diff (DALL·E 2 fig. 5)
 
 
@@ -335,55 +328,3 @@ def _frame_callback(callback, frame, frames):
 def _check_sampler(sampler):
     if sampler not in samplers.SAMPLER_NAMES:
         raise InputError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
-
-
-# ---- our folder format, kind "unclip" ---------------------------------------------------
-PARTS = ("prior", "decoder", "vae", "clip")
-
-
-def save_unclip_folder(folder, *, prior, decoder, vae, clip, tokenizer, schedule, defaults,
-                       name, prior_schedule=PRIOR_SCHEDULE, dtype=None, decoder_text=False):
-    """Write model.json (kind "unclip"), the four part files (paths or modules) and
-    tokenizer/ (a folder path or a tokenizer)."""
-    from .loading import FORMAT, write_parts
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = write_parts(folder, dict(zip(PARTS, (prior, decoder, vae, clip))), tokenizer, dtype)
-    meta = {"format": FORMAT, "kind": "unclip", "name": name, "files": files,
-            "schedule": dataclasses.asdict(schedule),
-            "prior_schedule": dataclasses.asdict(prior_schedule),
-            "defaults": dataclasses.asdict(defaults), "decoder_text": bool(decoder_text)}
-    checkpoint.atomic_write(folder / "model.json",
-                            lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-    return folder
-
-
-def save_unclip_pipeline(pipe, folder, dtype=None):
-    return save_unclip_folder(folder, prior=pipe.prior, decoder=pipe.decoder, vae=pipe.vae,
-                              clip=pipe.clip, tokenizer=pipe.tokenizer,
-                              schedule=pipe.schedule_config, defaults=pipe.defaults,
-                              name=pipe.name, prior_schedule=pipe.prior_schedule, dtype=dtype,
-                              decoder_text=pipe.decoder_text)
-
-
-def load_unclip_folder(folder, meta, device="cpu", dtype=torch.float32):
-    """UnCLIPPipeline from our folder whose model.json (`meta`) says kind "unclip"."""
-    from .models.tokenizer import CLIPTokenizer
-
-    folder, files = Path(folder), meta["files"]
-    missing = [p for p in PARTS if p not in files]
-    if missing:
-        raise ValueError(f"{folder / 'model.json'}: an unclip model needs files {list(PARTS)}, "
-                         f"missing {missing}")
-    parts = {p: checkpoint.load_model(folder / files[p], dtype=dtype, device=device)
-             for p in PARTS}
-    pipe = UnCLIPPipeline(
-        parts["prior"], parts["decoder"], parts["vae"], parts["clip"],
-        CLIPTokenizer.from_folder(folder / "tokenizer"),
-        checkpoint.config_from_dict(ScheduleConfig, meta["schedule"]),
-        checkpoint.config_from_dict(ScheduleConfig, meta["prior_schedule"]),
-        checkpoint.config_from_dict(UnCLIPDefaults, meta.get("defaults", {})),
-        name=meta.get("name", folder.name), decoder_text=meta.get("decoder_text", False))
-    pipe.source = str(folder)
-    return pipe

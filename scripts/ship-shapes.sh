@@ -12,8 +12,8 @@ $PY - "$RUN" <<'PY'
 import shutil, sys, tempfile, torch
 from pathlib import Path
 from safetensors import safe_open
-from nanodiffusion.loading import load_pipeline, save_pipeline
-from nanodiffusion.unclip import save_unclip_pipeline
+from nanodiffusion.formats.ours import save_pipeline, save_unclip_pipeline
+from nanodiffusion.loading import load_pipeline
 
 
 def same(a, b):

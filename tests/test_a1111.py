@@ -22,12 +22,13 @@ from live_server import serve  # noqa: E402
 from nanodiffusion import loading  # noqa: E402
 from nanodiffusion.data.shapes import enumerate_captions  # noqa: E402
 from nanodiffusion.diffusion import ScheduleConfig  # noqa: E402
+from nanodiffusion.formats.ours import save_folder, save_unclip_folder  # noqa: E402
 from nanodiffusion.models import clip, prior, unet, vae  # noqa: E402
 from nanodiffusion.models.tokenizer import CLIPTokenizer  # noqa: E402
 from nanodiffusion.pipeline import Defaults, Interrupted, clip_scores  # noqa: E402
 from nanodiffusion.server import Limits  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
-from nanodiffusion.unclip import UnCLIPDefaults, save_unclip_folder  # noqa: E402
+from nanodiffusion.unclip import UnCLIPDefaults  # noqa: E402
 
 SIZE = 32
 GEN = dict(steps=2, cfg_scale=5, width=SIZE, height=SIZE)  # the txt2img settings of the tests
@@ -43,10 +44,10 @@ def models_dir(tmp_path_factory):
     full_clip, tok = clip.CLIPModel(clip.TINY_TEXT, clip.TINY_VISION), CLIPTokenizer.default()
     autoencoder = vae.VAE(vae.TINY)
     defaults = Defaults(steps=2, width=SIZE, height=SIZE)
-    loading.save_folder(root / "sd", unet=unet.UNet(unet.TINY), vae=autoencoder, tokenizer=tok,
+    save_folder(root / "sd", unet=unet.UNet(unet.TINY), vae=autoencoder, tokenizer=tok,
                         text_encoder=clip.CLIPTextModel(clip.TINY_TEXT), schedule=ScheduleConfig(),
                         defaults=defaults, name="sd")
-    loading.save_folder(root / "sd-clip", unet=unet.UNet(unet.TINY), vae=autoencoder,
+    save_folder(root / "sd-clip", unet=unet.UNet(unet.TINY), vae=autoencoder,
                         tokenizer=tok, clip=full_clip, schedule=ScheduleConfig(),
                         defaults=defaults, name="sd-clip")
     save_unclip_folder(root / "unclip", prior=prior.Prior(prior.TINY),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanodiffusion import checkpoint
+from nanodiffusion.formats import checkpoint
 from nanodiffusion.models import clip, unet, vae
 
 

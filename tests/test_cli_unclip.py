@@ -10,11 +10,12 @@ from PIL import Image
 
 from nanodiffusion import cli, cli_io, loading
 from nanodiffusion.diffusion import ScheduleConfig
+from nanodiffusion.formats.ours import save_folder, save_unclip_folder
 from nanodiffusion.models import clip, prior, unet, vae
 from nanodiffusion.models.tokenizer import CLIPTokenizer
 from nanodiffusion.pipeline import Defaults, clip_scores, rank_images
 from nanodiffusion.pnginfo import format_parameters, parse_parameters
-from nanodiffusion.unclip import UnCLIPDefaults, UnCLIPPipeline, save_unclip_folder
+from nanodiffusion.unclip import UnCLIPDefaults, UnCLIPPipeline
 
 SIZE = 32
 
@@ -35,8 +36,8 @@ def folders(tmp_path_factory):
                        name="tiny-unclip")
     sd = dict(unet=unet.UNet(unet.TINY), vae=autoencoder, tokenizer=tok,
               schedule=ScheduleConfig(), defaults=Defaults(steps=2, width=SIZE, height=SIZE))
-    loading.save_folder(root / "sd-clip", clip=full_clip, name="tiny-sd-clip", **sd)
-    loading.save_folder(root / "sd-text", text_encoder=clip.CLIPTextModel(clip.TINY_TEXT),
+    save_folder(root / "sd-clip", clip=full_clip, name="tiny-sd-clip", **sd)
+    save_folder(root / "sd-text", text_encoder=clip.CLIPTextModel(clip.TINY_TEXT),
                         name="tiny-sd-text", **sd)
     yield {k: str(root / k) for k in ("unclip", "sd-clip", "sd-text")}
     torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""convert.py: config translation, LDM <-> diffusers key maps (checked against diffusers' own
+"""formats/: config translation, LDM <-> diffusers key maps (checked against diffusers' own
 single-file converters), safe reading and strict loading."""
 import dataclasses
 from types import SimpleNamespace
@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig as HFTextConfig
 from transformers import CLIPTextModel as HFTextModel
 
-from nanodiffusion import convert
-from nanodiffusion.convert import LDMHints
+from nanodiffusion.formats import diffusers_config as configs
+from nanodiffusion.formats import files, single_file
+from nanodiffusion.formats.single_file import LDMHints
 from nanodiffusion.models import clip, unet, vae
 
 UNET_V1 = dataclasses.replace(unet.TINY)  # conv proj_in, attention on the second level only
@@ -38,9 +39,9 @@ def _random(model, seed):
 def _build(version):
     unet_cfg, text_cfg, _ = CASES[version]
     torch.manual_seed(0)
-    models = (UNet2DConditionModel.from_config(convert.unet_config_to_diffusers(unet_cfg)),
-              AutoencoderKL.from_config(convert.vae_config_to_diffusers(VAE_T)),
-              HFTextModel(HFTextConfig.from_dict(convert.clip_text_config_to_transformers(
+    models = (UNet2DConditionModel.from_config(configs.unet_config_to_diffusers(unet_cfg)),
+              AutoencoderKL.from_config(configs.vae_config_to_diffusers(VAE_T)),
+              HFTextModel(HFTextConfig.from_dict(configs.clip_text_config_to_transformers(
                   text_cfg))))
     return models, tuple(_random(m, i) for i, m in enumerate(models))
 
@@ -49,7 +50,7 @@ def _build(version):
 def tiny(request):
     version = request.param
     models, (unet_sd, vae_sd, text_sd) = _build(version)
-    ldm_sd = convert.diffusers_to_ldm(unet_sd, vae_sd, text_sd, version)
+    ldm_sd = single_file.diffusers_to_ldm(unet_sd, vae_sd, text_sd, version)
     return SimpleNamespace(version=version, models=models, unet=unet_sd, vae=vae_sd,
                            text=text_sd, ldm=ldm_sd)
 
@@ -62,7 +63,7 @@ def assert_same(got: dict, want: dict):
 
 def test_round_trip_is_identity_and_configs_are_inferred(tiny):
     unet_cfg, text_cfg, hints = CASES[tiny.version]
-    parts = convert.ldm_to_diffusers(tiny.ldm, hints=hints)
+    parts = single_file.ldm_to_diffusers(tiny.ldm, hints=hints)
     assert_same(parts["unet"], tiny.unet)
     assert_same(parts["vae"], tiny.vae)
     assert_same(parts["text"], tiny.text)
@@ -78,9 +79,9 @@ def test_ldm_layout_matches_diffusers_reference_converters(tiny):
     unet_cfg, text_cfg, _ = CASES[tiny.version]
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
                for k in tiny.ldm)
-    ref = sfu.convert_ldm_unet_checkpoint(tiny.ldm, convert.unet_config_to_diffusers(unet_cfg))
+    ref = sfu.convert_ldm_unet_checkpoint(tiny.ldm, configs.unet_config_to_diffusers(unet_cfg))
     assert_same(ref, tiny.unet)
-    assert_same(sfu.convert_ldm_vae_checkpoint(tiny.ldm, convert.vae_config_to_diffusers(VAE_T)),
+    assert_same(sfu.convert_ldm_vae_checkpoint(tiny.ldm, configs.vae_config_to_diffusers(VAE_T)),
                 tiny.vae)
     if tiny.version == "v1":
         ref = sfu.convert_ldm_clip_checkpoint(tiny.ldm)
@@ -96,7 +97,7 @@ def test_ldm_layout_matches_diffusers_reference_converters(tiny):
 
 def test_openclip_export_packs_qkv_and_adds_an_identity_layer():
     _, (unet_sd, vae_sd, text_sd) = _build("v2")
-    sd = convert.diffusers_to_ldm(unet_sd, vae_sd, text_sd, "v2")
+    sd = single_file.diffusers_to_ldm(unet_sd, vae_sd, text_sd, "v2")
     packed = sd["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"]
     assert torch.equal(packed[32:64], text_sd["encoder.layers.1.self_attn.k_proj.weight"])
     last = "cond_stage_model.model.transformer.resblocks.2."
@@ -114,10 +115,10 @@ def test_ema_weights_are_used_when_present(tiny):
     for k in unet_keys:  # ldm's LitEma: the key after `model.` without dots
         sd["model_ema." + k.removeprefix("model.").replace(".", "")] = sd[k] + 1
     sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(3)})
-    parts = convert.ldm_to_diffusers(sd, hints=hints)
+    parts = single_file.ldm_to_diffusers(sd, hints=hints)
     assert parts["info"]["ema"] is True
     assert torch.equal(parts["unet"]["conv_in.weight"], tiny.unet["conv_in.weight"] + 1)
-    parts = convert.ldm_to_diffusers(sd, use_ema=False, hints=hints)
+    parts = single_file.ldm_to_diffusers(sd, use_ema=False, hints=hints)
     assert parts["info"]["ema"] is False
     assert_same(parts["unet"], tiny.unet)
 
@@ -127,39 +128,39 @@ def test_ignored_keys_pass_and_unknown_keys_are_named(tiny):
     extra = {"alphas_cumprod": torch.ones(10), "posterior_mean_coef1": torch.ones(10),
              "cond_stage_model.transformer.text_model.embeddings.position_ids":
              torch.arange(77)[None]} if tiny.version == "v1" else {"betas": torch.ones(10)}
-    convert.ldm_to_diffusers({**tiny.ldm, **extra}, hints=hints)
+    single_file.ldm_to_diffusers({**tiny.ldm, **extra}, hints=hints)
     bad = {"model.diffusion_model.input_blocks.1.0.bogus.weight": torch.ones(1),
            "something_else": torch.ones(1)}
     with pytest.raises(ValueError, match="2 keys .* not used: model.diffusion_model.input_blocks"
                                          r".1.0.bogus.weight, something_else"):
-        convert.ldm_to_diffusers({**tiny.ldm, **bad}, hints=hints)
+        single_file.ldm_to_diffusers({**tiny.ldm, **bad}, hints=hints)
 
 
 def test_unsupported_checkpoints_are_refused(tiny):
     with pytest.raises(ValueError, match="SDXL"):
-        convert.ldm_to_diffusers({**tiny.ldm, "conditioner.embedders.1.model.ln_final.weight":
+        single_file.ldm_to_diffusers({**tiny.ldm, "conditioner.embedders.1.model.ln_final.weight":
                                   torch.ones(1)})
     with pytest.raises(ValueError, match="SDXL"):
-        convert.diffusers_to_ldm(tiny.unet, tiny.vae, tiny.text, "xl")
+        single_file.diffusers_to_ldm(tiny.unet, tiny.vae, tiny.text, "xl")
     with pytest.raises(ValueError, match="UNet: 1 keys .* encoder_hid_proj.image_embeds.weight"):
-        convert.diffusers_to_ldm({**tiny.unet, "encoder_hid_proj.image_embeds.weight":
+        single_file.diffusers_to_ldm({**tiny.unet, "encoder_hid_proj.image_embeds.weight":
                                   torch.ones(1)}, None, None, tiny.version)
 
 
 def test_check_state_dict_loads_strictly_and_names_problems(tiny):
     model = tiny.models[1]
-    convert.check_state_dict(model, tiny.vae, "VAE")
+    files.check_state_dict(model, tiny.vae, "VAE")
     loaded = model.state_dict()["decoder.conv_out.bias"]
     assert torch.equal(loaded, tiny.vae["decoder.conv_out.bias"])
     sd = dict(tiny.vae)
     sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"][:, :2]
     with pytest.raises(ValueError, match=r"VAE weights .*wrong shape.*encoder.conv_in.weight "
                                          r"\(16, 2, 3, 3\) != \(16, 3, 3, 3\)"):
-        convert.check_state_dict(model, sd, "VAE")
+        files.check_state_dict(model, sd, "VAE")
     sd = dict(tiny.vae)
     sd["extra.weight"] = sd.pop("quant_conv.bias")
     with pytest.raises(ValueError, match="1 missing: quant_conv.bias; 1 unexpected: extra.weight"):
-        convert.check_state_dict(model, sd, "VAE")
+        files.check_state_dict(model, sd, "VAE")
 
 
 # ---------------------------------------------------------------- config translation
@@ -179,27 +180,27 @@ SD21_UNET_JSON = {**SD15_UNET_JSON, "attention_head_dim": [5, 10, 20, 20],
 
 
 def test_unet_config_translation():
-    assert convert.unet_config_from_diffusers(SD15_UNET_JSON) == unet.SD15
-    assert convert.unet_config_from_diffusers(SD21_UNET_JSON) == unet.SD21
+    assert configs.unet_config_from_diffusers(SD15_UNET_JSON) == unet.SD15
+    assert configs.unet_config_from_diffusers(SD21_UNET_JSON) == unet.SD21
     image = dataclasses.replace(unet.TINY, image_embed_dim=24, image_tokens=32)
     pooled = dataclasses.replace(unet.TINY, pooled_text_dim=32)
     for cfg in (unet.SD15, unet.SD21, unet.SD2_INPAINT, UNET_V1, UNET_V2, image, pooled):
-        assert convert.unet_config_from_diffusers(convert.unet_config_to_diffusers(cfg)) == cfg
-    d = convert.unet_config_to_diffusers(image)
+        assert configs.unet_config_from_diffusers(configs.unet_config_to_diffusers(cfg)) == cfg
+    d = configs.unet_config_to_diffusers(image)
     assert (d["encoder_hid_dim_type"], d["addition_embed_type"], d["encoder_hid_dim"]) == (
         "image_proj", "image", 24)
-    d = convert.unet_config_to_diffusers(pooled)
+    d = configs.unet_config_to_diffusers(pooled)
     assert (d["class_embed_type"], d["projection_class_embeddings_input_dim"]) == (
         "projection", 32)
     with pytest.raises(ValueError, match="class_embed_type='timestep'"):
-        convert.unet_config_from_diffusers({**d, "class_embed_type": "timestep"})
+        configs.unet_config_from_diffusers({**d, "class_embed_type": "timestep"})
     weights = unet.UNet(pooled).state_dict()  # the architecture read off the weights alone
-    assert convert.infer_unet_config(weights, "v1", convert.LDMHints(
+    assert single_file.infer_unet_config(weights, "v1", single_file.LDMHints(
         norm_groups=8, unet_num_heads=(2, 2), upcast_attention=False)) == pooled
 
 
 def test_unet_heads_are_numbers_of_heads_in_diffusers():
-    model = UNet2DConditionModel.from_config(convert.unet_config_to_diffusers(UNET_V2))
+    model = UNet2DConditionModel.from_config(configs.unet_config_to_diffusers(UNET_V2))
     heads = [b.attentions[0].transformer_blocks[0].attn1.heads for b in model.down_blocks[:2]]
     assert heads == [2, 4] and model.mid_block.attentions[0].transformer_blocks[0].attn2.heads == 4
 
@@ -216,14 +217,14 @@ def test_unet_heads_are_numbers_of_heads_in_diffusers():
 ])
 def test_unet_config_unsupported_values_are_named(change, message):
     with pytest.raises(ValueError, match=message):
-        convert.unet_config_from_diffusers({**SD15_UNET_JSON, **change})
+        configs.unet_config_from_diffusers({**SD15_UNET_JSON, **change})
 
 
 def test_unet_config_inexpressible_in_diffusers():
     with pytest.raises(ValueError, match="mid_num_heads=3"):
-        convert.unet_config_to_diffusers(dataclasses.replace(unet.TINY, mid_num_heads=3))
+        configs.unet_config_to_diffusers(dataclasses.replace(unet.TINY, mid_num_heads=3))
     with pytest.raises(ValueError, match="image_tokens=4"):
-        convert.unet_config_to_diffusers(dataclasses.replace(unet.TINY, image_embed_dim=8))
+        configs.unet_config_to_diffusers(dataclasses.replace(unet.TINY, image_embed_dim=8))
 
 
 def test_vae_config_translation():
@@ -232,14 +233,14 @@ def test_vae_config_translation():
               "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3,
               "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
               "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
-    assert convert.vae_config_from_diffusers(sd_vae) == vae.SD
+    assert configs.vae_config_from_diffusers(sd_vae) == vae.SD
     for cfg in (vae.SD, VAE_T, dataclasses.replace(VAE_T, mid_attention=False,
                                                    scaling_factor=0.5)):
-        assert convert.vae_config_from_diffusers(convert.vae_config_to_diffusers(cfg)) == cfg
+        assert configs.vae_config_from_diffusers(configs.vae_config_to_diffusers(cfg)) == cfg
     with pytest.raises(ValueError, match="latents_mean"):
-        convert.vae_config_from_diffusers({**sd_vae, "latents_mean": [0.0] * 4})
+        configs.vae_config_from_diffusers({**sd_vae, "latents_mean": [0.0] * 4})
     with pytest.raises(ValueError, match="up_block_types"):
-        convert.vae_config_from_diffusers({**sd_vae, "up_block_types": ["UpDecoderBlock2D"]})
+        configs.vae_config_from_diffusers({**sd_vae, "up_block_types": ["UpDecoderBlock2D"]})
 
 
 def test_clip_text_config_translation():
@@ -249,16 +250,16 @@ def test_clip_text_config_translation():
               "model_type": "clip_text_model", "num_attention_heads": 12,
               "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
               "vocab_size": 49408, "torch_dtype": "float32"}
-    assert convert.clip_text_config_from_transformers(clip_l) == clip.SD15_TEXT
+    assert configs.clip_text_config_from_transformers(clip_l) == clip.SD15_TEXT
     open_h = {**clip_l, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
               "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512}
-    assert convert.clip_text_config_from_transformers(open_h) == clip.SD2_TEXT
+    assert configs.clip_text_config_from_transformers(open_h) == clip.SD2_TEXT
     with_proj = dataclasses.replace(TEXT_V1, projection_dim=16)
     for cfg in (clip.SD15_TEXT, clip.SD2_TEXT, TEXT_V1, with_proj):
-        d = convert.clip_text_config_to_transformers(cfg)
-        assert convert.clip_text_config_from_transformers(d) == cfg
+        d = configs.clip_text_config_to_transformers(cfg)
+        assert configs.clip_text_config_from_transformers(d) == cfg
     with pytest.raises(ValueError, match="hidden_act='relu'"):
-        convert.clip_text_config_from_transformers({**clip_l, "hidden_act": "relu"})
+        configs.clip_text_config_from_transformers({**clip_l, "hidden_act": "relu"})
 
 
 # ---------------------------------------------------------------- reading files
@@ -267,23 +268,23 @@ def test_clip_text_config_translation():
 def test_read_safetensors_and_truncated_file(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.arange(1000.0)}, str(path))
-    assert torch.equal(convert.read_state_dict(path)["a"], torch.arange(1000.0))
+    assert torch.equal(files.read_state_dict(path)["a"], torch.arange(1000.0))
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(path.read_bytes()[:600])
     with pytest.raises(ValueError, match="cut.safetensors: not a readable safetensors"):
-        convert.read_state_dict(bad)
+        files.read_state_dict(bad)
     with pytest.raises(ValueError, match="unknown weight format"):
-        convert.read_state_dict(tmp_path / "w.gguf")
+        files.read_state_dict(tmp_path / "w.gguf")
 
 
 def test_read_ckpt_unwraps_state_dict(tmp_path):
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 10}, path)
-    assert list(convert.read_state_dict(path)) == ["w"]
+    assert list(files.read_state_dict(path)) == ["w"]
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="cut.ckpt"):
-        convert.read_state_dict(cut)
+        files.read_state_dict(cut)
 
 
 class _Evil:
@@ -299,7 +300,7 @@ def test_pickle_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1), "x": _Evil(str(marker))}}, path)
     with pytest.raises(ValueError, match="evil.ckpt: the file contains pickled code"):
-        convert.read_state_dict(path)
+        files.read_state_dict(path)
     assert not marker.exists()
     # the payload is live: an unsafe load of the same kind of file runs it
     torch.save({"x": _Evil(str(control))}, tmp_path / "control.ckpt")
@@ -312,10 +313,10 @@ def test_pickle_with_code_is_refused(tmp_path):
 
 def _meta_parts(unet_cfg, text_cfg):
     with torch.device("meta"):
-        models = (UNet2DConditionModel.from_config(convert.unet_config_to_diffusers(unet_cfg)),
-                  AutoencoderKL.from_config(convert.vae_config_to_diffusers(vae.SD)),
+        models = (UNet2DConditionModel.from_config(configs.unet_config_to_diffusers(unet_cfg)),
+                  AutoencoderKL.from_config(configs.vae_config_to_diffusers(vae.SD)),
                   HFTextModel(HFTextConfig.from_dict(
-                      convert.clip_text_config_to_transformers(text_cfg))))
+                      configs.clip_text_config_to_transformers(text_cfg))))
     return [m.state_dict() for m in models]
 
 
@@ -325,7 +326,7 @@ def _meta_parts(unet_cfg, text_cfg):
 def test_full_size_layout(version, unet_cfg, text_cfg, text_keys):
     """Shapes only (meta tensors): the SD 1.5 / 2.1 single-file key sets and back."""
     unet_sd, vae_sd, text_sd = _meta_parts(unet_cfg, text_cfg)
-    sd = convert.diffusers_to_ldm(unet_sd, vae_sd, text_sd, version)
+    sd = single_file.diffusers_to_ldm(unet_sd, vae_sd, text_sd, version)
     count = lambda p: sum(k.startswith(p) for k in sd)  # noqa: E731
     assert (count("model.diffusion_model."), count("first_stage_model."),
             count("cond_stage_model.")) == (686, 248, text_keys)
@@ -333,13 +334,13 @@ def test_full_size_layout(version, unet_cfg, text_cfg, text_keys):
     if version == "v1":  # real SD 1.x files also hold the position_ids buffer
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)
         assert len(sd) == 1131
-    parts = convert.ldm_to_diffusers({**sd, "alphas_cumprod": torch.ones(1000)})
+    parts = single_file.ldm_to_diffusers({**sd, "alphas_cumprod": torch.ones(1000)})
     for got, want in zip((parts["unet"], parts["vae"], parts["text"]), (unet_sd, vae_sd, text_sd)):
         assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
     info = parts["info"]
     assert (info["unet_config"], info["vae_config"], info["text_config"]) == (
         unet_cfg, vae.SD, text_cfg)
-    ref = sfu.convert_ldm_unet_checkpoint(sd, convert.unet_config_to_diffusers(unet_cfg))
+    ref = sfu.convert_ldm_unet_checkpoint(sd, configs.unet_config_to_diffusers(unet_cfg))
     assert {k: v.shape for k, v in ref.items()} == {k: v.shape for k, v in unet_sd.items()}
 
 
@@ -359,7 +360,7 @@ def test_full_size_single_file_loads_strictly(tmp_path, version, unet_cfg, text_
     with torch.device("meta"):
         parts = (unet.UNet(unet_cfg), vae.VAE(vae.SD), clip.CLIPTextModel(text_cfg))
     unet_sd, vae_sd, text_sd = (rand16(m, i) for i, m in enumerate(parts))
-    sd = convert.diffusers_to_ldm(unet_sd, vae_sd, text_sd, version)
+    sd = single_file.diffusers_to_ldm(unet_sd, vae_sd, text_sd, version)
     assert len(sd) == {"v1": 1130, "v2": 686 + 248 + 293}[version]
     path = tmp_path / f"sd-{version}.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))

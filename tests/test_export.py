@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 import nanodiffusion  # noqa: E402
-from nanodiffusion.convert_folders import save_diffusers_folder, save_single_file  # noqa: E402
-from nanodiffusion.loading import save_pipeline  # noqa: E402
+from nanodiffusion.formats.diffusers import save_diffusers_folder  # noqa: E402
+from nanodiffusion.formats.ours import save_pipeline  # noqa: E402
+from nanodiffusion.formats.single_file import save_single_file  # noqa: E402
 
 PROMPT, SEED = "a red circle above a blue square", 5
 
@@ -162,7 +163,7 @@ def test_written_files_get_the_usual_mode(shapes, tmp_path, umask_027):
 
 
 def test_atomic_write_mode_for_any_writer(tmp_path, umask_027):
-    from nanodiffusion.checkpoint import atomic_write
+    from nanodiffusion.formats.checkpoint import atomic_write
 
     def replace_file(tmp):  # a writer that makes a new file, as safetensors' save_file does
         Path(tmp).unlink()

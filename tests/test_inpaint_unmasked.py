@@ -12,7 +12,7 @@ import tiny_sd  # noqa: E402
 from diffusers import StableDiffusionInpaintPipeline  # noqa: E402
 
 import nanodiffusion  # noqa: E402
-from nanodiffusion.convert_folders import save_diffusers_folder  # noqa: E402
+from nanodiffusion.formats.diffusers import save_diffusers_folder  # noqa: E402
 from nanodiffusion.data import shapes as shapes_data  # noqa: E402
 from nanodiffusion.pipeline import from_pil  # noqa: E402
 

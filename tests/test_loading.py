@@ -14,9 +14,10 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
 import nanodiffusion  # noqa: E402
-from nanodiffusion import convert  # noqa: E402
-from nanodiffusion.convert_folders import save_diffusers_folder, save_single_file  # noqa: E402
-from nanodiffusion.loading import save_pipeline  # noqa: E402
+from nanodiffusion.formats import single_file  # noqa: E402
+from nanodiffusion.formats.diffusers import save_diffusers_folder  # noqa: E402
+from nanodiffusion.formats.ours import save_pipeline  # noqa: E402
+from nanodiffusion.formats.single_file import save_single_file  # noqa: E402
 
 SETTINGS = dict(prompt="a red circle", negative_prompt="green", seed=5, steps=4, n=2,
                 width=24, height=16, sampler="dpmpp-2m", guidance=7.5)
@@ -45,16 +46,16 @@ def assert_same(got, want, tol=1e-6):
 # ---- single files ---------------------------------------------------------------------------
 def test_single_file_from_diffusers_weights_gives_the_same_images(sd, want, tmp_path):
     ref = sd.ref
-    sd_ldm = convert.diffusers_to_ldm(ref.unet.state_dict(), ref.vae.state_dict(),
+    sd_ldm = single_file.diffusers_to_ldm(ref.unet.state_dict(), ref.vae.state_dict(),
                                       ref.text_encoder.state_dict(), "v1")
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in sd_ldm.items()}, str(path))
-    pipe = nanodiffusion.load(path, hints=convert.LDMHints(**tiny_sd.HINTS))
+    pipe = nanodiffusion.load(path, hints=single_file.LDMHints(**tiny_sd.HINTS))
     assert_same(images(pipe), want)
     with pytest.raises(ValueError, match="tiny.safetensors.*hints"):  # SD's 32 groups don't fit
         nanodiffusion.load(path)
     with pytest.raises(ValueError, match="single files"):
-        nanodiffusion.load(sd.folder, hints=convert.LDMHints(**tiny_sd.HINTS))
+        nanodiffusion.load(sd.folder, hints=single_file.LDMHints(**tiny_sd.HINTS))
 
 
 @pytest.mark.parametrize("dtype, tol", [(None, 1e-6), (torch.float16, 2 / 255)])

@@ -3,9 +3,10 @@ normalisation statistics, checkpoint round trip, and seeded sampling."""
 import pytest
 import torch
 
-from nanodiffusion import checkpoint
+from nanodiffusion.diffusion import PRIOR_SCHEDULE
+from nanodiffusion.formats import checkpoint
 from nanodiffusion.models.prior import TINY, Prior, PriorConfig
-from nanodiffusion.unclip import PRIOR_SCHEDULE, sample_prior
+from nanodiffusion.unclip import sample_prior
 
 
 def _inputs(cfg, B=3, seed=0):

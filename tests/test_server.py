@@ -21,8 +21,8 @@ from live_server import serve  # noqa: E402
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from nanodiffusion import loading  # noqa: E402
 from nanodiffusion.diffusion import ScheduleConfig  # noqa: E402
+from nanodiffusion.formats.ours import save_folder  # noqa: E402
 from nanodiffusion.models import clip, unet, vae  # noqa: E402
 from nanodiffusion.models.tokenizer import CLIPTokenizer  # noqa: E402
 from nanodiffusion.pipeline import Defaults, Interrupted  # noqa: E402
@@ -37,7 +37,7 @@ def models_dir(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: threads only contend
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    loading.save_folder(folder / "tiny", unet=unet.UNet(unet.TINY), vae=vae.VAE(vae.TINY),
+    save_folder(folder / "tiny", unet=unet.UNet(unet.TINY), vae=vae.VAE(vae.TINY),
                         text_encoder=clip.CLIPTextModel(clip.TINY_TEXT),
                         tokenizer=CLIPTokenizer.default(), schedule=ScheduleConfig(),
                         defaults=Defaults(steps=3, width=32, height=32), name="tiny")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanodiffusion import convert, convert_folders
+from nanodiffusion.formats import single_file
 from nanodiffusion.loading import load_pipeline
 from nanodiffusion.models import clip, unet, vae
 
 TEXT = clip.CLIPTextConfig(width=32, num_layers=2, num_heads=2, mlp_dim=64)
-HINTS = convert.LDMHints(unet_num_heads=unet.TINY.num_heads, text_num_heads=2, norm_groups=8)
+HINTS = single_file.LDMHints(unet_num_heads=unet.TINY.num_heads, text_num_heads=2, norm_groups=8)
 V2_YAML = """model:
   target: ldm.models.diffusion.ddpm.LatentDiffusion
   params:
@@ -35,7 +35,7 @@ def ldm_weights(version, in_channels=4):
     text = dataclasses.replace(TEXT, activation="gelu", pad_token_id=0) if v2 else TEXT
     torch.manual_seed(0)
     parts = (unet.UNet(cfg), vae.VAE(vae.TINY), clip.CLIPTextModel(text))
-    return convert.diffusers_to_ldm(*(m.state_dict() for m in parts), version)
+    return single_file.diffusers_to_ldm(*(m.state_dict() for m in parts), version)
 
 
 def write(path, sd, global_step=None):
@@ -87,7 +87,7 @@ def test_rule_is_diffusers_legacy_scheduler_rule():
             fake["global_step"] = step
         want = sfu._legacy_load_scheduler(DDIMScheduler, fake, "scheduler").config.prediction_type
         info = {"version": version, "inpainting": channels == 9}
-        assert convert_folders.ldm_prediction_type(info, step) == want, (version, channels, step)
+        assert single_file.ldm_prediction_type(info, step) == want, (version, channels, step)
 
 
 def test_sidecar_yaml_and_explicit_override(tmp_path):
@@ -111,7 +111,7 @@ def test_sidecar_yaml_and_explicit_override(tmp_path):
 
 def test_our_own_file_keeps_its_prediction_unless_told(tmp_path):
     """A file we wrote records its schedule; a sidecar or the caller still overrides it."""
-    from nanodiffusion.convert_folders import save_single_file
+    from nanodiffusion.formats.single_file import save_single_file
 
     pipe = load_pipeline(write(tmp_path / "src.safetensors", ldm_weights("v2"), 875000),
                          hints=HINTS)
@@ -128,7 +128,7 @@ def test_files_written_with_hints_metadata_still_load(tmp_path):
     path = tmp_path / "old.safetensors"
     hints = dataclasses.asdict(HINTS)
     save_file({k: v.contiguous() for k, v in ldm_weights("v1").items()}, str(path),
-              metadata={convert_folders.HINTS_KEY: json.dumps(hints)})
+              metadata={single_file.HINTS_KEY: json.dumps(hints)})
     pipe = load_pipeline(path)  # no hints given: the file's are used
     assert pipe.unet.config.num_heads == HINTS.unet_num_heads
     assert pipe.vae.config.norm_groups == 8

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanodiffusion import checkpoint
+from nanodiffusion.formats import checkpoint
 from nanodiffusion.train import loop as T
 from nanodiffusion.train import TrainConfig, load_recipe, train
 from nanodiffusion.train.vae import VaePart

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nanodiffusion import checkpoint, cli
+from nanodiffusion import cli
+from nanodiffusion.formats import checkpoint
 from nanodiffusion.train import loop as T
 from nanodiffusion.train import load_recipe, train
 from nanodiffusion.train.vae import VaePart

@@ -10,9 +10,10 @@ from PIL import Image
 
 from nanodiffusion.train import loop as T
 from nanodiffusion.train import unclip as train_unclip
+from nanodiffusion.formats.ours import save_unclip_pipeline
 from nanodiffusion.loading import load_pipeline
 from nanodiffusion.train import TrainConfig, train
-from nanodiffusion.unclip import UnCLIPPipeline, save_unclip_pipeline, slerp
+from nanodiffusion.unclip import UnCLIPPipeline, slerp
 
 MODELS = {
     "clip": {"text": {"width": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64},
@@ -177,7 +178,7 @@ def test_decoder_text_starts_from_the_unet_and_reads_the_caption(unclip_run, tmp
     """DALL·E 2's decoder: the run's text-to-image UNet (here with the pooled text state too)
     plus the image-embedding pathway, starting from the UNet's weights; generate() passes it
     the prompt, and the folder remembers that it reads one."""
-    from nanodiffusion import checkpoint
+    from nanodiffusion.formats import checkpoint
 
     common, unet_model = _decoder_text_setup(unclip_run, tmp_path)
     train(TrainConfig(part="unet", steps=2, lr=1e-3, model=unet_model, pooled_text=True,

@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 def ours_from_diffusers(c):
     """Translate a diffusers UNet2DConditionModel config into a UNetConfig (test helper; the
-    library's own translation belongs to convert.py)."""
+    library's own translation belongs to formats/diffusers_config.py)."""
     n = len(c.block_out_channels)
     heads = c.attention_head_dim  # misnamed in diffusers: a number of heads
     heads = (heads,) * n if isinstance(heads, int) else tuple(heads)

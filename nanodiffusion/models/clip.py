@@ -161,7 +161,7 @@ class CLIPTextModel(nn.Module):
     pooled being the hidden state at the first end token. No padding mask, as SD uses none.
     """
 
-    def __init__(self, config: CLIPTextConfig):  # checkpoint.py calls CLIPTextModel(config=...)
+    def __init__(self, config: CLIPTextConfig):  # formats/checkpoint.py calls it with config=...
         super().__init__()
         self.config = config
         self.embeddings = CLIPTextEmbeddings(config)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
+from ..formats.files import WEIGHT_SUFFIXES
 from .http import json_body
 from .params import APIError, bad
 
@@ -21,7 +22,8 @@ FIXED = {"sd_vae": ("Automatic", "None"), "CLIP_stop_at_last_layers": (1,),
 READ_ONLY = ("sd_model_checkpoint", "sd_checkpoint_hash")  # set by the model switch only
 MAX_OPTIONS = 1000
 # A1111 titles checkpoints "name.safetensors [0123456789]"; clients send those back.
-TITLE_SUFFIX = re.compile(r"(\.(safetensors|ckpt|pt|bin|pth))?( \[[0-9a-fA-F]{8,64}\])?$")
+TITLE_SUFFIX = re.compile(r"(\.(" + "|".join(s[1:] for s in WEIGHT_SUFFIXES)
+                          + r"))?( \[[0-9a-fA-F]{8,64}\])?$")
 
 
 class Options:

@@ -6,11 +6,9 @@ from pathlib import Path
 import torch
 
 from .. import DTYPES, loading
+from ..formats.files import WEIGHT_SUFFIXES
 from .jobs import Files, Job, Worker
 from .params import APIError, Limits, Task
-
-MODEL_FILES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
-
 
 def scan(models_dir):
     """name -> path for every model `nanodiffusion.load` accepts in `models_dir` (None: the
@@ -29,7 +27,7 @@ def scan(models_dir):
             continue
         if p.is_dir() and ((p / "model.json").exists() or (p / "model_index.json").exists()):
             found.setdefault(p.name, p)
-        elif p.is_file() and p.suffix in MODEL_FILES:
+        elif p.is_file() and p.suffix in WEIGHT_SUFFIXES:
             found.setdefault(p.stem, p)
     return found
 

@@ -3,9 +3,9 @@ optional hard negatives (mirrored-scene twins for shapes, mirrored captions for 
 colour-swapped pair twins for shapes), on a caption BPE learned from the data."""
 import torch
 
-from .. import checkpoint
 from ..data import shapes
 from ..data.shapes import mirrored_caption
+from ..formats import checkpoint
 from ..models.clip import SHAPES_TEXT, SHAPES_VISION, CLIPModel
 from ..models.tokenizer import CLIPTokenizer, train_bpe
 from .common import images_and_captions, override, save_ema, source

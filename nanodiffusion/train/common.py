@@ -10,9 +10,9 @@ import dataclasses
 
 import torch
 
-from .. import checkpoint
 from ..data import shapes
 from ..data.folder import ImageFolderDataset
+from ..formats import checkpoint
 
 
 def source(cfg):

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import checkpoint
-from ..checkpoint import unwrap
+from ..formats import checkpoint
+from ..formats.checkpoint import unwrap
 from .config import TrainConfig, chunk_indices, lr_at
 from .parts import get_part
 from .prefetch import Prefetcher

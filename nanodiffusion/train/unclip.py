@@ -13,12 +13,13 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint
-from ..diffusion import NoiseSchedule, ScheduleConfig
+from ..diffusion import PRIOR_SCHEDULE, NoiseSchedule, ScheduleConfig
+from ..formats import checkpoint
+from ..formats.ours import save_unclip_folder
 from ..models import prior as prior_model
 from ..models import unet as unet_model
 from ..pipeline import make_grid
-from ..unclip import PRIOR_SCHEDULE, UnCLIPDefaults, UnCLIPPipeline, save_unclip_folder
+from ..unclip import UnCLIPDefaults, UnCLIPPipeline
 from .common import check_fixed, override, rand, save_ema, source
 from .unet import (SAMPLE_PROMPTS, denoising_loss, encoded_batch, frozen_parts, frozen_text,
                    latents_of, noised, schedule_config, vae_posterior)

@@ -5,9 +5,9 @@ cached over a latent pool), the part's noise schedule and the denoising loss."""
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint
 from ..diffusion import NoiseSchedule, ScheduleConfig, loss_weights, training_targets
-from ..loading import save_folder
+from ..formats import checkpoint
+from ..formats.ours import save_folder
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import SHAPES, UNet
 from ..pipeline import Defaults, Pipeline, make_grid

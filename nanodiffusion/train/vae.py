@@ -3,7 +3,7 @@ small KL term; its export measures the latent scale."""
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint
+from ..formats import checkpoint
 from ..models.vae import SHAPES, VAE
 from ..pipeline import make_grid, to_pil
 from .common import images_and_captions, override, randn, save_ema, source

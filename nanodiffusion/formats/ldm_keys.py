@@ -9,6 +9,8 @@ were checked against diffusers' loaders/single_file_utils.py, the reference in t
 """
 import torch
 
+from .files import key_list
+
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 VAE_PREFIX = "first_stage_model."
@@ -70,14 +72,7 @@ OPENCLIP_LAYER = tuple((f"{ldm}.{p}", f"{ours}.{p}") for ldm, ours in (
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def key_list(keys, limit: int = 20) -> str:
-    """'a, b, c ... (N in all)' for error messages."""
-    keys = sorted(keys)
-    more = f" ... ({len(keys)} in all)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _indices(sd: dict, prefix: str) -> set[int]:
+def indices(sd: dict, prefix: str) -> set[int]:
     """The integers that follow `prefix` in the keys: {0, 1, 2} for 'down_blocks.'."""
     return {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
 
@@ -178,7 +173,7 @@ def _vae_pairs(levels: int, layers: int) -> list:
 
 
 def _unet_layout_ldm(sd: dict) -> tuple[int, int, tuple]:
-    blocks = _indices(sd, "input_blocks.")
+    blocks = indices(sd, "input_blocks.")
     if not blocks:
         raise ValueError("no UNet input_blocks in the checkpoint")
     ops = sorted(n for n in blocks if f"input_blocks.{n}.0.op.weight" in sd)
@@ -189,8 +184,8 @@ def _unet_layout_ldm(sd: dict) -> tuple[int, int, tuple]:
 
 
 def _unet_layout_diffusers(sd: dict) -> tuple[int, int, tuple]:
-    levels = len(_indices(sd, "down_blocks."))
-    layers = len(_indices(sd, "down_blocks.0.resnets."))
+    levels = len(indices(sd, "down_blocks."))
+    layers = len(indices(sd, "down_blocks.0.resnets."))
     attention = tuple(any(k.startswith(f"down_blocks.{b}.attentions.") for k in sd)
                       for b in range(levels))
     return levels, layers, attention
@@ -204,7 +199,7 @@ def _openclip_to_hf(src: dict) -> tuple[dict, set, set]:
         if ldm in src:
             out[ours] = src[ldm]
             used.add(ldm)
-    last = max(_indices(src, "transformer.resblocks."), default=0)
+    last = max(indices(src, "transformer.resblocks."), default=0)
     for i in range(last):
         ldm, ours = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for a, b in OPENCLIP_LAYER:
@@ -228,7 +223,7 @@ def _hf_to_openclip(text: dict) -> tuple[dict, set]:
         if ours in text:
             out[ldm] = text[ours]
             used.add(ours)
-    layers = len(_indices(text, "encoder.layers."))
+    layers = len(indices(text, "encoder.layers."))
     for i in range(layers):
         ldm, ours = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for a, b in OPENCLIP_LAYER:
@@ -302,7 +297,7 @@ def vae_from_ldm(sd: dict) -> tuple[dict | None, set]:
     src = _strip(sd, VAE_PREFIX)
     if not src:
         return None, set()
-    layout = len(_indices(src, "encoder.down.")), len(_indices(src, "encoder.down.0.block."))
+    layout = len(indices(src, "encoder.down.")), len(indices(src, "encoder.down.0.block."))
     out, used = _rename(src, _vae_pairs(*layout), to_diffusers=True)
     return out, {VAE_PREFIX + k for k in used}
 
@@ -330,8 +325,8 @@ def unet_to_ldm(unet: dict) -> dict:
 
 
 def vae_to_ldm(vae: dict) -> dict:
-    layout = (len(_indices(vae, "encoder.down_blocks.")),
-              len(_indices(vae, "encoder.down_blocks.0.resnets.")))
+    layout = (len(indices(vae, "encoder.down_blocks.")),
+              len(indices(vae, "encoder.down_blocks.0.resnets.")))
     out, used = _rename(vae, _vae_pairs(*layout), to_diffusers=False)
     _require_all(vae, used, "VAE")
     return {VAE_PREFIX + k: v for k, v in out.items()}

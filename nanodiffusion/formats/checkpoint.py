@@ -18,14 +18,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import check_state_dict, misfit, read_state_dict
+
 FORMAT = "nanodiffusion/1"
 
 
 def _model_classes():
     # Explicit table of what our files may hold; a new model adds one line here.
-    from .models.clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
-    from .models.unet import UNet, UNetConfig
-    from .models.vae import VAE, VAEConfig
+    from ..models.clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+    from ..models.unet import UNet, UNetConfig
+    from ..models.vae import VAE, VAEConfig
 
     table = {
         "UNet": (UNet, {"config": UNetConfig}),
@@ -35,7 +37,7 @@ def _model_classes():
                                   "vision_config": CLIPVisionConfig}),
     }
     try:
-        from .models.prior import Prior, PriorConfig
+        from ..models.prior import Prior, PriorConfig
 
         table["Prior"] = (Prior, {"config": PriorConfig})
     except ImportError:
@@ -176,8 +178,6 @@ def read_metadata(path):
 
 def load_model(path, dtype=torch.float32, device="cpu"):
     """Rebuild a model from one of our safetensors files, loading weights strictly."""
-    from .convert import read_state_dict
-
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a nanodiffusion model file (metadata format "
@@ -200,17 +200,13 @@ def load_model(path, dtype=torch.float32, device="cpu"):
 
 
 def _load_strict(model, sd, path):
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing, unexpected, shapes = misfit(model, sd)
+    bad = [f"{k}: file {have} vs model {want}" for k, have, want in shapes]
     if missing or unexpected or bad:
         raise ValueError(f"{path}: weights do not fit {type(model).__name__}: "
                          f"missing {missing[:20]} ({len(missing)}), unexpected "
                          f"{unexpected[:20]} ({len(unexpected)}), wrong shapes {bad[:20]}")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                          strict=True, assign=True)
+    check_state_dict(model, sd, str(path))
 
 
 def save_state(path, state):
