@@ -35,6 +35,16 @@ def imports(path, name, modules):
     return found
 
 
+def import_graph(root):
+    """module -> the package's modules it imports, for the package folder `root`."""
+    paths = {module_name(p, root): p for p in root.rglob("*.py")}
+    graph = {name: imports(p, name, paths) for name, p in paths.items()}
+    # a module's own packages are imported before it runs ("from . import x" reads a module,
+    # not the package's __init__ again): such an edge closes no circle
+    return {name: {m for m in deps if not name.startswith(m + ".")}
+            for name, deps in graph.items()}
+
+
 def cycles(graph):
     """Strongly connected groups of more than one module (Tarjan)."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
@@ -71,13 +81,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--package", default=str(Path(__file__).parents[1] / "nanodiffusion"))
-    root = Path(ap.parse_args().package)
-    paths = {module_name(p, root): p for p in root.rglob("*.py")}
-    graph = {name: imports(p, name, paths) for name, p in paths.items()}
-    # a module's own packages are imported before it runs ("from . import x" reads a module,
-    # not the package's __init__ again): such an edge closes no circle
-    graph = {name: {m for m in deps if not name.startswith(m + ".")}
-             for name, deps in graph.items()}
+    graph = import_graph(Path(ap.parse_args().package))
     found = cycles(graph)
     for group in found:
         print("circle: " + " <-> ".join(group))
