@@ -23,7 +23,7 @@ from nanodiffusion.data import shapes
 from nanodiffusion.diffusion import ScheduleConfig
 from nanodiffusion.models import clip, unet, vae
 from nanodiffusion.models.tokenizer import CLIPTokenizer
-from nanodiffusion.pipeline import Defaults, Pipeline
+from nanodiffusion.pipelines.sd import Defaults, Pipeline
 
 
 def _tiny_sd():

@@ -157,7 +157,7 @@ def _parser():
 
 
 def cmd_sample(args):
-    from .unclip import UnCLIPPipeline
+    from .pipelines.unclip import UnCLIPPipeline
 
     best_of = getattr(args, "best_of", 1)
     if args.save_steps and best_of != 1:
@@ -309,7 +309,7 @@ def cmd_edit(args):
 def cmd_interpolate(args):
     """The frames as one strip (up to 8 a row) at --out, carrying the first frame's parameters
     as AUTOMATIC1111's grids do; with --save-frames each frame too."""
-    from .pipeline import make_grid
+    from .pipelines.images import make_grid
 
     a, b = cli_io.open_image(args.a), cli_io.open_image(args.b)
     cli_io.check_out(args.out)

@@ -46,7 +46,7 @@ def write_images(images, out, grid):
         save_png(im, p)
         print(p)
     if grid and len(images) > 1:
-        from .pipeline import make_grid
+        from .pipelines.images import make_grid
 
         g = out.with_name(f"{out.stem}-grid{out.suffix}")
         save_png(make_grid(images), g)
@@ -70,7 +70,7 @@ def step_frames(callback):
 def save_strips(frames, images, paths):
     """OUT-steps.png per image: its estimate at every kept step, then the final image; it
     carries the image's parameters too."""
-    from .pipeline import make_grid
+    from .pipelines.images import make_grid
     from .pnginfo import save_png
 
     for i, (im, p) in enumerate(zip(images, paths)):

@@ -7,7 +7,7 @@ a_t = alphas_cumprod[t]. `Denoiser` turns such a network into `denoiser(x, sigma
 (k-diffusion's `DiscreteEpsDDPMDenoiser`); guidance is one more wrapper around it.
 """
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch

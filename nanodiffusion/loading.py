@@ -7,6 +7,8 @@ import torch
 
 from .formats import checkpoint, ours
 from .formats.files import WEIGHT_SUFFIXES
+from .pipelines.sd import Defaults, Pipeline
+from .pipelines.unclip import UnCLIPDefaults, UnCLIPPipeline
 
 BUNDLED = Path(__file__).parent / "weights"
 BUNDLED_NAMES = {"shapes": "shapes", "shapes-unclip": "shapes-unclip"}
@@ -82,18 +84,13 @@ def read_parts(path=None, device="cpu", dtype=torch.float32, prediction_type=Non
 
 def build_pipeline(parts):
     """formats.Parts -> the pipeline of its kind, with `source` set to where it was read."""
+    m = parts.modules
     if parts.kind == "unclip":
-        from .unclip import UnCLIPDefaults, UnCLIPPipeline
-
-        m = parts.modules
         pipe = UnCLIPPipeline(m["prior"], m["decoder"], m["vae"], m["clip"], parts.tokenizer,
                               parts.schedule, parts.prior_schedule,
                               _defaults(UnCLIPDefaults, parts), name=parts.name,
                               decoder_text=parts.decoder_text)
     else:
-        from .pipeline import Defaults, Pipeline
-
-        m = parts.modules
         pipe = Pipeline(m["unet"], m["vae"], m["text_encoder"], parts.tokenizer, parts.schedule,
                         _defaults(Defaults, parts), clip=m["clip"], name=parts.name)
     pipe.source = parts.source

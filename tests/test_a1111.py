@@ -25,10 +25,11 @@ from nanodiffusion.diffusion import ScheduleConfig  # noqa: E402
 from nanodiffusion.formats.ours import save_folder, save_unclip_folder  # noqa: E402
 from nanodiffusion.models import clip, prior, unet, vae  # noqa: E402
 from nanodiffusion.models.tokenizer import CLIPTokenizer  # noqa: E402
-from nanodiffusion.pipeline import Defaults, Interrupted, clip_scores  # noqa: E402
+from nanodiffusion.pipelines.rerank import clip_scores  # noqa: E402
+from nanodiffusion.pipelines.sd import Defaults, Interrupted  # noqa: E402
 from nanodiffusion.server import Limits  # noqa: E402
 from nanodiffusion.server.app import create_app  # noqa: E402
-from nanodiffusion.unclip import UnCLIPDefaults  # noqa: E402
+from nanodiffusion.pipelines.unclip import UnCLIPDefaults  # noqa: E402
 
 SIZE = 32
 GEN = dict(steps=2, cfg_scale=5, width=SIZE, height=SIZE)  # the txt2img settings of the tests

@@ -13,9 +13,10 @@ from nanodiffusion.diffusion import ScheduleConfig
 from nanodiffusion.formats.ours import save_folder, save_unclip_folder
 from nanodiffusion.models import clip, prior, unet, vae
 from nanodiffusion.models.tokenizer import CLIPTokenizer
-from nanodiffusion.pipeline import Defaults, clip_scores, rank_images
+from nanodiffusion.pipelines.rerank import clip_scores, rank_images
+from nanodiffusion.pipelines.sd import Defaults
 from nanodiffusion.pnginfo import format_parameters, parse_parameters
-from nanodiffusion.unclip import UnCLIPDefaults, UnCLIPPipeline
+from nanodiffusion.pipelines.unclip import UnCLIPDefaults, UnCLIPPipeline
 
 SIZE = 32
 

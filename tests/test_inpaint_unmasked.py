@@ -14,7 +14,7 @@ from diffusers import StableDiffusionInpaintPipeline  # noqa: E402
 import nanodiffusion  # noqa: E402
 from nanodiffusion.formats.diffusers import save_diffusers_folder  # noqa: E402
 from nanodiffusion.data import shapes as shapes_data  # noqa: E402
-from nanodiffusion.pipeline import from_pil  # noqa: E402
+from nanodiffusion.pipelines.images import from_pil  # noqa: E402
 
 PROMPT, SEED = "a purple circle", 0
 

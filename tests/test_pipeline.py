@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 import tiny_sd  # noqa: E402
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline  # noqa: E402
 
-from nanodiffusion.pipeline import Interrupted  # noqa: E402
+from nanodiffusion.pipelines.sd import Interrupted  # noqa: E402
 from nanodiffusion import pnginfo, samplers  # noqa: E402
 
 PROMPT, NEGATIVE, SEED, STEPS = "a red circle on a blue square", "green", 3, 6

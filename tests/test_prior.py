@@ -6,7 +6,7 @@ import torch
 from nanodiffusion.diffusion import PRIOR_SCHEDULE
 from nanodiffusion.formats import checkpoint
 from nanodiffusion.models.prior import TINY, Prior, PriorConfig
-from nanodiffusion.unclip import sample_prior
+from nanodiffusion.pipelines.unclip import sample_prior
 
 
 def _inputs(cfg, B=3, seed=0):

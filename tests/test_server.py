@@ -25,7 +25,7 @@ from nanodiffusion.diffusion import ScheduleConfig  # noqa: E402
 from nanodiffusion.formats.ours import save_folder  # noqa: E402
 from nanodiffusion.models import clip, unet, vae  # noqa: E402
 from nanodiffusion.models.tokenizer import CLIPTokenizer  # noqa: E402
-from nanodiffusion.pipeline import Defaults, Interrupted  # noqa: E402
+from nanodiffusion.pipelines.sd import Defaults, Interrupted  # noqa: E402
 from nanodiffusion.server import Limits, create_app  # noqa: E402
 
 STATIC = Path(__file__).parents[1] / "nanodiffusion" / "server" / "static"

@@ -13,7 +13,7 @@ from nanodiffusion.train import unclip as train_unclip
 from nanodiffusion.formats.ours import save_unclip_pipeline
 from nanodiffusion.loading import load_pipeline
 from nanodiffusion.train import TrainConfig, train
-from nanodiffusion.unclip import UnCLIPPipeline, slerp
+from nanodiffusion.pipelines.unclip import UnCLIPPipeline, slerp
 
 MODELS = {
     "clip": {"text": {"width": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64},
@@ -115,7 +115,7 @@ def test_generate(pipe):
 def test_best_of_keeps_the_most_clip_similar(pipe):
     """Each image is the best under CLIP of its candidates, from seeds 3, 4, 5 (more in
     test_cli_unclip.py, on untrained models)."""
-    from nanodiffusion.pipeline import clip_scores
+    from nanodiffusion.pipelines.rerank import clip_scores
 
     images = pipe.generate("a red circle", seed=3, n=2, best_of=3, **FAST)
     _check(images, 2)

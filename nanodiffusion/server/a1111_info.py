@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from fastapi import APIRouter, Request
 
-from ..pipeline import from_pil
+from ..pipelines.images import from_pil
 from ..pnginfo import parse_parameters
-from ..unclip import UnCLIPPipeline
+from ..pipelines.unclip import UnCLIPPipeline
 from .a1111_options import current_model
 from .http import json_body
 from .params import APIError, bad, decode_image, get_str

@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict
 
 from ..errors import InputError
-from ..pipeline import Interrupted
+from ..pipelines.sd import Interrupted
 from .params import APIError, Task, b64, encode_png, public_params
 
 TERMINAL = ("done", "error")

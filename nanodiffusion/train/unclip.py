@@ -18,8 +18,8 @@ from ..formats import checkpoint
 from ..formats.ours import save_unclip_folder
 from ..models import prior as prior_model
 from ..models import unet as unet_model
-from ..pipeline import make_grid
-from ..unclip import UnCLIPDefaults, UnCLIPPipeline
+from ..pipelines.images import make_grid
+from ..pipelines.unclip import UnCLIPDefaults, UnCLIPPipeline
 from .common import check_fixed, override, rand, save_ema, source
 from .unet import (SAMPLE_PROMPTS, denoising_loss, encoded_batch, frozen_parts, frozen_text,
                    latents_of, noised, schedule_config, vae_posterior)

@@ -10,7 +10,8 @@ from ..formats import checkpoint
 from ..formats.ours import save_folder
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import SHAPES, UNet
-from ..pipeline import Defaults, Pipeline, make_grid
+from ..pipelines.images import make_grid
+from ..pipelines.sd import Defaults, Pipeline
 from .common import (check_fixed, images_and_captions, override, rand, randn, save_ema,
                      source)
 

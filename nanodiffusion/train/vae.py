@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ..formats import checkpoint
 from ..models.vae import SHAPES, VAE
-from ..pipeline import make_grid, to_pil
+from ..pipelines.images import make_grid, to_pil
 from .common import images_and_captions, override, randn, save_ema, source
 
 

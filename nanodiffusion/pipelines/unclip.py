@@ -2,7 +2,7 @@
 embedding -> decoder UNet (latent, Kandinsky 2.2 style: conditioned on the image embedding,
 and with decoder_text on the caption too, as DALL·E 2's decoder) -> VAE. Plus what an image
 embedding allows: variations, text-diff edits, interpolation, captions by CLIP similarity;
-and best-of-N reranking (pipeline.best_of_n).
+and best-of-N reranking (rerank.best_of_n).
 
 Seeds: one CPU generator seeded with `seed` draws the prior's initial noise (n, E), the
 prior sampler's noise, then the decoder's initial latents and its sampler's noise.
@@ -14,13 +14,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import samplers
-from .diffusion import PRIOR_SCHEDULE, Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
-from .errors import InputError
-from .models.vae import for_inference as vae_for_inference
-from .pipeline import (Defaults, _check_guidance, _check_int, _check_size, best_of_n,
-                       from_pil, to_pil)
-from .pnginfo import format_parameters
+from .. import samplers
+from ..data.shapes import enumerate_captions
+from ..diffusion import PRIOR_SCHEDULE, Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from ..errors import InputError
+from ..models.vae import for_inference as vae_for_inference
+from ..pnginfo import format_parameters
+from .checks import check_guidance, check_int, check_sampler, check_size
+from .images import from_pil, to_pil
+from .rerank import best_of_n
+from .sd import Defaults
 
 EDIT_MAX_THETA = 0.5  # edit(strength=1) slerps half way to the text diff (DALL·E 2 fig. 5)
 
@@ -124,12 +127,12 @@ class UnCLIPPipeline:
                  sampler=d.sampler if sampler is None else sampler,
                  width=d.width if width is None else width,
                  height=d.height if height is None else height)
-        _check_int("seed", s["seed"], 0, 2**63 - 1)
-        _check_int("steps", s["steps"], 1, 1000)
-        _check_int("n", n, 1, 64)
-        _check_guidance(s["guidance"])
-        _check_size(s["width"], s["height"], self.vae_factor)
-        _check_sampler(s["sampler"])
+        check_int("seed", s["seed"], 0, 2**63 - 1)
+        check_int("steps", s["steps"], 1, 1000)
+        check_int("n", n, 1, 64)
+        check_guidance(s["guidance"])
+        check_size(s["width"], s["height"], self.vae_factor)
+        check_sampler(s["sampler"])
         return s
 
     def _prior_settings(self, steps, guidance, sampler):
@@ -137,9 +140,9 @@ class UnCLIPPipeline:
         s = dict(steps=d.prior_steps if steps is None else steps,
                  guidance=d.prior_guidance if guidance is None else guidance,
                  sampler=d.prior_sampler if sampler is None else sampler)
-        _check_int("prior_steps", s["steps"], 1, self.prior_schedule.num_train_timesteps)
-        _check_guidance(s["guidance"])
-        _check_sampler(s["sampler"])
+        check_int("prior_steps", s["steps"], 1, self.prior_schedule.num_train_timesteps)
+        check_guidance(s["guidance"])
+        check_sampler(s["sampler"])
         return s
 
     # ---- the two stages -----------------------------------------------------------------
@@ -208,7 +211,7 @@ class UnCLIPPipeline:
                  sampler=None, width=None, height=None, n=1, callback=None, best_of=1,
                  prior_steps=None, prior_guidance=None, prior_sampler=None):
         """txt2img: `n` PIL images. best_of > 1 keeps, for each image, the best of
-        `best_of` candidates under CLIP (candidate k from seed + k: pipeline.best_of_n)."""
+        `best_of` candidates under CLIP (candidate k from seed + k: rerank.best_of_n)."""
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise TypeError("prompt and negative_prompt must be strings")
         if best_of != 1:
@@ -265,7 +268,7 @@ class UnCLIPPipeline:
         """`frames` images along the slerp from a to b (PIL images, or prompts turned into
         embeddings by the prior), each decoded from the same noise (a fresh generator with
         `seed` per frame, so stochastic samplers' step noise is shared too)."""
-        _check_int("frames", frames, 2, 64)
+        check_int("frames", frames, 2, 64)
         s = self._settings(seed, steps, guidance, sampler, width, height, 1)
         gen = torch.Generator("cpu").manual_seed(s["seed"])
         ends = [self.prior_embeds(x, "", 1, gen) if isinstance(x, str) else
@@ -286,13 +289,11 @@ class UnCLIPPipeline:
     def _describe(self, embedding, candidates=None, top=5, callback=None):
         """describe() for an image's CLIP embedding (1, E), encoded already."""
         if candidates is None:
-            from .data.shapes import enumerate_captions
-
             candidates = enumerate_captions()
         candidates = list(candidates)
         if not candidates or not all(isinstance(c, str) for c in candidates):
             raise InputError("candidates must be a non-empty list of strings")
-        _check_int("top", top, 1, len(candidates))
+        check_int("top", top, 1, len(candidates))
         text = self._candidate_embeds(candidates, callback)  # (N, E) unit
         img = F.normalize(embedding, dim=-1)  # (1, E)
         scores = (text @ img[0]).tolist()
@@ -323,8 +324,3 @@ def _frame_callback(callback, frame, frames):
         return callback({**info, "step": frame * info["total"] + info["step"],
                          "total": frames * info["total"]})
     return cb
-
-
-def _check_sampler(sampler):
-    if sampler not in samplers.SAMPLER_NAMES:
-        raise InputError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")

@@ -6,22 +6,22 @@ diffusers' order, the VAE posterior samples of init images, then the initial lat
 `randn((n, C, h, w))`, then the samplers' per-step noise; so a seed gives the image diffusers
 gives for the same model and sampler.
 """
-import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import samplers
-from .diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
-from .errors import InputError
-from .models.vae import for_inference as vae_for_inference
-from .pnginfo import format_parameters
-
-MAX_SIDE = 4096
+from .. import samplers
+from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from ..errors import InputError
+from ..models.vae import for_inference as vae_for_inference
+from ..pnginfo import format_parameters
+from .checks import (check_eta, check_guidance, check_int, check_sampler, check_size,
+                     check_strength)
+from .images import from_pil, mask_input, paste_unmasked, to_pil
+from .rerank import best_of_n
 
 
 @dataclass
@@ -37,53 +37,6 @@ class Defaults:
 class Interrupted(Exception):
     """Raise it from a step callback to stop sampling and get the images of the current
     denoised estimate back, with their parameters, instead of an error."""
-
-
-def to_pil(x):
-    """(B, 3, H, W) in [-1, 1] -> list of PIL images (rounded like diffusers)."""
-    x = ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in x]
-
-
-def from_pil(image, width=None, height=None):
-    """PIL image -> (1, 3, H, W) in [-1, 1], resized (Lanczos, as diffusers) when asked."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
-    image = image.convert("RGB")
-    if width and height and image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
-    return x.permute(2, 0, 1)[None] * 2 - 1  # (1, 3, H, W)
-
-
-def make_grid(images, rows=None):
-    """Paste equal-sized PIL images into a rows x cols contact sheet."""
-    n = len(images)
-    rows = rows or int(math.floor(math.sqrt(n)))
-    cols = math.ceil(n / rows)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def _check_int(name, value, lo, hi):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _check_size(width, height, factor):
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v < factor or v > MAX_SIDE or v % factor:
-            raise InputError(f"{name} must be a multiple of {factor} between {factor} and "
-                             f"{MAX_SIDE}, got {v!r}")
-
-
-def _check_guidance(guidance):
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or \
-            not 0 <= guidance <= 100:
-        raise InputError(f"guidance must be a finite number in [0, 100], got {guidance!r}")
 
 
 class Pipeline:
@@ -152,7 +105,7 @@ class Pipeline:
                 best_of)
         width = self.defaults.width if width is None else width
         height = self.defaults.height if height is None else height
-        _check_size(width, height, self.vae_factor)
+        check_size(width, height, self.vae_factor)
         return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
                          preview, eta, size=(width, height), rescale=guidance_rescale)
 
@@ -160,7 +113,7 @@ class Pipeline:
                 guidance=None, sampler=None, n=1, callback=None, preview=False, eta=None,
                 width=None, height=None, guidance_rescale=0.0):
         """Start from `image` noised to `strength` (0 < strength <= 1): a list of `n` images."""
-        _check_strength(strength)
+        check_strength(strength)
         init = self._image_input(image, width, height)
         return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
                          preview, eta, init=init, strength=strength, rescale=guidance_rescale)
@@ -173,15 +126,15 @@ class Pipeline:
         neighbouring latents, so pixels outside the mask near it change too (diffusers' images
         do, the same); `keep_unmasked=True` pastes the input's pixels back outside the mask
         after decoding (AUTOMATIC1111's mask overlay)."""
-        _check_strength(strength)
+        check_strength(strength)
         if not isinstance(keep_unmasked, bool):
             raise InputError(f"keep_unmasked must be True or False, got {keep_unmasked!r}")
         init = self._image_input(image, width, height)
-        mask_t = _mask_input(mask, init.shape[-1], init.shape[-2])
+        mask_t = mask_input(mask, init.shape[-1], init.shape[-2])
         images = self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
                            preview, eta, init=init, strength=strength, mask=mask_t,
                            rescale=guidance_rescale)
-        return _paste_unmasked(images, init, mask_t) if keep_unmasked else images
+        return paste_unmasked(images, init, mask_t) if keep_unmasked else images
 
     def _image_input(self, image, width, height):
         """The init image at `width` x `height`, which must be multiples of the VAE factor; by
@@ -191,7 +144,7 @@ class Pipeline:
         f = self.vae_factor
         w = image.size[0] - image.size[0] % f if width is None else width
         h = image.size[1] - image.size[1] % f if height is None else height
-        _check_size(w, h, f)
+        check_size(w, h, f)
         return from_pil(image, w, h)
 
     # ---- the loop -----------------------------------------------------------------------
@@ -200,13 +153,12 @@ class Pipeline:
         guidance = self.defaults.guidance if guidance is None else guidance
         sampler = self.defaults.sampler if sampler is None else sampler
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-        _check_int("steps", steps, 1, 1000)
-        _check_int("n", n, 1, 64)
-        _check_int("seed", seed, 0, 2**63 - 1)
-        _check_guidance(guidance)
-        _check_eta(eta, sampler)
-        if sampler not in samplers.SAMPLER_NAMES:
-            raise InputError(f"sampler {sampler!r} is not one of {samplers.SAMPLER_NAMES}")
+        check_int("steps", steps, 1, 1000)
+        check_int("n", n, 1, 64)
+        check_int("seed", seed, 0, 2**63 - 1)
+        check_guidance(guidance)
+        check_eta(eta, sampler)
+        check_sampler(sampler)
         return seed, steps, float(guidance), sampler
 
     @torch.no_grad()
@@ -310,7 +262,7 @@ class Pipeline:
             return None
         every = 1 if preview is True else preview
         if every is not False and every is not None:
-            _check_int("preview", every, 1, 10**6)
+            check_int("preview", every, 1, 10**6)
 
         def cb(info):
             if every and info["step"] % every == 0:
@@ -331,95 +283,3 @@ def _blend_known(init_latents, noise, mask, plan):
         known_vp = known if last else known / scale
         return ((1 - mask) * known_vp + mask * (x / scale)) * scale
     return post_step
-
-
-# ---- best-of-N reranking by CLIP, for this pipeline and the unCLIP one --------------------
-MAX_BEST_OF = 16
-
-
-def _image_clip(pipe):
-    clip = getattr(pipe, "clip", None)
-    if clip is None or not hasattr(clip, "encode_image"):
-        raise InputError(f"best_of needs a CLIP image encoder to rank the candidates, and the "
-                         f"model {pipe.name!r} has a text encoder only; use best_of=1, or a "
-                         f"model whose folder holds a full CLIP (text and image towers)")
-    return clip
-
-
-@torch.no_grad()
-def clip_scores(pipe, prompt, images):
-    """CLIP cosine similarity of each PIL image to `prompt`, by `pipe.clip` (a CLIPModel with
-    both towers) and `pipe.tokenizer`: a list of floats."""
-    clip = _image_clip(pipe)
-    device = next(clip.parameters()).device
-    ids = pipe.tokenizer([prompt], max_length=clip.text_model.config.max_positions)
-    text = F.normalize(clip.encode_text(ids.to(device)), dim=-1)  # (1, E)
-    pixels = torch.cat([clip.preprocess((from_pil(im) + 1) / 2) for im in images])
-    imgs = F.normalize(clip.encode_image(pixels.to(device)), dim=-1)  # (B, E)
-    return (imgs.float() @ text[0].float()).tolist()
-
-
-def rank_images(pipe, prompt, images):
-    """(image, CLIP cosine similarity to `prompt`) pairs, most similar first."""
-    return sorted(zip(images, clip_scores(pipe, prompt, images)), key=lambda p: -p[1])
-
-
-def best_of_n(pipe, generate, prompt, seed, n, best_of):
-    """Best-of-N reranking: `generate(s)` makes a batch of n images with seed s; candidate k
-    (k = 0 .. best_of - 1) of image i is image i of the batch of seed `seed + k`, so candidate
-    0 is what best_of=1 gives. Each image i keeps the candidate CLIP finds most similar to
-    `prompt` (the lowest k on a tie), with that candidate's own parameters (its seed)."""
-    _check_int("best_of", best_of, 1, MAX_BEST_OF)
-    if best_of > 1:
-        _image_clip(pipe)  # fail before generating anything
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    _check_int("seed", seed, 0, 2**63 - best_of)  # seeds seed .. seed + best_of - 1
-    batches = [generate(seed + k) for k in range(best_of)]
-    if best_of == 1:
-        return batches[0]
-    candidates = [batch[i] for i in range(n) for batch in batches]  # image-major
-    scores = clip_scores(pipe, prompt, candidates)
-    picks = [max(range(best_of), key=lambda k: (scores[i * best_of + k], -k)) for i in range(n)]
-    return [batches[k][i] for i, k in enumerate(picks)]
-
-
-ETA_SAMPLERS = ("ddim", "euler-ancestral")  # the samplers whose noise `eta` scales
-
-
-def _check_eta(eta, sampler):
-    if eta is None:
-        return
-    if sampler not in ETA_SAMPLERS:
-        raise InputError(f"eta is an option of the {', '.join(ETA_SAMPLERS)} samplers only, "
-                         f"not of {sampler!r}")
-    if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-        raise InputError(f"eta must be a number in [0, 1], got {eta!r}")
-
-
-def _check_strength(strength):
-    if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise InputError(f"strength must be in (0, 1], got {strength!r}")
-
-
-def _paste_unmasked(images, init, mask):
-    """The input image's pixels (init (1, 3, H, W) in [-1, 1]) where the binary `mask` (1, 1, H,
-    W) is 0, the generated ones where it is 1; each image keeps its parameters."""
-    original = to_pil(init)[0]  # exact: from_pil's v / 255 rounds back to v
-    alpha = Image.fromarray((mask[0, 0].cpu().numpy() * 255).astype(np.uint8))  # (H, W)
-    out = []
-    for im in images:
-        pasted = Image.composite(im, original, alpha)
-        pasted.info.update(im.info)
-        out.append(pasted)
-    return out
-
-
-def _mask_input(mask, width, height):
-    """PIL mask -> (1, 1, H, W) binary float, white = repaint (diffusers binarizes at 0.5)."""
-    if not isinstance(mask, Image.Image):
-        raise TypeError(f"mask must be a PIL.Image, got {type(mask).__name__}")
-    mask = mask.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), Image.LANCZOS)
-    m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
-    return (m >= 0.5).float()
