@@ -8,7 +8,7 @@ import argparse
 import json
 
 import nanodiffusion
-from nanodiffusion.evaluate import eval_prompts, fidelity
+from nanodiffusion.eval.report import eval_prompts, fidelity
 
 
 def main():

@@ -12,7 +12,7 @@ import torch
 
 import nanodiffusion
 from nanodiffusion.data import shapes
-from nanodiffusion.judge import judge
+from nanodiffusion.eval.judge import judge
 
 
 def main():

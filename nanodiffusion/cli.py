@@ -370,7 +370,7 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from .evaluate import report
+    from .eval.report import report
 
     report(args.path, n=args.n, device=args.device, best_of=args.best_of,
            best_of_prompts=args.best_of_prompts, out=args.out)

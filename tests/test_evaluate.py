@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import torch
 
-from nanodiffusion import evaluate
+from nanodiffusion.eval import report as evaluate
 from nanodiffusion.data import shapes
-from nanodiffusion.judge import judge
+from nanodiffusion.eval.judge import judge
 
 
 class Copier:
@@ -22,7 +22,7 @@ class Copier:
     def edit(self, image, source, target, strength=1.0, seed=0):
         if not self.perfect:
             return [image]
-        from nanodiffusion.judge import find_objects, parse_prompt
+        from nanodiffusion.eval.judge import find_objects, parse_prompt
 
         found = find_objects(image)[0]
         want = parse_prompt(target)["objects"][0]

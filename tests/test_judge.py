@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from nanodiffusion import judge as jd
+from nanodiffusion.eval import judge as jd
 from nanodiffusion.data import shapes as sh
 
 

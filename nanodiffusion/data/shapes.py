@@ -1,6 +1,6 @@
 """The procedural captioned `shapes` dataset. Its grammar, for users, is docs/shapes.md; every
 number of the contract (sizes, jitter, grid, relations) is in this file's constants, and the
-independent judge (judge.py) checks the pictures against the same contract.
+independent judge (eval/judge.py) checks the pictures against the same contract.
 
 A sample is `(image, caption, attributes)`, deterministic in `(seed, split, index)`: each sample
 draws from its own `np.random.default_rng([seed, split_id, index])`, never global state, so

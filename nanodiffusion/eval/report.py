@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import shapes
-from .formats import checkpoint
+from ..data import shapes
+from ..formats import checkpoint
 from .judge import check_objects, find_objects, judge, parse_prompt, score
 
 
@@ -136,7 +136,7 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
     best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on the first
     `best_of_prompts` (default n) single-object prompts, beside best-of-1 on the same
     prompts."""
-    from .loading import load_pipeline
+    from ..loading import load_pipeline
 
     folder = _model_folder(path)
     pipe = load_pipeline(folder, device=device)
