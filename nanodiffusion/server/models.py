@@ -75,7 +75,7 @@ class Registry:
             raise FileNotFoundError(f"--models-dir {models_dir}: not a folder")
         self.device, self.limits = device, limits or Limits()
         self.files, self.jobs = Files(), {}
-        self._pipes, self._workers, self._found = {}, {}, None
+        self._pipes, self._workers, self._found, self._kinds = {}, {}, None, {}
         self._lock, self._load_locks = threading.Lock(), {}
 
     def found(self):
@@ -88,7 +88,7 @@ class Registry:
 
     def refresh(self):
         with self._lock:
-            self._found = None
+            self._found, self._kinds = None, {}
         return self.found()
 
     def names(self):
@@ -122,7 +122,7 @@ class Registry:
                 path = self.found().get(name)
                 if path is None:
                     raise ValueError(f"model {name!r} is no longer installed")
-                dtype = "float32" if loading.model_kind(path) == "unclip" else self.dtype
+                dtype = "float32" if self.kind(name) == "unclip" else self.dtype
                 single = {"prediction_type": self.prediction_type} if path.is_file() else {}
                 pipe = loading.load_pipeline(path, device=self.device,
                                              dtype=getattr(torch, dtype), **single)
@@ -138,12 +138,16 @@ class Registry:
             return self._workers[name]
 
     def kind(self, name):
-        """"sd" or "unclip" for a model this server offers, read without loading it."""
+        """"sd" or "unclip" for a model this server offers, read from its model.json once (not
+        on every request), without loading it."""
         path = self.found().get(name)
         if path is None:
             raise APIError(404, f"model {name!r} not found; available: {self.names()}",
                            param="model", code="model_not_found")
-        return loading.model_kind(path)
+        with self._lock:
+            if name not in self._kinds:
+                self._kinds[name] = loading.model_kind(path)
+            return self._kinds[name]
 
     def submit(self, task: Task):
         check_task(task, self.kind(task.model))
