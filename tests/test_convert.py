@@ -149,18 +149,22 @@ def test_unsupported_checkpoints_are_refused(tiny):
 
 def test_check_state_dict_loads_strictly_and_names_problems(tiny):
     model = tiny.models[1]
-    files.check_state_dict(model, tiny.vae, "VAE")
+    files.check_state_dict(model, tiny.vae, "vae.safetensors")
     loaded = model.state_dict()["decoder.conv_out.bias"]
     assert torch.equal(loaded, tiny.vae["decoder.conv_out.bias"])
     sd = dict(tiny.vae)
     sd["encoder.conv_in.weight"] = sd["encoder.conv_in.weight"][:, :2]
-    with pytest.raises(ValueError, match=r"VAE weights .*wrong shape.*encoder.conv_in.weight "
-                                         r"\(16, 2, 3, 3\) != \(16, 3, 3, 3\)"):
-        files.check_state_dict(model, sd, "VAE")
+    with pytest.raises(ValueError, match=r"vae\.safetensors: the weights do not fit the \w+: "
+                                         r"1 with the wrong shape \(weights != model\): "
+                                         r"encoder\.conv_in\.weight \(16, 2, 3, 3\) != "
+                                         r"\(16, 3, 3, 3\)$"):
+        files.check_state_dict(model, sd, "vae.safetensors")
     sd = dict(tiny.vae)
     sd["extra.weight"] = sd.pop("quant_conv.bias")
-    with pytest.raises(ValueError, match="1 missing: quant_conv.bias; 1 unexpected: extra.weight"):
-        files.check_state_dict(model, sd, "VAE")
+    with pytest.raises(ValueError, match=r"vae\.safetensors: the weights do not fit the \w+: "
+                                         r"1 missing: quant_conv\.bias; "
+                                         r"1 unexpected: extra\.weight$"):
+        files.check_state_dict(model, sd, "vae.safetensors")
 
 
 # ---------------------------------------------------------------- config translation

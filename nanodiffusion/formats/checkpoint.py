@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .files import check_state_dict, misfit, read_state_dict
+from .files import check_state_dict, read_state_dict
 
 FORMAT = "nanodiffusion/1"
 
@@ -192,21 +192,11 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     sd = read_state_dict(path)
     with torch.device("meta"):  # no time spent on a random init that is overwritten
         model = cls(**args)
-    _load_strict(model, sd, path)
+    check_state_dict(model, sd, str(path))
     if any(b.is_meta for b in model.buffers()):  # non-persistent buffers: build for real
         model = cls(**args)
-        _load_strict(model, sd, path)
+        check_state_dict(model, sd, str(path))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def _load_strict(model, sd, path):
-    missing, unexpected, shapes = misfit(model, sd)
-    bad = [f"{k}: file {have} vs model {want}" for k, have, want in shapes]
-    if missing or unexpected or bad:
-        raise ValueError(f"{path}: weights do not fit {type(model).__name__}: "
-                         f"missing {missing[:20]} ({len(missing)}), unexpected "
-                         f"{unexpected[:20]} ({len(unexpected)}), wrong shapes {bad[:20]}")
-    check_state_dict(model, sd, str(path))
 
 
 def save_state(path, state):

@@ -87,15 +87,18 @@ def misfit(module: nn.Module, sd: dict) -> tuple[list, list, list]:
 
 def check_state_dict(module: nn.Module, sd: dict, name: str) -> nn.Module:
     """Load `sd` into `module` strictly (floating tensors as float32); missing, unexpected and
-    wrongly shaped keys become one ValueError naming `name` (the part, or file) and the keys.
-    A module built on the meta device takes the tensors themselves (no copy into nothing)."""
+    wrongly shaped keys become one ValueError naming `name` (the file, or the file and part),
+    the module's class and the keys. Every loader of weights goes through here, so every such
+    error reads the same. A module built on the meta device takes the tensors themselves (no
+    copy into nothing)."""
     missing, unexpected, shapes = misfit(module, sd)
     shapes = [f"{k} {have} != {want}" for k, have, want in shapes]
     problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in (
         ("missing", missing), ("unexpected", unexpected),
-        ("with the wrong shape (checkpoint != model)", shapes)) if keys]
+        ("with the wrong shape (weights != model)", shapes)) if keys]
     if problems:
-        raise ValueError(f"{name} weights do not fit the model: " + "; ".join(problems))
+        raise ValueError(f"{name}: the weights do not fit the {type(module).__name__}: "
+                         + "; ".join(problems))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in module.parameters()))
     return module
