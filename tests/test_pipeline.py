@@ -253,6 +253,24 @@ def test_png_parameters_round_trip(sd, tmp_path):
     assert (p["Seed"], p["Size"]) == (str(SEED), f"{W}x{H}")
 
 
+def test_images_carry_the_settings_the_pipeline_resolved(sd, init_image):
+    """The one place a call's defaults are filled in is the pipeline: each image carries the
+    Settings it ran with (the server's job results read them), a random seed included."""
+    pipe = sd.ours
+    d = pipe.defaults
+    images = pipe.generate(PROMPT, steps=2, guidance=5, n=2)
+    assert [im.info["settings"] for im in images] == [images[0].info["settings"]] * 2
+    s = images[0].info["settings"]
+    assert (s.steps, s.guidance, s.sampler, s.width, s.height) == \
+        (2, 5.0, d.sampler, d.width, d.height)
+    assert isinstance(s.guidance, float) and f"Seed: {s.seed}," in images[0].info["parameters"]
+    again = small(pipe, seed=s.seed, steps=2, guidance=5, sampler=d.sampler, width=d.width,
+                  height=d.height)
+    assert again[0].tobytes() == images[0].tobytes()
+    s = pipe.img2img(PROMPT, init_image, seed=1, steps=2)[0].info["settings"]
+    assert (s.seed, s.steps, s.width, s.height) == (1, 2, W, H)  # the init image's size
+
+
 def test_long_prompt_warns_and_still_works(sd):
     prompt = " ".join(f"word{i}" for i in range(90))
     with pytest.warns(UserWarning, match="tokens"):

@@ -1,6 +1,7 @@
 """The HTTP server on a tiny random model: the official openai client against a real socket,
 the AUTOMATIC1111 routes and the job API over plain HTTP, limits, auth and determinism."""
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -368,8 +369,9 @@ def test_internal_errors_are_500s_and_user_errors_400s(models_dir, monkeypatch, 
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         assert "TypeError" in capfd.readouterr().err  # the traceback, in the log
         monkeypatch.undo()
-        real = pipe._settings
-        monkeypatch.setattr(pipe, "_settings", lambda *a: real(*a[:-1], 2.0))  # eta 2
+        real = pipe._run
+        monkeypatch.setattr(pipe, "_run", lambda prompt, negative, req, **kw: real(
+            prompt, negative, dataclasses.replace(req, eta=2.0), **kw))  # eta 2
         r = c.post("/v1/images/generations", json={**body, "sampler": "ddim"})
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "eta must be a number in [0, 1], got 2.0"

@@ -123,6 +123,11 @@ def test_best_of_keeps_the_most_clip_similar(pipe):
     for i, im in enumerate(images):
         best = max(clip_scores(pipe, "a red circle", [b[i] for b in batches]))
         assert clip_scores(pipe, "a red circle", [im])[0] == pytest.approx(best)
+        # the image carries its own candidate's settings (its seed), as the batch's image does
+        k = next(k for k, b in enumerate(batches) if b[i].tobytes() == im.tobytes())
+        assert im.info["settings"] == batches[k][i].info["settings"]
+        assert im.info["settings"].seed == 3 + k
+        assert im.info["settings"].guidance == pipe.defaults.guidance
 
 
 def test_variations_edit_interpolate(pipe, image):

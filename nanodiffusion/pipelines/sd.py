@@ -6,8 +6,7 @@ diffusers' order, the VAE posterior samples of init images, then the initial lat
 `randn((n, C, h, w))`, then the samplers' per-step noise; so a seed gives the image diffusers
 gives for the same model and sampler.
 """
-import os
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -17,21 +16,10 @@ from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.vae import for_inference as vae_for_inference
-from ..pnginfo import format_parameters
-from .checks import (check_eta, check_guidance, check_int, check_sampler, check_size,
-                     check_strength)
+from .checks import check_int, check_size, check_strength
 from .images import from_pil, mask_input, paste_unmasked, to_pil
 from .rerank import best_of_n
-
-
-@dataclass
-class Defaults:
-    """What a model is meant to be run with; the CLI and server fill missing settings here."""
-    steps: int = 25
-    guidance: float = 7.5
-    sampler: str = "euler"
-    width: int = 512
-    height: int = 512
+from .settings import Defaults, Request, resolve, tag
 
 
 class Interrupted(Exception):
@@ -98,16 +86,13 @@ class Pipeline:
         `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`.
         guidance_rescale (0..1): diffusers' option of that name (diffusion.cfg_denoiser), for
         v-prediction models on zero-terminal-SNR schedules whose guided images over-saturate."""
-        if best_of != 1:
-            return best_of_n(self, lambda s: self.generate(
-                prompt, negative_prompt, s, steps, guidance, sampler, width, height, n,
-                callback, preview, eta, guidance_rescale=guidance_rescale), prompt, seed, n,
-                best_of)
-        width = self.defaults.width if width is None else width
-        height = self.defaults.height if height is None else height
-        check_size(width, height, self.vae_factor)
-        return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
-                         preview, eta, size=(width, height), rescale=guidance_rescale)
+        req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
+                      guidance_rescale=guidance_rescale, callback=callback, preview=preview)
+
+        def run(seed):
+            return self._run(prompt, negative_prompt, replace(req, seed=seed),
+                             size=(width, height))
+        return run(seed) if best_of == 1 else best_of_n(self, run, prompt, seed, n, best_of)
 
     def img2img(self, prompt, image, strength=0.6, negative_prompt="", seed=None, steps=None,
                 guidance=None, sampler=None, n=1, callback=None, preview=False, eta=None,
@@ -115,8 +100,9 @@ class Pipeline:
         """Start from `image` noised to `strength` (0 < strength <= 1): a list of `n` images."""
         check_strength(strength)
         init = self._image_input(image, width, height)
-        return self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
-                         preview, eta, init=init, strength=strength, rescale=guidance_rescale)
+        req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
+                      guidance_rescale=guidance_rescale, callback=callback, preview=preview)
+        return self._run(prompt, negative_prompt, req, init=init, strength=strength)
 
     def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", seed=None,
                 steps=None, guidance=None, sampler=None, n=1, callback=None, preview=False,
@@ -131,9 +117,10 @@ class Pipeline:
             raise InputError(f"keep_unmasked must be True or False, got {keep_unmasked!r}")
         init = self._image_input(image, width, height)
         mask_t = mask_input(mask, init.shape[-1], init.shape[-2])
-        images = self._run(prompt, negative_prompt, seed, steps, guidance, sampler, n, callback,
-                           preview, eta, init=init, strength=strength, mask=mask_t,
-                           rescale=guidance_rescale)
+        req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
+                      guidance_rescale=guidance_rescale, callback=callback, preview=preview)
+        images = self._run(prompt, negative_prompt, req, init=init, strength=strength,
+                           mask=mask_t)
         return paste_unmasked(images, init, mask_t) if keep_unmasked else images
 
     def _image_input(self, image, width, height):
@@ -148,31 +135,22 @@ class Pipeline:
         return from_pil(image, w, h)
 
     # ---- the loop -----------------------------------------------------------------------
-    def _settings(self, seed, steps, guidance, sampler, n, eta):
-        steps = self.defaults.steps if steps is None else steps
-        guidance = self.defaults.guidance if guidance is None else guidance
-        sampler = self.defaults.sampler if sampler is None else sampler
-        seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-        check_int("steps", steps, 1, 1000)
-        check_int("n", n, 1, 64)
-        check_int("seed", seed, 0, 2**63 - 1)
-        check_guidance(guidance)
-        check_eta(eta, sampler)
-        check_sampler(sampler)
-        return seed, steps, float(guidance), sampler
-
     @torch.no_grad()
-    def _run(self, prompt, negative, seed, steps, guidance, sampler, n, callback, preview,
-             eta, size=None, init=None, strength=1.0, mask=None, rescale=0.0):
+    def _run(self, prompt, negative, req, *, size=(None, None), init=None, strength=1.0,
+             mask=None):
+        """`req` (a Request) from noise at `size` (None: the model's), or from `init` (1, 3,
+        H, W) noised to `strength`, inpainting where `mask` (1, 1, H, W) is 1."""
         if not isinstance(prompt, str) or not isinstance(negative, str):
             raise TypeError("prompt and negative_prompt must be strings")
-        seed, steps, guidance, sampler = self._settings(seed, steps, guidance, sampler, n, eta)
-        gen = torch.Generator("cpu").manual_seed(seed)
-        plan = samplers.plan(sampler, self.schedule, steps, strength=strength,
+        if init is not None:
+            size = (init.shape[-1], init.shape[-2])
+        s = resolve(self.defaults, req, *size, self.vae_factor)
+        n, eta = req.n, req.eta
+        gen = torch.Generator("cpu").manual_seed(s.seed)
+        plan = samplers.plan(s.sampler, self.schedule, s.steps, strength=strength,
                              **({"eta": eta} if eta is not None else {}))
-        cond = self._conditions(prompt, negative, n, guidance)
-        w, h = size if size is not None else (init.shape[-1], init.shape[-2])
-        shape = (n, self.latent_channels, h // self.vae_factor, w // self.vae_factor)
+        cond = self._conditions(prompt, negative, n, s.guidance)
+        shape = (n, self.latent_channels, s.height // self.vae_factor, s.width // self.vae_factor)
         sees_mask = self.unet.config.in_channels > self.latent_channels
         # The generator's draws in diffusers' order: init latents, noise, masked-image latents.
         init_latents = None
@@ -189,18 +167,14 @@ class Pipeline:
                 post_step = _blend_known(init_latents, noise, m, plan)
             if strength == 1.0:
                 init_latents = None  # diffusers starts from pure noise at full strength
+        rescale = req.guidance_rescale
         denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), plan.schedule,
-                                         quantize_t=plan.quantize_t), guidance, rescale)
+                                         quantize_t=plan.quantize_t), s.guidance, rescale)
         latents = self._sample(plan, denoiser, noise, init_latents, gen,
-                               self._wrap_callback(callback, preview), post_step, cond)
-        images = self.decode_latents(latents)
-        params = dict(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
-                      guidance=guidance, seed=seed, width=w, height=h, model=self.name,
-                      strength=strength if init is not None else None, batch_size=n,
-                      extra={"Rescale CFG": rescale} if rescale else None)
-        for i, im in enumerate(images):
-            im.info["parameters"] = format_parameters({**params, "batch_pos": i})
-        return images
+                               self._wrap_callback(req.callback, req.preview), post_step, cond)
+        return tag(self.decode_latents(latents), s, self.name, prompt, negative,
+                   strength=strength if init is not None else None,
+                   extra={"Rescale CFG": rescale} if rescale else None)
 
     def _conditions(self, prompt, negative, n, guidance):
         """The UNet's text kwargs: context (n, T, D) and, where the UNet takes it, text_embeds

@@ -8,7 +8,6 @@ Seeds: one CPU generator seeded with `seed` draws the prior's initial noise (n, 
 prior sampler's noise, then the decoder's initial latents and its sampler's noise.
 """
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +18,10 @@ from ..data.shapes import enumerate_captions
 from ..diffusion import PRIOR_SCHEDULE, Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.vae import for_inference as vae_for_inference
-from ..pnginfo import format_parameters
-from .checks import check_guidance, check_int, check_sampler, check_size
+from .checks import check_guidance, check_int, check_sampler
 from .images import from_pil, to_pil
 from .rerank import best_of_n
-from .sd import Defaults
+from .settings import Defaults, Request, resolve, tag
 
 EDIT_MAX_THETA = 0.5  # edit(strength=1) slerps half way to the text diff (DALL·E 2 fig. 5)
 
@@ -119,21 +117,10 @@ class UnCLIPPipeline:
         return self.clip.encode_image(pixels.to(self._device))
 
     # ---- settings -----------------------------------------------------------------------
-    def _settings(self, seed, steps, guidance, sampler, width, height, n):
-        d = self.defaults
-        s = dict(seed=int.from_bytes(os.urandom(4), "little") if seed is None else seed,
-                 steps=d.steps if steps is None else steps,
-                 guidance=d.guidance if guidance is None else guidance,
-                 sampler=d.sampler if sampler is None else sampler,
-                 width=d.width if width is None else width,
-                 height=d.height if height is None else height)
-        check_int("seed", s["seed"], 0, 2**63 - 1)
-        check_int("steps", s["steps"], 1, 1000)
-        check_int("n", n, 1, 64)
-        check_guidance(s["guidance"])
-        check_size(s["width"], s["height"], self.vae_factor)
-        check_sampler(s["sampler"])
-        return s
+    def _settings(self, *, seed, steps, guidance, sampler, width, height, n=1):
+        """The decoder's Settings (settings.resolve)."""
+        req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n)
+        return resolve(self.defaults, req, width, height, self.vae_factor)
 
     def _prior_settings(self, steps, guidance, sampler):
         d = self.defaults
@@ -192,19 +179,14 @@ class UnCLIPPipeline:
         return to_pil(x)
 
     def _render(self, embeds, s, callback=None, generator=None, prompt=""):
-        gen = generator or torch.Generator("cpu").manual_seed(s["seed"])
-        return self.decode(embeds, gen, s["steps"], float(s["guidance"]), s["sampler"],
-                           s["width"], s["height"], callback, prompt)
+        """Embeddings (B, E) -> B images with the decoder Settings `s`."""
+        gen = generator or torch.Generator("cpu").manual_seed(s.seed)
+        return self.decode(embeds, gen, steps=s.steps, guidance=s.guidance, sampler=s.sampler,
+                           width=s.width, height=s.height, callback=callback, prompt=prompt)
 
     def _tag(self, images, s, prompt="", negative_prompt="", **extra):
-        """Give each image its A1111 "parameters" text; `extra` adds fields (e.g. Task)."""
-        params = dict(prompt=prompt, negative_prompt=negative_prompt, model=self.name,
-                      batch_size=len(images), extra=extra,
-                      **{k: s[k] for k in ("steps", "sampler", "guidance", "seed", "width",
-                                           "height")})
-        for i, im in enumerate(images):
-            im.info["parameters"] = format_parameters({**params, "batch_pos": i})
-        return images
+        """settings.tag; `extra` adds fields (e.g. Task)."""
+        return tag(images, s, self.name, prompt, negative_prompt, extra=extra)
 
     # ---- public tasks -------------------------------------------------------------------
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
@@ -214,17 +196,16 @@ class UnCLIPPipeline:
         `best_of` candidates under CLIP (candidate k from seed + k: rerank.best_of_n)."""
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise TypeError("prompt and negative_prompt must be strings")
-        if best_of != 1:
-            return best_of_n(self, lambda sd: self.generate(
-                prompt, negative_prompt, sd, steps, guidance, sampler, width, height, n,
-                callback, prior_steps=prior_steps, prior_guidance=prior_guidance,
-                prior_sampler=prior_sampler), prompt, seed, n, best_of)
-        s = self._settings(seed, steps, guidance, sampler, width, height, n)
-        gen = torch.Generator("cpu").manual_seed(s["seed"])
-        embeds = self.prior_embeds(prompt, negative_prompt, n, gen, prior_steps,
-                                   prior_guidance, prior_sampler)
-        return self._tag(self._render(embeds, s, callback, gen, prompt), s, prompt,
-                         negative_prompt)
+
+        def run(seed):
+            s = self._settings(seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+                               width=width, height=height, n=n)
+            gen = torch.Generator("cpu").manual_seed(s.seed)
+            embeds = self.prior_embeds(prompt, negative_prompt, n, gen, steps=prior_steps,
+                                       guidance=prior_guidance, sampler=prior_sampler)
+            return self._tag(self._render(embeds, s, callback, gen, prompt), s, prompt,
+                             negative_prompt)
+        return run(seed) if best_of == 1 else best_of_n(self, run, prompt, seed, n, best_of)
 
     def variations(self, image, n=4, seed=1, steps=None, guidance=None, sampler=None,
                    width=None, height=None, callback=None, caption="auto"):
@@ -232,7 +213,8 @@ class UnCLIPPipeline:
         that reads text also gets `caption`: by default ("auto") the caption CLIP ranks first
         for the image (`describe`), so all the decoder sees still comes from the image through
         CLIP; or a caption of your own; "" gives the image embedding alone (DALL·E 2's)."""
-        s = self._settings(seed, steps, guidance, sampler, width, height, n)
+        s = self._settings(seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+                           width=width, height=height, n=n)
         z = self.encode_image([image])  # (1, E)
         if caption == "auto":
             caption = self._describe(z, top=1)[0][0] if self.decoder_text else ""
@@ -253,7 +235,8 @@ class UnCLIPPipeline:
         the target (OpenAI's images.edit)."""
         if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise InputError(f"strength must be in [0, 1], got {strength!r}")
-        s = self._settings(seed, steps, guidance, sampler, width, height, n)
+        s = self._settings(seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+                           width=width, height=height, n=n)
         z = self.encode_image([image])  # (1, E)
         if source == "auto":
             source = self._describe(z, top=1)[0][0]
@@ -269,8 +252,9 @@ class UnCLIPPipeline:
         embeddings by the prior), each decoded from the same noise (a fresh generator with
         `seed` per frame, so stochastic samplers' step noise is shared too)."""
         check_int("frames", frames, 2, 64)
-        s = self._settings(seed, steps, guidance, sampler, width, height, 1)
-        gen = torch.Generator("cpu").manual_seed(s["seed"])
+        s = self._settings(seed=seed, steps=steps, guidance=guidance, sampler=sampler,
+                           width=width, height=height)
+        gen = torch.Generator("cpu").manual_seed(s.seed)
         ends = [self.prior_embeds(x, "", 1, gen) if isinstance(x, str) else
                 self.encode_image([x]) for x in (a, b)]
         thetas = [i / (frames - 1) for i in range(frames)]

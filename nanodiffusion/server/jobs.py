@@ -12,6 +12,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
+from dataclasses import asdict
 
 from ..errors import InputError
 from ..pipelines.sd import Interrupted
@@ -153,7 +154,7 @@ class Worker:
         try:
             pipe = self.get_pipe(self.name)
             method = getattr(pipe, job.task.kind)
-            images, seeds = _call(method, job, self._callback(job, pipe))
+            images = _call(method, job, self._callback(job, pipe))
         except (Cancelled, Interrupted):  # Interrupted: from a task that cannot stop early
             return self._finish_cancelled(job)
         except InputError as e:  # a setting this model refuses: the client can fix it
@@ -164,9 +165,9 @@ class Worker:
         pngs = [encode_png(im) for im in images]
         ids = [self.files.put(p) for p in pngs]
         infotexts = [im.info.get("parameters", "") for im in images]
+        ran = [im.info["settings"] for im in images]  # the Settings the pipeline resolved
         job.result = {"images": [f"/v1/files/{i}.png" for i in ids], "infotexts": infotexts,
-                      "seed": job.task.kwargs["seed"], "seeds": seeds,
-                      **_settings(job.task.kwargs, pipe, images[0].size),
+                      **asdict(ran[0]), "seeds": [s.seed for s in ran],
                       "interrupted": job.interrupt_requested.is_set()}
         job.pngs = pngs
         job.finished, job.status = time.time(), "done"
@@ -200,14 +201,13 @@ class Worker:
 
 
 def _call(method, job, callback):
-    """Run the task: (images, the seed each image was made with). A seed_per_image task runs
-    one call per image with seed + i, so that image i is what a single request with that seed
-    gives (AUTOMATIC1111's batches); its progress counts the whole batch. An interrupt ends
-    the batch at the image it stops, a skip only that image."""
+    """Run the task: its images. A seed_per_image task runs one call per image with seed + i,
+    so that image i is what a single request with that seed gives (AUTOMATIC1111's batches);
+    its progress counts the whole batch. An interrupt ends the batch at the image it stops, a
+    skip only that image."""
     kw = job.task.kwargs
     if not job.task.seed_per_image:
-        images = method(**kw, callback=callback)
-        return images, [kw["seed"]] * len(images)
+        return method(**kw, callback=callback)
     n, images = kw["n"], []
     for i in range(n):
         if i and job.interrupt_requested.is_set():
@@ -218,15 +218,7 @@ def _call(method, job, callback):
             return callback({**info, "step": i * info["total"] + info["step"], "total": total})
         images += method(**{**kw, "n": 1, "seed": kw["seed"] + i}, callback=step)
         job.skip_requested.clear()
-    return images, [kw["seed"] + i for i in range(len(images))]
-
-
-def _settings(kwargs, pipe, size):
-    """The settings a job ran with, the model's defaults filled in."""
-    d = pipe.defaults
-    pick = lambda key, default: default if kwargs.get(key) is None else kwargs[key]  # noqa: E731
-    return {"steps": pick("steps", d.steps), "guidance": pick("guidance", d.guidance),
-            "sampler": pick("sampler", d.sampler), "width": size[0], "height": size[1]}
+    return images
 
 
 def preview_png(pipe, denoised):

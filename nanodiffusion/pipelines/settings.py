@@ -1,0 +1,81 @@
+"""What one call of a pipeline runs with, decided in one place for both pipelines: the model's
+Defaults, the caller's Request (None: the model's default), and the Settings `resolve` makes
+of the two, checked. Every image a pipeline returns carries its Settings in
+`image.info["settings"]` beside its AUTOMATIC1111 "parameters" text (`tag`), so the server
+reads what ran instead of working the defaults out again."""
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from ..pnginfo import format_parameters
+from .checks import check_eta, check_guidance, check_int, check_sampler, check_size
+
+
+@dataclass
+class Defaults:
+    """What a model is meant to be run with; `resolve` fills a call's missing settings here."""
+    steps: int = 25
+    guidance: float = 7.5
+    sampler: str = "euler"
+    width: int = 512
+    height: int = 512
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's sampling settings as the caller gave them; None takes the model's default
+    (a random seed for seed). eta, guidance_rescale and preview are Stable Diffusion's."""
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    n: int = 1
+    eta: float | None = None
+    guidance_rescale: float = 0.0
+    callback: Callable | None = None
+    preview: bool | int = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings an image was made with, the model's defaults filled in."""
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+    width: int
+    height: int
+
+
+def resolve(defaults, request, width, height, factor):
+    """`request` and the size (None: the model's) with `defaults` in place of what is None,
+    each value checked (sizes against the VAE's `factor`): Settings."""
+    d, r = defaults, request
+    width = d.width if width is None else width
+    height = d.height if height is None else height
+    check_size(width, height, factor)
+    steps = d.steps if r.steps is None else r.steps
+    guidance = d.guidance if r.guidance is None else r.guidance
+    sampler = d.sampler if r.sampler is None else r.sampler
+    seed = int.from_bytes(os.urandom(4), "little") if r.seed is None else r.seed
+    check_int("steps", steps, 1, 1000)
+    check_int("n", r.n, 1, 64)
+    check_int("seed", seed, 0, 2**63 - 1)
+    check_guidance(guidance)
+    check_eta(r.eta, sampler)
+    check_sampler(sampler)
+    return Settings(seed, steps, float(guidance), sampler, width, height)
+
+
+def tag(images, settings, model, prompt="", negative_prompt="", strength=None, extra=None):
+    """Give each image its Settings and its A1111 "parameters" text (`strength` for images
+    made from an init image; `extra`: further fields, e.g. Task). Returns `images`."""
+    s = settings
+    params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=s.steps,
+                  sampler=s.sampler, guidance=s.guidance, seed=s.seed, width=s.width,
+                  height=s.height, model=model, strength=strength, batch_size=len(images),
+                  extra=extra)
+    for i, im in enumerate(images):
+        im.info["settings"] = s
+        im.info["parameters"] = format_parameters({**params, "batch_pos": i})
+    return images
