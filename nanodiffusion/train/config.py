@@ -48,6 +48,8 @@ class TrainConfig:
     num_workers: int = 0            # processes that draw the data of the next steps ahead
     # objectives
     prediction_type: str = "epsilon"
+    # share of samples trained without their condition, for classifier-free guidance: the
+    # caption for the unet and the prior, the CLIP image embedding (zeroed) for the decoder
     caption_dropout: float = 0.1
     min_snr_gamma: float = 0.0      # 0: plain MSE; 5 is the min-SNR paper's choice
     latent_pool: int = 0            # unet/decoder/prior: cycle N samples, encoded once

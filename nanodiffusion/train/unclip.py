@@ -65,7 +65,9 @@ class PriorPart:
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
-        """DALL·E 2: MSE between the predicted and the true clean (normalised) embedding."""
+        """DALL·E 2: MSE between the predicted and the true clean (normalised) embedding.
+        caption_dropout drops the prior's condition, the caption, for that share of samples
+        (the unconditional branch of guidance); the image embedding is the target, kept."""
         enc, captions = batch
         device, prior = enc["image_embeds"].device, checkpoint.unwrap(model)
         x0 = prior.normalize(enc["image_embeds"])  # (B, E)
@@ -121,8 +123,10 @@ class DecoderPart:
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
-        """The UNet part's loss with the image embedding (zero where dropped) as the
-        condition instead of the caption."""
+        """The UNet part's loss with the image embedding as the condition instead of the
+        caption. Here caption_dropout zeroes the image embedding, the decoder's condition,
+        for that share of samples (the zero embedding is the unconditional branch at
+        sampling); with decoder_text the caption is dropped apart, by text_dropout."""
         enc, captions = batch
         device = enc["mean"].device
         x0 = latents_of(frozen["vae"], enc, gens)
