@@ -1,8 +1,6 @@
 """Command line: a thin shell from arguments to the pipeline, training and evaluation functions."""
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from . import DTYPES, cli_io
 
@@ -76,6 +74,17 @@ def _add_save_steps(p):
 def _parser():
     ap = argparse.ArgumentParser(prog="nanodiffusion", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+    _add_sd_commands(sub)
+    _add_unclip_commands(sub)
+    _add_model_commands(sub)
+    i = sub.add_parser("info", help="the generation parameters PNGs carry")
+    i.add_argument("images", nargs="+")
+    i.add_argument("--json", action="store_true", help="print them parsed, as JSON")
+    return ap
+
+
+def _add_sd_commands(sub):
+    """generate (either kind of model), img2img and inpaint."""
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt")
     for side in ("width", "height"):
@@ -107,7 +116,51 @@ def _parser():
                        f"(default {strength})")
         _add_sampling_args(s)
         _add_save_steps(s)
-    _add_unclip_commands(sub)
+
+
+# ---- unCLIP: variations, text-diff edits, interpolation, captions --------------------------
+def _add_unclip_commands(sub):
+    """vary, edit, interpolate and describe."""
+    v = sub.add_parser("vary", help="unCLIP variations of an image")
+    v.add_argument("image", help="the image (PNG, JPEG, WebP)")
+    v.add_argument("-n", type=int, default=4, help="number of variations")
+    v.add_argument("--caption", default="auto", help="what a decoder that reads text is told: "
+                   "auto (the caption CLIP ranks first for the image), your own, or \"\" "
+                   "(the image embedding alone)")
+    e = sub.add_parser("edit", help="unCLIP text diff: move an image from one caption to another")
+    e.add_argument("image", help="the image (PNG, JPEG, WebP)")
+    e.add_argument("--from", dest="source", default="auto", help="a caption of the image "
+                   "(default: auto, the caption CLIP ranks first for it)")
+    e.add_argument("--to", dest="target", required=True, help="the caption it should match")
+    e.add_argument("--strength", type=float, default=1.0, help="how far to move, in [0, 1]")
+    e.add_argument("-n", type=int, default=1, help="number of images")
+    i = sub.add_parser("interpolate", help="unCLIP morph from one image to another")
+    i.add_argument("a")
+    i.add_argument("b")
+    i.add_argument("--frames", type=int, default=8, help="images along the way, ends included")
+    i.add_argument("--save-frames", action="store_true",
+                   help="also write each frame as OUT-1.png, OUT-2.png, ...")
+    unclip_model = ("an unCLIP model folder or bundled name (default: the bundled "
+                    "shapes-unclip)")
+    for p, out in ((v, "variations.png"), (e, "edit.png"), (i, "morph.png")):
+        _add_common_sampling(p, unclip_model)
+        if p is i:
+            p.add_argument("--out", default=out, help=f"the frames' strip (default {out})")
+        else:
+            p.add_argument("--out", default=out, help=f"(default {out}; OUT-1.png, OUT-2.png "
+                           "... when several)")
+            p.add_argument("--grid", action="store_true", help="also write a contact sheet")
+    d = sub.add_parser("describe", help="the captions CLIP ranks highest for an image")
+    d.add_argument("image", help="the image (PNG, JPEG, WebP)")
+    d.add_argument("--top", type=int, default=None, help="how many captions (default 5)")
+    d.add_argument("--candidates", default=None, help="a text file of captions, one per line "
+                   "(default: every caption of the shapes grammar)")
+    d.add_argument("--model", default=None, help=unclip_model)
+    d.add_argument("--device", default="cpu", help="(default: cpu)")
+
+
+def _add_model_commands(sub):
+    """train, eval, export and serve."""
     t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from zero")
     t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder"])
     t.add_argument("--data", default=None, help="'shapes' or a folder of captioned images")
@@ -150,273 +203,22 @@ def _parser():
     v.add_argument("--max-side", type=int, default=1024)
     v.add_argument("--max-n", type=int, default=8)
     v.add_argument("--max-steps", type=int, default=150)
-    i = sub.add_parser("info", help="the generation parameters PNGs carry")
-    i.add_argument("images", nargs="+")
-    i.add_argument("--json", action="store_true", help="print them parsed, as JSON")
-    return ap
 
 
-def cmd_sample(args):
-    from .pipelines.unclip import UnCLIPPipeline
-
-    best_of = getattr(args, "best_of", 1)
-    if args.save_steps and best_of != 1:
-        raise ValueError(f"--save-steps shows one image's steps, so it does not go with "
-                         f"--best-of {best_of} (several candidates per image)")
-    cli_io.check_out(args.out)
-    pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"), args.dtype,
-                 args.prediction_type)
-    callback, frames = cli_io.progress(), None
-    if args.save_steps:
-        callback, frames = cli_io.step_frames(callback)
-    common = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
-                  guidance=args.guidance, sampler=args.sampler, n=args.n, callback=callback,
-                  preview=args.save_steps or False)
-    if isinstance(pipe, UnCLIPPipeline):
-        if common.pop("preview"):
-            raise ValueError("--save-steps is for Stable Diffusion models, not unCLIP ones")
-        if args.guidance_rescale:
-            raise ValueError("--guidance-rescale is for Stable Diffusion models, not unCLIP ones")
-    else:
-        common["guidance_rescale"] = args.guidance_rescale
-    if args.command == "generate":
-        images = pipe.generate(args.prompt, width=args.width, height=args.height,
-                               best_of=best_of, **common)
-    elif args.command == "img2img":
-        images = pipe.img2img(args.prompt, cli_io.open_image(args.image),
-                              strength=args.strength, **common)
-    else:
-        images = pipe.inpaint(args.prompt, cli_io.open_image(args.image),
-                              cli_io.open_image(args.mask), strength=args.strength,
-                              keep_unmasked=args.keep_unmasked, **common)
-    paths = cli_io.save_images(images, args.out, args.grid)
-    if frames is not None:
-        cli_io.save_strips(frames, images, paths)
-
-
-def cmd_info(args):
-    """Print the parameters of each image; 1 when one has none, 2 when one is unreadable."""
-    import json
-
-    from .pnginfo import parse_parameters, read_parameters
-
-    rc, found = 0, []
-    for path in args.images:
-        try:
-            text = read_parameters(path)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            rc = 2
-            continue
-        if text is None:
-            print(f"{path}: no generation parameters (no 'parameters' text chunk)",
-                  file=sys.stderr)
-            rc = max(rc, 1)
-        elif args.json:
-            found.append({"file": path, **parse_parameters(text)})
-        else:
-            print(f"{path}:\n{text}\n" if len(args.images) > 1 else text)
-    if args.json:
-        print(json.dumps(found, indent=2, ensure_ascii=False))
-    return rc
-
-
-# ---- unCLIP: variations, text-diff edits, interpolation, captions --------------------------
-def _add_unclip_commands(sub):
-    v = sub.add_parser("vary", help="unCLIP variations of an image")
-    v.add_argument("image", help="the image (PNG, JPEG, WebP)")
-    v.add_argument("-n", type=int, default=4, help="number of variations")
-    v.add_argument("--caption", default="auto", help="what a decoder that reads text is told: "
-                   "auto (the caption CLIP ranks first for the image), your own, or \"\" "
-                   "(the image embedding alone)")
-    e = sub.add_parser("edit", help="unCLIP text diff: move an image from one caption to another")
-    e.add_argument("image", help="the image (PNG, JPEG, WebP)")
-    e.add_argument("--from", dest="source", default="auto", help="a caption of the image "
-                   "(default: auto, the caption CLIP ranks first for it)")
-    e.add_argument("--to", dest="target", required=True, help="the caption it should match")
-    e.add_argument("--strength", type=float, default=1.0, help="how far to move, in [0, 1]")
-    e.add_argument("-n", type=int, default=1, help="number of images")
-    i = sub.add_parser("interpolate", help="unCLIP morph from one image to another")
-    i.add_argument("a")
-    i.add_argument("b")
-    i.add_argument("--frames", type=int, default=8, help="images along the way, ends included")
-    i.add_argument("--save-frames", action="store_true",
-                   help="also write each frame as OUT-1.png, OUT-2.png, ...")
-    unclip_model = ("an unCLIP model folder or bundled name (default: the bundled "
-                    "shapes-unclip)")
-    for p, out in ((v, "variations.png"), (e, "edit.png"), (i, "morph.png")):
-        _add_common_sampling(p, unclip_model)
-        if p is i:
-            p.add_argument("--out", default=out, help=f"the frames' strip (default {out})")
-        else:
-            p.add_argument("--out", default=out, help=f"(default {out}; OUT-1.png, OUT-2.png "
-                           "... when several)")
-            p.add_argument("--grid", action="store_true", help="also write a contact sheet")
-    d = sub.add_parser("describe", help="the captions CLIP ranks highest for an image")
-    d.add_argument("image", help="the image (PNG, JPEG, WebP)")
-    d.add_argument("--top", type=int, default=None, help="how many captions (default 5)")
-    d.add_argument("--candidates", default=None, help="a text file of captions, one per line "
-                   "(default: every caption of the shapes grammar)")
-    d.add_argument("--model", default=None, help=unclip_model)
-    d.add_argument("--device", default="cpu", help="(default: cpu)")
-
-
-KINDS = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP model"}
-
-
-def _load(model, device, kind=None, dtype="float32", prediction_type=None):
-    """The model at `model` (None: the bundled default of `kind`); with `kind` ("sd" or
-    "unclip"), a model of the other kind is refused before its weights are read.
-    `prediction_type`: for single files, which do not record it."""
-    import torch
-
-    from .loading import load_pipeline, model_kind
-
-    model = model or ("shapes-unclip" if kind == "unclip" else "shapes")
-    actual = kind and model_kind(model)
-    if actual != kind:
-        hint = " (model.json kind \"unclip\", as a training run's model-unclip folder)"
-        raise ValueError(f"{model!r} is {KINDS[actual]}; this needs {KINDS[kind]}"
-                         + (hint if kind == "unclip" else ""))
-    if dtype != "float32" and (actual or model_kind(model)) == "unclip":
-        raise ValueError(f"--dtype {dtype}: unCLIP models run in float32 only")
-    return load_pipeline(model, device=device, dtype=getattr(torch, dtype),
-                         prediction_type=prediction_type)
-
-
-def _settings(args):
-    return dict(seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                callback=cli_io.progress())
-
-
-def cmd_vary(args):
-    image = cli_io.open_image(args.image)
-    cli_io.check_out(args.out)
-    pipe = _load(args.model, args.device, "unclip")
-    images = pipe.variations(image, n=args.n, caption=args.caption, **_settings(args))
-    cli_io.save_images(images, args.out, args.grid)
-
-
-def cmd_edit(args):
-    image = cli_io.open_image(args.image)
-    cli_io.check_out(args.out)
-    pipe = _load(args.model, args.device, "unclip")
-    images = pipe.edit(image, args.source, args.target, strength=args.strength, n=args.n,
-                       **_settings(args))
-    cli_io.save_images(images, args.out, args.grid)
-
-
-def cmd_interpolate(args):
-    """The frames as one strip (up to 8 a row) at --out, carrying the first frame's parameters
-    as AUTOMATIC1111's grids do; with --save-frames each frame too."""
-    from .pipelines.images import make_grid
-
-    a, b = cli_io.open_image(args.a), cli_io.open_image(args.b)
-    cli_io.check_out(args.out)
-    pipe = _load(args.model, args.device, "unclip")
-    frames = pipe.interpolate(a, b, frames=args.frames, **_settings(args))
-    strip = make_grid(frames, rows=-(-len(frames) // 8))
-    strip.info["parameters"] = frames[0].info["parameters"]
-    cli_io.save_images([strip], args.out, False)
-    if args.save_frames:
-        cli_io.save_images(frames, args.out, False)
-
-
-def cmd_describe(args):
-    """Print `score  caption` lines, the highest CLIP cosine similarity first."""
-    image = cli_io.open_image(args.image)
-    candidates = None
-    if args.candidates is not None:
-        path = Path(args.candidates)
-        if not path.is_file():
-            raise FileNotFoundError(f"no candidates file at {args.candidates!r}")
-        candidates = [c.strip() for c in path.read_text(encoding="utf-8").splitlines()]
-        candidates = [c for c in candidates if c]
-        if not candidates:
-            raise ValueError(f"{args.candidates!r} holds no captions (one per line expected)")
-    pipe = _load(args.model, args.device, "unclip")
-    top = args.top if args.top is not None else min(5, len(candidates or range(5)))
-    for caption, score in pipe.describe(image, candidates, top=top,
-                                        callback=cli_io.progress("encode captions", "chunk")):
-        print(f"{score:.4f}  {caption}")
-
-
-def cmd_train(args):
-    import signal
-
-    from .train import TrainConfig, WriteFailed, load_recipe, main_ddp, train
-
-    over = {"data": args.data, "out": args.out, "steps": args.steps,
-            "batch_size": args.batch_size, "lr": args.lr, "device": args.device,
-            "num_workers": args.workers}
-    if args.recipe:
-        cfg = load_recipe(args.recipe, args.part, **over)
-    else:
-        cfg = TrainConfig(part=args.part, **{k: v for k, v in over.items() if v is not None})
-    try:
-        records = main_ddp(cfg) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else train(cfg)
-    except WriteFailed as e:  # full disk, read-only folder: the message says what is kept
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # Ctrl-C before the loop's handler, or a second one
-        print(f"error: interrupted ({e or 'SIGINT'}); the last checkpoint on disk is kept",
-              file=sys.stderr)
-        return 128 + signal.SIGINT
-    if records.stopped_by:  # saved after SIGINT / SIGTERM: exit 128 + n, as shells report it
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{signal.Signals(records.stopped_by).name}: saved at step "
-                  f"{records[-1]['step']}; run the same command to resume", file=sys.stderr)
-        return 128 + records.stopped_by
-
-
-def cmd_eval(args):
-    from .eval.report import report
-
-    report(args.path, n=args.n, device=args.device, best_of=args.best_of,
-           best_of_prompts=args.best_of_prompts, out=args.out)
-
-
-def cmd_export(args):
-    import torch
-
-    import nanodiffusion
-
-    pipe = nanodiffusion.load(args.model)
-    dtype = torch.float16 if args.half else None
-    if args.format == "nanodiffusion":
-        from .formats.ours import save_pipeline
-
-        save_pipeline(pipe, args.out, dtype=dtype)
-    else:
-        from .formats.diffusers import save_diffusers_folder
-        from .formats.single_file import save_single_file
-
-        fn = save_diffusers_folder if args.format == "diffusers" else save_single_file
-        fn(pipe, args.out, dtype=dtype)
-    print(args.out)
-
-
-def cmd_serve(args):
-    try:
-        from .server import Limits, serve
-    except ImportError as e:
-        raise ValueError(f"the server needs its extra: pip install 'nanodiffusion[server]' "
-                         f"({e})") from None
-    limits = Limits(max_side=args.max_side, max_n=args.max_n, max_steps=args.max_steps,
-                    max_queue=args.max_queue)
-    serve(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
-          api_key=args.api_key or os.environ.get("NANODIFFUSION_API_KEY") or None,
-          limits=limits, dtype=args.dtype, prediction_type=args.prediction_type)
+# The commands live in two modules, imported when one of their commands runs (the parser
+# above imports no torch): cli_images.py makes and reads images, cli_models.py trains,
+# evaluates, exports and serves models.
+MODEL_COMMANDS = ("train", "eval", "export", "serve")
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    handlers = {"generate": cmd_sample, "img2img": cmd_sample, "inpaint": cmd_sample,
-                "train": cmd_train, "eval": cmd_eval, "export": cmd_export,
-                "serve": cmd_serve, "info": cmd_info, "vary": cmd_vary, "edit": cmd_edit,
-                "interpolate": cmd_interpolate, "describe": cmd_describe}
+    if args.command in MODEL_COMMANDS:
+        from .cli_models import HANDLERS
+    else:
+        from .cli_images import HANDLERS
     try:
-        rc = handlers[args.command](args)
+        rc = HANDLERS[args.command](args)
     except cli_io.OutputError as e:  # the work is done: only the writing failed
         print(f"error: {e}", file=sys.stderr)
         return 1
