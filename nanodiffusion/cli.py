@@ -108,8 +108,11 @@ def _parser():
         _add_sampling_args(s)
         _add_save_steps(s)
     _add_unclip_commands(sub)
-    t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from zero")
-    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder"])
+    t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from "
+                       "zero, or distil a model into a few-step one (lcm)")
+    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder", "lcm"])
+    t.add_argument("--teacher", default=None, help="lcm: the model to distil (a name, folder "
+                   "or file; default <out>/model)")
     t.add_argument("--data", default=None, help="'shapes' or a folder of captioned images")
     t.add_argument("--recipe", default=None, help="a TOML recipe (see recipes/)")
     t.add_argument("--out", default=None, help="run folder (default runs/shapes)")
@@ -348,7 +351,7 @@ def cmd_train(args):
 
     over = {"data": args.data, "out": args.out, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "device": args.device,
-            "num_workers": args.workers}
+            "num_workers": args.workers, "teacher": args.teacher}
     if args.recipe:
         cfg = load_recipe(args.recipe, args.part, **over)
     else:
