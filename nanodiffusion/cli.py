@@ -161,8 +161,11 @@ def _add_unclip_commands(sub):
 
 def _add_model_commands(sub):
     """train, eval, export and serve."""
-    t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from zero")
-    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder"])
+    t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from "
+                       "zero, or distil a model into a few-step one (lcm)")
+    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder", "lcm"])
+    t.add_argument("--teacher", default=None, help="lcm: the model to distil (a name, folder "
+                   "or file; default <out>/model)")
     t.add_argument("--data", default=None, help="'shapes' or a folder of captioned images")
     t.add_argument("--recipe", default=None, help="a TOML recipe (see recipes/)")
     t.add_argument("--out", default=None, help="run folder (default runs/shapes)")

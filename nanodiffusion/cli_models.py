@@ -11,7 +11,7 @@ def cmd_train(args):
 
     over = {"data": args.data, "out": args.out, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "device": args.device,
-            "num_workers": args.workers}
+            "num_workers": args.workers, "teacher": args.teacher}
     if args.recipe:
         cfg = load_recipe(args.recipe, args.part, **over)
     else:

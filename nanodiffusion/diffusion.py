@@ -333,6 +333,31 @@ def training_targets(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Ten
     return x_t, (a**0.5 * noise.float() - (1 - a) ** 0.5 * x0.float()).to(x0.dtype)
 
 
+def x0_and_noise(schedule: NoiseSchedule, out: torch.Tensor, x_t: torch.Tensor, t,
+                 prediction_type: str = "epsilon"):
+    """(x0, noise) that a model output `out` of `prediction_type` implies at the VP-scaled
+    x_t and integer timesteps t: the inverse of training_targets, float32."""
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
+    a = _alpha_bar(schedule, t, x_t)
+    x_t, out = x_t.float(), out.float()
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a) ** 0.5 * out) / a**0.5, out
+    if prediction_type == "sample":
+        return out, (x_t - a**0.5 * out) / (1 - a) ** 0.5
+    return a**0.5 * x_t - (1 - a) ** 0.5 * out, a**0.5 * out + (1 - a) ** 0.5 * x_t
+
+
+def lcm_boundary(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """LCM's consistency-function scalings (c_skip, c_out) at timesteps t, float32: the
+    consistency model is c_skip x_t + c_out x0_pred, which is x_t itself at t = 0 (diffusers'
+    LCMScheduler and its distillation script, with their default scaling 10 and sigma_data
+    0.5)."""
+    st = torch.as_tensor(t, dtype=torch.float32) * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
 def snr(schedule: NoiseSchedule, t) -> torch.Tensor:
     """Signal-to-noise ratio a_t / (1 - a_t) at integer timesteps t."""
     return schedule.snr(t)

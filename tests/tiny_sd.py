@@ -19,13 +19,15 @@ from nanodiffusion.models.tokenizer import CLIPTokenizer
 HINTS = dict(unet_num_heads=(2, 2), text_num_heads=2, norm_groups=8)  # what LDMHints need
 
 
-def unet(in_channels=4, seed=0):
+def unet(in_channels=4, seed=0, time_cond_proj_dim=None):
+    """`time_cond_proj_dim`: an LCM UNet, the guidance scale embedded (random cond_proj)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        norm_num_groups=8, attention_head_dim=2)  # diffusers' name for 2 heads
+        norm_num_groups=8, attention_head_dim=2,  # diffusers' name for 2 heads
+        time_cond_proj_dim=time_cond_proj_dim)
 
 
 def vae(blocks=(16, 32), seed=1):
@@ -58,12 +60,14 @@ def scheduler(prediction_type="epsilon"):
         prediction_type=prediction_type))
 
 
-def build(folder, *, vae_blocks=(16, 32), prediction_type="epsilon", in_channels=4):
+def build(folder, *, vae_blocks=(16, 32), prediction_type="epsilon", in_channels=4,
+          time_cond_proj_dim=None):
     """A diffusers pipeline saved to `folder`/pipe, and ours loaded from there."""
     folder = Path(folder)
     cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
     ref = cls(vae=vae(vae_blocks), text_encoder=text_encoder(),
-              tokenizer=tokenizer(folder / "tok"), unet=unet(in_channels),
+              tokenizer=tokenizer(folder / "tok"),
+              unet=unet(in_channels, time_cond_proj_dim=time_cond_proj_dim),
               scheduler=scheduler(prediction_type), safety_checker=None,
               feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)

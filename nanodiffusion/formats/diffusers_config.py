@@ -23,7 +23,7 @@ UNET_FIXED = {
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default",
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
     "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
@@ -37,7 +37,7 @@ UNET_DEFAULTS = {
     "attention_head_dim": 8, "num_attention_heads": None, "transformer_layers_per_block": 1,
     "use_linear_projection": False, "upcast_attention": False, "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "addition_embed_type": None, "class_embed_type": None,
-    "projection_class_embeddings_input_dim": None,
+    "projection_class_embeddings_input_dim": None, "time_cond_proj_dim": None,
 }
 INFO_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size",
              "force_upcast")  # descriptive or dtype hints, no effect on the weights' meaning
@@ -93,7 +93,7 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
         context_dim=_one(g["cross_attention_dim"], "cross_attention_dim", n),
         linear_projection=g["use_linear_projection"], upcast_attention=g["upcast_attention"],
         norm_groups=g["norm_num_groups"], norm_eps=g["norm_eps"], **_image_embed_from(g),
-        pooled_text_dim=_pooled_text_from(g))
+        pooled_text_dim=_pooled_text_from(g), time_cond_proj_dim=g["time_cond_proj_dim"])
 
 
 def _pooled_text_from(g: dict):
@@ -146,6 +146,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "addition_embed_type": "image" if image else None,
         "class_embed_type": None if cfg.pooled_text_dim is None else "projection",
         "projection_class_embeddings_input_dim": cfg.pooled_text_dim,
+        "time_cond_proj_dim": cfg.time_cond_proj_dim,
     }
 
 

@@ -48,6 +48,10 @@ VAE_ATTENTION = (  # ldm AttnBlock (1x1 convs) -> diffusers Attention (linear la
 UNET_TOP = (
     ("time_embed.0.", "time_embedding.linear_1.", None),
     ("time_embed.2.", "time_embedding.linear_2.", None),
+    # LCM's guidance projection has no CompVis name (its UNets ship in diffusers' layout, and
+    # diffusers' single-file loader has no key for it): ours, so that an exported LCM model
+    # round-trips
+    ("time_embed.cond_proj.", "time_embedding.cond_proj.", None),
     ("input_blocks.0.0.", "conv_in.", None),
     ("middle_block.0.", "mid_block.resnets.0.", RESNET),
     ("middle_block.1.", "mid_block.attentions.0.", None),

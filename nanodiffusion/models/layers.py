@@ -88,12 +88,30 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: keys `linear_1`, `linear_2` (SiLU between)."""
+    """MLP on the sinusoidal embedding: keys `linear_1`, `linear_2` (SiLU between). With
+    `cond_dim`, a condition (B, cond_dim) is projected (`cond_proj`, no bias) and added to the
+    input first: LCM's embedded guidance scale (diffusers' `time_cond_proj_dim`)."""
 
-    def __init__(self, in_dim, dim):
+    def __init__(self, in_dim, dim, cond_dim=None):
         super().__init__()
+        if cond_dim is not None:
+            self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, cond=None):
+        if cond is not None:
+            x = x + self.cond_proj(cond.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def guidance_embedding(w, dim):
+    """LCM's embedding of guidance scales w (B,) -> (B, dim) float32: sin then cos of
+    1000 w at `dim // 2` frequencies from 1 down to 1/10000 (VDM's; the operations in the
+    order diffusers' `get_guidance_scale_embedding` does them, so the phases at 1000 w agree
+    to the last bit)."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    args = (torch.as_tensor(w, dtype=torch.float32) * 1000.0)[:, None] * freqs[None, :]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=1), (0, dim % 2))

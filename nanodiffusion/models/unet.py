@@ -27,6 +27,7 @@ class UNetConfig:
     image_embed_dim: int | None = None        # unCLIP decoder: CLIP image embedding width
     image_tokens: int = 4                     # extra context tokens made from the image embedding
     pooled_text_dim: int | None = None        # pooled text state added to the time embedding
+    time_cond_proj_dim: int | None = None     # LCM: the guidance-scale embedding's width
 
 
 SD15 = UNetConfig()
@@ -253,7 +254,7 @@ class UNet(nn.Module):
                                  f"expected one per level of block_channels ({n})")
         temb_dim = 4 * chans[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
+        self.time_embedding = TimestepEmbedding(chans[0], temb_dim, cfg.time_cond_proj_dim)
         if cfg.image_embed_dim is not None:
             self.encoder_hid_proj = ImageProjection(cfg.image_embed_dim, cfg.context_dim,
                                                     cfg.image_tokens)
@@ -280,7 +281,7 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
-    def _time_embed(self, t, x):
+    def _time_embed(self, t, x, timestep_cond=None):
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -288,7 +289,9 @@ class UNet(nn.Module):
         if t.shape != (B,):
             raise ValueError(f"timesteps t must be a scalar or shape ({B},), got {tuple(t.shape)}")
         emb = timestep_embedding(t, self.config.block_channels[0])  # (B, C0) float32
-        return self.time_embedding(emb.to(x.dtype))  # (B, 4*C0)
+        if timestep_cond is not None and self.config.time_cond_proj_dim is None:
+            raise ValueError("timestep_cond given but UNetConfig.time_cond_proj_dim is None")
+        return self.time_embedding(emb.to(x.dtype), timestep_cond)  # (B, 4*C0)
 
     def _condition(self, emb, context, image_embeds, text_embeds):
         """unCLIP decoder: image tokens go after any text tokens, and the image embedding is
@@ -318,12 +321,14 @@ class UNet(nn.Module):
             return {"context": context}
         return {"context": context, "text_embeds": pooled}
 
-    def forward(self, x, t, context=None, image_embeds=None, text_embeds=None):
+    def forward(self, x, t, context=None, image_embeds=None, text_embeds=None,
+                timestep_cond=None):
         """x (B, in_channels, h, w), t scalar or (B,) (fractional allowed), context
         (B, S, context_dim), image_embeds (B, image_embed_dim), text_embeds
-        (B, pooled_text_dim) -> (B, out_channels, h, w)."""
-        emb, context = self._condition(self._time_embed(t, x), context, image_embeds,
-                                       text_embeds)
+        (B, pooled_text_dim), timestep_cond (B, time_cond_proj_dim): LCM's guidance
+        embedding (layers.guidance_embedding) -> (B, out_channels, h, w)."""
+        emb, context = self._condition(self._time_embed(t, x, timestep_cond), context,
+                                       image_embeds, text_embeds)
         # every ResBlock's time projection starts with SiLU: apply it once here
         temb = F.silu(emb)
         h = self.conv_in(x)

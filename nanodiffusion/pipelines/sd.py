@@ -15,6 +15,7 @@ from PIL import Image
 from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
+from ..models.layers import guidance_embedding
 from ..models.vae import for_inference as vae_for_inference
 from .checks import check_int, check_size, check_strength
 from .images import from_pil, mask_input, paste_unmasked, to_pil
@@ -168,8 +169,10 @@ class Pipeline:
             if strength == 1.0:
                 init_latents = None  # diffusers starts from pure noise at full strength
         rescale = req.guidance_rescale
+        embedded = self.unet.config.time_cond_proj_dim is not None  # LCM: one branch
         denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), plan.schedule,
-                                         quantize_t=plan.quantize_t), s.guidance, rescale)
+                                         quantize_t=plan.quantize_t),
+                                1.0 if embedded else s.guidance, rescale)
         latents = self._sample(plan, denoiser, noise, init_latents, gen,
                                self._wrap_callback(req.callback, req.preview), post_step, cond)
         return tag(self.decode_latents(latents), s, self.name, prompt, negative,
@@ -178,7 +181,15 @@ class Pipeline:
 
     def _conditions(self, prompt, negative, n, guidance):
         """The UNet's text kwargs: context (n, T, D) and, where the UNet takes it, text_embeds
-        (n, D), with the uncond ones first-batched when guidance is on ((2n, ...))."""
+        (n, D), with the uncond ones first-batched when guidance is on ((2n, ...)). A UNet
+        that embeds the guidance scale (LCM's time_cond_proj_dim) gets it as timestep_cond,
+        w = guidance - 1 as diffusers gives it, and no uncond branch (the negative prompt
+        is not used, as in diffusers)."""
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is not None:
+            cond = self.unet.text_condition(*self._encode_prompts([prompt] * n))
+            w = torch.full((n,), guidance - 1.0)
+            return {**cond, "timestep_cond": guidance_embedding(w, dim).to(self._device)}
         prompts = [prompt] * n if guidance == 1.0 else [negative] * n + [prompt] * n
         return self.unet.text_condition(*self._encode_prompts(prompts))
 

@@ -64,6 +64,11 @@ class TrainConfig:
     text_dropout: float = 0.5       # decoder_text: share of samples without the caption
                                     # (DALL·E 2: 50%); the image-only tasks train on these
     bpe_merges: int = 150           # clip: size of the caption BPE learned for small models
+    # lcm (consistency distillation, train/lcm.py)
+    teacher: str = ""               # the model to distil (name, folder, file); "": <out>/model
+    guidance_range: tuple[float, float] = (2.0, 4.0)  # CFG scales the student learns to embed
+    solver_steps: int = 50          # the teacher's DDIM grid: one step is T / solver_steps
+    huber_c: float = 0.001          # pseudo-Huber constant of the loss (0: MSE)
 
     def __post_init__(self):
         if self.part not in PARTS:
@@ -77,6 +82,18 @@ class TrainConfig:
                 for b in betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
         self.adam_betas = tuple(betas)  # a TOML recipe gives a list
+        g = self.guidance_range
+        if not isinstance(g, (list, tuple)) or len(g) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in g) or \
+                not 1 <= g[0] <= g[1] <= 100:
+            raise ValueError(f"guidance_range must be two numbers lo <= hi in [1, 100], "
+                             f"got {g!r}")
+        self.guidance_range = (float(g[0]), float(g[1]))
+        if not isinstance(self.solver_steps, int) or not 1 <= self.solver_steps <= 1000:
+            raise ValueError(f"solver_steps must be an integer in [1, 1000], got "
+                             f"{self.solver_steps!r}")
+        if self.huber_c < 0:
+            raise ValueError(f"huber_c must be >= 0, got {self.huber_c}")
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"text_dropout must be between 0 and 1, got {self.text_dropout}")
         ends = [*self.restarts, self.steps]

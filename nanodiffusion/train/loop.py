@@ -179,6 +179,7 @@ def train(cfg: TrainConfig, progress=True):
         if prefetch is not None:
             frozen["source"] = prefetch
         ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        frozen["ema"] = ema  # a part may read it while training (lcm: its target network)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, betas=cfg.adam_betas)
         start = _resume(cfg, model, ema, opt)

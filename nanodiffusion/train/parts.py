@@ -1,11 +1,12 @@
 """The trainable parts, by name: the one table the config and the loop read."""
 from .clip import ClipPart
+from .lcm import LcmPart
 from .unclip import DecoderPart, PriorPart
 from .unet import UnetPart
 from .vae import VaePart
 
 PARTS = {"clip": ClipPart, "vae": VaePart, "unet": UnetPart, "prior": PriorPart,
-         "decoder": DecoderPart}
+         "decoder": DecoderPart, "lcm": LcmPart}
 
 
 def get_part(name):

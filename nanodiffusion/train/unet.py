@@ -40,14 +40,17 @@ def frozen_parts(cfg, device):
 @torch.no_grad()
 def frozen_text(frozen, captions):
     """(token states (B, T, D), pooled states (B, D), projected text embeddings (B, E)) of the
-    frozen CLIP in `frozen`, cached per caption in frozen["cache"] (the shapes grammar repeats
-    captions)."""
-    cache, clip = frozen["cache"], frozen["clip"]
+    frozen text encoder (frozen["text"], else frozen["clip"]'s text tower), cached per caption
+    in frozen["cache"] (the shapes grammar repeats captions). The projection is CLIP's; a text
+    encoder without its CLIP (a diffusers teacher) gives its pooled states there."""
+    cache, clip = frozen["cache"], frozen.get("clip")
+    text = frozen.get("text") or clip.text_model
     missing = [c for c in dict.fromkeys(captions) if c not in cache]
     if missing:
-        ids = frozen["tokenizer"](missing, max_length=clip.text_model.config.max_positions)
-        hidden, pooled = clip.text_model(ids.to(next(clip.parameters()).device))
-        cache.update(zip(missing, zip(hidden, pooled, clip.text_projection(pooled))))
+        ids = frozen["tokenizer"](missing, max_length=text.config.max_positions)
+        hidden, pooled = text(ids.to(next(text.parameters()).device))
+        projected = pooled if clip is None else clip.text_projection(pooled)
+        cache.update(zip(missing, zip(hidden, pooled, projected)))
     return tuple(torch.stack([cache[c][k] for c in captions]) for k in range(3))
 
 

@@ -1,0 +1,194 @@
+"""The lcm part: latent consistency distillation (Luo et al. 2023, "Latent Consistency
+Models"). A teacher model (the run's assembled <out>/model, or `teacher = ...`) is distilled
+into a student UNet that generates in 1-4 steps with the `lcm` sampler:
+
+- the student starts as the teacher's UNet plus LCM's guidance projection (`cond_proj`, zero at
+  the start, so the student begins as the teacher), and learns the guidance scale as an input
+  (layers.guidance_embedding of w = guidance - 1) instead of running two branches;
+- each sample draws a point t of a DDIM grid (solver_steps points, T / solver_steps apart) and a
+  guidance scale in guidance_range; the teacher, with classifier-free guidance at that scale,
+  takes one DDIM step from x_t to x_s, s = t - T / solver_steps;
+- the loss is the pseudo-Huber distance between the student's consistency function at (x_t, t)
+  and the target network's at (x_s, s), each c_skip x + c_out x0_pred (diffusion.lcm_boundary),
+  which is x itself at s = 0. The target network is the loop's EMA of the student (ema_decay =
+  0.95 in the recipe, LCM's), so it is checkpointed and resumed with the run, and the EMA is what
+  is exported, as LCM releases its target network.
+
+export() assembles <out>/model-lcm: the student UNet with the teacher's VAE, text encoder and
+tokenizer, the teacher's schedule, and 4-step lcm defaults."""
+import dataclasses
+
+import torch
+
+from ..diffusion import NoiseSchedule, add_noise, lcm_boundary, x0_and_noise
+from ..formats import checkpoint
+from ..formats.ours import save_folder
+from ..models.layers import guidance_embedding
+from ..models.unet import UNet
+from ..pipelines.images import make_grid
+from ..pipelines.sd import Pipeline
+from .common import rand, randn, save_ema, source
+from .unet import SAMPLE_PROMPTS, encoded_batch, frozen_text, latents_of, vae_posterior
+
+GUIDANCE_DIM = 256  # LCM's width of the guidance embedding (time_cond_proj_dim)
+STEPS = 4           # the assembled model's default number of steps
+
+
+def teacher_path(cfg):
+    return cfg.teacher or str(cfg.out_path("model"))
+
+
+def load_teacher(cfg, device):
+    """The teacher pipeline, opened through the one door (any format the loader reads)."""
+    from ..loading import load_pipeline
+
+    pipe = load_pipeline(teacher_path(cfg), device=device)
+    if not isinstance(pipe, Pipeline):
+        raise ValueError(f"teacher {teacher_path(cfg)!r} is an unCLIP model; lcm distils a "
+                         "Stable Diffusion model (kind sd)")
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise ValueError(f"teacher {teacher_path(cfg)!r} already embeds the guidance scale "
+                         "(an LCM model); distil its own teacher instead")
+    return pipe
+
+
+def student_from(teacher_unet, model_overrides):
+    """The teacher's UNet with LCM's guidance projection, zero at the start."""
+    other = sorted(set(model_overrides) - {"time_cond_proj_dim"})
+    if other:
+        raise ValueError(f"lcm model settings {other} follow from the teacher's UNet; only "
+                         "time_cond_proj_dim (the guidance embedding's width) can be set")
+    dim = model_overrides.get("time_cond_proj_dim", GUIDANCE_DIM)
+    student = UNet(dataclasses.replace(teacher_unet.config, time_cond_proj_dim=dim))
+    student.to(next(teacher_unet.parameters()).device)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing,
+                                                                               unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+class LcmPart:
+    @staticmethod
+    def build(cfg, device):
+        pipe = load_teacher(cfg, device)
+        if cfg.image_size % pipe.vae_factor:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of the teacher's "
+                             f"VAE factor {pipe.vae_factor}")
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.requires_grad_(False)
+        student = student_from(pipe.unet, cfg.model)
+        target = student_from(pipe.unet, cfg.model).requires_grad_(False)
+        frozen = {"source": source(cfg)[0], "pipe": pipe, "teacher": pipe.unet, "vae": pipe.vae,
+                  "text": pipe.text_encoder, "clip": pipe.clip, "tokenizer": pipe.tokenizer,
+                  "schedule": NoiseSchedule(pipe.schedule_config), "cache": {},
+                  "target": target}
+        return student, frozen
+
+    @staticmethod
+    def batch(cfg, frozen, indices, device):
+        return encoded_batch(cfg, frozen, indices, vae_posterior(frozen["vae"]), device)
+
+    @staticmethod
+    def loss(cfg, model, frozen, batch, gens):
+        enc, captions = batch
+        device = enc["mean"].device
+        schedule, kind = frozen["schedule"], frozen["pipe"].schedule_config.prediction_type
+        x0 = latents_of(frozen["vae"], enc, gens)
+        B, T = x0.shape[0], schedule.num_train_timesteps
+        gap = T // cfg.solver_steps
+        # a point of the DDIM grid gap-1, 2 gap-1, ..., T-1, and the one before it (0 at the end)
+        idx = (rand(gens, device) * cfg.solver_steps).long().clamp(max=cfg.solver_steps - 1)
+        t = (idx + 1) * gap - 1
+        s = (t - gap).clamp(min=0)
+        lo, hi = cfg.guidance_range
+        guidance = lo + (hi - lo) * rand(gens, device)  # (B,)
+        w_emb = guidance_embedding(guidance - 1, model_cond_dim(model)).to(device)
+        noise = randn(gens, x0.shape[1:], device)
+        x_t = add_noise(schedule, x0, noise, t)
+        context, pooled, _ = frozen_text(frozen, captions)
+        text = checkpoint.unwrap(model).text_condition(context, pooled)
+
+        c_skip_t, c_out_t = (_bcast(c, x0) for c in lcm_boundary(t.cpu()))
+        out = model(x_t, t, timestep_cond=w_emb, **text)
+        pred = c_skip_t * x_t + c_out_t * x0_and_noise(schedule, out, x_t, t, kind)[0]
+
+        with torch.no_grad():
+            x_s = _teacher_step(frozen, schedule, kind, x_t, t, s, guidance, captions)
+            target = _target_model(frozen, model)
+            out_s = target(x_s, s, timestep_cond=w_emb, **text)
+            c_skip_s, c_out_s = (_bcast(c, x0) for c in lcm_boundary(s.cpu()))
+            goal = c_skip_s * x_s + c_out_s * x0_and_noise(schedule, out_s, x_s, s, kind)[0]
+        diff = (pred.float() - goal.float()).reshape(B, -1)
+        if cfg.huber_c > 0:  # pseudo-Huber per element, LCM's choice over MSE
+            per = ((diff**2 + cfg.huber_c**2).sqrt() - cfg.huber_c).mean(dim=1)
+        else:
+            per = (diff**2).mean(dim=1)
+        return per.mean(), {"guidance": float(guidance.mean())}
+
+    @staticmethod
+    def export(cfg, model, ema):
+        save_ema(model, ema, cfg.run_dir / "unet.safetensors")
+        assemble_model(cfg, None)
+
+    @staticmethod
+    def sample(cfg, model, frozen, path):
+        model.eval()
+        try:
+            pipe = frozen["pipe"]
+            student = Pipeline(model, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                               pipe.schedule_config, defaults=lcm_defaults(cfg, pipe),
+                               clip=pipe.clip, name="lcm")
+            images = [student.generate(p, seed=i)[0] for i, p in enumerate(SAMPLE_PROMPTS)]
+            make_grid(images, rows=2).save(path)
+        finally:
+            model.train()
+
+
+def model_cond_dim(model):
+    return checkpoint.unwrap(model).config.time_cond_proj_dim
+
+
+def _bcast(v, x):
+    return v.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _teacher_step(frozen, schedule, kind, x_t, t, s, guidance, captions):
+    """One DDIM step of the guided teacher from x_t at t to s (VP scaling): x0 and noise each
+    guided as uncond + g (cond - uncond), then sqrt(a_s) x0 + sqrt(1 - a_s) noise."""
+    B = x_t.shape[0]
+    context, pooled, _ = frozen_text(frozen, [""] * B + list(captions))
+    text = frozen["teacher"].text_condition(context, pooled)
+    out = frozen["teacher"](torch.cat([x_t, x_t]), torch.cat([t, t]), **text)
+    x0, eps = x0_and_noise(schedule, out, torch.cat([x_t, x_t]), torch.cat([t, t]), kind)
+    g = _bcast(guidance, x_t)
+    (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
+    x0, eps = x0_u + g * (x0_c - x0_u), eps_u + g * (eps_c - eps_u)
+    a_s = _bcast(schedule.alphas_cumprod[s.cpu()], x_t)
+    return a_s**0.5 * x0 + (1 - a_s) ** 0.5 * eps
+
+
+def _target_model(frozen, model):
+    """The target network: the loop's EMA of the student (frozen["ema"], set by the loop)
+    loaded into a copy of the student; the student itself when the run has no EMA."""
+    ema = frozen.get("ema")
+    if ema is None:
+        return checkpoint.unwrap(model)
+    target = frozen["target"]
+    target.load_state_dict(ema.params, strict=True)
+    return target
+
+
+def lcm_defaults(cfg, pipe):
+    lo, hi = cfg.guidance_range
+    guidance = min(max(pipe.defaults.guidance, lo), hi)  # the teacher's, within what was learned
+    return dataclasses.replace(pipe.defaults, steps=STEPS, guidance=guidance, sampler="lcm")
+
+
+def assemble_model(cfg, pipe):
+    """<out>/model-lcm: the distilled UNet with the teacher's other parts."""
+    pipe = pipe or load_teacher(cfg, "cpu")
+    save_folder(cfg.out_path("model-lcm"), unet=cfg.run_dir / "unet.safetensors", vae=pipe.vae,
+                clip=pipe.clip, text_encoder=None if pipe.clip is not None else
+                pipe.text_encoder, tokenizer=pipe.tokenizer, schedule=pipe.schedule_config,
+                defaults=lcm_defaults(cfg, pipe), name=f"{pipe.name}-lcm")

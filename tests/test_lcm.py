@@ -1,0 +1,158 @@
+"""LCM models (issue 21): UNets that take the guidance scale as an input (diffusers'
+time_cond_proj_dim) load from diffusers folders and our exports and generate as diffusers
+does, and `train lcm` distils a teacher into one."""
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import tiny_sd  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (  # noqa: E402,E501
+    LatentConsistencyModelPipeline)
+
+import nanodiffusion  # noqa: E402
+from nanodiffusion.formats.diffusers_config import unet_config_from_diffusers  # noqa: E402
+from nanodiffusion.models.layers import guidance_embedding  # noqa: E402
+from nanodiffusion.models.unet import UNet  # noqa: E402
+from nanodiffusion.train import TrainConfig, train  # noqa: E402
+from nanodiffusion.train import loop as T  # noqa: E402
+
+PROMPT, SEED, STEPS = "a red circle on a blue square", 3, 4
+
+
+@pytest.fixture(scope="module")
+def lcm_sd(tmp_path_factory):
+    return tiny_sd.build(tmp_path_factory.mktemp("lcm"), time_cond_proj_dim=32)
+
+
+def test_guidance_embedding_is_diffusers_bit_for_bit():
+    w = torch.tensor([0.0, 1.0, 7.5, 14.0])
+    for dim in (256, 33):
+        want = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, dim)
+        assert torch.equal(guidance_embedding(w, dim), want)
+
+
+def test_lcm_unet_loads_strictly_and_matches_diffusers():
+    ref = tiny_sd.unet(time_cond_proj_dim=48)
+    config = {k: v for k, v in ref.config.items() if not k.startswith("_")}
+    ours = UNet(unet_config_from_diffusers(config))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.tensor([999, 321])
+    emb = guidance_embedding(torch.tensor([7.5, 1.0]), 48)
+    with torch.no_grad():
+        want = ref(x, t, ctx, timestep_cond=emb).sample
+        got = ours(x, t, ctx, timestep_cond=emb)
+        plain = ours(x, t, ctx)
+    assert (got - want).abs().max() < 1e-5
+    assert (got - plain).abs().max() > 1e-3  # the guidance embedding is used
+
+
+def test_plain_unet_refuses_a_guidance_embedding():
+    ours = UNet(unet_config_from_diffusers(
+        {k: v for k, v in tiny_sd.unet().config.items() if not k.startswith("_")}))
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        ours(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 32),
+             timestep_cond=torch.zeros(1, 32))
+
+
+def _generate_both(model, guidance, sampler="euler", negative=""):
+    tiny_sd.use_sampler(model.ref, model.scheduler_config, sampler)
+    with tiny_sd.latents_of(model.ref.vae) as want_latents:
+        want = model.ref(PROMPT, num_inference_steps=STEPS, guidance_scale=guidance,
+                         num_images_per_prompt=2, output_type="np", width=24, height=16,
+                         generator=torch.Generator("cpu").manual_seed(SEED)).images
+    with tiny_sd.latents_of(model.ours.vae) as got_latents:
+        got = model.ours.generate(PROMPT, negative_prompt=negative, seed=SEED, steps=STEPS,
+                                  guidance=guidance, sampler=sampler, n=2, width=24,
+                                  height=16)
+    return got, want, (got_latents, want_latents)
+
+
+@pytest.mark.parametrize("guidance", [8.5, 1.0])
+def test_lcm_folder_generates_as_diffusers(lcm_sd, guidance):
+    """diffusers' StableDiffusionPipeline gives an LCM UNet w = guidance - 1 as timestep_cond
+    and runs no uncond branch; ours the same, whatever the sampler."""
+    got, want, latents = _generate_both(lcm_sd, guidance)
+    tiny_sd.assert_close_images(tiny_sd.as_array(got), want, latents)
+
+
+def test_lcm_model_ignores_the_negative_prompt_as_diffusers_does(lcm_sd):
+    a = lcm_sd.ours.generate(PROMPT, seed=1, steps=2, sampler="euler", width=16, height=16)
+    b = lcm_sd.ours.generate(PROMPT, negative_prompt="blue", seed=1, steps=2, sampler="euler",
+                             width=16, height=16)
+    c = lcm_sd.ours.generate(PROMPT, seed=1, steps=2, sampler="euler", guidance=3.0,
+                             width=16, height=16)
+    assert tiny_sd.as_array(a).tobytes() == tiny_sd.as_array(b).tobytes()
+    assert tiny_sd.as_array(a).tobytes() != tiny_sd.as_array(c).tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["nanodiffusion", "diffusers", "single-file"])
+def test_lcm_model_round_trips_through_our_exports(lcm_sd, tmp_path, fmt):
+    from nanodiffusion.cli import main
+
+    out = tmp_path / ("model.safetensors" if fmt == "single-file" else "model")
+    assert main(["export", str(lcm_sd.folder), str(out), "--format", fmt]) == 0
+    again = nanodiffusion.load(out)
+    assert again.unet.config.time_cond_proj_dim == 32
+    kw = dict(seed=2, steps=2, sampler="euler", guidance=5.0, width=16, height=16)
+    a = lcm_sd.ours.generate(PROMPT, **kw)
+    b = again.generate(PROMPT, **kw)
+    assert abs(tiny_sd.as_array(a) - tiny_sd.as_array(b)).max() <= 1 / 255
+
+
+# ---------------------------------------------------------------- distillation
+
+def _fixed_indices(cfg, step, chunk, rank, world):
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    first = (chunk * world + rank) * micro
+    return list(range(first, first + micro))
+
+
+def test_distillation_loss_falls_and_the_model_folder_generates(lcm_sd, tmp_path,
+                                                               monkeypatch):
+    """A tiny plain SD distilled for 40 steps on one fixed batch: the consistency loss falls,
+    the target network (the EMA) is what is exported, and <out>/model-lcm opens with 4-step
+    lcm defaults and the teacher's other parts."""
+    teacher = tmp_path / "teacher"
+    plain = tiny_sd.build(tmp_path / "plain")
+    nanodiffusion.formats.ours.save_pipeline(plain.ours, teacher)
+    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)
+    cfg = TrainConfig(part="lcm", out=str(tmp_path / "run"), teacher=str(teacher),
+                      image_size=32, steps=40, batch_size=8, lr=1e-3, warmup=2, log_every=1,
+                      ckpt_every=1000, sample_every=0, ema_decay=0.95, solver_steps=10,
+                      guidance_range=(2.0, 6.0), model={"time_cond_proj_dim": 16})
+    records = train(cfg, progress=False)
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
+    assert all(2.0 <= r["guidance"] <= 6.0 for r in records)
+
+    folder = tmp_path / "run" / "model-lcm"
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["defaults"]["steps"] == 4 and meta["defaults"]["sampler"] == "lcm"
+    student = nanodiffusion.load(folder)
+    assert student.unet.config.time_cond_proj_dim == 16
+    state = nanodiffusion.formats.checkpoint.load_state(tmp_path / "run" / "lcm" / "state.pt")
+    for k, v in student.unet.state_dict().items():
+        assert torch.equal(v, state["ema"][k]), k  # the target network is exported
+    for k, v in plain.ours.vae.state_dict().items():
+        assert torch.equal(v, student.vae.state_dict()[k]), k  # the teacher's VAE
+
+
+def test_lcm_refuses_model_settings_of_the_teacher(lcm_sd, tmp_path):
+    teacher = tmp_path / "teacher"
+    nanodiffusion.formats.ours.save_pipeline(tiny_sd.build(tmp_path / "plain").ours, teacher)
+    cfg = TrainConfig(part="lcm", out=str(tmp_path / "run"), teacher=str(teacher),
+                      image_size=32, steps=1, batch_size=2, model={"block_channels": [8, 8]})
+    with pytest.raises(ValueError, match="block_channels"):
+        train(cfg, progress=False)
+
+
+def test_lcm_refuses_an_lcm_teacher(lcm_sd, tmp_path):
+    cfg = TrainConfig(part="lcm", out=str(tmp_path / "run"), teacher=str(lcm_sd.folder),
+                      image_size=32, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="already embeds the guidance"):
+        train(cfg, progress=False)
