@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from . import DTYPES, cli_io
+from . import DTYPES, cli_io, cli_lora
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -20,8 +20,8 @@ def _add_common_sampling(p, model_help="model folder, single file, hub id, or a 
                    "scale, 0 .. 100; 1 turns it off (default: the model's)")
     p.add_argument("--sampler", default=None, help="ddim, ddpm, pndm, plms, euler, "
                    "euler-karras, euler-exponential, euler-ancestral, heun, lms, dpmpp-2m, "
-                   "dpmpp-2m-karras, dpmpp-2m-sde, dpmpp-2m-sde-karras or unipc (default: the "
-                   "model's)")
+                   "dpmpp-2m-karras, dpmpp-2m-sde, dpmpp-2m-sde-karras, unipc, lcm or tcd "
+                   "(default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, or an accelerator torch knows "
                    "(default: cpu)")
 
@@ -32,6 +32,12 @@ def _add_sampling_args(p):
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="diffusers' guidance_rescale, 0..1 (0.7 for v-prediction models on a "
                    "zero-terminal-SNR schedule; Stable Diffusion models only)")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N", help="the text encoder's "
+                   "N-th layer from the end (AUTOMATIC1111's Clip skip: 1, the default, is the "
+                   "last; Stable Diffusion models only)")
+    p.add_argument("--no-prompt-syntax", dest="prompt_syntax", action="store_false",
+                   help="read prompts as literal text, not in AUTOMATIC1111's syntax of "
+                   "(word:1.3), [word], BREAK (docs/prompts.md)")
     p.add_argument("-n", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--out", default="out.png", help="output PNG (default out.png; OUT-1.png, "
                    "OUT-2.png ... when several)")
@@ -43,6 +49,17 @@ def _add_sampling_args(p):
                    help="what the UNet of a single-file checkpoint predicts, which the file "
                    "does not record (default: found as diffusers finds it, or from a "
                    "MODEL.yaml beside the file)")
+    _add_tiny_decoder(p)
+    cli_lora.add_args(p)
+
+
+def _add_tiny_decoder(p):
+    p.add_argument("--vae-decoder", default="full", choices=("full", "tiny"),
+                   help="what decodes the final image: the model's VAE, or its tiny decoder "
+                   "(TAESD; live previews use it whenever the model has one) (default full)")
+    p.add_argument("--tiny-decoder", default=None, metavar="PATH", help="a tiny decoder to "
+                   "attach: diffusers' AutoencoderTiny folder, madebyollin's "
+                   "taesd_decoder.safetensors, or ours (default: the model's own, if any)")
 
 
 def _port(text):
@@ -162,10 +179,13 @@ def _add_unclip_commands(sub):
 def _add_model_commands(sub):
     """train, eval, export and serve."""
     t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from "
-                       "zero, or distil a model into a few-step one (lcm)")
-    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder", "lcm"])
+                       "zero, or distil a model into a few-step one (lcm) or its VAE decoder "
+                       "into a tiny one (tiny-decoder)")
+    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder", "lcm",
+                                    "tiny-decoder"])
     t.add_argument("--teacher", default=None, help="lcm: the model to distil (a name, folder "
-                   "or file; default <out>/model)")
+                   "or file; default <out>/model); tiny-decoder: the model whose VAE to "
+                   "distil (default <out>/vae)")
     t.add_argument("--data", default=None, help="'shapes' or a folder of captioned images")
     t.add_argument("--recipe", default=None, help="a TOML recipe (see recipes/)")
     t.add_argument("--out", default=None, help="run folder (default runs/shapes)")
@@ -183,6 +203,10 @@ def _add_model_commands(sub):
     e.add_argument("--best-of-prompts", type=int, default=None, metavar="K",
                    help="the best-of-N comparison on the first K single prompts (default --n)")
     e.add_argument("--out", default=None, help="report path (default <model>/report.json)")
+    e.add_argument("--steps", type=int, default=None, help="sampling steps (default: the "
+                   "model's)")
+    e.add_argument("--sampler", default=None, help="(default: the model's)")
+    _add_tiny_decoder(e)
     x = sub.add_parser("export", help="write a model in another format")
     x.add_argument("model")
     x.add_argument("out")

@@ -4,7 +4,7 @@ parser is cli.py's; what is read and written, cli_io.py's."""
 import sys
 from pathlib import Path
 
-from . import cli_io
+from . import cli_io, cli_lora
 
 
 def cmd_sample(args):
@@ -16,20 +16,24 @@ def cmd_sample(args):
                          f"--best-of {best_of} (several candidates per image)")
     cli_io.check_out(args.out)
     pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"), args.dtype,
-                 args.prediction_type)
+                 args.prediction_type, args.tiny_decoder)
+    cli_lora.attach(pipe, args)
     callback, frames = cli_io.progress(), None
     if args.save_steps:
         callback, frames = cli_io.step_frames(callback)
     common = dict(negative_prompt=args.negative, seed=args.seed, steps=args.steps,
                   guidance=args.guidance, sampler=args.sampler, n=args.n, callback=callback,
-                  preview=args.save_steps or False)
+                  preview=args.save_steps or False, clip_skip=args.clip_skip,
+                  prompt_syntax=args.prompt_syntax)
     if isinstance(pipe, UnCLIPPipeline):
         if common.pop("preview"):
             raise ValueError("--save-steps is for Stable Diffusion models, not unCLIP ones")
         if args.guidance_rescale:
             raise ValueError("--guidance-rescale is for Stable Diffusion models, not unCLIP ones")
+        if args.vae_decoder != "full":
+            raise ValueError("--vae-decoder tiny is for Stable Diffusion models, not unCLIP ones")
     else:
-        common["guidance_rescale"] = args.guidance_rescale
+        common.update(guidance_rescale=args.guidance_rescale, vae_decoder=args.vae_decoder)
     if args.command == "generate":
         images = pipe.generate(args.prompt, width=args.width, height=args.height,
                                best_of=best_of, **common)
@@ -75,10 +79,11 @@ def cmd_info(args):
 KINDS = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP model"}
 
 
-def _load(model, device, kind=None, dtype="float32", prediction_type=None):
+def _load(model, device, kind=None, dtype="float32", prediction_type=None, tiny_decoder=None):
     """The model at `model` (None: the bundled default of `kind`); with `kind` ("sd" or
     "unclip"), a model of the other kind is refused before its weights are read.
-    `prediction_type`: for single files, which do not record it."""
+    `prediction_type`: for single files, which do not record it; `tiny_decoder`: a path to
+    attach one from."""
     import torch
 
     from .loading import load_pipeline, model_kind
@@ -92,7 +97,7 @@ def _load(model, device, kind=None, dtype="float32", prediction_type=None):
     if dtype != "float32" and (actual or model_kind(model)) == "unclip":
         raise ValueError(f"--dtype {dtype}: unCLIP models run in float32 only")
     return load_pipeline(model, device=device, dtype=getattr(torch, dtype),
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, tiny_decoder=tiny_decoder)
 
 
 def _unclip_kwargs(args):

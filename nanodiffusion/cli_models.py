@@ -36,7 +36,8 @@ def cmd_eval(args):
     from .eval.report import report
 
     report(args.path, n=args.n, device=args.device, best_of=args.best_of,
-           best_of_prompts=args.best_of_prompts, out=args.out)
+           best_of_prompts=args.best_of_prompts, out=args.out, vae_decoder=args.vae_decoder,
+           tiny_decoder=args.tiny_decoder, steps=args.steps, sampler=args.sampler)
 
 
 def cmd_export(args):

@@ -106,6 +106,10 @@ SCHEDULER_DEFAULTS = {
     "EulerDiscreteScheduler": {}, "EulerAncestralDiscreteScheduler": {},
     "LMSDiscreteScheduler": {}, "DPMSolverMultistepScheduler": {},
     "UniPCMultistepScheduler": {},
+    "LCMScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         set_alpha_to_one=True, timestep_spacing="leading"),
+    "TCDScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         set_alpha_to_one=True, timestep_spacing="leading"),
 }
 
 

@@ -7,6 +7,9 @@ import torch
 
 from .formats import checkpoint, ours
 from .formats.files import WEIGHT_SUFFIXES
+from .formats.taesd import check_fits, read_taesd
+from .models.taesd import TAESD
+from .pipelines.decoders import for_inference as tiny_for_inference
 from .pipelines.sd import Defaults, Pipeline
 from .pipelines.unclip import UnCLIPDefaults, UnCLIPPipeline
 
@@ -56,10 +59,27 @@ def _from_hub(repo_id):
 
 
 def load_pipeline(path=None, device="cpu", dtype=torch.float32, prediction_type=None,
-                  hints=None):
+                  hints=None, tiny_decoder=None):
     """Open any supported model as a Pipeline (or UnCLIPPipeline). `prediction_type` and
-    `hints` (single_file.LDMHints) apply to single files only, which do not record them."""
-    return build_pipeline(read_parts(path, device, dtype, prediction_type, hints))
+    `hints` (single_file.LDMHints) apply to single files only, which do not record them.
+    `tiny_decoder`: a TAESD to attach (attach_tiny_decoder), in place of the model's own."""
+    pipe = build_pipeline(read_parts(path, device, dtype, prediction_type, hints))
+    return pipe if tiny_decoder is None else attach_tiny_decoder(pipe, tiny_decoder)
+
+
+def attach_tiny_decoder(pipe, tiny):
+    """Give `pipe` a tiny decoder for live previews and vae_decoder="tiny": a TAESD, or a path
+    that formats/taesd.read_taesd opens (diffusers' AutoencoderTiny folder, madebyollin's
+    taesd_decoder.safetensors, our tiny_decoder.safetensors), checked against the pipeline's
+    VAE (latent channels and factor); on the VAE's device, in its dtype. Returns `pipe`."""
+    like = next(pipe.vae.parameters())
+    where = str(tiny) if not isinstance(tiny, TAESD) else \
+        f"{getattr(pipe, 'source', pipe.name)}: its tiny_decoder"
+    if not isinstance(tiny, TAESD):
+        tiny = read_taesd(tiny, device=like.device, dtype=like.dtype)
+    check_fits(tiny, pipe.vae.config.latent_channels, pipe.vae_factor, where)
+    pipe.tiny_decoder = tiny_for_inference(tiny.to(device=like.device, dtype=like.dtype))
+    return pipe
 
 
 def read_parts(path=None, device="cpu", dtype=torch.float32, prediction_type=None, hints=None):
@@ -94,6 +114,8 @@ def build_pipeline(parts):
         pipe = Pipeline(m["unet"], m["vae"], m["text_encoder"], parts.tokenizer, parts.schedule,
                         _defaults(Defaults, parts), clip=m["clip"], name=parts.name)
     pipe.source = parts.source
+    if m.get("tiny_decoder") is not None:
+        attach_tiny_decoder(pipe, m["tiny_decoder"])
     return pipe
 
 

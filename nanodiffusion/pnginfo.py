@@ -17,14 +17,14 @@ A1111_SAMPLERS = {
     "ddim": "DDIM", "pndm": "PLMS", "plms": "PLMS", "ddpm": "DDPM", "dpmpp-2m": "DPM++ 2M",
     "dpmpp-2m-karras": "DPM++ 2M Karras", "dpmpp-2m-sde": "DPM++ 2M SDE",
     "dpmpp-2m-sde-karras": "DPM++ 2M SDE Karras", "euler-karras": "Euler Karras",
-    "lms-karras": "LMS Karras", "unipc": "UniPC",
+    "lms-karras": "LMS Karras", "unipc": "UniPC", "lcm": "LCM",
 }
 
 
 def format_parameters(p):
     """dict with prompt, negative_prompt, steps, sampler, guidance, seed, width, height and
-    optionally model, strength, batch_pos, extra (a dict of further fields, e.g. Task) -> the
-    A1111 text."""
+    optionally model, strength, clip_skip, batch_pos, extra (a dict of further fields, e.g.
+    Task) -> the A1111 text. A1111 writes "Clip skip" only where it is not 1."""
     lines = [p["prompt"]]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
@@ -35,6 +35,8 @@ def format_parameters(p):
         fields.append(("Model", p["model"]))
     if p.get("strength") is not None:
         fields.append(("Denoising strength", p["strength"]))
+    if p.get("clip_skip", 1) != 1:
+        fields.append(("Clip skip", p["clip_skip"]))
     if p.get("batch_size", 1) > 1:
         fields += [("Batch size", p["batch_size"]), ("Batch pos", p.get("batch_pos", 0))]
     fields += [(k, _quote(str(v))) for k, v in (p.get("extra") or {}).items()]

@@ -13,7 +13,8 @@ Each sampler gives the same result as one diffusers scheduler in a pipeline loop
 Known differences: PNDM with v_prediction (diffusers mixes raw v outputs of several steps before
 converting them to noise); DPM-Solver Karras with squaredcos_cap_v2 (diffusers truncates t);
 rescale_betas_zero_snr, which diffusers' PNDM, LMS and Heun classes lack (they sample a
-zero-terminal-SNR model on the plain schedule; ours keep the model's).
+zero-terminal-SNR model on the plain schedule; ours keep the model's); an epsilon model on a
+zero-terminal-SNR schedule with LCM/TCD, whose x0 at alpha 0 diffusers makes NaN (ours is finite).
 """
 import functools
 import inspect
@@ -24,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .diffusion import NoiseSchedule, exponential_sigmas, karras_sigmas
+from .diffusion import NoiseSchedule, exponential_sigmas, karras_sigmas, lcm_boundary
 from .errors import InputError
 
 
@@ -308,6 +309,48 @@ def sample_plms(denoiser, x, sigmas, *, generator=None, callback=None, post_step
     return x.to(dtype)
 
 
+def sample_lcm(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None,
+               c_skip=None, c_out=None, clip_sample=None):
+    """diffusers LCMScheduler (Luo et al. 2023): the consistency estimate c_skip x_vp + c_out x0
+    (x_vp = x / sqrt(sigma^2 + 1), diffusers' sample; per-step `c_skip`, `c_out`, default 0
+    and 1), then fresh noise to the next level, x = estimate + sigma_next z; the last step
+    returns the estimate. `clip_sample`: x0 clamped before the scalings."""
+    denoiser = _clipped(denoiser, clip_sample)
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    n = len(s) - 1
+    skip = [0.0] * n if c_skip is None else torch.as_tensor(c_skip).tolist()
+    out = [1.0] * n if c_out is None else torch.as_tensor(c_out).tolist()
+    for i in range(n):
+        den = _denoise(denoiser, x, s[i], dtype)
+        den = out[i] * den + skip[i] * (x / math.sqrt(s[i] ** 2 + 1))
+        _report(callback, i, n, x, den, s[i])
+        x = den if i == n - 1 else den + s[i + 1] * _draw(x, generator, dtype)
+        x = _post(post_step, i, x, s[i + 1])
+    return x.to(dtype)
+
+
+def sample_tcd(denoiser, x, sigmas, *, generator=None, callback=None, post_step=None, eta=0.3,
+               low_sigmas=None):
+    """diffusers TCDScheduler (Zheng et al. 2024, strategic stochastic sampling): the DDIM
+    step to the lower level low_sigmas[i] (diffusers' timestep floor((1 - eta) t_next); plan()
+    gives them), then fresh noise back up to the next level: x = x0 + low eps + sqrt(
+    sigma_next^2 - low^2) z, drawn while eta > 0 on every step but the last. `eta` is the
+    paper's gamma, diffusers' default 0.3; without `low_sigmas` only eta = 0 (DDIM) is known."""
+    dtype, x, s = x.dtype, x.float(), sigmas.tolist()
+    n = len(s) - 1
+    if low_sigmas is None and eta > 0:
+        raise ValueError("sample_tcd with eta > 0 needs low_sigmas (plan() gives them)")
+    low = s[1:] if low_sigmas is None else torch.as_tensor(low_sigmas).tolist()
+    for i in range(n):
+        den = _denoise(denoiser, x, s[i], dtype)
+        _report(callback, i, n, x, den, s[i])
+        x = den + low[i] * (x - den) / s[i]
+        if eta > 0 and i < n - 1:
+            x = x + math.sqrt(max(s[i + 1] ** 2 - low[i] ** 2, 0.0)) * _draw(x, generator, dtype)
+        x = _post(post_step, i, x, s[i + 1])
+    return x.to(dtype)
+
+
 # name -> (sampler, diffusers scheduler class, config overrides)
 _DPM = dict(solver_order=2, solver_type="midpoint", lower_order_final=True,
             euler_at_final=False, final_sigmas_type="zero")
@@ -333,6 +376,8 @@ _SAMPLERS = {
                             dict(_DPM, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
     "unipc": (sample_unipc, "UniPCMultistepScheduler",
               dict(solver_type="bh2", solver_order=2, predict_x0=True, lower_order_final=True)),
+    "lcm": (sample_lcm, "LCMScheduler", {}),
+    "tcd": (sample_tcd, "TCDScheduler", {}),
 }
 SAMPLER_NAMES = list(_SAMPLERS)
 
@@ -414,6 +459,49 @@ def _vp_plan(name, schedule: NoiseSchedule, steps: int, start: int):
     return ts, s_eval + [s_to[-1]], opts
 
 
+# LCMScheduler and TCDScheduler keep alphas_cumprod[T-1] = 0 on a zero-terminal-SNR schedule
+# (sigma infinite) where NoiseSchedule has 2**-24 (diffusers' Euler family's): their x0 there is
+# -v, against ours 2**-12 x_vp - v. A level of 2**30 (alpha 2**-60) gives their x0 to float32
+# precision in VE scaling (x ~ 2**30 at that step: fine in float32, the samplers' arithmetic).
+_TERMINAL_SIGMA = 2.0**30
+
+
+def _consistency_plan(name, schedule: NoiseSchedule, steps: int, start: int,
+                      original_steps: int | None, eta: float | None):
+    """LCM / TCD: `steps` of the `original_steps` timesteps k-1, 2k-1, ..., T-1 (k = T //
+    original_steps), evenly by index from T-1 (diffusers' set_timesteps; timestep_spacing and
+    steps_offset unused); returns (timesteps, sigmas, sampler options). Defaults: 50 original
+    steps (diffusers' config), sample_tcd's eta."""
+    T = schedule.num_train_timesteps
+    original_steps = 50 if original_steps is None else original_steps
+    if isinstance(original_steps, bool) or not isinstance(original_steps, int) or \
+            not 1 <= original_steps <= T:
+        raise InputError(f"original_inference_steps must be an integer in [1, {T}], got "
+                         f"{original_steps!r}")
+    if steps > original_steps:
+        raise InputError(f"steps={steps} must be at most original_inference_steps="
+                         f"{original_steps} for the {name} sampler (its timesteps are a subset)")
+    origin = np.arange(original_steps, 0, -1) * (T // original_steps) - 1  # descending
+    picked = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+    ts = [int(t) for t in origin[picked]][start:]
+    zero_snr = schedule.config.rescale_betas_zero_snr
+
+    def sig(t):
+        return _TERMINAL_SIGMA if zero_snr and t == T - 1 else schedule.sigmas[t].item()
+
+    if name == "lcm":  # its last step returns the consistency estimate: x0, sigma 0
+        c_skip, c_out = lcm_boundary(torch.tensor(ts))
+        return ts, [sig(t) for t in ts] + [0.0], dict(c_skip=c_skip, c_out=c_out)
+    eta = inspect.signature(sample_tcd).parameters["eta"].default if eta is None else eta
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise InputError(f"eta (TCD's gamma) must be a number in [0, 1], got {eta!r}")
+    # diffusers: the next timestep (0 after the last), and s = floor((1 - eta) t_next) in its
+    # float32 arithmetic; it ends at t = 0 (sigma(0), not 0)
+    nxt = ts[1:] + [0]
+    low = [sig(int(torch.floor((1 - eta) * torch.tensor(t)))) for t in nxt]
+    return ts, [sig(t) for t in ts] + [sig(0)], dict(eta=eta, low_sigmas=torch.tensor(low))
+
+
 def _sigma_plan(name, schedule: NoiseSchedule, steps: int):
     """Euler family and DPM-Solver/UniPC: (timesteps, sigmas without the final 0, quantize_t)."""
     multistep = name.startswith("dpmpp") or name == "unipc"
@@ -435,24 +523,35 @@ def _sigma_plan(name, schedule: NoiseSchedule, steps: int):
     return (ts.round() if rounded else ts), sig, rounded
 
 
-def plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0,
-         **options) -> Plan:
+def plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0, *,
+         original_inference_steps: int | None = None, **options) -> Plan:
     """The sigmas, start scaling and options that make `sampler` reproduce its diffusers
-    scheduler (`diffusers_scheduler_for`) for `steps` steps, starting at img2img `strength`.
-    `options` go to the sampler (e.g. eta=1.0 for ddim, as diffusers' `step(eta=...)`).
-    Schedule options a diffusers scheduler_config left out take the defaults of the sampler's
-    diffusers class, as `<class>.from_config(pipe.scheduler.config)` gives them."""
+    scheduler (`diffusers_scheduler_for`) for `steps` steps, starting at img2img `strength`
+    (for every sampler, lcm and tcd included, as StableDiffusionImg2ImgPipeline: the first
+    steps of the txt2img schedule are skipped). `options` go to the sampler (e.g. eta=1.0 for
+    ddim, as diffusers' `step(eta=...)`). `original_inference_steps` (lcm, tcd; default 50):
+    that scheduler config option. Schedule options a diffusers scheduler_config left out take
+    the defaults of the sampler's diffusers class, as `<class>.from_config(pipe.scheduler.config)`
+    gives them."""
     fn, cls, _ = _spec(sampler)
     if steps < 1 or steps > schedule.num_train_timesteps:
         raise InputError(f"steps={steps} must be in [1, {schedule.num_train_timesteps}]")
+    if original_inference_steps is not None and sampler not in ("lcm", "tcd"):
+        raise InputError(f"original_inference_steps is an option of the lcm and tcd samplers "
+                         f"only, not of {sampler!r}")
     start = _start(steps, strength)
     cfg = schedule.config.for_scheduler(cls)
     if cfg is not schedule.config:
         schedule = NoiseSchedule(cfg)
     clip = {"clip_sample": cfg.clip_sample_range} if cfg.clip_sample and \
         "clip_sample" in inspect.signature(fn).parameters else {}
-    if sampler in ("ddim", "ddpm", "pndm", "plms"):
+    vp = sampler in ("ddim", "ddpm", "pndm", "plms", "lcm", "tcd")  # integer t, VP start
+    if sampler in ("lcm", "tcd"):
+        ts, sig, opts = _consistency_plan(sampler, schedule, steps, start, original_inference_steps,
+                                          options.pop("eta", None) if sampler == "tcd" else None)
+    elif vp:
         ts, sig, opts = _vp_plan(sampler, schedule, steps, start)
+    if vp:
         sigmas = torch.tensor(sig, dtype=torch.float32)
         init, quantize = math.sqrt(sigmas[0].item() ** 2 + 1), True  # VP start: randn * 1
     else:

@@ -295,7 +295,7 @@ def test_options_switch_the_model(fresh):
     r = httpx.post(url + "/sdapi/v1/options", json={"sd_model_checkpoint": "nope", "x": 1})
     assert r.status_code == 404 and "'nope'" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "sd_model_checkpoint"
-    r = httpx.post(url + "/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+    r = httpx.post(url + "/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "CLIP_stop_at_last_layers"
     opts = api.get_options()
     assert opts["sd_model_checkpoint"] == "sd" and "x" not in opts

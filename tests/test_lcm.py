@@ -156,3 +156,26 @@ def test_lcm_refuses_an_lcm_teacher(lcm_sd, tmp_path):
                       image_size=32, steps=1, batch_size=2)
     with pytest.raises(ValueError, match="already embeds the guidance"):
         train(cfg, progress=False)
+
+
+def test_latent_consistency_pipeline_folder_opens_with_its_defaults(tmp_path):
+    """A folder saved by diffusers' LatentConsistencyModelPipeline (an LCM UNet with
+    LCMScheduler) opens with 4 lcm steps at guidance 8.5, that pipeline's defaults, and gives
+    its images."""
+    from diffusers import LCMScheduler
+
+    ref = LatentConsistencyModelPipeline(
+        vae=tiny_sd.vae(), text_encoder=tiny_sd.text_encoder(),
+        tokenizer=tiny_sd.tokenizer(tmp_path / "tok"), unet=tiny_sd.unet(time_cond_proj_dim=32),
+        scheduler=LCMScheduler.from_config(tiny_sd.scheduler().config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "lcm")
+    ours = nanodiffusion.load(tmp_path / "lcm")
+    d = ours.defaults
+    assert (d.steps, d.sampler, d.guidance) == (4, "lcm", 8.5)
+    want = ref(PROMPT, num_inference_steps=4, guidance_scale=8.5, num_images_per_prompt=2,
+               output_type="np", width=24, height=16,
+               generator=torch.Generator("cpu").manual_seed(SEED)).images
+    got = ours.generate(PROMPT, seed=SEED, n=2, width=24, height=16)
+    tiny_sd.assert_close_images(tiny_sd.as_array(got), want)

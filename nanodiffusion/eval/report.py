@@ -1,5 +1,6 @@
 """Measures of quality: shapes fidelity (the judge, GenEval-style: an image counts only if all
-the prompt says is right), CLIP caption-to-image retrieval, VAE reconstruction PSNR."""
+the prompt says is right), CLIP caption-to-image retrieval, VAE reconstruction PSNR, and a
+tiny decoder's PSNR against the VAE decoder."""
 import json
 import time
 from pathlib import Path
@@ -69,6 +70,25 @@ def vae_psnr(vae, n=256, seed=0, size=64):
     return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
 
 
+@torch.no_grad()
+def tiny_decoder_psnr(vae, tiny, n=256, seed=0, size=64):
+    """Mean PSNR (dB) of the tiny decoder's images of n eval images' latents (the VAE
+    posterior's mode) against the VAE decoder's images of the same latents, both in 8 bits."""
+    from ..pipelines.decoders import tiny_decode
+    from ..pipelines.images import to_pil
+
+    x = torch.stack([shapes.to_tensor(shapes.sample(i, "eval", seed, size)[0]) for i in range(n)])
+    like = next(vae.parameters())
+    psnr = []
+    for b in x.split(64):
+        z = vae.encode(b.to(like.device, like.dtype)).mode() * vae.config.scaling_factor
+        full = np.stack(to_pil(vae.decode(z / vae.config.scaling_factor))).astype(np.float32)
+        small = np.stack(to_pil(tiny_decode(tiny, z))).astype(np.float32)
+        mse = ((full - small) ** 2).mean(axis=(1, 2, 3))  # (b,)
+        psnr += (10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))).tolist()
+    return float(np.mean(psnr))
+
+
 def _kept_objects(image, attributes):
     """Does `image` hold the same objects (colour and shape; position free) as the scene?"""
     want = sorted((o["colour"], o["shape"]) for o in attributes["objects"])
@@ -129,22 +149,33 @@ def _model_folder(path):
     return path / "model" if (path / "model" / "model.json").exists() else path
 
 
-def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_prompts=None):
+def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_prompts=None,
+           vae_decoder="full", tiny_decoder=None, steps=None, sampler=None):
     """Evaluate a run folder (runs/shapes, its model/ or model-unclip/) or a model folder;
     print and write report.json (or `out`). An unCLIP model also gets variations (for a
     decoder that reads text, also from the image embedding alone) and text diffs scored;
     best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on the first
     `best_of_prompts` (default n) single-object prompts, beside best-of-1 on the same
-    prompts."""
+    prompts. `vae_decoder` "tiny" judges images from the model's tiny decoder (or the one
+    at `tiny_decoder`); a model with one also gets its PSNR against the VAE decoder. `steps`
+    and `sampler` override the model's defaults (a few-step model at 1, 2 and 4 steps)."""
     from ..loading import load_pipeline
 
     folder = _model_folder(path)
-    pipe = load_pipeline(folder, device=device)
-    result = {"model": str(folder), "settings": vars(pipe.defaults).copy()}
+    pipe = load_pipeline(folder, device=device, tiny_decoder=tiny_decoder)
+    decode = {} if vae_decoder == "full" else {"vae_decoder": vae_decoder}
+    decode.update({k: v for k, v in (("steps", steps), ("sampler", sampler)) if v is not None})
+    if decode and hasattr(pipe, "variations"):
+        raise ValueError(f"vae_decoder {vae_decoder!r}, steps, sampler: unCLIP models are "
+                         "evaluated at their defaults")
+    result = {"model": str(folder), "settings": {**vars(pipe.defaults), **decode}}
     if pipe.clip is not None:
         result["clip_retrieval"] = clip_retrieval(pipe.clip, pipe.tokenizer, seed=seed)
     result["vae_psnr_db"] = vae_psnr(pipe.vae, seed=seed)
-    fid = fidelity(pipe, eval_prompts(n, seed), seed=seed)
+    if pipe.tiny_decoder is not None:
+        result["tiny_decoder_psnr_db"] = tiny_decoder_psnr(pipe.vae, pipe.tiny_decoder,
+                                                           seed=seed)
+    fid = fidelity(pipe, eval_prompts(n, seed), seed=seed, **decode)
     fid.pop("images")
     results = fid.pop("results")
     result["fidelity"] = fid
@@ -153,7 +184,7 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
         if not 1 <= k <= n:
             raise ValueError(f"best_of_prompts must be between 1 and n={n}, got {k}")
         singles = eval_prompts(n, seed)[:k]  # singles come first
-        best = fidelity(pipe, singles, seed=seed, best_of=best_of)
+        best = fidelity(pipe, singles, seed=seed, best_of=best_of, **decode)
         result[f"best_of_{best_of}_single"] = best["accuracy"]
         result["best_of_1_single"] = float(np.mean([r["correct"] for r in results[:k]]))
         result["best_of_prompts"] = k

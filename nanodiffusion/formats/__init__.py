@@ -6,6 +6,7 @@ checkpoint.py   our model files (config in the metadata), training state, atomic
 ours.py         our model folder (model.json), kinds "sd" and "unclip"
 diffusers.py    diffusers folders; diffusers_config.py their config.json <-> our configs
 single_file.py  original (LDM / CompVis) single files; ldm_keys.py their key rename tables
+taesd.py        tiny autoencoders (TAESD) in diffusers' and madebyollin's layouts (a module)
 """
 from dataclasses import dataclass
 

@@ -26,12 +26,14 @@ FORMAT = "nanodiffusion/1"
 def _model_classes():
     # Explicit table of what our files may hold; a new model adds one line here.
     from ..models.clip import CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+    from ..models.taesd import TAESD, TAESDConfig
     from ..models.unet import UNet, UNetConfig
     from ..models.vae import VAE, VAEConfig
 
     table = {
         "UNet": (UNet, {"config": UNetConfig}),
         "VAE": (VAE, {"config": VAEConfig}),
+        "TAESD": (TAESD, {"config": TAESDConfig}),
         "CLIPTextModel": (CLIPTextModel, {"config": CLIPTextConfig}),
         "CLIPModel": (CLIPModel, {"text_config": CLIPTextConfig,
                                   "vision_config": CLIPVisionConfig}),

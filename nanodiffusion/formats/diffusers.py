@@ -31,7 +31,21 @@ SCHEDULER_SAMPLERS = {
     "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler-ancestral",
     "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpmpp-2m", "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm", "TCDScheduler": "tcd",
 }
+FEW_STEP_SAMPLERS = ("lcm", "tcd")
+
+
+def default_settings(sampler, embedded_guidance, size):
+    """What a diffusers folder is meant to run with, as its pipeline class would: 50 steps at
+    guidance 7.5 (StableDiffusionPipeline); an LCM or TCD scheduler 4 steps, at guidance 8.5
+    where the UNet embeds it (LatentConsistencyModelPipeline's default), else 1.0 (no CFG: an
+    LCM-LoRA-style model saved with its scheduler)."""
+    if sampler in FEW_STEP_SAMPLERS or embedded_guidance:
+        return {"steps": 4, "guidance": 8.5 if embedded_guidance else 1.0,
+                "sampler": sampler if sampler in FEW_STEP_SAMPLERS else "lcm",
+                "width": size, "height": size}
+    return {"steps": 50, "guidance": 7.5, "sampler": sampler, "width": size, "height": size}
 
 
 def _read_json(path):
@@ -85,7 +99,7 @@ def read_diffusers_folder(folder, device="cpu", dtype=torch.float32):
     tok = CLIPTokenizer.from_folder(folder / "tokenizer")
     size = _unet_sample_size(folder) * 2 ** (len(vae_cfg.block_channels) - 1)
     sampler = SCHEDULER_SAMPLERS.get(sched_json.get("_class_name"), "euler")
-    defaults = {"steps": 50, "guidance": 7.5, "sampler": sampler, "width": size, "height": size}
+    defaults = default_settings(sampler, unet_cfg.time_cond_proj_dim is not None, size)
     return Parts("sd", folder.name, str(folder), modules, tok, schedule, defaults)
 
 

@@ -17,6 +17,7 @@ from .checkpoint import FORMAT
 
 SD_PARTS = ("clip", "text_encoder", "unet", "vae")
 UNCLIP_PARTS = ("prior", "decoder", "vae", "clip")
+OPTIONAL_PARTS = ("tiny_decoder",)  # either kind: a TAESD in the VAE's latent space
 
 
 def read_meta(folder):
@@ -41,7 +42,7 @@ def read_folder(folder, device="cpu", dtype=torch.float32):
         raise ValueError(f"{folder / 'model.json'}: an unclip model needs files {list(names)}, "
                          f"missing {[p for p in names if p not in files]}")
     modules = {p: checkpoint.load_model(folder / files[p], dtype=dtype, device=device)
-               for p in names if p in files}
+               for p in names + OPTIONAL_PARTS if p in files}
     return Parts(
         "unclip" if unclip else "sd", meta.get("name", folder.name), str(folder),
         modules if unclip else _sd_modules(folder, modules),
@@ -60,7 +61,7 @@ def _sd_modules(folder, modules):
     if text is None:
         raise ValueError(f"{folder}: model.json names neither a text_encoder nor a clip file")
     return {"unet": modules.get("unet"), "vae": modules.get("vae"), "text_encoder": text,
-            "clip": clip}
+            "clip": clip, "tiny_decoder": modules.get("tiny_decoder")}
 
 
 def write_parts(folder, parts, tokenizer, dtype=None):
@@ -90,13 +91,14 @@ def _write_meta(folder, meta):
 
 
 def save_folder(folder, *, unet, vae, tokenizer, schedule, defaults, name, clip=None,
-                text_encoder=None, dtype=None):
+                text_encoder=None, dtype=None, tiny_decoder=None):
     """Write our model folder (kind "sd") from part files (paths) or modules.
     `dtype=torch.float16` halves the files (compute stays float32: loading upcasts)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = write_parts(folder, {"unet": unet, "vae": vae, "clip": clip,
-                                 "text_encoder": text_encoder}, tokenizer, dtype)
+                                 "text_encoder": text_encoder, "tiny_decoder": tiny_decoder},
+                        tokenizer, dtype)
     return _write_meta(folder, {
         "format": FORMAT, "kind": "sd", "name": name, "files": files,
         "schedule": dataclasses.asdict(schedule), "defaults": dataclasses.asdict(defaults)})
@@ -108,17 +110,18 @@ def save_pipeline(pipe, folder, dtype=None):
     return save_folder(folder, unet=pipe.unet, vae=pipe.vae, tokenizer=pipe.tokenizer,
                        schedule=pipe.schedule_config, defaults=pipe.defaults, name=pipe.name,
                        clip=pipe.clip, text_encoder=None if pipe.clip is not None else
-                       pipe.text_encoder, dtype=dtype)
+                       pipe.text_encoder, dtype=dtype, tiny_decoder=pipe.tiny_decoder)
 
 
 def save_unclip_folder(folder, *, prior, decoder, vae, clip, tokenizer, schedule, defaults,
-                       name, prior_schedule=PRIOR_SCHEDULE, dtype=None, decoder_text=False):
-    """Write model.json (kind "unclip"), the four part files (paths or modules) and
-    tokenizer/ (a folder path or a tokenizer)."""
+                       name, prior_schedule=PRIOR_SCHEDULE, dtype=None, decoder_text=False,
+                       tiny_decoder=None):
+    """Write model.json (kind "unclip"), the four part files (paths or modules), a tiny
+    decoder's where given, and tokenizer/ (a folder path or a tokenizer)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = write_parts(folder, dict(zip(UNCLIP_PARTS, (prior, decoder, vae, clip))), tokenizer,
-                        dtype)
+    parts = dict(zip(UNCLIP_PARTS, (prior, decoder, vae, clip)), tiny_decoder=tiny_decoder)
+    files = write_parts(folder, parts, tokenizer, dtype)
     return _write_meta(folder, {
         "format": FORMAT, "kind": "unclip", "name": name, "files": files,
         "schedule": dataclasses.asdict(schedule),
@@ -132,4 +135,4 @@ def save_unclip_pipeline(pipe, folder, dtype=None):
                               clip=pipe.clip, tokenizer=pipe.tokenizer,
                               schedule=pipe.schedule_config, defaults=pipe.defaults,
                               name=pipe.name, prior_schedule=pipe.prior_schedule, dtype=dtype,
-                              decoder_text=pipe.decoder_text)
+                              decoder_text=pipe.decoder_text, tiny_decoder=pipe.tiny_decoder)

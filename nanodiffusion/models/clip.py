@@ -121,8 +121,9 @@ class CLIPEncoder(nn.Module):
         self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_layers)])
         init_encoder(self, cfg)
 
-    def forward(self, x, causal=False):
-        for layer in self.layers:
+    def forward(self, x, causal=False, layers=slice(None)):
+        """x through the layers, or only through `layers` (a slice of them)."""
+        for layer in self.layers[layers]:
             x = layer(x, causal=causal)
         return x
 
@@ -159,6 +160,9 @@ class CLIPTextModel(nn.Module):
 
     forward(input_ids (B, T)) -> (hidden (B, T, C) after the final LayerNorm, pooled (B, C)),
     pooled being the hidden state at the first end token. No padding mask, as SD uses none.
+    clip_skip N (AUTOMATIC1111's "Clip skip"; diffusers' clip_skip is N - 1) takes `hidden`
+    from the N-th layer from the end, through the final LayerNorm as both do; 1 is the last
+    layer. `pooled` is always the last layer's (SDXL's pooled embedding is, whatever the skip).
     """
 
     def __init__(self, config: CLIPTextConfig):  # formats/checkpoint.py calls it with config=...
@@ -168,17 +172,23 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.norm_eps)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, clip_skip=1):
         B, T = input_ids.shape
         if T > self.config.max_positions:
             raise ValueError(f"input_ids has {T} tokens, more than max_positions="
                              f"{self.config.max_positions}")
-        x = self.embeddings(input_ids)  # (B, T, C)
-        x = self.final_layer_norm(self.encoder(x, causal=True))  # (B, T, C)
+        if not 1 <= clip_skip <= self.config.num_layers:
+            raise ValueError(f"clip_skip must be in [1, {self.config.num_layers}] (the number "
+                             f"of layers), got {clip_skip}")
+        kept = self.config.num_layers - (clip_skip - 1)  # the layers the token states go through
+        x = self.encoder(self.embeddings(input_ids), causal=True, layers=slice(kept))  # (B, T, C)
+        hidden = self.final_layer_norm(x)  # (B, T, C)
+        last = hidden if clip_skip == 1 else self.final_layer_norm(
+            self.encoder(x, causal=True, layers=slice(kept, None)))  # (B, T, C)
         # argmax returns the first maximum: the first end token (padding may repeat it).
         eos = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # (B,)
-        pooled = x[torch.arange(B, device=x.device), eos]  # (B, C)
-        return x, pooled
+        pooled = last[torch.arange(B, device=x.device), eos]  # (B, C)
+        return hidden, pooled
 
 
 class CLIPVisionEmbeddings(nn.Module):

@@ -28,7 +28,9 @@ def check_guidance(guidance):
         raise InputError(f"guidance must be a finite number in [0, 100], got {guidance!r}")
 
 
-ETA_SAMPLERS = ("ddim", "euler-ancestral")  # the samplers whose noise `eta` scales
+# the samplers whose noise `eta` scales; for tcd it is TCD's gamma (0 deterministic, 1 fully
+# stochastic; the tcd sampler's default 0.3, as diffusers' TCDScheduler.step)
+ETA_SAMPLERS = ("ddim", "euler-ancestral", "tcd")
 
 
 def check_eta(eta, sampler):

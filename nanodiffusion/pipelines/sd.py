@@ -17,8 +17,11 @@ from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.layers import guidance_embedding
 from ..models.vae import for_inference as vae_for_inference
+from ..prompts import encode_cached, escape, plain_text
 from .checks import check_int, check_size, check_strength
+from .decoders import check_vae_decoder, parameters, preview_decoder, tiny_decode
 from .images import from_pil, mask_input, paste_unmasked, to_pil
+from .lora import LoraMixin
 from .rerank import best_of_n
 from .settings import Defaults, Request, resolve, tag
 
@@ -28,8 +31,9 @@ class Interrupted(Exception):
     denoised estimate back, with their parameters, instead of an error."""
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """Stable Diffusion: text encoder + UNet + VAE + noise schedule, plus what to run by default.
+    LoRAs: load_lora, unload_lora(s), <lora:name:scale> tags in prompts (pipelines/lora.py).
 
     `clip` (optional) is a full CLIP model (text and image towers) used for reranking and by
     the unCLIP pipeline; it is not needed for txt2img.
@@ -43,6 +47,7 @@ class Pipeline:
         self.schedule = NoiseSchedule(schedule)
         self.defaults = defaults or Defaults()
         self.clip, self.name = clip, name
+        self.tiny_decoder = None  # a TAESD: live previews, vae_decoder="tiny" (decoders.py)
         self._prompt_cache = {}
 
     @property
@@ -55,25 +60,16 @@ class Pipeline:
 
     # ---- text -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts):
-        """list of str -> token states (B, T, D); each distinct prompt is encoded once."""
-        return self._encode_prompts(prompts)[0]
+    def encode_prompt(self, prompts, clip_skip=1, prompt_syntax=True):
+        """list of str -> token states (B, S, D); each distinct prompt is encoded once."""
+        return self._encode_prompts(prompts, clip_skip, prompt_syntax)[0]
 
-    def _encode_prompts(self, prompts):
-        """list of str -> (token states (B, T, D), pooled states (B, D)), cached per prompt."""
-        cache = self._prompt_cache
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if missing:
-            ids = self.tokenizer(missing, max_length=self.text_encoder.config.max_positions)
-            hidden, pooled = self.text_encoder(ids.to(self._device))
-            for p, h, e in zip(missing, hidden, pooled):
-                cache[p] = (h, e)
-        for p in dict.fromkeys(prompts):  # least recently used first
-            cache[p] = cache.pop(p)
-        out = tuple(torch.stack([cache[p][k] for p in prompts]) for k in range(2))
-        while len(cache) > 256:  # bounded: a server sees endless prompts
-            cache.pop(next(iter(cache)))
-        return out
+    def _encode_prompts(self, prompts, clip_skip=1, prompt_syntax=True):
+        """list of str -> (token states (B, S, D), pooled states (B, D)), cached per prompt:
+        A1111's syntax and chunks of the text encoder's window, S = chunks x window
+        (prompts.py); clip_skip in A1111's numbering (1: the last layer)."""
+        return encode_cached(self._prompt_cache, self.text_encoder, self.tokenizer, prompts,
+                             clip_skip, prompt_syntax)
 
     @property
     def _device(self):
@@ -82,32 +78,44 @@ class Pipeline:
     # ---- public tasks -------------------------------------------------------------------
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, preview=False,
-                 eta=None, best_of=1, guidance_rescale=0.0):
+                 eta=None, best_of=1, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
+                 prompt_syntax=True):
         """txt2img: a list of `n` PIL images. best_of > 1 keeps, for each image, the best of
         `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`.
         guidance_rescale (0..1): diffusers' option of that name (diffusion.cfg_denoiser), for
-        v-prediction models on zero-terminal-SNR schedules whose guided images over-saturate."""
+        v-prediction models on zero-terminal-SNR schedules whose guided images over-saturate.
+        vae_decoder "tiny": the final images from the tiny decoder (decoders.py).
+        Prompts are read in AUTOMATIC1111's syntax (docs/prompts.md; prompt_syntax=False:
+        literal text); clip_skip N takes the text encoder's N-th layer from the end (A1111's
+        "Clip skip"; diffusers' clip_skip=N-1)."""
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
-                      guidance_rescale=guidance_rescale, callback=callback, preview=preview)
+                      guidance_rescale=guidance_rescale, callback=callback, preview=preview,
+                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
 
         def run(seed):
             return self._run(prompt, negative_prompt, replace(req, seed=seed),
                              size=(width, height))
-        return run(seed) if best_of == 1 else best_of_n(self, run, prompt, seed, n, best_of)
+        if best_of == 1:
+            return run(seed)
+        words = plain_text(prompt) if prompt_syntax else prompt  # what CLIP ranks them by
+        return best_of_n(self, run, words, seed, n, best_of)
 
     def img2img(self, prompt, image, strength=0.6, negative_prompt="", seed=None, steps=None,
                 guidance=None, sampler=None, n=1, callback=None, preview=False, eta=None,
-                width=None, height=None, guidance_rescale=0.0):
+                width=None, height=None, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
+                prompt_syntax=True):
         """Start from `image` noised to `strength` (0 < strength <= 1): a list of `n` images."""
         check_strength(strength)
         init = self._image_input(image, width, height)
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
-                      guidance_rescale=guidance_rescale, callback=callback, preview=preview)
+                      guidance_rescale=guidance_rescale, callback=callback, preview=preview,
+                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         return self._run(prompt, negative_prompt, req, init=init, strength=strength)
 
     def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", seed=None,
                 steps=None, guidance=None, sampler=None, n=1, callback=None, preview=False,
-                eta=None, width=None, height=None, guidance_rescale=0.0, keep_unmasked=False):
+                eta=None, width=None, height=None, guidance_rescale=0.0, keep_unmasked=False,
+                vae_decoder="full", clip_skip=1, prompt_syntax=True):
         """Repaint where `mask` is white (>= 128), keep the rest. 9-channel UNets see the mask;
         other UNets get the known region blended back in at every step. The VAE decoder mixes
         neighbouring latents, so pixels outside the mask near it change too (diffusers' images
@@ -119,7 +127,8 @@ class Pipeline:
         init = self._image_input(image, width, height)
         mask_t = mask_input(mask, init.shape[-1], init.shape[-2])
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
-                      guidance_rescale=guidance_rescale, callback=callback, preview=preview)
+                      guidance_rescale=guidance_rescale, callback=callback, preview=preview,
+                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         images = self._run(prompt, negative_prompt, req, init=init, strength=strength,
                            mask=mask_t)
         return paste_unmasked(images, init, mask_t) if keep_unmasked else images
@@ -146,11 +155,13 @@ class Pipeline:
         if init is not None:
             size = (init.shape[-1], init.shape[-2])
         s = resolve(self.defaults, req, *size, self.vae_factor)
+        check_vae_decoder(req.vae_decoder, self.tiny_decoder)
         n, eta = req.n, req.eta
         gen = torch.Generator("cpu").manual_seed(s.seed)
         plan = samplers.plan(s.sampler, self.schedule, s.steps, strength=strength,
                              **({"eta": eta} if eta is not None else {}))
-        cond = self._conditions(prompt, negative, n, s.guidance)
+        loras = self.use_loras(prompt, req.prompt_syntax)  # fused; the prompt without tags
+        cond = self._conditions(loras.prompt, negative, n, s.guidance, req)
         shape = (n, self.latent_channels, s.height // self.vae_factor, s.width // self.vae_factor)
         sees_mask = self.unet.config.in_channels > self.latent_channels
         # The generator's draws in diffusers' order: init latents, noise, masked-image latents.
@@ -175,23 +186,27 @@ class Pipeline:
                                 1.0 if embedded else s.guidance, rescale)
         latents = self._sample(plan, denoiser, noise, init_latents, gen,
                                self._wrap_callback(req.callback, req.preview), post_step, cond)
-        return tag(self.decode_latents(latents), s, self.name, prompt, negative,
-                   strength=strength if init is not None else None,
-                   extra={"Rescale CFG": rescale} if rescale else None)
+        extra = {**({"Rescale CFG": rescale} if rescale else {}), **parameters(req.vae_decoder),
+                 **loras.parameters}
+        shown = str if req.prompt_syntax else escape  # written so that A1111 reads `prompt`
+        return tag(self.decode_latents(latents, req.vae_decoder), s, self.name,
+                   shown(loras.recorded),
+                   shown(negative), strength=strength if init is not None else None,
+                   extra=extra or None, clip_skip=req.clip_skip)
 
-    def _conditions(self, prompt, negative, n, guidance):
-        """The UNet's text kwargs: context (n, T, D) and, where the UNet takes it, text_embeds
+    def _conditions(self, prompt, negative, n, guidance, req):
+        """The UNet's text kwargs: context (n, S, D) and, where the UNet takes it, text_embeds
         (n, D), with the uncond ones first-batched when guidance is on ((2n, ...)). A UNet
         that embeds the guidance scale (LCM's time_cond_proj_dim) gets it as timestep_cond,
         w = guidance - 1 as diffusers gives it, and no uncond branch (the negative prompt
-        is not used, as in diffusers)."""
-        dim = self.unet.config.time_cond_proj_dim
+        is not used, as in diffusers). `req`: the prompts' clip_skip and prompt_syntax."""
+        dim, text = self.unet.config.time_cond_proj_dim, (req.clip_skip, req.prompt_syntax)
         if dim is not None:
-            cond = self.unet.text_condition(*self._encode_prompts([prompt] * n))
+            cond = self.unet.text_condition(*self._encode_prompts([prompt] * n, *text))
             w = torch.full((n,), guidance - 1.0)
             return {**cond, "timestep_cond": guidance_embedding(w, dim).to(self._device)}
         prompts = [prompt] * n if guidance == 1.0 else [negative] * n + [prompt] * n
-        return self.unet.text_condition(*self._encode_prompts(prompts))
+        return self.unet.text_condition(*self._encode_prompts(prompts, *text))
 
     def _model_fn(self, unet_extra):
         """The UNet as the denoiser wrapper calls it, its input in the UNet's dtype (the
@@ -216,9 +231,12 @@ class Pipeline:
         post = self.vae.encode(image.to(self._device, self._vae_dtype))
         return post.sample(gen).float() * self.vae.config.scaling_factor
 
-    def decode_latents(self, latents):
-        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder)."""
-        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self._vae_dtype))
+    def decode_latents(self, latents, vae_decoder="full"):
+        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder, or "tiny" the tiny)."""
+        if vae_decoder == "tiny":
+            x = tiny_decode(self.tiny_decoder, latents)
+        else:
+            x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self._vae_dtype))
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values (numerical "
                                      "overflow); try float32 or another sampler")
@@ -242,7 +260,8 @@ class Pipeline:
 
     def _wrap_callback(self, callback, preview):
         """`preview`: True decodes the denoised estimate into info["preview"] (n PIL images)
-        at every step, an integer k at steps 0, k, 2k, ... only."""
+        at every step, an integer k at steps 0, k, 2k, ... only; with the tiny decoder where
+        the model has one."""
         if callback is None:
             return None
         every = 1 if preview is True else preview
@@ -251,7 +270,8 @@ class Pipeline:
 
         def cb(info):
             if every and info["step"] % every == 0:
-                info = {**info, "preview": self.decode_latents(info["denoised"])}
+                info = {**info, "preview": self.decode_latents(info["denoised"],
+                                                               preview_decoder(self))}
             return callback(info)
         return cb
 

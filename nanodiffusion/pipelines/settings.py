@@ -24,7 +24,8 @@ class Defaults:
 @dataclass(frozen=True)
 class Request:
     """One call's sampling settings as the caller gave them; None takes the model's default
-    (a random seed for seed). eta, guidance_rescale and preview are Stable Diffusion's."""
+    (a random seed for seed). eta, guidance_rescale, preview, clip_skip and prompt_syntax are
+    Stable Diffusion's (the last two checked where the prompts are encoded: prompts.py)."""
     seed: int | None = None
     steps: int | None = None
     guidance: float | None = None
@@ -34,6 +35,9 @@ class Request:
     guidance_rescale: float = 0.0
     callback: Callable | None = None
     preview: bool | int = False
+    vae_decoder: str = "full"  # "tiny": the final images from the model's tiny decoder
+    clip_skip: int = 1
+    prompt_syntax: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,14 +71,15 @@ def resolve(defaults, request, width, height, factor):
     return Settings(seed, steps, float(guidance), sampler, width, height)
 
 
-def tag(images, settings, model, prompt="", negative_prompt="", strength=None, extra=None):
+def tag(images, settings, model, prompt="", negative_prompt="", strength=None, extra=None,
+        clip_skip=1):
     """Give each image its Settings and its A1111 "parameters" text (`strength` for images
     made from an init image; `extra`: further fields, e.g. Task). Returns `images`."""
     s = settings
     params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=s.steps,
                   sampler=s.sampler, guidance=s.guidance, seed=s.seed, width=s.width,
                   height=s.height, model=model, strength=strength, batch_size=len(images),
-                  extra=extra)
+                  extra=extra, clip_skip=clip_skip)
     for i, im in enumerate(images):
         im.info["settings"] = s
         im.info["parameters"] = format_parameters({**params, "batch_pos": i})

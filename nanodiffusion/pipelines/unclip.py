@@ -18,7 +18,9 @@ from ..data.shapes import enumerate_captions
 from ..diffusion import PRIOR_SCHEDULE, Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.vae import for_inference as vae_for_inference
+from ..prompts import escape, plain_text
 from .checks import check_guidance, check_int, check_sampler
+from .decoders import tiny_decode
 from .images import from_pil, to_pil
 from .rerank import best_of_n
 from .settings import Defaults, Request, resolve, tag
@@ -87,6 +89,7 @@ class UnCLIPPipeline:
         self.schedule = NoiseSchedule(schedule)
         self.defaults = defaults or UnCLIPDefaults()
         self.name = name
+        self.tiny_decoder = None  # a TAESD: live previews (decoders.py)
         self._candidates = (None, None)  # (captions, their unit text embeddings)
 
     @property
@@ -171,9 +174,12 @@ class UnCLIPPipeline:
         return self.decode_latents(latents)
 
     @torch.no_grad()
-    def decode_latents(self, latents):
-        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder)."""
-        x = self.vae.decode(latents / self.vae.config.scaling_factor)
+    def decode_latents(self, latents, vae_decoder="full"):
+        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder, or "tiny" the tiny)."""
+        if vae_decoder == "tiny":
+            x = tiny_decode(self.tiny_decoder, latents)
+        else:
+            x = self.vae.decode(latents / self.vae.config.scaling_factor)
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values")
         return to_pil(x)
@@ -191,21 +197,32 @@ class UnCLIPPipeline:
     # ---- public tasks -------------------------------------------------------------------
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, best_of=1,
-                 prior_steps=None, prior_guidance=None, prior_sampler=None):
+                 prior_steps=None, prior_guidance=None, prior_sampler=None, clip_skip=1,
+                 prompt_syntax=True):
         """txt2img: `n` PIL images. best_of > 1 keeps, for each image, the best of
-        `best_of` candidates under CLIP (candidate k from seed + k: rerank.best_of_n)."""
+        `best_of` candidates under CLIP (candidate k from seed + k: rerank.best_of_n).
+        Prompts in AUTOMATIC1111's syntax are read without it (docs/prompts.md: the prior
+        takes one window of CLIP's last layer, so no weights, chunks or clip skip here)."""
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise TypeError("prompt and negative_prompt must be strings")
+        if clip_skip != 1 or isinstance(clip_skip, bool):
+            raise InputError(f"clip_skip {clip_skip!r}: unCLIP models take only 1 (their prior "
+                             f"was trained on CLIP's last layer)")
+        if not isinstance(prompt_syntax, bool):
+            raise InputError(f"prompt_syntax must be True or False, got {prompt_syntax!r}")
+        read, shown = (plain_text, str) if prompt_syntax else (str, escape)
 
         def run(seed):
             s = self._settings(seed=seed, steps=steps, guidance=guidance, sampler=sampler,
                                width=width, height=height, n=n)
             gen = torch.Generator("cpu").manual_seed(s.seed)
-            embeds = self.prior_embeds(prompt, negative_prompt, n, gen, steps=prior_steps,
-                                       guidance=prior_guidance, sampler=prior_sampler)
-            return self._tag(self._render(embeds, s, callback, gen, prompt), s, prompt,
-                             negative_prompt)
-        return run(seed) if best_of == 1 else best_of_n(self, run, prompt, seed, n, best_of)
+            embeds = self.prior_embeds(read(prompt), read(negative_prompt), n, gen,
+                                       steps=prior_steps, guidance=prior_guidance,
+                                       sampler=prior_sampler)
+            return self._tag(self._render(embeds, s, callback, gen, read(prompt)), s,
+                             shown(prompt), shown(negative_prompt))
+        return run(seed) if best_of == 1 else best_of_n(self, run, read(prompt), seed, n,
+                                                        best_of)
 
     def variations(self, image, n=4, seed=1, steps=None, guidance=None, sampler=None,
                    width=None, height=None, callback=None, caption="auto"):

@@ -5,7 +5,9 @@ a1111_info.py.
 
 Requests are read in A1111's field names (the DIALECT given to build_task), so that errors
 name cfg_scale, sampler_name, denoising_strength and list A1111's sampler names; image i of a
-batch is made with seed + i, as in A1111 (the task's seed_per_image)."""
+batch is made with seed + i, as in A1111 (the task's seed_per_image). Prompts are read in
+A1111's syntax; its clip skip is the setting CLIP_stop_at_last_layers, from the request's
+override_settings, else as /options set it."""
 import json
 import time
 
@@ -13,7 +15,7 @@ from fastapi import APIRouter, Request
 
 from .. import samplers
 from ..pnginfo import A1111_SAMPLERS
-from . import a1111_info, a1111_options
+from . import a1111_info, a1111_loras, a1111_options
 from .http import json_body, run
 from .params import Dialect, bad, b64, build_task, decode_image, get_int, get_str
 
@@ -98,7 +100,8 @@ def _scheduled(ours, given, d, sampler_field, name="scheduler"):
 
 
 DIALECT = Dialect(names={"guidance": "cfg_scale", "sampler": "sampler_name",
-                         "strength": "denoising_strength"}, sampler=_sampler,
+                         "strength": "denoising_strength",
+                         "clip_skip": "CLIP_stop_at_last_layers"}, sampler=_sampler,
                   seed_per_image=True, keep_unmasked=True)
 
 
@@ -113,8 +116,10 @@ def _model(request, body):
     return a1111_options.current_model(request.app)
 
 
-def _fields(body, limits):
-    """A1111's request -> build_task's fields, in A1111's names; n = batch_size * n_iter."""
+def _fields(body, limits, options):
+    """A1111's request -> build_task's fields, in A1111's names; n = batch_size * n_iter;
+    CLIP_stop_at_last_layers and sd_vae_decode_method from override_settings, else from
+    `options` (/options')."""
     n = get_int(body, "batch_size", 1, 1, limits.max_n) * get_int(body, "n_iter", 1, 1,
                                                                   limits.max_n)
     if n > limits.max_n:
@@ -128,6 +133,13 @@ def _fields(body, limits):
                                   "width", "height", "denoising_strength", "guidance_rescale")}
     f.update(prompt=body.get("prompt", ""), n=n,
              sampler_name=body.get("sampler_name") or body.get("sampler_index"))
+    over = body.get("override_settings")
+    over = over if isinstance(over, dict) else {}
+    key = "CLIP_stop_at_last_layers"
+    f[key] = over[key] if over.get(key) is not None else options.get(key)
+    key = a1111_options.DECODE_METHOD  # A1111's "VAE type for decode": Full or TAESD
+    param = f"override_settings.{key}" if over.get(key) is not None else key
+    f["vae_decoder"] = a1111_options.decode_method(over.get(key) or options.get(key), param)
     return f
 
 
@@ -144,7 +156,7 @@ def _answer(request, body, task, job):
             "denoising_strength": kw.get("strength"), "sd_model_name": task.model,
             "sd_model_hash": a1111_options.short_hash(request.app, task.model),
             "index_of_first_image": 0, "infotexts": res["infotexts"], "styles": [],
-            "clip_skip": 1, "extra_generation_params": {},
+            "clip_skip": kw.get("clip_skip", 1), "extra_generation_params": {},
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started)),
             "interrupted": res["interrupted"]}
     params = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
@@ -156,8 +168,8 @@ def _answer(request, body, task, job):
 async def txt2img(request: Request):
     reg = request.app.state.registry
     body = await json_body(request)
-    task = build_task(_model(request, body), _fields(body, reg.limits), reg.limits,
-                      dialect=DIALECT)
+    fields = _fields(body, reg.limits, a1111_options.options(request.app).values)
+    task = build_task(_model(request, body), fields, reg.limits, dialect=DIALECT)
     return _answer(request, body, task, await run(request, task))
 
 
@@ -174,7 +186,7 @@ async def img2img(request: Request):
         from PIL import ImageOps
 
         mask = ImageOps.invert(mask.convert("L"))
-    fields = _fields(body, reg.limits)
+    fields = _fields(body, reg.limits, a1111_options.options(request.app).values)
     if fields["denoising_strength"] is None:
         fields["denoising_strength"] = 0.75  # A1111's default
     task = build_task(_model(request, body), fields, reg.limits, image=image, mask=mask,
@@ -239,3 +251,4 @@ async def skip(request: Request):
 
 router.include_router(a1111_options.router)
 router.include_router(a1111_info.router)
+router.include_router(a1111_loras.router)

@@ -1,7 +1,7 @@
 """AUTOMATIC1111's informational routes: png-info (a PNG's generation parameters read back),
 interrogate (the captions CLIP ranks highest for an image), cmd-flags, memory, and the lists of
-what A1111 installs beside the checkpoints (VAEs, LoRAs, embeddings, upscalers, styles,
-scripts), each empty here: those features do not exist in this server."""
+what A1111 installs beside the checkpoints (VAEs, embeddings, upscalers, styles, scripts),
+each empty here: those features do not exist in this server (LoRAs: a1111_loras.py)."""
 import asyncio
 import json
 import os
@@ -131,7 +131,7 @@ def _clip_ranking(pipe, clip, image, top, chunk=256):
 # ---- lists ------------------------------------------------------------------------------
 # The lists of what A1111 installs beside the checkpoints, with the fields of A1111's items;
 # none of these features exists here, so each is empty.
-EMPTY_LISTS = {"sd-vae": "model_name, filename", "loras": "name, alias, path, metadata",
+EMPTY_LISTS = {"sd-vae": "model_name, filename",  # loras: a1111_loras.py
                "upscalers": "name, model_name, model_path, model_url, scale",
                "latent-upscale-modes": "name", "hypernetworks": "name, path",
                "face-restorers": "name, cmd_dir", "realesrgan-models": "name, path, scale",

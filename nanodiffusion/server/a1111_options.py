@@ -1,6 +1,7 @@
 """AUTOMATIC1111's settings and checkpoints: GET/POST /sdapi/v1/options (sd_model_checkpoint
-picks the model that A1111 requests use when they name none; other keys are kept and echoed,
-as A1111 keeps them), sd-models with their sha256 once known, and the refresh routes."""
+picks the model that A1111 requests use when they name none, CLIP_stop_at_last_layers their
+clip skip; other keys are kept and echoed, as A1111 keeps them), sd-models with their sha256
+once known, and the refresh routes."""
 import asyncio
 import hashlib
 import re
@@ -11,15 +12,19 @@ from fastapi import APIRouter, Request
 
 from ..formats.files import WEIGHT_SUFFIXES
 from .http import json_body
-from .params import APIError, bad
+from .params import MAX_CLIP_SKIP, APIError, bad, get_int
 
 router = APIRouter()
 
-# Options clients read whose values this server cannot change (it has no VAE choice, no clip
-# skip, one image format): the values it runs with, the first one shown.
-FIXED = {"sd_vae": ("Automatic", "None"), "CLIP_stop_at_last_layers": (1,),
-         "samples_format": ("png",)}
+# Options clients read whose values this server cannot change (it has no VAE choice, one
+# image format): the values it runs with, the first one shown.
+FIXED = {"sd_vae": ("Automatic", "None"), "samples_format": ("png",)}
+CLIP_SKIP = "CLIP_stop_at_last_layers"  # A1111's clip skip: 1 is the text encoder's last layer
 READ_ONLY = ("sd_model_checkpoint", "sd_checkpoint_hash")  # set by the model switch only
+# A1111's "VAE type for decode" -> our vae_decoder (pipelines/decoders.py): TAESD is the
+# model's tiny decoder; A1111's live preview method needs no setting here (previews use the
+# tiny decoder whenever the model has one)
+DECODE_METHOD, DECODE_METHODS = "sd_vae_decode_method", {"Full": "full", "TAESD": "tiny"}
 MAX_OPTIONS = 1000
 # A1111 titles checkpoints "name.safetensors [0123456789]"; clients send those back.
 TITLE_SUFFIX = re.compile(r"(\.(" + "|".join(s[1:] for s in WEIGHT_SUFFIXES)
@@ -29,7 +34,15 @@ TITLE_SUFFIX = re.compile(r"(\.(" + "|".join(s[1:] for s in WEIGHT_SUFFIXES)
 class Options:
     def __init__(self):
         self.model = None  # chosen by POST sd_model_checkpoint; None: the server's default
-        self.values = {k: accepted[0] for k, accepted in FIXED.items()}
+        self.values = {k: accepted[0] for k, accepted in FIXED.items()} | {CLIP_SKIP: 1}
+        self.values[DECODE_METHOD] = "Full"
+
+
+def decode_method(value, param):
+    """A1111's sd_vae_decode_method value -> our vae_decoder; a 400 naming `param` for others."""
+    if value not in DECODE_METHODS:
+        raise bad(param, f"{param} {value!r} is not one of {list(DECODE_METHODS)}")
+    return DECODE_METHODS[value]
 
 
 def options(app):
@@ -128,13 +141,17 @@ async def get_options(request: Request):
 @router.post("/options")
 async def set_options(request: Request):
     """sd_model_checkpoint switches the model; the FIXED options take only the values this
-    server runs with; other keys are kept and echoed. All or nothing: a bad value changes
-    nothing. Answers null, as A1111 does."""
+    server runs with, CLIP_stop_at_last_layers an integer; other keys are kept and echoed.
+    All or nothing: a bad value changes nothing. Answers null, as A1111 does."""
     body = await json_body(request)
     for key, accepted in FIXED.items():
         if key in body and body[key] not in accepted:
             raise bad(key, f"{key} {body[key]!r} is not supported here; accepted: "
                            f"{list(accepted)}")
+    if CLIP_SKIP in body:  # checked against a model's layers when a request uses it
+        body[CLIP_SKIP] = get_int(body, CLIP_SKIP, 1, 1, MAX_CLIP_SKIP)
+    if DECODE_METHOD in body:  # "TAESD" checked against a model when a request uses it
+        decode_method(body[DECODE_METHOD], DECODE_METHOD)
     name = None
     if "sd_model_checkpoint" in body:
         name = checkpoint(request.app, body["sd_model_checkpoint"], "sd_model_checkpoint")

@@ -46,5 +46,6 @@ def _param_of(message):
     """The field a Pipeline error names first ("steps must be ...")."""
     word = (message or "").split(" ", 1)[0]
     known = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "width",
-             "height", "n", "strength", "eta", "image", "mask", "guidance_rescale")
+             "height", "n", "strength", "eta", "image", "mask", "guidance_rescale",
+             "vae_decoder")
     return word if word in known else None

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import asdict
 
 from ..errors import InputError
+from ..pipelines.decoders import preview_decoder
 from ..pipelines.sd import Interrupted
 from .params import APIError, Task, b64, encode_png, public_params
 
@@ -222,9 +223,10 @@ def _call(method, job, callback):
 
 
 def preview_png(pipe, denoised):
-    """A small PNG (base64) of the first image's current estimate. Decodes with the VAE every
-    few steps rather than through `preview=True`, which would decode all images every step."""
-    im = pipe.decode_latents(denoised[:1])[0]
+    """A small PNG (base64) of the first image's current estimate, decoded by the tiny decoder
+    where the model has one (else the VAE's) every few steps rather than through
+    `preview=True`, which would decode all images every step."""
+    im = pipe.decode_latents(denoised[:1], preview_decoder(pipe))[0]
     im.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
     buf = io.BytesIO()
     im.save(buf, format="PNG")

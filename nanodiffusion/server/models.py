@@ -35,7 +35,7 @@ def scan(models_dir):
 # What each kind of model does through the server, and the options only one kind has.
 TASKS = {"sd": ("generate", "img2img", "inpaint"), "unclip": ("generate", "variations", "edit")}
 KIND_NAMES = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP (DALL·E 2) model"}
-SD_OPTIONS = ("guidance_rescale",)
+SD_OPTIONS = ("guidance_rescale", "vae_decoder")
 
 
 def check_task(task, kind):
@@ -126,6 +126,8 @@ class Registry:
                 single = {"prediction_type": self.prediction_type} if path.is_file() else {}
                 pipe = loading.load_pipeline(path, device=self.device,
                                              dtype=getattr(torch, dtype), **single)
+                if self.models_dir is not None:  # A1111's layout: <models>/Lora
+                    pipe.lora_dir = self.models_dir / "Lora"
                 with self._lock:
                     self._pipes[name] = pipe
             return self._pipes[name]

@@ -12,8 +12,14 @@ from typing import Callable
 from PIL import Image, UnidentifiedImageError
 
 from .. import samplers
+from ..pipelines.decoders import VAE_DECODERS
 from ..pnginfo import A1111_SAMPLERS, save_png
 
+
+
+# clip_skip at most this here (OpenCLIP bigG, the deepest text encoder of SD models, has 32
+# layers); the pipeline checks it against its own text encoder's layers
+MAX_CLIP_SKIP = 32
 
 
 @dataclass
@@ -173,6 +179,16 @@ def get_sampler(d, name="sampler"):
     raise bad(name, f"{name} {v!r} is not one of {samplers.SAMPLER_NAMES}")
 
 
+def get_vae_decoder(d, name="vae_decoder"):
+    """What decodes the final images: "full" (the VAE; missing means it) or "tiny"."""
+    v = get_str(d, name, default=None)
+    if v is None or v == "":
+        return "full"
+    if v not in VAE_DECODERS:
+        raise bad(name, f"{name} must be one of {list(VAE_DECODERS)}, got {v!r}")
+    return v
+
+
 def get_seed(d, name="seed"):
     """A seed; missing or -1 (AUTOMATIC1111's "random") draws one here, so it can be reported."""
     seed = get_int(d, name, None, -1, 2**63 - 1)
@@ -225,8 +241,9 @@ def b64(data):
 # ---- the common task --------------------------------------------------------------------
 def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
     """`f`: the request's fields (prompt, negative_prompt, seed, steps, guidance, sampler,
-    width, height, n, strength, guidance_rescale), guidance, sampler and strength as
-    `dialect` names them. With `image` img2img, with `image` and `mask` inpaint."""
+    width, height, n, strength, guidance_rescale, clip_skip, prompt_syntax, vae_decoder),
+    guidance, sampler, strength and clip_skip as `dialect` names them. With `image`
+    img2img, with `image` and `mask` inpaint."""
     prompt = get_str(f, "prompt", None, limits.max_prompt_chars)
     if prompt is None:
         raise bad("prompt", "prompt is required")
@@ -236,6 +253,9 @@ def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
     rescale = get_float(f, "guidance_rescale", 0.0, 0, 1)
     if rescale:  # passed only when asked for: unCLIP pipelines have no such option
         kw["guidance_rescale"] = rescale
+    if get_vae_decoder(f) != "full":  # the same: unCLIP pipelines decode with their VAE
+        kw["vae_decoder"] = get_vae_decoder(f)
+    kw.update(_prompt_options(f, dialect))
     per_image = dialect.seed_per_image
     if image is None:
         if mask is not None:
@@ -248,6 +268,18 @@ def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
     kw["strength"] = _strength(f, kw["steps"], 0.6 if mask is None else 1.0,
                                dialect.name("strength"))
     return Task(model, "img2img" if mask is None else "inpaint", kw, seed_per_image=per_image)
+
+
+def _prompt_options(f, dialect):
+    """clip_skip (A1111's numbering: 1 is the last layer) and prompt_syntax (False: the
+    prompt is literal text), each only where it is not the default."""
+    out = {}
+    clip_skip = get_int(f, dialect.name("clip_skip"), 1, 1, MAX_CLIP_SKIP)
+    if clip_skip != 1:
+        out["clip_skip"] = clip_skip
+    if not get_bool(f, "prompt_syntax", True):
+        out["prompt_syntax"] = False
+    return out
 
 
 def _strength(f, steps, default, name):

@@ -1,12 +1,13 @@
 """The trainable parts, by name: the one table the config and the loop read."""
 from .clip import ClipPart
 from .lcm import LcmPart
+from .tiny_decoder import TinyDecoderPart
 from .unclip import DecoderPart, PriorPart
 from .unet import UnetPart
 from .vae import VaePart
 
 PARTS = {"clip": ClipPart, "vae": VaePart, "unet": UnetPart, "prior": PriorPart,
-         "decoder": DecoderPart, "lcm": LcmPart}
+         "decoder": DecoderPart, "lcm": LcmPart, "tiny-decoder": TinyDecoderPart}
 
 
 def get_part(name):
