@@ -4,7 +4,8 @@
 # On a 2-core CPU, CLIP and the VAE (independent of each other) train side by side on one core
 # each, then the UNet on both. Each part resumes from its last checkpoint when run again.
 # Per-part wall-clock seconds are appended to OUT/times.jsonl. UNCLIP=1 also trains the unCLIP
-# prior and decoder (after the unet) and evaluates OUT/model-unclip.
+# prior and decoder (after the unet) and evaluates OUT/model-unclip. Last, the tiny decoder
+# (TAESD) is distilled from the VAE and added to the model folders assembled before it.
 set -euo pipefail
 OUT=${1:-runs/shapes}
 DEVICE=${2:-cpu}
@@ -31,3 +32,4 @@ if [ "${UNCLIP:-0}" = 1 ]; then
     part decoder "$(nproc)"
     $PY -m nanodiffusion.cli eval "$OUT/model-unclip" --n "${EVAL_N:-200}" --best-of 8
 fi
+part tiny-decoder 1

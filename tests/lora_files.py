@@ -126,7 +126,8 @@ def write_peft(folder, ref, seed):
     unet, text, ucfg, tcfg = peft_state(ref, seed)
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=unet, text_encoder_lora_layers=text,
-        unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict())
+        unet_lora_adapter_metadata=ucfg.to_dict(),
+        text_encoder_lora_adapter_metadata=tcfg.to_dict())
     return folder / "pytorch_lora_weights.safetensors"
 
 

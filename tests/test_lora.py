@@ -172,7 +172,8 @@ def test_fused_weight_is_the_original_plus_the_scaled_product(sd, tmp_path):
     after = weights(sd.ours)
     sd.ours.unload_loras()
     down, up, _ = layers[conv]
-    want = before[f"unet.{conv}.weight"] + 0.8 * 2.0 / 4 * torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+    product = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)  # (out, in, 3, 3)
+    want = before[f"unet.{conv}.weight"] + 0.8 * 2.0 / 4 * product
     torch.testing.assert_close(after[f"unet.{conv}.weight"], want)
     want = before[f"text_encoder.{q}.weight"] + 0.25 * text_layers[q][1][:, :, 0, 0] @ \
         text_layers[q][0][:, :, 0, 0]

@@ -146,7 +146,11 @@ class LoraMixin:
             raise InputError(f"a LoRA named {name!r} is loaded already; unload_lora({name!r}) "
                              f"first, or give another name")
         stack.loaded[name] = Active(name, stack.read(path), te, unet)
-        self._fuse_loras([])
+        try:
+            self._fuse_loras([])
+        except BaseException:  # e.g. out of memory: not loaded; the next fuse starts again
+            del stack.loaded[name]
+            raise
         return name
 
     def unload_lora(self, name):

@@ -97,9 +97,10 @@ class LoraFolder:
         where = f"in {self.root}" if self.root.is_dir() else \
             f"because the LoRA folder {self.root} does not exist"
         known = sorted(self._names)
+        found = f"; found: {', '.join(known[:20])}" if known else ""
         raise InputError(f"<lora:{name}>: no LoRA named {name!r} {where} (a .safetensors, "
                          f".pt or .ckpt file of that name; the CLI's --lora-dir, the server's "
-                         f"<models-dir>/Lora){'; found: ' + ', '.join(known[:20]) if known else ''}")
+                         f"<models-dir>/Lora){found}")
 
     def _index(self):
         names, aliases = {}, {}
