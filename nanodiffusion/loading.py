@@ -14,7 +14,8 @@ from .pipelines.sd import Defaults, Pipeline
 from .pipelines.unclip import UnCLIPDefaults, UnCLIPPipeline
 
 BUNDLED = Path(__file__).parent / "weights"
-BUNDLED_NAMES = {"shapes": "shapes", "shapes-unclip": "shapes-unclip"}
+BUNDLED_NAMES = {"shapes": "shapes", "shapes-unclip": "shapes-unclip",
+                 "shapes-lcm": "shapes-lcm"}
 
 
 def resolve(path):

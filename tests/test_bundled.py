@@ -39,3 +39,21 @@ def test_bundled_unclip_model_is_shipped_small_and_generates():
     assert 0.3 < white < 0.995, white
     varied = pipe.variations(a[0], n=2, seed=1)
     assert len(varied) == 2 and varied[0].size == a[0].size
+
+
+def test_bundled_lcm_model_is_shipped_small_and_generates_in_four_steps():
+    """shapes-lcm: the shapes UNet distilled by `train lcm` (issue 21), guidance embedded."""
+    folder = BUNDLED / "shapes-lcm"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 30 * 2**20, f"bundled LCM model is {size / 2**20:.1f} MiB"
+    pipe = nanodiffusion.load("shapes-lcm")
+    d = pipe.defaults
+    assert (d.steps, d.sampler) == (4, "lcm") and pipe.unet.config.time_cond_proj_dim == 256
+    a = pipe.generate("a red circle", seed=3)
+    b = pipe.generate("a red circle", seed=3)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    pixels = np.asarray(a[0]).astype(int)
+    white = (pixels.min(axis=-1) > 200).mean()
+    assert 0.3 < white < 0.995, white
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 100) & (pixels[..., 2] < 100)
+    assert red.mean() > 0.02, red.mean()  # a red object

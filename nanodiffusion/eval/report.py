@@ -159,9 +159,9 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
     prompts. `vae_decoder` "tiny" judges images from the model's tiny decoder (or the one
     at `tiny_decoder`); a model with one also gets its PSNR against the VAE decoder. `steps`
     and `sampler` override the model's defaults (a few-step model at 1, 2 and 4 steps)."""
-    from ..loading import load_pipeline
+    from ..loading import load_pipeline, resolve
 
-    folder = _model_folder(path)
+    folder = _model_folder(resolve(path))  # a bundled name too
     pipe = load_pipeline(folder, device=device, tiny_decoder=tiny_decoder)
     decode = {} if vae_decoder == "full" else {"vae_decoder": vae_decoder}
     decode.update({k: v for k, v in (("steps", steps), ("sampler", sampler)) if v is not None})
