@@ -2,8 +2,9 @@
 # Copy a trained shapes run into the package as the bundled models (float16 storage), with
 # their eval reports: RUN/model -> weights/shapes and, if trained, RUN/model-unclip ->
 # weights/shapes-unclip. A weight file whose tensors and metadata are unchanged keeps its
-# bytes (safetensors writes metadata in a random order), and shapes-unclip's CLIP and VAE,
-# when they are the shapes model's, get that file's bytes, so git stores each blob once.
+# bytes (safetensors writes metadata in a random order), and shapes-unclip's CLIP, VAE and
+# tiny decoder, when they are the shapes model's, get that file's bytes, so git stores each
+# blob once.
 #   bash scripts/ship-shapes.sh [RUN=runs/shapes]
 set -euo pipefail
 RUN=${1:-runs/shapes}
@@ -38,7 +39,7 @@ for src, name, save in ((run / "model", "shapes", save_pipeline),
                 old.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, old)
     print("shipped", src, "as", name)
-for part in ("clip", "vae"):
+for part in ("clip", "vae", "tiny_decoder"):
     a, b = (weights / n / f"{part}.safetensors" for n in ("shapes", "shapes-unclip"))
     if a.exists() and b.exists() and same(a, b):
         shutil.copyfile(a, b)

@@ -47,10 +47,11 @@ def _scene():
 
 
 def test_serve_lists_the_bundled_models(client):
-    assert [m.id for m in client.models.list()] == ["shapes", "shapes-unclip"]
+    assert sorted(m.id for m in client.models.list()) == ["shapes", "shapes-lcm",
+                                                          "shapes-unclip"]
 
 
-@pytest.mark.parametrize("model", ["shapes", "shapes-unclip"])
+@pytest.mark.parametrize("model", ["shapes", "shapes-lcm", "shapes-unclip"])
 def test_openai_generations_on_each_bundled_model(client, model):
     r = client.images.generate(model=model, prompt="a red circle", n=2, size="64x64",
                                response_format="b64_json", extra_body={"seed": 3, "steps": 3})

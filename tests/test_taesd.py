@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from nanodiffusion.formats import checkpoint
 from nanodiffusion.formats.taesd import (check_fits, config_from_diffusers,
@@ -83,6 +83,10 @@ def test_diffusers_options_we_do_not_build_are_refused():
         config_from_diffusers({"use_midblock_gn": True})
 
 
+def _read(path):
+    return load_file(str(path))
+
+
 def _madebyollin(ref, folder, prefix="taesd"):
     """ref's halves written as madebyollin's files: encoder `N.*`, decoder `N+1.*` (its clamp
     at 0), the inverse of diffusers' convert_tiny_autoencoder_to_diffusers, done here by hand."""
@@ -117,21 +121,15 @@ def test_every_layout_reads_to_the_same_model(tmp_path, width, enc, dec):
     assert _maxdiff(decoder.decode(z), want_x) == 0
     encoder = read_taesd(files["encoder"])
     assert encoder.decoder is None and _maxdiff(encoder.encode(x), want_z) == 0
-    assert to_taesd_files(both[0])["decoder"].keys() == read_sd(files["decoder"]).keys()
+    assert to_taesd_files(both[0])["decoder"].keys() == _read(files["decoder"]).keys()
     checkpoint.save_model(decoder, tmp_path / "ours.safetensors")  # our own file
     assert _maxdiff(read_taesd(tmp_path / "ours.safetensors").decode(z), want_x) == 0
-
-
-def read_sd(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def test_strict_loading_errors_name_the_file(tmp_path):
     ref = _reference(8, (1, 2), (2, 1))
     files = _madebyollin(ref, tmp_path)
-    sd = read_sd(files["decoder"])
+    sd = _read(files["decoder"])
     for name, broken in {
             "missing_decoder": {k: v for k, v in sd.items() if k != "3.conv.2.weight"},
             "extra_decoder": {**sd, "3.conv.6.weight": torch.zeros(8, 8, 3, 3)},

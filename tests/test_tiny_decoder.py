@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("diffusers")
 import tiny_sd  # noqa: E402
@@ -74,6 +75,12 @@ def test_png_parameters_say_which_decoder_made_the_image(with_tiny):
     assert parse_parameters(tiny[0].info["parameters"])["VAE Decoder"] == "TAESD"
     full = with_tiny.generate(PROMPT, seed=1, steps=2, width=W, height=H)
     assert "VAE Decoder" not in full[0].info["parameters"]
+    mask = Image.new("L", (W, H), 255)
+    for images in (with_tiny.img2img(PROMPT, full[0], seed=1, steps=2, vae_decoder="tiny"),
+                   with_tiny.inpaint(PROMPT, full[0], mask, seed=1, steps=2,
+                                     vae_decoder="tiny")):
+        assert "VAE Decoder: TAESD" in images[0].info["parameters"]
+        assert images[0].size == (W, H)
 
 
 @torch.no_grad()

@@ -226,7 +226,7 @@ def read_taesd(path, device="cpu", dtype=torch.float32):
             raise ValueError(f"{path}: no tiny autoencoder here (expected an AutoencoderTiny "
                              f"config.json, tiny_decoder.safetensors, or madebyollin's "
                              f"taesd_decoder.safetensors / taesd_encoder.safetensors)")
-        halves = [from_taesd_file(read_state_dict(p), p) for p in files.values()]
+        halves = [_half(p, half) for half, p in files.items()]
         cfg, sd = halves[0] if len(halves) == 1 else _merge(*halves, path)
         where = " + ".join(str(p) for p in files.values())
         return build(TAESD, cfg, sd, where, device, dtype)
@@ -241,6 +241,14 @@ def read_taesd(path, device="cpu", dtype=torch.float32):
         return _read_diffusers(path.parent, path, device, dtype)
     cfg, sd = from_taesd_file(read_state_dict(path), path)
     return build(TAESD, cfg, sd, str(path), device, dtype)
+
+
+def _half(path, half):
+    """A folder's *_encoder / *_decoder file -> (config, our keys), that half indeed."""
+    cfg, sd = from_taesd_file(read_state_dict(path), path)
+    if not getattr(cfg, f"{half}_blocks"):
+        raise ValueError(f"{path}: named a TAESD {half}, but its keys are the other half's")
+    return cfg, sd
 
 
 def _read_diffusers(folder, weights, device, dtype):
