@@ -28,7 +28,7 @@ from ..models.unet import UNet
 from ..pipelines.images import make_grid
 from ..pipelines.sd import Pipeline
 from .common import rand, randn, save_ema, source
-from .unet import SAMPLE_PROMPTS, encoded_batch, frozen_text, latents_of, vae_posterior
+from .unet import SAMPLE_PROMPTS, UnetPart, frozen_text, latents_of
 
 GUIDANCE_DIM = 256  # LCM's width of the guidance embedding (time_cond_proj_dim)
 STEPS = 4           # the assembled model's default number of steps
@@ -85,9 +85,7 @@ class LcmPart:
                   "target": target}
         return student, frozen
 
-    @staticmethod
-    def batch(cfg, frozen, indices, device):
-        return encoded_batch(cfg, frozen, indices, vae_posterior(frozen["vae"]), device)
+    batch = staticmethod(UnetPart.batch)  # the same frozen VAE latents, pooled
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
