@@ -41,6 +41,9 @@ class ScheduleConfig:
     # Lin et al. 2024: shift and scale sqrt(alphas_cumprod) so the last timestep is pure noise
     # (zero SNR); used with v prediction and trailing timesteps
     rescale_betas_zero_snr: bool = False
+    # lcm and tcd: the grid of the teacher's solver their timesteps are picked from (diffusers'
+    # LCMScheduler / TCDScheduler option; None: theirs, 50); other samplers ignore it
+    original_inference_steps: int | None = None
     # the fields the diffusers scheduler_config.json this came from left out: each sampler
     # gives them the default of its own diffusers class (`for_scheduler`), as diffusers does
     defaulted: tuple[str, ...] = ()
@@ -51,6 +54,11 @@ class ScheduleConfig:
         _check("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be >= 2")
+        o = self.original_inference_steps
+        if o is not None and (isinstance(o, bool) or not isinstance(o, int)
+                              or not 1 <= o <= self.num_train_timesteps):
+            raise ValueError(f"original_inference_steps={o!r} must be an integer in "
+                             f"[1, {self.num_train_timesteps}] (or unset: 50)")
         self.defaulted = tuple(self.defaulted)
         unknown = sorted(set(self.defaulted) - set(_DIFFUSERS_BASE))
         if unknown:
@@ -75,7 +83,7 @@ class ScheduleConfig:
         """The scheduler_config.json keys, without the defaulted ones (so a diffusers class
         reading it gives them its own default, as our samplers do)."""
         return {k: v for k, v in asdict(self).items()
-                if k != "defaulted" and k not in self.defaulted}
+                if k != "defaulted" and k not in self.defaulted and v is not None}
 
     def for_scheduler(self, class_name: str) -> "ScheduleConfig":
         """This config as diffusers' `<class_name>.from_config` reads it (the idiom
@@ -97,7 +105,8 @@ class ScheduleConfig:
 _DIFFUSERS_BASE = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
     prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0, clip_sample=False,
-    clip_sample_range=1.0, set_alpha_to_one=False, rescale_betas_zero_snr=False)
+    clip_sample_range=1.0, set_alpha_to_one=False, rescale_betas_zero_snr=False,
+    original_inference_steps=None)
 SCHEDULER_DEFAULTS = {
     "DDIMScheduler": dict(timestep_spacing="leading", clip_sample=True, set_alpha_to_one=True),
     "DDPMScheduler": dict(timestep_spacing="leading", clip_sample=True),
@@ -107,9 +116,11 @@ SCHEDULER_DEFAULTS = {
     "LMSDiscreteScheduler": {}, "DPMSolverMultistepScheduler": {},
     "UniPCMultistepScheduler": {},
     "LCMScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         set_alpha_to_one=True, timestep_spacing="leading"),
+                         set_alpha_to_one=True, timestep_spacing="leading",
+                         original_inference_steps=50),
     "TCDScheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         set_alpha_to_one=True, timestep_spacing="leading"),
+                         set_alpha_to_one=True, timestep_spacing="leading",
+                         original_inference_steps=50),
 }
 
 

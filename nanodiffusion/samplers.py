@@ -529,8 +529,8 @@ def plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.
     scheduler (`diffusers_scheduler_for`) for `steps` steps, starting at img2img `strength`
     (for every sampler, lcm and tcd included, as StableDiffusionImg2ImgPipeline: the first
     steps of the txt2img schedule are skipped). `options` go to the sampler (e.g. eta=1.0 for
-    ddim, as diffusers' `step(eta=...)`). `original_inference_steps` (lcm, tcd; default 50):
-    that scheduler config option. Schedule options a diffusers scheduler_config left out take
+    ddim, as diffusers' `step(eta=...)`). `original_inference_steps` (lcm, tcd; default the
+    schedule's, else 50): that scheduler config option. Schedule options a diffusers scheduler_config left out take
     the defaults of the sampler's diffusers class, as `<class>.from_config(pipe.scheduler.config)`
     gives them."""
     fn, cls, _ = _spec(sampler)
@@ -539,6 +539,8 @@ def plan(sampler: str, schedule: NoiseSchedule, steps: int, strength: float = 1.
     if original_inference_steps is not None and sampler not in ("lcm", "tcd"):
         raise InputError(f"original_inference_steps is an option of the lcm and tcd samplers "
                          f"only, not of {sampler!r}")
+    if original_inference_steps is None and sampler in ("lcm", "tcd"):
+        original_inference_steps = schedule.config.original_inference_steps  # None: 50
     start = _start(steps, strength)
     cfg = schedule.config.for_scheduler(cls)
     if cfg is not schedule.config:

@@ -24,7 +24,7 @@ def test_config_round_trip_and_errors():
     cfg = ScheduleConfig.from_diffusers(sd15)
     # the keys SD 1.5's file leaves out take PNDMScheduler's defaults, and are remembered
     assert cfg.defaulted == ("prediction_type", "timestep_spacing", "clip_sample_range",
-                             "rescale_betas_zero_snr")
+                             "rescale_betas_zero_snr", "original_inference_steps")
     assert dataclasses.replace(cfg, defaulted=()) == ScheduleConfig()
     assert ScheduleConfig.from_diffusers({"_class_name": "PNDMScheduler",
                                           **cfg.to_diffusers()}) == cfg

@@ -158,17 +158,20 @@ def test_lcm_refuses_an_lcm_teacher(lcm_sd, tmp_path):
         train(cfg, progress=False)
 
 
-def test_latent_consistency_pipeline_folder_opens_with_its_defaults(tmp_path):
+@pytest.mark.parametrize("original", [None, 20])
+def test_latent_consistency_pipeline_folder_opens_with_its_defaults(tmp_path, original):
     """A folder saved by diffusers' LatentConsistencyModelPipeline (an LCM UNet with
     LCMScheduler) opens with 4 lcm steps at guidance 8.5, that pipeline's defaults, and gives
-    its images."""
+    its images; with the scheduler's original_inference_steps too (timesteps of another grid),
+    which our diffusers export writes back."""
     from diffusers import LCMScheduler
 
+    extra = {} if original is None else {"original_inference_steps": original}
     ref = LatentConsistencyModelPipeline(
         vae=tiny_sd.vae(), text_encoder=tiny_sd.text_encoder(),
         tokenizer=tiny_sd.tokenizer(tmp_path / "tok"), unet=tiny_sd.unet(time_cond_proj_dim=32),
-        scheduler=LCMScheduler.from_config(tiny_sd.scheduler().config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        scheduler=LCMScheduler.from_config(tiny_sd.scheduler().config, **extra),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     ref.save_pretrained(tmp_path / "lcm")
     ours = nanodiffusion.load(tmp_path / "lcm")
@@ -179,3 +182,10 @@ def test_latent_consistency_pipeline_folder_opens_with_its_defaults(tmp_path):
                generator=torch.Generator("cpu").manual_seed(SEED)).images
     got = ours.generate(PROMPT, seed=SEED, n=2, width=24, height=16)
     tiny_sd.assert_close_images(tiny_sd.as_array(got), want)
+    assert ours.schedule_config.original_inference_steps == (original or 50)
+    if original is not None:
+        from nanodiffusion.cli import main
+
+        assert main(["export", str(tmp_path / "lcm"), str(tmp_path / "again")]) == 0
+        again = LatentConsistencyModelPipeline.from_pretrained(tmp_path / "again")
+        assert again.scheduler.config.original_inference_steps == original

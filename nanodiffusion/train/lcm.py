@@ -15,7 +15,8 @@ into a student UNet that generates in 1-4 steps with the `lcm` sampler:
   is exported, as LCM releases its target network.
 
 export() assembles <out>/model-lcm: the student UNet with the teacher's VAE, text encoder and
-tokenizer, the teacher's schedule, and 4-step lcm defaults."""
+tokenizer, the teacher's schedule with original_inference_steps = solver_steps (the lcm sampler
+picks its timesteps from the grid the student learned), and 4-step lcm defaults."""
 import dataclasses
 
 import torch
@@ -135,7 +136,7 @@ class LcmPart:
         try:
             pipe = frozen["pipe"]
             student = Pipeline(model, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                               pipe.schedule_config, defaults=lcm_defaults(cfg, pipe),
+                               lcm_schedule(cfg, pipe), defaults=lcm_defaults(cfg, pipe),
                                clip=pipe.clip, name="lcm")
             images = [student.generate(p, seed=i)[0] for i, p in enumerate(SAMPLE_PROMPTS)]
             make_grid(images, rows=2).save(path)
@@ -183,10 +184,16 @@ def lcm_defaults(cfg, pipe):
     return dataclasses.replace(pipe.defaults, steps=STEPS, guidance=guidance, sampler="lcm")
 
 
+def lcm_schedule(cfg, pipe):
+    """The teacher's schedule, whose lcm timesteps come from the grid the student learned
+    (original_inference_steps = solver_steps, as LCMScheduler's option)."""
+    return dataclasses.replace(pipe.schedule_config, original_inference_steps=cfg.solver_steps)
+
+
 def assemble_model(cfg, pipe):
     """<out>/model-lcm: the distilled UNet with the teacher's other parts."""
     pipe = pipe or load_teacher(cfg, "cpu")
     save_folder(cfg.out_path("model-lcm"), unet=cfg.run_dir / "unet.safetensors", vae=pipe.vae,
                 clip=pipe.clip, text_encoder=None if pipe.clip is not None else
-                pipe.text_encoder, tokenizer=pipe.tokenizer, schedule=pipe.schedule_config,
+                pipe.text_encoder, tokenizer=pipe.tokenizer, schedule=lcm_schedule(cfg, pipe),
                 defaults=lcm_defaults(cfg, pipe), name=f"{pipe.name}-lcm")
