@@ -189,3 +189,40 @@ def test_latent_consistency_pipeline_folder_opens_with_its_defaults(tmp_path, or
         assert main(["export", str(tmp_path / "lcm"), str(tmp_path / "again")]) == 0
         again = LatentConsistencyModelPipeline.from_pretrained(tmp_path / "again")
         assert again.scheduler.config.original_inference_steps == original
+
+
+# ---------------------------------------------------------------- LCM-LoRA
+
+def test_lcm_lora_on_a_plain_model_runs_as_diffusers(tmp_path):
+    """An LCM-LoRA (a LoRA on the UNet's attention and convolutions, as latent-consistency's
+    lcm-lora-sdv1-5 is) on an ordinary model, run as its model card says: LCMScheduler, 4
+    steps, guidance 1 (no CFG batch). diffusers' load_lora_weights + LCMScheduler against our
+    `--lora FILE --sampler lcm` through the CLI: the same pixels, far from the plain model's."""
+    pytest.importorskip("peft")
+    import lora_files as lf
+    import numpy as np
+    from front_door import run_cli
+    from PIL import Image
+
+    sd = tiny_sd.build(tmp_path / "sd")
+    layers = lf.random_layers(lf.unet_targets(sd.ref.unet), 5, alphas=(4.0,))
+    path = lf.write_kohya(tmp_path / "lcm-lora.safetensors", layers)
+    ref = sd.ref
+    tiny_sd.use_sampler(ref, sd.scheduler_config, "lcm")
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, width=16, height=16,
+              output_type="np")
+    plain = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), **kw).images
+    ref.load_lora_weights(str(path))
+    try:
+        want = ref(PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), **kw).images
+    finally:
+        ref.unload_lora_weights()
+    out = tmp_path / "out.png"
+    r = run_cli("generate", PROMPT, "--model", sd.folder, "--lora", path, "--sampler", "lcm",
+                "--steps", 4, "--guidance", 1, "--seed", SEED, "--width", 16, "--height", 16,
+                "--out", out)
+    assert r.returncode == 0, r.stderr
+    with Image.open(out) as im:
+        got = tiny_sd.as_array([im.convert("RGB")])
+    tiny_sd.assert_close_images(got, want)
+    assert np.abs(plain - want).max() > 10 / 255, "the LoRA hardly changes the image"
