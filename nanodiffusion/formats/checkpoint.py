@@ -191,13 +191,13 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     cls, arg_types = table[meta["class"]]
     raw = json.loads(meta["config"])
     args = {k: config_from_dict(arg_types[k], raw[k]) for k in arg_types}
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, dtype)  # each tensor cast as it is read, held by the model
     with torch.device("meta"):  # no time spent on a random init that is overwritten
         model = cls(**args)
-    check_state_dict(model, sd, str(path))
+    check_state_dict(model, sd, str(path), dtype)
     if any(b.is_meta for b in model.buffers()):  # non-persistent buffers: build for real
         model = cls(**args)
-        check_state_dict(model, sd, str(path))
+        check_state_dict(model, sd, str(path), dtype)
     return model.to(device=device, dtype=dtype).eval()
 
 

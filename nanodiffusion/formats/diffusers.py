@@ -57,10 +57,10 @@ def _read_json(path):
         raise ValueError(f"{path}: broken JSON ({e})") from None
 
 
-def _weights(folder):
+def _weights(folder, dtype=None):
     for name in WEIGHT_NAMES:
         if (folder / name).exists():
-            return read_state_dict(folder / name)
+            return read_state_dict(folder / name, dtype)
     raise ValueError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
 
 
@@ -75,6 +75,17 @@ def build_sd_modules(unet_cfg, unet_sd, vae_cfg, vae_sd, text_cfg, text_sd, wher
             "clip": None}
 
 
+def read_vae_folder(folder, device="cpu", dtype=torch.float32):
+    """A diffusers AutoencoderKL folder on its own (config.json and its weights, as a model
+    folder's vae/, or stabilityai/sd-vae-ft-mse) -> VAE; errors name the folder."""
+    folder = Path(folder)
+    try:
+        cfg = vae_config_from_diffusers(_read_json(folder / "config.json"))
+    except ValueError as e:
+        raise ValueError(e if str(folder) in str(e) else f"{folder}: {e}") from None
+    return build(VAE, cfg, _weights(folder, dtype), str(folder), device, dtype)
+
+
 def read_diffusers_folder(folder, device="cpu", dtype=torch.float32):
     """A diffusers Stable Diffusion folder -> Parts of kind "sd"."""
     folder = Path(folder)
@@ -86,11 +97,12 @@ def read_diffusers_folder(folder, device="cpu", dtype=torch.float32):
     vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
     text_cfg = clip_text_config_from_transformers(
         _read_json(folder / "text_encoder" / "config.json"))
-    text_sd = _weights(folder / "text_encoder")
+    text_sd = _weights(folder / "text_encoder", dtype)
     text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()
                if not k.endswith("position_ids")}
-    modules = build_sd_modules(unet_cfg, _weights(folder / "unet"), vae_cfg,
-                               _weights(folder / "vae"), text_cfg, text_sd, folder, device, dtype)
+    modules = build_sd_modules(unet_cfg, _weights(folder / "unet", dtype), vae_cfg,
+                               _weights(folder / "vae", dtype), text_cfg, text_sd, folder,
+                               device, dtype)
     sched_json = _read_json(folder / "scheduler" / "scheduler_config.json")
     # StableDiffusionPipeline.__init__ sets these on the scheduler it is given (a deprecation
     # shim all its users get); options the file leaves out stay `defaulted` (diffusers' record)

@@ -2,6 +2,8 @@
 torch.load with weights_only=True), the accepted suffixes, and the one strict loader of a state
 dict into a module (`check_state_dict`; `build` around it), whose errors name the part and the keys.
 """
+import json
+import math
 import pickle
 from pathlib import Path
 
@@ -21,38 +23,98 @@ def key_list(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def read_state_dict(path) -> dict:
+def read_state_dict(path, dtype=None) -> dict:
     """Tensors of a .safetensors file, or of a pickled .ckpt/.pt/.pth/.bin read with
-    weights_only=True (no code runs; a file that needs code is refused)."""
-    return read_checkpoint(path)[0]
+    weights_only=True (no code runs; a file that needs code is refused); floating ones in
+    `dtype` if given."""
+    return read_checkpoint(path, dtype)[0]
 
 
-def read_checkpoint(path) -> tuple[dict, int | None]:
+# safetensors' dtype names -> torch's (the format: an 8-byte little-endian header length, a
+# JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then the data)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def read_safetensors(path, dtype=None) -> dict:
+    """The tensors of a .safetensors file, read tensor by tensor into memory of their own (no
+    file mapping, no second copy of the file): a tensor already in `dtype` (or with `dtype`
+    None) is the bytes read, any other floating one is cast as it is read, so the peak is the
+    result plus one tensor. Files holding other dtypes (float8, ...) go through safetensors'
+    own reader. A cut or malformed file is a ValueError naming `path`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            if any(v.get("dtype") not in SAFETENSORS_DTYPES for v in header.values()):
+                return {k: _cast(v, dtype) for k, v in load_file(str(path)).items()}
+            start, out = 8 + n, {}
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+                src, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+                begin, end = info["data_offsets"]
+                want = math.prod(shape) * src.itemsize
+                if end - begin != want or start + end > size:
+                    raise ValueError(f"tensor {name!r}: data_offsets {begin}..{end} do not fit "
+                                     f"its shape {shape} {info['dtype']} or the file's size")
+                f.seek(start + begin)
+                buf = bytearray(want)
+                if f.readinto(buf) != want:
+                    raise ValueError(f"tensor {name!r} is cut short")
+                t = torch.frombuffer(buf, dtype=src) if want else torch.empty(0, dtype=src)
+                out[name] = _cast(t.reshape(shape), dtype)
+            return out
+    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_checkpoint(path, dtype=None) -> tuple[dict, int | None]:
     """(tensors, global_step) of a weight file as read_state_dict reads it. global_step, the
     training step ldm's checkpoints record beside the weights (or a "global_step" tensor among
-    them), is None where the file has none; it is taken out of the tensors."""
+    them), is None where the file has none; it is taken out of the tensors. `dtype`: floating
+    tensors come back in it, each cast as it is read (read_safetensors)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        try:
-            sd = load_file(str(path), device="cpu")
-        except SafetensorError as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        sd = read_safetensors(path, dtype)
         return sd, _global_step(sd.pop("global_step", None), path)
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown weight format (accepted: .safetensors, "
                          f"{', '.join(TORCH_SUFFIXES)})")
+    obj = torch_load(path)
+    step = obj.get("global_step") if isinstance(obj, dict) else None
+    sd = _tensors_only(obj, path)
+    inner = sd.pop("global_step", None)
+    if dtype is not None:
+        for k, v in sd.items():  # one at a time, each original freed as it goes
+            sd[k] = _cast(v, dtype)
+    return sd, _global_step(inner if inner is not None else step, path)
+
+
+def torch_load(path, source=None):
+    """torch.load of a pickled file with weights_only=True: tensors, dicts, lists, strings and
+    numbers come back, nothing in the file runs. `source`: the file's bytes as a file object
+    (default: the file at `path`). A file that needs code, or a cut or broken one, is a
+    ValueError naming `path`."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if source is None else source, map_location="cpu",
+                          weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: the file contains pickled code (objects other than tensors) "
                          f"and was refused; convert it to .safetensors with a trusted tool "
                          f"({str(e).splitlines()[0]})") from e
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
-    step = obj.get("global_step") if isinstance(obj, dict) else None
-    sd = _tensors_only(obj, path)
-    inner = sd.pop("global_step", None)
-    return sd, _global_step(inner if inner is not None else step, path)
 
 
 def _global_step(value, path: Path) -> int | None:
@@ -85,8 +147,9 @@ def misfit(module: nn.Module, sd: dict) -> tuple[list, list, list]:
     return missing, unexpected, shapes
 
 
-def check_state_dict(module: nn.Module, sd: dict, name: str) -> nn.Module:
-    """Load `sd` into `module` strictly (floating tensors as float32); missing, unexpected and
+def check_state_dict(module: nn.Module, sd: dict, name: str, dtype=None) -> nn.Module:
+    """Load `sd` into `module` strictly (floating tensors in `dtype`, default float32: a tensor
+    already in it is taken as it is, not copied); missing, unexpected and
     wrongly shaped keys become one ValueError naming `name` (the file, or the file and part),
     the module's class and the keys. Every loader of weights goes through here, so every such
     error reads the same. A module built on the meta device takes the tensors themselves (no
@@ -99,13 +162,15 @@ def check_state_dict(module: nn.Module, sd: dict, name: str) -> nn.Module:
     if problems:
         raise ValueError(f"{name}: the weights do not fit the {type(module).__name__}: "
                          + "; ".join(problems))
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: _cast(v, dtype or torch.float32) for k, v in sd.items()}
     module.load_state_dict(sd, strict=True, assign=any(p.is_meta for p in module.parameters()))
     return module
 
 
 def build(cls, cfg, sd: dict, name: str, device, dtype) -> nn.Module:
-    """`cls(cfg)` with the weights `sd` (check_state_dict), on `device` in `dtype`, in eval mode."""
+    """`cls(cfg)` with the weights `sd` (check_state_dict), on `device` in `dtype`, in eval
+    mode. The module holds the tensors of `sd` where they already are in `dtype` (as
+    read_checkpoint(path, dtype) reads them): no second copy of the weights."""
     with torch.device("meta"):  # no time spent on a random init that is overwritten
         model = cls(cfg)
-    return check_state_dict(model, sd, name).to(device=device, dtype=dtype).eval()
+    return check_state_dict(model, sd, name, dtype).to(device=device, dtype=dtype).eval()

@@ -148,11 +148,12 @@ def read_single_file(path, device="cpu", dtype=torch.float32, prediction_type=No
     path = Path(path)
     meta = _metadata(path)
     record = _read_record(path, meta)
-    sd, global_step = read_checkpoint(path)
+    sd, global_step = read_checkpoint(path, dtype)  # each tensor in dtype as it is read
     try:
         parts = ldm_to_diffusers(sd, hints=hints or _read_hints(path, meta), configs=record)
     except ValueError as e:  # the conversion names keys and shapes; the file is named here
         raise ValueError(f"{path}: {e}") from e
+    del sd  # the parts hold what is used: the rest of the file (EMA twins, ...) goes now
     info = parts["info"]
     missing = [name for name in ("vae", "text") if parts[name] is None]
     if missing:
