@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from . import DTYPES, cli_io, cli_lora
+from . import DTYPES, cli_embeddings, cli_io, cli_lora
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -38,6 +38,10 @@ def _add_sampling_args(p):
     p.add_argument("--no-prompt-syntax", dest="prompt_syntax", action="store_false",
                    help="read prompts as literal text, not in AUTOMATIC1111's syntax of "
                    "(word:1.3), [word], BREAK (docs/prompts.md)")
+    p.add_argument("--deepcache", type=int, default=None, metavar="N", help="DeepCache, an "
+                   "approximate path: the UNet's deep blocks run every N-th step only, its "
+                   "shallow ones on the steps between (faster, and the images change: "
+                   "docs/deepcache.md); 1 or none: exact (Stable Diffusion models only)")
     p.add_argument("-n", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--out", default="out.png", help="output PNG (default out.png; OUT-1.png, "
                    "OUT-2.png ... when several)")
@@ -45,12 +49,24 @@ def _add_sampling_args(p):
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations "
                    "of a Stable Diffusion model (bfloat16: about 2x faster on CPUs with "
                    "AVX-512 BF16 or AMX; float16 for GPUs)")
+    p.add_argument("--low-memory", action="store_true", help="keep the text encoder's, the "
+                   "UNet's and the VAE's weights on disk except while each runs (same images; "
+                   "for machines with little memory; Stable Diffusion models only)")
     p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
                    help="what the UNet of a single-file checkpoint predicts, which the file "
                    "does not record (default: found as diffusers finds it, or from a "
                    "MODEL.yaml beside the file)")
     _add_tiny_decoder(p)
+    _add_vae(p)
     cli_lora.add_args(p)
+    cli_embeddings.add_args(p)
+
+
+def _add_vae(p):
+    p.add_argument("--vae", default=None, metavar="PATH", help="a VAE to use in place of the "
+                   "model's own (AUTOMATIC1111's --vae-path): a single file as downloaded "
+                   "(vae-ft-mse-840000-ema-pruned.safetensors, .ckpt, .pt) or a diffusers VAE "
+                   "folder; Stable Diffusion models only")
 
 
 def _add_tiny_decoder(p):
@@ -179,10 +195,12 @@ def _add_unclip_commands(sub):
 def _add_model_commands(sub):
     """train, eval, export and serve."""
     t = sub.add_parser("train", help="train one part (clip, vae, unet, prior, decoder) from "
-                       "zero, or distil a model into a few-step one (lcm) or its VAE decoder "
-                       "into a tiny one (tiny-decoder)")
+                       "zero, distil a model into a few-step one (lcm) or its VAE decoder "
+                       "into a tiny one (tiny-decoder), or fine-tune a model you have (unet "
+                       "--base, lora)")
     t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder", "lcm",
-                                    "tiny-decoder"])
+                                    "tiny-decoder", "lora"])
+    _add_finetune_args(t)
     t.add_argument("--teacher", default=None, help="lcm: the model to distil (a name, folder "
                    "or file; default <out>/model); tiny-decoder: the model whose VAE to "
                    "distil (default <out>/vae)")
@@ -206,6 +224,8 @@ def _add_model_commands(sub):
     e.add_argument("--steps", type=int, default=None, help="sampling steps (default: the "
                    "model's)")
     e.add_argument("--sampler", default=None, help="(default: the model's)")
+    e.add_argument("--deepcache", type=int, default=None, metavar="N", help="evaluate "
+                   "DeepCache's approximate path with interval N (default: the exact path)")
     _add_tiny_decoder(e)
     x = sub.add_parser("export", help="write a model in another format")
     x.add_argument("model")
@@ -223,13 +243,37 @@ def _add_model_commands(sub):
     v.add_argument("--device", default="cpu")
     v.add_argument("--dtype", default="float32", choices=DTYPES, help="Stable Diffusion "
                    "models' precision (unCLIP models stay float32)")
+    v.add_argument("--low-memory", action="store_true", help="Stable Diffusion models keep "
+                   "their text encoder's, UNet's and VAE's weights on disk except while each "
+                   "runs")
     v.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
                    help="what the UNets of the single-file checkpoints served predict "
                    "(default: found per file, as diffusers finds it)")
+    _add_vae(v)
     v.add_argument("--max-queue", type=int, default=8, help="waiting jobs per model")
+    v.add_argument("--max-batch", type=int, default=1, help="run waiting txt2img jobs of "
+                   "the same settings as one batch of up to N images: more images/s, pixels "
+                   "may differ from a lone run's by a level (default 1: each job alone)")
     v.add_argument("--max-side", type=int, default=1024)
     v.add_argument("--max-n", type=int, default=8)
     v.add_argument("--max-steps", type=int, default=150)
+
+
+def _add_finetune_args(t):
+    t.add_argument("--base", default=None, help="lora, unet: the Stable Diffusion model to "
+                   "fine-tune (a bundled name, a model folder or a single file); it is never "
+                   "written")
+    t.add_argument("--size", type=int, default=None, help="the training images' side in "
+                   "pixels (default: the recipe's, else 64)")
+    t.add_argument("--rank", type=int, default=None, help="lora: the UNet's LoRA rank "
+                   "(default 16)")
+    t.add_argument("--alpha", type=float, default=None, help="lora: kohya's alpha, the LoRA "
+                   "scaled by alpha / rank (default: the rank)")
+    t.add_argument("--text-encoder-rank", type=int, default=None, help="lora: the text "
+                   "encoder's LoRA rank (default 0: the text encoder is not trained)")
+    t.add_argument("--lora-targets", default=None, choices=("transformer", "attention"),
+                   help="lora: the UNet's modules: every Linear and 1x1 conv of its "
+                   "transformer blocks (kohya's; the default), or to_q/to_k/to_v/to_out only")
 
 
 # The commands live in two modules, imported when one of their commands runs (the parser

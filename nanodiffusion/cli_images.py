@@ -4,7 +4,7 @@ parser is cli.py's; what is read and written, cli_io.py's."""
 import sys
 from pathlib import Path
 
-from . import cli_io, cli_lora
+from . import cli_embeddings, cli_io, cli_lora
 
 
 def cmd_sample(args):
@@ -18,6 +18,7 @@ def cmd_sample(args):
     pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"), args.dtype,
                  args.prediction_type, args.tiny_decoder)
     cli_lora.attach(pipe, args)
+    cli_embeddings.attach(pipe, args)
     callback, frames = cli_io.progress(), None
     if args.save_steps:
         callback, frames = cli_io.step_frames(callback)
@@ -32,8 +33,18 @@ def cmd_sample(args):
             raise ValueError("--guidance-rescale is for Stable Diffusion models, not unCLIP ones")
         if args.vae_decoder != "full":
             raise ValueError("--vae-decoder tiny is for Stable Diffusion models, not unCLIP ones")
+        if args.vae is not None:
+            raise ValueError("--vae is for Stable Diffusion models, not unCLIP ones")
+        if args.deepcache is not None:
+            raise ValueError("--deepcache is for Stable Diffusion models, not unCLIP ones")
+        if args.low_memory:
+            raise ValueError("--low-memory is for Stable Diffusion models, not unCLIP ones")
     else:
-        common.update(guidance_rescale=args.guidance_rescale, vae_decoder=args.vae_decoder)
+        pipe.set_low_memory(args.low_memory)
+        common.update(guidance_rescale=args.guidance_rescale, vae_decoder=args.vae_decoder,
+                      deepcache=args.deepcache)
+        if args.vae is not None:
+            pipe.load_vae(args.vae)
     if args.command == "generate":
         images = pipe.generate(args.prompt, width=args.width, height=args.height,
                                best_of=best_of, **common)

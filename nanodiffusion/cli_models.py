@@ -11,7 +11,9 @@ def cmd_train(args):
 
     over = {"data": args.data, "out": args.out, "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "device": args.device,
-            "num_workers": args.workers, "teacher": args.teacher}
+            "num_workers": args.workers, "teacher": args.teacher, "base": args.base,
+            "image_size": args.size, "lora_rank": args.rank, "lora_alpha": args.alpha,
+            "lora_text_encoder_rank": args.text_encoder_rank, "lora_targets": args.lora_targets}
     if args.recipe:
         cfg = load_recipe(args.recipe, args.part, **over)
     else:
@@ -37,7 +39,8 @@ def cmd_eval(args):
 
     report(args.path, n=args.n, device=args.device, best_of=args.best_of,
            best_of_prompts=args.best_of_prompts, out=args.out, vae_decoder=args.vae_decoder,
-           tiny_decoder=args.tiny_decoder, steps=args.steps, sampler=args.sampler)
+           tiny_decoder=args.tiny_decoder, steps=args.steps, sampler=args.sampler,
+           deepcache=args.deepcache)
 
 
 def cmd_export(args):
@@ -67,10 +70,11 @@ def cmd_serve(args):
         raise ValueError(f"the server needs its extra: pip install 'nanodiffusion[server]' "
                          f"({e})") from None
     limits = Limits(max_side=args.max_side, max_n=args.max_n, max_steps=args.max_steps,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, max_batch=args.max_batch)
     serve(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
           api_key=args.api_key or os.environ.get("NANODIFFUSION_API_KEY") or None,
-          limits=limits, dtype=args.dtype, prediction_type=args.prediction_type)
+          limits=limits, dtype=args.dtype, prediction_type=args.prediction_type, vae=args.vae,
+          low_memory=args.low_memory)
 
 
 HANDLERS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve}

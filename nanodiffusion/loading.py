@@ -60,11 +60,17 @@ def _from_hub(repo_id):
 
 
 def load_pipeline(path=None, device="cpu", dtype=torch.float32, prediction_type=None,
-                  hints=None, tiny_decoder=None):
+                  hints=None, tiny_decoder=None, low_memory=False):
     """Open any supported model as a Pipeline (or UnCLIPPipeline). `prediction_type` and
     `hints` (single_file.LDMHints) apply to single files only, which do not record them.
-    `tiny_decoder`: a TAESD to attach (attach_tiny_decoder), in place of the model's own."""
+    `tiny_decoder`: a TAESD to attach (attach_tiny_decoder), in place of the model's own.
+    `low_memory`: a Stable Diffusion model's text encoder, UNet and VAE stay on disk except
+    while each runs (Pipeline.set_low_memory)."""
     pipe = build_pipeline(read_parts(path, device, dtype, prediction_type, hints))
+    if low_memory:
+        if not hasattr(pipe, "set_low_memory"):
+            raise ValueError(f"{path}: low_memory is for Stable Diffusion models, not unCLIP ones")
+        pipe.set_low_memory(True)
     return pipe if tiny_decoder is None else attach_tiny_decoder(pipe, tiny_decoder)
 
 

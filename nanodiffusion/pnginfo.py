@@ -19,6 +19,8 @@ A1111_SAMPLERS = {
     "dpmpp-2m-sde-karras": "DPM++ 2M SDE Karras", "euler-karras": "Euler Karras",
     "lms-karras": "LMS Karras", "unipc": "UniPC", "lcm": "LCM",
 }
+# Fields of `extra` that A1111 writes right after Model (a VAE file's, pipelines/vae_swap.py).
+AFTER_MODEL = ("VAE hash", "VAE")
 
 
 def format_parameters(p):
@@ -33,13 +35,15 @@ def format_parameters(p):
               ("Size", f"{p['width']}x{p['height']}")]
     if p.get("model"):
         fields.append(("Model", p["model"]))
+    extra = dict(p.get("extra") or {})
+    fields += [(k, _quote(str(extra.pop(k)))) for k in AFTER_MODEL if k in extra]
     if p.get("strength") is not None:
         fields.append(("Denoising strength", p["strength"]))
     if p.get("clip_skip", 1) != 1:
         fields.append(("Clip skip", p["clip_skip"]))
     if p.get("batch_size", 1) > 1:
         fields += [("Batch size", p["batch_size"]), ("Batch pos", p.get("batch_pos", 0))]
-    fields += [(k, _quote(str(v))) for k, v in (p.get("extra") or {}).items()]
+    fields += [(k, _quote(str(v))) for k, v in extra.items()]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
 

@@ -13,9 +13,15 @@ among its last 20 tokens (A1111's default "comma padding backtrack"), the tokens
 comma starting the next chunk. Each chunk is encoded alone; the states of a chunk whose
 weights are not all 1 are multiplied by them and then rescaled to the chunk's unweighted mean
 (A1111's "Original" emphasis); a prompt's chunks are concatenated along the sequence.
+
+Textual inversion embeddings (docs/embeddings.md) are found in the tokens as A1111 finds them:
+where the tokens of an embedding's name start, its n vectors take the place of those tokens,
+n tokens of the chunk, all with the weight of the text they are in; an embedding that does
+not fit in what is left of a chunk starts the next one (the rest padded), never split.
 """
 import math
 import re
+from collections import namedtuple
 
 import torch
 
@@ -116,18 +122,54 @@ def escape(text):
     return re.sub(r"[\\()\[\]]", lambda m: "\\" + m.group(0), text)
 
 
-def chunks(tokenizer, sections, size):
+class Vocabulary:
+    """Textual inversion embeddings by the token ids of their names, found in a prompt as
+    A1111's EmbeddingDatabase finds them: at each token, the longest name whose tokens start
+    there. `vectors`: {name: (n, D)}; `refused`: {name: why} for names a prompt may not use
+    (files that do not fit the model), an InputError when one is found."""
+
+    def __init__(self, tokenizer, vectors, refused=None):
+        self.vectors = dict(vectors)
+        self.refused = {k: v for k, v in (refused or {}).items() if k not in self.vectors}
+        self._starts = {}  # first token id -> [(ids, name)], the longest first
+        for name in [*self.vectors, *self.refused]:
+            ids = tuple(tokenizer.encode(name))
+            if ids:
+                self._starts.setdefault(ids[0], []).append((ids, name))
+        for found in self._starts.values():
+            found.sort(key=lambda item: -len(item[0]))
+
+    def match(self, tokens, i):
+        """(name, number of tokens it spans) of the embedding named at tokens[i], or None."""
+        for ids, name in self._starts.get(tokens[i], ()):
+            if tuple(tokens[i:i + len(ids)]) == ids:
+                if name in self.refused:
+                    raise InputError(f"the prompt names the embedding {name!r}, which cannot "
+                                     f"be used: {self.refused[name]}")
+                return name, len(ids)
+        return None
+
+
+# An embedding's k-th vector in a chunk's ids, in the place of a token id.
+Vector = namedtuple("Vector", "name index")
+
+
+def chunks(tokenizer, sections, size, vocabulary=None):
     """Sections of (text, weight) -> chunks: (token ids, weights) of at most `size` tokens
     each, without start and end tokens, as A1111 makes them: each section starts a chunk, a
     full chunk moves the tokens after its last comma to the next when that comma is among
-    its last COMMA_BACKTRACK tokens. A prompt of no tokens is one empty chunk."""
+    its last COMMA_BACKTRACK tokens. A prompt of no tokens is one empty chunk. The names of
+    the embeddings of `vocabulary` (a Vocabulary) become their vectors, a Vector(name, k)
+    each in the ids."""
     comma = tokenizer.encode(",")
     comma = comma[0] if len(comma) == 1 else None
     out = []
     for k, section in enumerate(sections):
         ids, weights, last_comma = [], [], -1
         for text, weight in section:
-            for token in tokenizer.encode(text):
+            found, i = tokenizer.encode(text), 0
+            while i < len(found):
+                token = found[i]
                 if token == comma:
                     last_comma = len(ids)
                 elif len(ids) == size and last_comma >= 0 and \
@@ -138,22 +180,46 @@ def chunks(tokenizer, sections, size):
                 if len(ids) == size:
                     out.append((ids, weights))
                     ids, weights, last_comma = [], [], -1
-                ids.append(token)
-                weights.append(weight)
+                named = vocabulary.match(found, i) if vocabulary is not None else None
+                if named is None:
+                    ids.append(token)
+                    weights.append(weight)
+                    i += 1
+                    continue
+                n = vocabulary.vectors[named[0]].shape[0]
+                if len(ids) + n > size:  # never split: the chunk ends here, padded
+                    out.append((ids, weights))
+                    ids, weights, last_comma = [], [], -1
+                ids += [Vector(named[0], j) for j in range(n)]
+                weights += [weight] * n
+                i += named[1]
         if ids or k < len(sections) - 1 or not out:  # a BREAK ends a chunk, even an empty one
             out.append((ids, weights))
     return out
 
 
-def tokens(tokenizer, prompt, length, syntax=True):
-    """A prompt -> (ids (C, length), weights (C, length)): its chunks, each [start, tokens,
-    end, padding] as the tokenizer makes a prompt that fits; weight 1 off the prompt's
-    tokens. syntax=False reads the prompt as literal text (still chunked)."""
+def embeddings_used(tokenizer, prompt, vocabulary, syntax=True):
+    """The names of the embeddings of `vocabulary` that `prompt` uses, in order, once each."""
+    sections = parse(prompt) if syntax else [[(prompt, 1.0)]]
+    return list(dict.fromkeys(t.name for ids, _ in chunks(tokenizer, sections, 10**9,
+                                                          vocabulary)
+                              for t in ids if isinstance(t, Vector)))
+
+
+def tokens(tokenizer, prompt, length, syntax=True, vocabulary=None):
+    """A prompt -> (ids (C, length), weights (C, length), vectors): its chunks, each [start,
+    tokens, end, padding] as the tokenizer makes a prompt that fits; weight 1 off the
+    prompt's tokens. syntax=False reads the prompt as literal text (still chunked). Where an
+    embedding's vectors go the ids hold 0 (as in A1111) and `vectors` lists (chunk, position,
+    Vector)."""
     sections = parse(prompt) if syntax else [[(prompt, 1.0)]]
     rows = [_row(tokenizer, ids, weights, length)
-            for ids, weights in chunks(tokenizer, sections, length - 2)]
-    return (torch.tensor([ids for ids, _ in rows], dtype=torch.long),
-            torch.tensor([weights for _, weights in rows]))
+            for ids, weights in chunks(tokenizer, sections, length - 2, vocabulary)]
+    vectors = [(c, t, v) for c, (ids, _) in enumerate(rows) for t, v in enumerate(ids)
+               if isinstance(v, Vector)]
+    return (torch.tensor([[0 if isinstance(i, Vector) else i for i in ids] for ids, _ in rows],
+                         dtype=torch.long),
+            torch.tensor([weights for _, weights in rows]), vectors)
 
 
 def _row(tokenizer, ids, weights, length):
@@ -190,34 +256,58 @@ def check_options(text_encoder, clip_skip, syntax):
         raise InputError(f"prompt_syntax must be True or False, got {syntax!r}")
 
 
-def encode(text_encoder, tokenizer, prompts, clip_skip=1, syntax=True):
+def encode(text_encoder, tokenizer, prompts, clip_skip=1, syntax=True, vocabulary=None):
     """list of str -> one (token states (C * T, D), pooled (D,)) per prompt: its C chunks of
     T = max_positions tokens, encoded with the others' as one batch; pooled from its first
-    chunk (unweighted, as A1111's SDXL takes it)."""
+    chunk (unweighted, as A1111's SDXL takes it). The embeddings of `vocabulary` named in the
+    prompts enter as token embeddings where their names were."""
     check_options(text_encoder, clip_skip, syntax)
     T = text_encoder.config.max_positions
-    made = [tokens(tokenizer, p, T, syntax) for p in prompts]
-    ids = torch.cat([i for i, _ in made])  # (N, T): every prompt's chunks
+    made = [tokens(tokenizer, p, T, syntax, vocabulary) for p in prompts]
+    ids = torch.cat([i for i, _, _ in made])  # (N, T): every prompt's chunks
     device = next(text_encoder.parameters()).device
-    hidden, pooled = text_encoder(ids.to(device), clip_skip=clip_skip)  # (N, T, D), (N, D)
-    hidden = apply_weights(hidden, torch.cat([w for _, w in made]))
+    embeds = _token_embeddings(text_encoder, ids.to(device), made, vocabulary)
+    hidden, pooled = text_encoder(ids.to(device), clip_skip=clip_skip,
+                                  token_embeds=embeds)  # (N, T, D), (N, D)
+    hidden = apply_weights(hidden, torch.cat([w for _, w, _ in made]))
     out, start = [], 0
-    for i, _ in made:
+    for i, _, _ in made:
         c = i.shape[0]
         out.append((hidden[start:start + c].reshape(c * T, -1), pooled[start]))  # (C * T, D)
         start += c
     return out
 
 
-def encode_cached(cache, text_encoder, tokenizer, prompts, clip_skip=1, syntax=True):
+def _token_embeddings(text_encoder, ids, made, vocabulary):
+    """The token embeddings (N, T, D) of `ids` with the embeddings' vectors in their places,
+    or None when no prompt of `made` (tokens() of each) names one."""
+    rows, cols, vectors, start = [], [], [], 0
+    for i, _, placed in made:
+        for c, t, v in placed:
+            rows.append(start + c)
+            cols.append(t)
+            vectors.append(vocabulary.vectors[v.name][v.index])  # (D,)
+        start += i.shape[0]
+    if not vectors:
+        return None
+    table = text_encoder.embeddings.token_embedding
+    embeds = table(ids)  # (N, T, D)
+    embeds[rows, cols] = torch.stack(vectors).to(embeds.device, embeds.dtype)  # (V, D)
+    return embeds
+
+
+def encode_cached(cache, text_encoder, tokenizer, prompts, clip_skip=1, syntax=True,
+                  vocabulary=None):
     """encode() through `cache` (a dict: (prompt, clip_skip, syntax) -> its encoding, least
     recently used first, CACHE_SIZE kept) -> (token states (B, S, D), pooled (B, D)). Prompts
     of fewer chunks than the longest are padded with chunks of the empty prompt (A1111's
-    padding of the prompt and negative prompt to the same length)."""
+    padding of the prompt and negative prompt to the same length). The cache holds the
+    encodings of one `vocabulary`: its owner clears it when the embeddings change."""
     def fill(keys):  # encode what is missing, in one batch; mark all as just used
         missing = [k for k in dict.fromkeys(keys) if k not in cache]
         if missing:
-            encoded = encode(text_encoder, tokenizer, [k[0] for k in missing], clip_skip, syntax)
+            encoded = encode(text_encoder, tokenizer, [k[0] for k in missing], clip_skip, syntax,
+                             vocabulary)
             cache.update(zip(missing, encoded))
         for key in dict.fromkeys(keys):
             cache[key] = cache.pop(key)

@@ -29,8 +29,19 @@ from .diffusion import NoiseSchedule, exponential_sigmas, karras_sigmas, lcm_bou
 from .errors import InputError
 
 
+@dataclass(frozen=True)
+class Generators:
+    """Several generators behind one batch (pipelines/batch.py): `generators[i]` draws
+    the next `rows[i]` rows of every draw, as it would draw them for its own batch alone."""
+    generators: tuple
+    rows: tuple
+
+
 def _draw(x, generator, dtype):
     """diffusers `randn_tensor`: a CPU generator draws on the CPU, then the noise moves to x."""
+    if isinstance(generator, Generators):
+        parts = x.split(list(generator.rows))  # each (rows[i], ...)
+        return torch.cat([_draw(p, g, dtype) for p, g in zip(parts, generator.generators)])
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
     return noise.to(device=x.device, dtype=torch.float32)

@@ -445,7 +445,11 @@ def test_clip_trains_with_hard_negatives(tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(recipe):
-    for part in ("clip", "vae", "unet", "prior", "decoder"):
+    import tomllib
+
+    parts = [t for t in tomllib.loads(recipe.read_text()) if t != "common"]
+    assert parts
+    for part in parts:  # every table of the recipe (finetune.toml: lora and unet)
         cfg = load_recipe(recipe, part, out="runs/x")
         assert cfg.part == part and cfg.steps >= 1
 

@@ -69,11 +69,10 @@ def read_safetensors(path, dtype=None) -> dict:
                     raise ValueError(f"tensor {name!r}: data_offsets {begin}..{end} do not fit "
                                      f"its shape {shape} {info['dtype']} or the file's size")
                 f.seek(start + begin)
-                buf = bytearray(want)
-                if f.readinto(buf) != want:
+                buf = torch.empty(want, dtype=torch.uint8)  # torch's allocator: aligned as
+                if f.readinto(buf.numpy()) != want:         # any tensor (the same kernels)
                     raise ValueError(f"tensor {name!r} is cut short")
-                t = torch.frombuffer(buf, dtype=src) if want else torch.empty(0, dtype=src)
-                out[name] = _cast(t.reshape(shape), dtype)
+                out[name] = _cast(buf.view(src).reshape(shape), dtype)
             return out
     except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e

@@ -16,6 +16,9 @@ Formats read (each file's layout found from its keys):
 The change a layer makes to its module's weight is (alpha / rank) * up @ down (kohya's, A1111's
 and PEFT's scaling; no alpha: 1). Every key must be used, every module found, every shape fit,
 or the file is refused with an error naming it and the keys: never a partial LoRA.
+
+Written (save_kohya, what `train lora` makes): the kohya layout, under the names kohya_name
+gives, the ones the reader maps back.
 """
 import json
 import re
@@ -24,12 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from .checkpoint import atomic_write
 from .files import key_list, read_checkpoint
 from .ldm_keys import RESNET, _unet_layout_diffusers, _unet_pairs
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # our part -> kohya's prefix
+# where sd-scripts puts a part's modules: CLIP's under text_model. (transformers 4's layout)
+KOHYA_ROOTS = {"unet": "", "text_encoder": "text_model."}
 ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down",
          "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
          "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
@@ -162,13 +169,13 @@ class _Names:
             for name in modules:
                 ours = f"{part}.{name}"
                 for alias in self._aliases(part, name, modules):
-                    key = PARTS[part] + alias.replace(".", "_")
+                    key = _underscored(part, alias)
                     self.flat[key] = ours if self.flat.get(key, ours) == ours else None
 
     @staticmethod
     def _aliases(part, name, modules):
         if part == "text_encoder":  # sd-scripts' CLIP modules sit under text_model.
-            return [name, "text_model." + name]
+            return [name, KOHYA_ROOTS[part] + name]
         ldm = _ldm_names(modules).get(name)
         return [name] + ([ldm] if ldm else [])
 
@@ -192,6 +199,35 @@ class _Names:
             if name in self.targets[part]:
                 return f"{part}.{name}"
         return None
+
+
+def _underscored(part, name):
+    return PARTS[part] + name.replace(".", "_")
+
+
+def kohya_name(part, module):
+    """The kohya name of our module `module` of `part` ("unet", "text_encoder"), as sd-scripts
+    writes it and A1111, ComfyUI and diffusers read it: `lora_unet_down_blocks_1_attentions_0_
+    proj_in`, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`."""
+    return _underscored(part, KOHYA_ROOTS[part] + module)
+
+
+def save_kohya(path, layers, metadata=None):
+    """Write `layers` ({"unet.<module>" / "text_encoder.<module>": LoraLayer}, our names) as a
+    kohya / A1111 file, atomically: each module's `lora_down.weight` and `lora_up.weight` (a
+    Linear's matrices, or a conv's: down (r, in, kh, kw), up (out, r, 1, 1)) and its `alpha`
+    (a float32 scalar; the rank where the layer has none) under kohya_name, the text
+    `metadata` (sd-scripts' ss_* keys) in the header."""
+    tensors = {}
+    for ours, layer in sorted(layers.items()):
+        key = kohya_name(*ours.split(".", 1))
+        alpha = layer.rank if layer.alpha is None else layer.alpha
+        tensors[f"{key}.lora_down.weight"] = layer.down.detach().cpu().contiguous()
+        tensors[f"{key}.lora_up.weight"] = layer.up.detach().cpu().contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return Path(path)
 
 
 _LDM_CACHE = {}

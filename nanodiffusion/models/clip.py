@@ -150,9 +150,10 @@ class CLIPTextEmbeddings(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.01)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, token_embeds=None):
         T = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:T]  # (B, T, C)
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding.weight[:T]  # (B, T, C)
 
 
 class CLIPTextModel(nn.Module):
@@ -163,6 +164,8 @@ class CLIPTextModel(nn.Module):
     clip_skip N (AUTOMATIC1111's "Clip skip"; diffusers' clip_skip is N - 1) takes `hidden`
     from the N-th layer from the end, through the final LayerNorm as both do; 1 is the last
     layer. `pooled` is always the last layer's (SDXL's pooled embedding is, whatever the skip).
+    `token_embeds` (B, T, C): the token embeddings to use instead of those of input_ids (which
+    still place the end token), with textual inversion vectors in them (prompts.py).
     """
 
     def __init__(self, config: CLIPTextConfig):  # formats/checkpoint.py calls it with config=...
@@ -172,7 +175,7 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.norm_eps)
 
-    def forward(self, input_ids, clip_skip=1):
+    def forward(self, input_ids, clip_skip=1, token_embeds=None):
         B, T = input_ids.shape
         if T > self.config.max_positions:
             raise ValueError(f"input_ids has {T} tokens, more than max_positions="
@@ -181,7 +184,8 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"clip_skip must be in [1, {self.config.num_layers}] (the number "
                              f"of layers), got {clip_skip}")
         kept = self.config.num_layers - (clip_skip - 1)  # the layers the token states go through
-        x = self.encoder(self.embeddings(input_ids), causal=True, layers=slice(kept))  # (B, T, C)
+        x = self.embeddings(input_ids, token_embeds)  # (B, T, C)
+        x = self.encoder(x, causal=True, layers=slice(kept))  # (B, T, C)
         hidden = self.final_layer_norm(x)  # (B, T, C)
         last = hidden if clip_skip == 1 else self.final_layer_norm(
             self.encoder(x, causal=True, layers=slice(kept, None)))  # (B, T, C)

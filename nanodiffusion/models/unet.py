@@ -30,6 +30,10 @@ class UNetConfig:
     time_cond_proj_dim: int | None = None     # LCM: the guidance-scale embedding's width
 
 
+# DeepCache's skip branch (UNet.forward_deepcache): 0, the shallowest, gives the paper's Stable
+# Diffusion 1.5 results (its code's cache_layer_id=0, cache_block_id=0)
+DEEPCACHE_BRANCH = 0
+
 SD15 = UNetConfig()
 SD15_INPAINT = UNetConfig(in_channels=9)
 SD21 = UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True,
@@ -339,6 +343,61 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             h = block(h, temb, context, skips)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    # ---- DeepCache (Ma, Fang, Wang 2023, "DeepCache: Accelerating Diffusion Models for Free")
+    def forward_deepcache(self, x, t, context=None, image_embeds=None, text_embeds=None,
+                          timestep_cond=None, *, deep=None, branch=DEEPCACHE_BRANCH):
+        """forward() split at skip branch `branch` -> (output, deep). With deep None the whole
+        UNet runs (the same operations as forward(), so the same output) and `deep` is what
+        the up path hands to the sub-layer that reads skip branch `branch`: the features of
+        everything below that branch. With `deep` given (of an earlier call) only the shallow
+        part runs: conv_in, the down sub-layers down to the branch, and the up sub-layers from
+        it (DeepCache's "retrieve" step). Sub-layers are a ResBlock with its transformer, or a
+        down/upsampler; branch b is the skip tensor the (b+1)-th down sub-layer pushes, so
+        branch 0 keeps one ResBlock (+ transformer) each way at full resolution (DeepCache's
+        default for Stable Diffusion, layer 0 block 0)."""
+        down, up = self._sublayers()
+        if not isinstance(branch, int) or not 0 <= branch < len(down):
+            raise ValueError(f"branch must be an integer in [0, {len(down) - 1}], got {branch!r}")
+        # the up sub-layer that pops skip branch + 1 (pops run from the last skip to the first)
+        pops = [i for i, (layer, _) in enumerate(up) if isinstance(layer, ResBlock)]
+        enter = pops[len(down) - 1 - branch]
+        emb, context = self._condition(self._time_embed(t, x, timestep_cond), context,
+                                       image_embeds, text_embeds)
+        temb = F.silu(emb)
+        h = self.conv_in(x)
+        skips = [h]
+        for layer, attn in down[:branch + 1] if deep is not None else down:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            if attn is not None:
+                h = attn(h, context)
+            skips.append(h)
+        if deep is None:
+            h = self.mid_block(h, temb, context)
+        for i, (layer, attn) in enumerate(up):
+            if i < enter and deep is not None:
+                continue
+            if i == enter:  # the full run keeps the deep features, the shallow one reads them
+                h = deep = h if deep is None else deep
+            if isinstance(layer, Upsample):
+                h = layer(h, skips[-1].shape[-2:])
+                continue
+            h = layer(torch.cat([h, skips.pop()], dim=1), temb)  # (B, C + Cskip, H, W) in
+            if attn is not None:
+                h = attn(h, context)
+        return self.conv_out(F.silu(self.conv_norm_out(h))), deep
+
+    def _sublayers(self):
+        """The down and up paths as lists of (module, its transformer or None), in the order
+        forward() runs them: each down one pushes a skip tensor, each up ResBlock pops one."""
+        down, up = [], []
+        for path, blocks, resize in ((down, self.down_blocks, "downsamplers"),
+                                     (up, self.up_blocks, "upsamplers")):
+            for block in blocks:
+                path += [(r, block.attentions[i] if block.attentions else None)
+                         for i, r in enumerate(block.resnets)]
+                path += [(m, None) for m in getattr(block, resize)]
+        return down, up
 
 # The bundled shapes model: 16x16x4 latents (f=4 VAE on 64 px), attention only at 8x8 and 4x4
 # (measured with diffusers' same UNet, batch 64 on 2 cores: attention at 16x16 as well took a

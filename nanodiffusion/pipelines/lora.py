@@ -145,7 +145,8 @@ class LoraMixin:
         if name in stack.loaded:
             raise InputError(f"a LoRA named {name!r} is loaded already; unload_lora({name!r}) "
                              f"first, or give another name")
-        stack.loaded[name] = Active(name, stack.read(path), te, unet)
+        with self.resident_parts():  # low memory: their shapes are checked
+            stack.loaded[name] = Active(name, stack.read(path), te, unet)
         try:
             self._fuse_loras([])
         except BaseException:  # e.g. out of memory: not loaded; the next fuse starts again
@@ -168,7 +169,12 @@ class LoraMixin:
     def _fuse_loras(self, extra):
         """Fuse the loaded LoRAs and `extra` (Active); prompts encoded with other text
         encoder weights are forgotten."""
-        if "text_encoder" in self._loras.fuse([*self._loras.loaded.values(), *extra]):
+        with self.resident_parts() as held:  # low memory: in for the fusing
+            changed = self._loras.fuse([*self._loras.loaded.values(), *extra])
+            for part in changed:
+                if held.get(part) is not None:
+                    held[part].dirty = True  # the file takes the fused weights
+        if "text_encoder" in changed:
             self._prompt_cache.clear()
 
     def use_loras(self, prompt, syntax=True):
@@ -184,8 +190,9 @@ class LoraMixin:
                                  f"--lora-dir, the server's <models-dir>/Lora)")
             if stack.folder is None or stack.folder.root != Path(self.lora_dir):
                 stack.folder = LoraFolder(self.lora_dir)
-            for t in tags:
-                extra.append(Active(t.name, _read_tagged(stack, t.name), t.te, t.unet))
+            with self.resident_parts():  # low memory: their shapes are checked
+                for t in tags:
+                    extra.append(Active(t.name, _read_tagged(stack, t.name), t.te, t.unet))
         self._fuse_loras(extra)
         named = [*stack.loaded.values(), *extra]
         hashes = {a.name.replace(":", "").replace(",", ""): short_hash(a.file.path)

@@ -20,10 +20,15 @@ from ..models.vae import for_inference as vae_for_inference
 from ..prompts import encode_cached, escape, plain_text
 from .checks import check_int, check_size, check_strength
 from .decoders import check_vae_decoder, parameters, preview_decoder, tiny_decode
+from .deepcache import CachedUNet, check_deepcache
+from .deepcache import parameters as deepcache_parameters
 from .images import from_pil, mask_input, paste_unmasked, to_pil
+from .embeddings import EmbeddingMixin
 from .lora import LoraMixin
+from .offload import OffloadMixin
 from .rerank import best_of_n
 from .settings import Defaults, Request, resolve, tag
+from .vae_swap import VaeMixin
 
 
 class Interrupted(Exception):
@@ -31,9 +36,11 @@ class Interrupted(Exception):
     denoised estimate back, with their parameters, instead of an error."""
 
 
-class Pipeline(LoraMixin):
+class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
     """Stable Diffusion: text encoder + UNet + VAE + noise schedule, plus what to run by default.
     LoRAs: load_lora, unload_lora(s), <lora:name:scale> tags in prompts (pipelines/lora.py).
+    Another VAE: load_vae(path), load_vae(None) the model's own (pipelines/vae_swap.py).
+    Textual inversion: load_embedding, embeddings_dir, names in prompts (embeddings.py).
 
     `clip` (optional) is a full CLIP model (text and image towers) used for reranking and by
     the unCLIP pipeline; it is not needed for txt2img.
@@ -68,8 +75,9 @@ class Pipeline(LoraMixin):
         """list of str -> (token states (B, S, D), pooled states (B, D)), cached per prompt:
         A1111's syntax and chunks of the text encoder's window, S = chunks x window
         (prompts.py); clip_skip in A1111's numbering (1: the last layer)."""
-        return encode_cached(self._prompt_cache, self.text_encoder, self.tokenizer, prompts,
-                             clip_skip, prompt_syntax)
+        with self.resident(self.text_encoder):  # low memory: read in for the time it runs
+            return encode_cached(self._prompt_cache, self.text_encoder, self.tokenizer,
+                                 prompts, clip_skip, prompt_syntax, self._vocabulary()[0])
 
     @property
     def _device(self):
@@ -79,7 +87,7 @@ class Pipeline(LoraMixin):
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, preview=False,
                  eta=None, best_of=1, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
-                 prompt_syntax=True):
+                 prompt_syntax=True, deepcache=None):
         """txt2img: a list of `n` PIL images. best_of > 1 keeps, for each image, the best of
         `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`.
         guidance_rescale (0..1): diffusers' option of that name (diffusion.cfg_denoiser), for
@@ -87,10 +95,13 @@ class Pipeline(LoraMixin):
         vae_decoder "tiny": the final images from the tiny decoder (decoders.py).
         Prompts are read in AUTOMATIC1111's syntax (docs/prompts.md; prompt_syntax=False:
         literal text); clip_skip N takes the text encoder's N-th layer from the end (A1111's
-        "Clip skip"; diffusers' clip_skip=N-1)."""
+        "Clip skip"; diffusers' clip_skip=N-1). deepcache N (here and in img2img, inpaint):
+        the approximate path of DeepCache, the whole UNet every N-th step only and its shallow
+        part between (pipelines/deepcache.py); None or 1: the exact path."""
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
                       guidance_rescale=guidance_rescale, callback=callback, preview=preview,
-                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+                      deepcache=deepcache)
 
         def run(seed):
             return self._run(prompt, negative_prompt, replace(req, seed=seed),
@@ -103,19 +114,20 @@ class Pipeline(LoraMixin):
     def img2img(self, prompt, image, strength=0.6, negative_prompt="", seed=None, steps=None,
                 guidance=None, sampler=None, n=1, callback=None, preview=False, eta=None,
                 width=None, height=None, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
-                prompt_syntax=True):
+                prompt_syntax=True, deepcache=None):
         """Start from `image` noised to `strength` (0 < strength <= 1): a list of `n` images."""
         check_strength(strength)
         init = self._image_input(image, width, height)
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
                       guidance_rescale=guidance_rescale, callback=callback, preview=preview,
-                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+                      deepcache=deepcache)
         return self._run(prompt, negative_prompt, req, init=init, strength=strength)
 
     def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", seed=None,
                 steps=None, guidance=None, sampler=None, n=1, callback=None, preview=False,
                 eta=None, width=None, height=None, guidance_rescale=0.0, keep_unmasked=False,
-                vae_decoder="full", clip_skip=1, prompt_syntax=True):
+                vae_decoder="full", clip_skip=1, prompt_syntax=True, deepcache=None):
         """Repaint where `mask` is white (>= 128), keep the rest. 9-channel UNets see the mask;
         other UNets get the known region blended back in at every step. The VAE decoder mixes
         neighbouring latents, so pixels outside the mask near it change too (diffusers' images
@@ -128,7 +140,8 @@ class Pipeline(LoraMixin):
         mask_t = mask_input(mask, init.shape[-1], init.shape[-2])
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
                       guidance_rescale=guidance_rescale, callback=callback, preview=preview,
-                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+                      vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+                      deepcache=deepcache)
         images = self._run(prompt, negative_prompt, req, init=init, strength=strength,
                            mask=mask_t)
         return paste_unmasked(images, init, mask_t) if keep_unmasked else images
@@ -161,6 +174,7 @@ class Pipeline(LoraMixin):
         plan = samplers.plan(s.sampler, self.schedule, s.steps, strength=strength,
                              **({"eta": eta} if eta is not None else {}))
         loras = self.use_loras(prompt, req.prompt_syntax)  # fused; the prompt without tags
+        embeddings = self.use_embeddings([loras.prompt, negative], req.prompt_syntax)
         cond = self._conditions(loras.prompt, negative, n, s.guidance, req)
         shape = (n, self.latent_channels, s.height // self.vae_factor, s.width // self.vae_factor)
         sees_mask = self.unet.config.in_channels > self.latent_channels
@@ -181,17 +195,26 @@ class Pipeline(LoraMixin):
                 init_latents = None  # diffusers starts from pure noise at full strength
         rescale = req.guidance_rescale
         embedded = self.unet.config.time_cond_proj_dim is not None  # LCM: one branch
-        denoiser = cfg_denoiser(Denoiser(self._model_fn(unet_extra), plan.schedule,
-                                         quantize_t=plan.quantize_t),
+        model = self._model_fn(unet_extra, check_deepcache(req.deepcache))
+        denoiser = cfg_denoiser(Denoiser(model, plan.schedule, quantize_t=plan.quantize_t),
                                 1.0 if embedded else s.guidance, rescale)
-        latents = self._sample(plan, denoiser, noise, init_latents, gen,
-                               self._wrap_callback(req.callback, req.preview), post_step, cond)
+        with self.resident(self.unet):  # low memory: the UNet is in memory for the loop only
+            latents = self._sample(plan, denoiser, noise, init_latents, gen,
+                                   self._wrap_callback(req.callback, req.preview), post_step,
+                                   cond)
+        return self._tagged(latents, s, req, negative, loras, embeddings,
+                            strength if init is not None else None)
+
+    def _tagged(self, latents, s, req, negative, loras, embeddings, strength=None):
+        """A call's final latents -> its images, decoded and tagged with Settings `s` and the
+        PNG parameters of `req`, its LoRAs and embeddings (`strength`: from an init image)."""
+        rescale = req.guidance_rescale
         extra = {**({"Rescale CFG": rescale} if rescale else {}), **parameters(req.vae_decoder),
-                 **loras.parameters}
+                 **loras.parameters, **embeddings, **self.vae_parameters(),
+                 **deepcache_parameters(check_deepcache(req.deepcache))}
         shown = str if req.prompt_syntax else escape  # written so that A1111 reads `prompt`
         return tag(self.decode_latents(latents, req.vae_decoder), s, self.name,
-                   shown(loras.recorded),
-                   shown(negative), strength=strength if init is not None else None,
+                   shown(loras.recorded), shown(negative), strength=strength,
                    extra=extra or None, clip_skip=req.clip_skip)
 
     def _conditions(self, prompt, negative, n, guidance, req):
@@ -208,17 +231,19 @@ class Pipeline(LoraMixin):
         prompts = [prompt] * n if guidance == 1.0 else [negative] * n + [prompt] * n
         return self.unet.text_condition(*self._encode_prompts(prompts, *text))
 
-    def _model_fn(self, unet_extra):
+    def _model_fn(self, unet_extra, deepcache=None):
         """The UNet as the denoiser wrapper calls it, its input in the UNet's dtype (the
         sampler's latents stay float32); 9-channel UNets also get the mask and the masked
-        image's latents, `unet_extra` (n, 1 + C, h, w)."""
+        image's latents, `unet_extra` (n, 1 + C, h, w). `deepcache` N: one run's DeepCache
+        UNet (deepcache.CachedUNet), made here so that its kept features die with the run."""
         dtype = next(self.unet.parameters()).dtype
+        unet = self.unet if deepcache is None else CachedUNet(self.unet, deepcache)
 
         def fn(x, t, **cond):
             if unet_extra is not None:
                 reps = x.shape[0] // unet_extra.shape[0]
                 x = torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1)
-            return self.unet(x.to(dtype), t, **cond)
+            return unet(x.to(dtype), t, **cond)
         return fn
 
     @property
@@ -228,7 +253,8 @@ class Pipeline(LoraMixin):
     def _encode(self, image, gen):
         """Init image (1, 3, H, W) -> scaled float32 latents, sampled from the posterior with
         `gen`."""
-        post = self.vae.encode(image.to(self._device, self._vae_dtype))
+        with self.resident(self.vae):
+            post = self.vae.encode(image.to(self._device, self._vae_dtype))
         return post.sample(gen).float() * self.vae.config.scaling_factor
 
     def decode_latents(self, latents, vae_decoder="full"):
@@ -236,7 +262,9 @@ class Pipeline(LoraMixin):
         if vae_decoder == "tiny":
             x = tiny_decode(self.tiny_decoder, latents)
         else:
-            x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self._vae_dtype))
+            with self.resident(self.vae):
+                x = self.vae.decode((latents / self.vae.config.scaling_factor)
+                                    .to(self._vae_dtype))
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values (numerical "
                                      "overflow); try float32 or another sampler")

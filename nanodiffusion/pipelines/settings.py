@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..pnginfo import format_parameters
 from .checks import check_eta, check_guidance, check_int, check_sampler, check_size
+from .deepcache import check_deepcache
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Request:
     vae_decoder: str = "full"  # "tiny": the final images from the model's tiny decoder
     clip_skip: int = 1
     prompt_syntax: bool = True
+    deepcache: int | None = None  # DeepCache's interval N (deepcache.py); None or 1: off
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def resolve(defaults, request, width, height, factor):
     check_guidance(guidance)
     check_eta(r.eta, sampler)
     check_sampler(sampler)
+    check_deepcache(r.deepcache)
     return Settings(seed, steps, float(guidance), sampler, width, height)
 
 

@@ -5,14 +5,15 @@ from .params import Limits
 
 
 def serve(models_dir=None, host="127.0.0.1", port=8000, api_key=None, device="cpu",
-          limits=None, dtype="float32", prediction_type=None):
+          limits=None, dtype="float32", prediction_type=None, vae=None, low_memory=False):
     """Run the server until interrupted."""
     import uvicorn
 
     from .app import create_app
 
     app = create_app(models_dir=models_dir, device=device, api_key=api_key, limits=limits,
-                     dtype=dtype, prediction_type=prediction_type)
+                     dtype=dtype, prediction_type=prediction_type, vae=vae,
+                     low_memory=low_memory)
     names = app.state.registry.names()
     print(f"nanodiffusion: serving {names or 'no models'} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

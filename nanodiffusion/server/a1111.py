@@ -6,8 +6,8 @@ a1111_info.py.
 Requests are read in A1111's field names (the DIALECT given to build_task), so that errors
 name cfg_scale, sampler_name, denoising_strength and list A1111's sampler names; image i of a
 batch is made with seed + i, as in A1111 (the task's seed_per_image). Prompts are read in
-A1111's syntax; its clip skip is the setting CLIP_stop_at_last_layers, from the request's
-override_settings, else as /options set it."""
+A1111's syntax; its clip skip is the setting CLIP_stop_at_last_layers, and its VAE sd_vae
+(a1111_vae.py), each from the request's override_settings, else as /options set it."""
 import json
 import time
 
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 
 from .. import samplers
 from ..pnginfo import A1111_SAMPLERS
-from . import a1111_info, a1111_loras, a1111_options
+from . import a1111_info, a1111_loras, a1111_options, a1111_vae
 from .http import json_body, run
 from .params import Dialect, bad, b64, build_task, decode_image, get_int, get_str
 
@@ -119,7 +119,7 @@ def _model(request, body):
 def _fields(body, limits, options):
     """A1111's request -> build_task's fields, in A1111's names; n = batch_size * n_iter;
     CLIP_stop_at_last_layers and sd_vae_decode_method from override_settings, else from
-    `options` (/options')."""
+    `options` (/options'); our deepcache from override_settings, else from the body."""
     n = get_int(body, "batch_size", 1, 1, limits.max_n) * get_int(body, "n_iter", 1, 1,
                                                                   limits.max_n)
     if n > limits.max_n:
@@ -137,6 +137,8 @@ def _fields(body, limits, options):
     over = over if isinstance(over, dict) else {}
     key = "CLIP_stop_at_last_layers"
     f[key] = over[key] if over.get(key) is not None else options.get(key)
+    key = "deepcache"  # DeepCache's interval (no A1111 setting): override_settings or the body
+    f[key] = over[key] if over.get(key) is not None else body.get(key)
     key = a1111_options.DECODE_METHOD  # A1111's "VAE type for decode": Full or TAESD
     param = f"override_settings.{key}" if over.get(key) is not None else key
     f["vae_decoder"] = a1111_options.decode_method(over.get(key) or options.get(key), param)
@@ -168,8 +170,10 @@ def _answer(request, body, task, job):
 async def txt2img(request: Request):
     reg = request.app.state.registry
     body = await json_body(request)
-    fields = _fields(body, reg.limits, a1111_options.options(request.app).values)
+    options = a1111_options.options(request.app).values
+    fields = _fields(body, reg.limits, options)
     task = build_task(_model(request, body), fields, reg.limits, dialect=DIALECT)
+    task.vae = a1111_vae.requested(request.app, body, options)
     return _answer(request, body, task, await run(request, task))
 
 
@@ -186,11 +190,13 @@ async def img2img(request: Request):
         from PIL import ImageOps
 
         mask = ImageOps.invert(mask.convert("L"))
-    fields = _fields(body, reg.limits, a1111_options.options(request.app).values)
+    options = a1111_options.options(request.app).values
+    fields = _fields(body, reg.limits, options)
     if fields["denoising_strength"] is None:
         fields["denoising_strength"] = 0.75  # A1111's default
     task = build_task(_model(request, body), fields, reg.limits, image=image, mask=mask,
                       dialect=DIALECT)
+    task.vae = a1111_vae.requested(request.app, body, options)
     return _answer(request, body, task, await run(request, task))
 
 
@@ -252,3 +258,4 @@ async def skip(request: Request):
 router.include_router(a1111_options.router)
 router.include_router(a1111_info.router)
 router.include_router(a1111_loras.router)
+router.include_router(a1111_vae.router)

@@ -1,7 +1,8 @@
 """AUTOMATIC1111's informational routes: png-info (a PNG's generation parameters read back),
 interrogate (the captions CLIP ranks highest for an image), cmd-flags, memory, and the lists of
-what A1111 installs beside the checkpoints (VAEs, embeddings, upscalers, styles, scripts),
-each empty here: those features do not exist in this server (LoRAs: a1111_loras.py)."""
+what A1111 installs beside the checkpoints (upscalers, styles, scripts), each empty here: those
+features do not exist in this server (LoRAs: a1111_loras.py, VAEs: a1111_vae.py); the textual
+inversion embeddings of the models folder's embeddings/."""
 import asyncio
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastapi import APIRouter, Request
 
+from ..pipelines.embeddings import EmbeddingFolder, a1111_list, sort_files
 from ..pipelines.images import from_pil
 from ..pnginfo import parse_parameters
 from ..pipelines.unclip import UnCLIPPipeline
@@ -130,9 +132,9 @@ def _clip_ranking(pipe, clip, image, top, chunk=256):
 
 # ---- lists ------------------------------------------------------------------------------
 # The lists of what A1111 installs beside the checkpoints, with the fields of A1111's items;
-# none of these features exists here, so each is empty.
-EMPTY_LISTS = {"sd-vae": "model_name, filename",  # loras: a1111_loras.py
-               "upscalers": "name, model_name, model_path, model_url, scale",
+# none of these features exists here, so each is empty (loras: a1111_loras.py, sd-vae:
+# a1111_vae.py).
+EMPTY_LISTS = {"upscalers": "name, model_name, model_path, model_url, scale",
                "latent-upscale-modes": "name", "hypernetworks": "name, path",
                "face-restorers": "name, cmd_dir", "realesrgan-models": "name, path, scale",
                "prompt-styles": "name, prompt, negative_prompt",
@@ -152,8 +154,24 @@ for _path, _fields in EMPTY_LISTS.items():
 
 
 @router.get("/embeddings")
-async def embeddings():
-    return {"loaded": {}, "skipped": {}}
+async def embeddings(request: Request):
+    """A1111's {"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}},
+    "skipped": {...}}: the files of the models folder's embeddings/ that the current model can
+    use, and those it cannot (another width; every one for an unCLIP model)."""
+    reg = request.app.state.registry
+    folder = None if reg.models_dir is None else reg.models_dir / "embeddings"
+    if folder is None or not folder.is_dir():
+        return {"loaded": {}, "skipped": {}}
+    pipe = await asyncio.to_thread(reg.pipe, current_model(request.app))
+    if isinstance(pipe, UnCLIPPipeline):
+        return a1111_list(*sort_files(EmbeddingFolder(folder).read(), None, 0))
+    return await asyncio.to_thread(pipe.embedding_list)
+
+
+@router.post("/refresh-embeddings")
+async def refresh_embeddings():
+    """The folder is read on every request here, so there is nothing to refresh."""
+    return None
 
 
 @router.get("/scripts")

@@ -1,7 +1,7 @@
 """AUTOMATIC1111's settings and checkpoints: GET/POST /sdapi/v1/options (sd_model_checkpoint
 picks the model that A1111 requests use when they name none, CLIP_stop_at_last_layers their
-clip skip; other keys are kept and echoed, as A1111 keeps them), sd-models with their sha256
-once known, and the refresh routes."""
+clip skip, sd_vae their VAE (a1111_vae.py); other keys are kept and echoed, as A1111 keeps
+them), sd-models with their sha256 once known, and the refresh routes."""
 import asyncio
 import hashlib
 import re
@@ -11,14 +11,15 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 
 from ..formats.files import WEIGHT_SUFFIXES
+from . import a1111_vae
 from .http import json_body
 from .params import MAX_CLIP_SKIP, APIError, bad, get_int
 
 router = APIRouter()
 
-# Options clients read whose values this server cannot change (it has no VAE choice, one
-# image format): the values it runs with, the first one shown.
-FIXED = {"sd_vae": ("Automatic", "None"), "samples_format": ("png",)}
+# Options clients read whose values this server cannot change (one image format): the values
+# it runs with, the first one shown.
+FIXED = {"samples_format": ("png",)}
 CLIP_SKIP = "CLIP_stop_at_last_layers"  # A1111's clip skip: 1 is the text encoder's last layer
 READ_ONLY = ("sd_model_checkpoint", "sd_checkpoint_hash")  # set by the model switch only
 # A1111's "VAE type for decode" -> our vae_decoder (pipelines/decoders.py): TAESD is the
@@ -36,6 +37,7 @@ class Options:
         self.model = None  # chosen by POST sd_model_checkpoint; None: the server's default
         self.values = {k: accepted[0] for k, accepted in FIXED.items()} | {CLIP_SKIP: 1}
         self.values[DECODE_METHOD] = "Full"
+        self.values[a1111_vae.OPTION] = a1111_vae.AUTOMATIC
 
 
 def decode_method(value, param):
@@ -141,7 +143,8 @@ async def get_options(request: Request):
 @router.post("/options")
 async def set_options(request: Request):
     """sd_model_checkpoint switches the model; the FIXED options take only the values this
-    server runs with, CLIP_stop_at_last_layers an integer; other keys are kept and echoed.
+    server runs with, CLIP_stop_at_last_layers an integer, sd_vae "Automatic", "None" or a
+    name /sd-vae lists; other keys are kept and echoed.
     All or nothing: a bad value changes nothing. Answers null, as A1111 does."""
     body = await json_body(request)
     for key, accepted in FIXED.items():
@@ -152,6 +155,8 @@ async def set_options(request: Request):
         body[CLIP_SKIP] = get_int(body, CLIP_SKIP, 1, 1, MAX_CLIP_SKIP)
     if DECODE_METHOD in body:  # "TAESD" checked against a model when a request uses it
         decode_method(body[DECODE_METHOD], DECODE_METHOD)
+    if a1111_vae.OPTION in body:  # a file is checked against a model when a request uses it
+        a1111_vae.choice(request.app, body[a1111_vae.OPTION], a1111_vae.OPTION)
     name = None
     if "sd_model_checkpoint" in body:
         name = checkpoint(request.app, body["sd_model_checkpoint"], "sd_model_checkpoint")

@@ -22,12 +22,15 @@ OPEN_PREFIXES = ("/static/", "/v1/files/")  # file ids are unguessable; <img> se
 
 
 def create_app(models_dir=None, device="cpu", api_key=None, limits=None, dtype="float32",
-               prediction_type=None):
+               prediction_type=None, vae=None, low_memory=False):
     """`dtype`: Stable Diffusion models' precision; `prediction_type`: that of the single-file
-    checkpoints in `models_dir` (None: found per file)."""
+    checkpoints in `models_dir` (None: found per file); `vae`: a VAE file or folder the Stable
+    Diffusion models use in place of their own (serve --vae; A1111's sd_vae "Automatic");
+    `low_memory`: theirs on (Pipeline.set_low_memory, serve --low-memory)."""
     limits = limits or Limits()
     app = FastAPI(title="nanodiffusion", docs_url="/docs", redoc_url=None)
-    app.state.registry = Registry(models_dir, device, limits, dtype, prediction_type)
+    app.state.registry = Registry(models_dir, device, limits, dtype, prediction_type, vae,
+                                  low_memory)
     app.state.api_key = api_key
     _install_errors(app)
     _install_auth(app, api_key)

@@ -16,7 +16,9 @@ from dataclasses import asdict
 
 from ..errors import InputError
 from ..pipelines.decoders import preview_decoder
-from ..pipelines.sd import Interrupted
+from ..pipelines.batch import generate_batch
+from ..pipelines.sd import Interrupted, Pipeline
+from .batching import take_companions
 from .params import APIError, Task, b64, encode_png, public_params
 
 TERMINAL = ("done", "error")
@@ -119,12 +121,14 @@ class Job:
 
 
 class Worker:
-    """One thread per model; `submit` answers 429 when `max_queue` jobs already wait."""
+    """One thread per model; `submit` answers 429 when `max_queue` jobs already wait. With
+    `max_batch` > 1, txt2img jobs waiting together run as one batch of up to that many
+    images (batching.py)."""
 
-    def __init__(self, name, get_pipe, files, max_queue):
+    def __init__(self, name, get_pipe, files, max_queue, max_batch=1):
         self.name, self.get_pipe, self.files = name, get_pipe, files
-        self.queue = queue.Queue(maxsize=max_queue)
-        self.current, self.seconds_per_job = None, 5.0
+        self.queue, self.max_batch = queue.Queue(maxsize=max_queue), max_batch
+        self.running, self.seconds_per_job = [], 5.0  # the jobs running now
         self.thread = threading.Thread(target=self._loop, name=f"worker-{name}", daemon=True)
         self.thread.start()
 
@@ -144,25 +148,73 @@ class Worker:
             if job.cancel_requested.is_set():
                 self._finish_cancelled(job)
                 continue
-            self.current = job
+            jobs = [job]
+            if self.max_batch > 1:
+                jobs += take_companions(self.queue, job, self.max_batch)
+            self.running = jobs
             try:
-                self._run(job)
+                if len(jobs) == 1:
+                    self._run(job)
+                else:
+                    self._run_batch(jobs)
             finally:
-                self.current = None
+                self.running = []
 
     def _run(self, job):
         job.status, job.started = "running", time.time()
         try:
             pipe = self.get_pipe(self.name)
+            if hasattr(pipe, "load_vae"):  # every job says its VAE: none is left by the last
+                pipe.load_vae(job.task.vae)
             method = getattr(pipe, job.task.kind)
             images = _call(method, job, self._callback(job, pipe))
         except (Cancelled, Interrupted):  # Interrupted: from a task that cannot stop early
             return self._finish_cancelled(job)
-        except InputError as e:  # a setting this model refuses: the client can fix it
+        except Exception as e:  # noqa: BLE001 - the job's error, a 400 or a 500
+            return self._finish_failed(job, e)
+        self._finish_done(job, images)
+
+    def _run_batch(self, jobs):
+        """`jobs` (batching.batch_key equal) as one pipelines.batch.generate_batch call;
+        each gets its own images or error. A job cancelled mid-batch ends at once."""
+        for job in jobs:
+            job.status, job.started = "running", time.time()
+        try:
+            pipe = self.get_pipe(self.name)
+            if not isinstance(pipe, Pipeline):  # unCLIP: one job after the other
+                for job in jobs:
+                    self._run(job)
+                return
+            pipe.load_vae(jobs[0].task.vae)  # the batch's VAE (in its key)
+            results = generate_batch(pipe, [{**job.task.kwargs,
+                                             "callback": self._batch_callback(job, pipe)}
+                                            for job in jobs])
+        except Exception as e:  # noqa: BLE001 - e.g. the model failed to load: every job's
+            results = [e] * len(jobs)
+        for job, result in zip(jobs, results):
+            if job.status == "cancelled":  # ended when it was cancelled
+                continue
+            if isinstance(result, Exception):
+                self._finish_failed(job, result)
+            else:
+                self._finish_done(job, result)
+
+    def _batch_callback(self, job, pipe):
+        cb = self._callback(job, pipe)
+
+        def step(info):
+            if job.cancel_requested.is_set():  # its client hears now; cb raises Cancelled
+                self._finish_cancelled(job)
+            return cb(info)
+        return step
+
+    def _finish_failed(self, job, e):
+        if isinstance(e, InputError):  # a setting this model refuses: the client can fix it
             return self._finish_error(job, 400, str(e))
-        except Exception as e:  # noqa: BLE001 - an internal error: a 500, logged here
-            traceback.print_exc()
-            return self._finish_error(job, 500, f"{type(e).__name__}: {e}")
+        traceback.print_exception(e)  # an internal error: a 500, logged here
+        return self._finish_error(job, 500, f"{type(e).__name__}: {e}")
+
+    def _finish_done(self, job, images):
         pngs = [encode_png(im) for im in images]
         ids = [self.files.put(p) for p in pngs]
         infotexts = [im.info.get("parameters", "") for im in images]
@@ -172,7 +224,8 @@ class Worker:
                       "interrupted": job.interrupt_requested.is_set()}
         job.pngs = pngs
         job.finished, job.status = time.time(), "done"
-        self.seconds_per_job = 0.7 * self.seconds_per_job + 0.3 * (job.finished - job.started)
+        took = (job.finished - job.started) / max(1, len(self.running))  # a batch's share
+        self.seconds_per_job = 0.7 * self.seconds_per_job + 0.3 * took
         job.publish("done", job.result)
 
     def _finish_cancelled(self, job):

@@ -8,7 +8,7 @@ import torch
 from .. import DTYPES, loading
 from ..formats.files import WEIGHT_SUFFIXES
 from .jobs import Files, Job, Worker
-from .params import APIError, Limits, Task
+from .params import SERVER_VAE, APIError, Limits, Task
 
 def scan(models_dir):
     """name -> path for every model `nanodiffusion.load` accepts in `models_dir` (None: the
@@ -35,7 +35,7 @@ def scan(models_dir):
 # What each kind of model does through the server, and the options only one kind has.
 TASKS = {"sd": ("generate", "img2img", "inpaint"), "unclip": ("generate", "variations", "edit")}
 KIND_NAMES = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP (DALL·E 2) model"}
-SD_OPTIONS = ("guidance_rescale", "vae_decoder")
+SD_OPTIONS = ("guidance_rescale", "vae_decoder", "deepcache")
 
 
 def check_task(task, kind):
@@ -49,6 +49,10 @@ def check_task(task, kind):
         if kind != "sd" and key in task.kwargs:
             raise APIError(400, f"{key} is an option of Stable Diffusion models; model "
                                 f"{task.model!r} is {KIND_NAMES[kind]}", param=key)
+    if kind != "sd" and task.vae is not None:
+        raise APIError(400, f"sd_vae {task.vae.name!r}: another VAE is for Stable Diffusion "
+                            f"models; model {task.model!r} is {KIND_NAMES[kind]}",
+                       param="sd_vae")
 
 
 def check_name(name):
@@ -64,12 +68,18 @@ def check_name(name):
 
 class Registry:
     def __init__(self, models_dir=None, device="cpu", limits=None, dtype="float32",
-                 prediction_type=None):
+                 prediction_type=None, vae=None, low_memory=False):
         """`dtype`: a torch float dtype's name for Stable Diffusion models (unCLIP models
-        always load in float32); `prediction_type`: that of single files (None: found)."""
+        always load in float32); `prediction_type`: that of single files (None: found); `vae`:
+        the VAE file or folder Stable Diffusion models run with unless a request says
+        otherwise (None: their own); `low_memory`: Stable Diffusion models keep their text
+        encoder's, UNet's and VAE's weights on disk except while each runs."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        self.dtype, self.prediction_type = dtype, prediction_type
+        self.vae = None if vae is None else Path(vae)
+        if self.vae is not None and not self.vae.exists():
+            raise FileNotFoundError(f"--vae {vae}: no such VAE file or folder")
+        self.dtype, self.prediction_type, self.low_memory = dtype, prediction_type, low_memory
         self.models_dir = None if models_dir is None else Path(models_dir)
         if self.models_dir is not None and not self.models_dir.is_dir():
             raise FileNotFoundError(f"--models-dir {models_dir}: not a folder")
@@ -126,8 +136,11 @@ class Registry:
                 single = {"prediction_type": self.prediction_type} if path.is_file() else {}
                 pipe = loading.load_pipeline(path, device=self.device,
                                              dtype=getattr(torch, dtype), **single)
+                if self.low_memory and self.kind(name) != "unclip":
+                    pipe.set_low_memory(True)
                 if self.models_dir is not None:  # A1111's layout: <models>/Lora
                     pipe.lora_dir = self.models_dir / "Lora"
+                    pipe.embeddings_dir = self.models_dir / "embeddings"
                 with self._lock:
                     self._pipes[name] = pipe
             return self._pipes[name]
@@ -136,7 +149,7 @@ class Registry:
         with self._lock:
             if name not in self._workers:
                 self._workers[name] = Worker(name, self.pipe, self.files,
-                                             self.limits.max_queue)
+                                             self.limits.max_queue, self.limits.max_batch)
             return self._workers[name]
 
     def kind(self, name):
@@ -152,7 +165,10 @@ class Registry:
             return self._kinds[name]
 
     def submit(self, task: Task):
-        check_task(task, self.kind(task.model))
+        kind = self.kind(task.model)
+        if task.vae == SERVER_VAE:
+            task.vae = self.vae if kind == "sd" else None
+        check_task(task, kind)
         job = self.worker(task.model).submit(Job(task))
         with self._lock:
             self.jobs[job.id] = job
@@ -169,7 +185,7 @@ class Registry:
     def running(self):
         """Jobs running now, the most recently started first."""
         with self._lock:
-            jobs = [w.current for w in self._workers.values() if w.current is not None]
+            jobs = [j for w in self._workers.values() for j in w.running]
         return sorted(jobs, key=lambda j: j.started or 0, reverse=True)
 
     def queued_count(self):

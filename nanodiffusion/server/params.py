@@ -12,7 +12,9 @@ from typing import Callable
 from PIL import Image, UnidentifiedImageError
 
 from .. import samplers
+from ..errors import InputError
 from ..pipelines.decoders import VAE_DECODERS
+from ..pipelines.deepcache import check_deepcache
 from ..pnginfo import A1111_SAMPLERS, save_png
 
 
@@ -28,6 +30,7 @@ class Limits:
     max_n: int = 8
     max_steps: int = 150
     max_queue: int = 8
+    max_batch: int = 1  # images per UNet batch of waiting txt2img jobs (1: each job alone)
     max_image_bytes: int = 16 * 2**20
     max_prompt_chars: int = 10000
 
@@ -55,15 +58,21 @@ def bad(param, message):
     return APIError(400, message, param=param)
 
 
+SERVER_VAE = "server"  # Task.vae: the server's (serve --vae), else the model's own
+
+
 @dataclass
 class Task:
     """One call of a Pipeline method: `kind` is generate, img2img or inpaint. seed_per_image:
     image i of the batch is made alone with seed + i (AUTOMATIC1111's batches), not drawn
-    with the others from one generator seeded with seed (diffusers' batches)."""
+    with the others from one generator seeded with seed (diffusers' batches). `vae`: the VAE
+    file a Stable Diffusion model runs this call with, None its own, SERVER_VAE the server's
+    (Registry.submit decides it)."""
     model: str
     kind: str
     kwargs: dict = field(default_factory=dict)
     seed_per_image: bool = False
+    vae: object = SERVER_VAE
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,21 @@ def get_vae_decoder(d, name="vae_decoder"):
     return v
 
 
+def get_deepcache(d, name="deepcache"):
+    """DeepCache's interval (None: off), by the pipeline's rule; "3" from a form field too."""
+    v = d.get(name)
+    if v is None or v == "":
+        return None
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # JSON numbers such as 3.0
+    try:
+        return check_deepcache(v)
+    except InputError as e:
+        raise bad(name, str(e).replace("deepcache", name, 1)) from None
+
+
 def get_seed(d, name="seed"):
     """A seed; missing or -1 (AUTOMATIC1111's "random") draws one here, so it can be reported."""
     seed = get_int(d, name, None, -1, 2**63 - 1)
@@ -241,9 +265,9 @@ def b64(data):
 # ---- the common task --------------------------------------------------------------------
 def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
     """`f`: the request's fields (prompt, negative_prompt, seed, steps, guidance, sampler,
-    width, height, n, strength, guidance_rescale, clip_skip, prompt_syntax, vae_decoder),
-    guidance, sampler, strength and clip_skip as `dialect` names them. With `image`
-    img2img, with `image` and `mask` inpaint."""
+    width, height, n, strength, guidance_rescale, clip_skip, prompt_syntax, vae_decoder,
+    deepcache), guidance, sampler, strength, clip_skip and deepcache as `dialect` names
+    them. With `image` img2img, with `image` and `mask` inpaint."""
     prompt = get_str(f, "prompt", None, limits.max_prompt_chars)
     if prompt is None:
         raise bad("prompt", "prompt is required")
@@ -255,6 +279,9 @@ def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
         kw["guidance_rescale"] = rescale
     if get_vae_decoder(f) != "full":  # the same: unCLIP pipelines decode with their VAE
         kw["vae_decoder"] = get_vae_decoder(f)
+    deepcache = get_deepcache(f, dialect.name("deepcache"))
+    if deepcache is not None:  # the same: Stable Diffusion's approximate path
+        kw["deepcache"] = deepcache
     kw.update(_prompt_options(f, dialect))
     per_image = dialect.seed_per_image
     if image is None:

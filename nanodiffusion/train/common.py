@@ -1,5 +1,6 @@
 """What the parts share: the data sources, the per-sample random draws, the model presets
-with a recipe's overrides, and the export of the EMA weights.
+with a recipe's overrides, the pretrained model a fine-tuning run starts from (load_base), and
+the export of the EMA weights.
 
 Every part (clip.py, vae.py, unet.py, unclip.py) is a class of static methods the loop calls:
 build(cfg, device) -> (model, frozen), batch(cfg, frozen, indices, device), loss(cfg, model,
@@ -30,6 +31,11 @@ def source(cfg):
         item = ds[i % len(ds)]
         return item["image"], item["caption"]
     return get, len(ds)
+
+
+def folder_captions(cfg):
+    """The captions of the image folder cfg.data, in the order its samples come."""
+    return [caption for _, caption in ImageFolderDataset(cfg.data, cfg.image_size).items]
 
 
 def images_and_captions(cfg, frozen, indices, device):
@@ -64,6 +70,32 @@ def check_fixed(part, fixed, model_cfg):
     if clash:
         raise ValueError(f"{part} model settings {clash} follow from the trained vae and "
                          f"clip ({fixed}); remove them from the recipe")
+
+
+def load_base(cfg, device, task):
+    """The pretrained Stable Diffusion pipeline `task` (e.g. "train lora") fine-tunes: cfg.base,
+    opened through the one door (a bundled name, a model folder, a single file), every module
+    frozen. An unCLIP model or a size the VAE cannot take is a ValueError naming it."""
+    from ..loading import load_pipeline, model_kind
+
+    if not cfg.base:
+        raise ValueError(f"{task} needs the model to start from: --base (a bundled name, a "
+                         f"model folder or a single file; base = ... in a recipe)")
+    if model_kind(cfg.base) != "sd":
+        raise ValueError(f"base {cfg.base!r} is an unCLIP model; {task} fine-tunes Stable "
+                         f"Diffusion models (kind sd)")
+    pipe = load_pipeline(cfg.base, device=device)
+    if cfg.image_size % pipe.vae_factor:
+        raise ValueError(f"image_size {cfg.image_size} is not a multiple of the VAE factor "
+                         f"{pipe.vae_factor} of base {cfg.base!r}")
+    kind = pipe.schedule_config.prediction_type
+    if cfg.zero_terminal_snr or cfg.prediction_type not in ("epsilon", kind):  # epsilon: unset
+        raise ValueError(f"the noise schedule and prediction type ({kind}) follow from base "
+                         f"{cfg.base!r}; remove prediction_type and zero_terminal_snr")
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.clip):
+        if m is not None:
+            m.requires_grad_(False)
+    return pipe
 
 
 def save_ema(model, ema, path):

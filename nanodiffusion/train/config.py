@@ -69,6 +69,15 @@ class TrainConfig:
     guidance_range: tuple[float, float] = (2.0, 4.0)  # CFG scales the student learns to embed
     solver_steps: int = 50          # the teacher's DDIM grid: one step is T / solver_steps
     huber_c: float = 0.001          # pseudo-Huber constant of the loss (0: MSE)
+    # fine-tuning a pretrained model (lora; unet from it instead of from zero): its schedule
+    # and prediction type are the base's, and the base is never written
+    base: str = ""                  # any model the loader opens (name, folder, file)
+    lora_rank: int = 16             # the UNet's LoRA rank (kohya's network_dim)
+    lora_alpha: float | None = None  # kohya's network_alpha (scale alpha / rank); None: rank
+    lora_text_encoder_rank: int = 0  # 0: the text encoder stays as it is
+    lora_targets: str = "transformer"  # the UNet's modules: "transformer" (kohya's: every
+                                    # Linear and 1x1 conv of the transformer blocks) or
+                                    # "attention" (to_q, to_k, to_v, to_out.0 only)
 
     def __post_init__(self):
         if self.part not in PARTS:
@@ -94,6 +103,7 @@ class TrainConfig:
                              f"{self.solver_steps!r}")
         if self.huber_c < 0:
             raise ValueError(f"huber_c must be >= 0, got {self.huber_c}")
+        self._check_finetuning()
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"text_dropout must be between 0 and 1, got {self.text_dropout}")
         ends = [*self.restarts, self.steps]
@@ -111,6 +121,20 @@ class TrainConfig:
             raise ValueError(f"zero_terminal_snr needs prediction_type='v_prediction', got "
                              f"{self.prediction_type!r}: at zero SNR there is no noise to "
                              "predict from")
+
+    def _check_finetuning(self):
+        if self.base and self.part not in ("unet", "lora"):
+            raise ValueError(f"base is for the unet and lora parts, not {self.part!r}")
+        for name, low in (("lora_rank", 1), ("lora_text_encoder_rank", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 (or unset: the rank), got "
+                             f"{self.lora_alpha!r}")
+        if self.lora_targets not in ("transformer", "attention"):
+            raise ValueError(f"lora_targets must be 'transformer' or 'attention', got "
+                             f"{self.lora_targets!r}")
 
     def out_path(self, part):
         return Path(self.out) / part

@@ -179,9 +179,11 @@ def _target_model(frozen, model):
 
 
 def lcm_defaults(cfg, pipe):
+    """4 lcm steps at the middle of the guidance range the student learned (shapes: range
+    [2, 6], guidance 4; its eval at 4 steps, guidance 3 / 4 / 5: pairs 82.0 / 86.0 / 81.0)."""
     lo, hi = cfg.guidance_range
-    guidance = min(max(pipe.defaults.guidance, lo), hi)  # the teacher's, within what was learned
-    return dataclasses.replace(pipe.defaults, steps=STEPS, guidance=guidance, sampler="lcm")
+    return dataclasses.replace(pipe.defaults, steps=STEPS, guidance=(lo + hi) / 2,
+                               sampler="lcm")
 
 
 def lcm_schedule(cfg, pipe):

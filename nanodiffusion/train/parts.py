@@ -1,13 +1,15 @@
 """The trainable parts, by name: the one table the config and the loop read."""
 from .clip import ClipPart
 from .lcm import LcmPart
+from .lora import LoraPart
 from .tiny_decoder import TinyDecoderPart
 from .unclip import DecoderPart, PriorPart
 from .unet import UnetPart
 from .vae import VaePart
 
 PARTS = {"clip": ClipPart, "vae": VaePart, "unet": UnetPart, "prior": PriorPart,
-         "decoder": DecoderPart, "lcm": LcmPart, "tiny-decoder": TinyDecoderPart}
+         "decoder": DecoderPart, "lcm": LcmPart, "tiny-decoder": TinyDecoderPart,
+         "lora": LoraPart}
 
 
 def get_part(name):

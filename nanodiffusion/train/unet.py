@@ -1,7 +1,9 @@
 """The UNet part: latent denoising on frozen CLIP text states and frozen VAE latents (Stable
-Diffusion's recipe), and the assembly of the finished model folder. Also what the unCLIP
-decoder shares with it (unclip.py): the frozen encoders' outputs per sample (encoded_batch,
-cached over a latent pool), the part's noise schedule and the denoising loss."""
+Diffusion's recipe), and the assembly of the finished model folder. With `base` it fine-tunes
+a pretrained model's UNet instead of a fresh one (the base's VAE, text encoder, tokenizer,
+schedule and prediction type; the folder assembled with them). Also what the unCLIP decoder
+and the lora part share with it (unclip.py, lora.py): the frozen encoders' outputs per sample
+(encoded_batch, cached over a latent pool), the part's noise schedule and the denoising loss."""
 import torch
 import torch.nn.functional as F
 
@@ -12,8 +14,8 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import SHAPES, UNet
 from ..pipelines.images import make_grid
 from ..pipelines.sd import Defaults, Pipeline
-from .common import (check_fixed, images_and_captions, override, rand, randn, save_ema,
-                     source)
+from .common import (check_fixed, folder_captions, images_and_captions, load_base, override,
+                     rand, randn, save_ema, source)
 
 SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a large green star",
                   "a yellow triangle at the top", "a pink circle above a cyan square",
@@ -55,12 +57,13 @@ def frozen_text(frozen, captions):
 
 
 @torch.no_grad()
-def encoded_batch(cfg, frozen, indices, encode, device):
+def encoded_batch(cfg, frozen, indices, encode, device, pool=None):
     """The samples `indices` as ({name: (B, ...) tensor} = encode(images), captions): what the
-    frozen encoders make of them (VAE posteriors, CLIP embeddings). With cfg.latent_pool = N,
-    sample i is sample i % N of the data, and its encodings are kept in memory after its first
-    use, so that N samples cost one pass of the encoders however long the part trains."""
-    pool = cfg.latent_pool
+    frozen encoders make of them (VAE posteriors, CLIP embeddings). With a pool of N
+    (cfg.latent_pool unless given), sample i is sample i % N of the data, and its encodings are
+    kept in memory after its first use, so that N samples cost one pass of the encoders
+    however long the part trains."""
+    pool = cfg.latent_pool if pool is None else pool
     keys = [i % pool for i in indices] if pool else list(indices)
     cache = frozen.setdefault("encoded", {}) if pool else {}
     missing = [k for k in dict.fromkeys(keys) if k not in cache]
@@ -111,20 +114,38 @@ def schedule_config(cfg):
 
 
 def denoising_loss(cfg, schedule, x0, gens, predict):
-    """MSE of `predict(x_t, t)` against the target of cfg.prediction_type (the noise, v or
-    x0), optionally min-SNR weighted."""
-    x_t, t, target = noised(schedule, x0, gens, cfg.prediction_type)
+    """MSE of `predict(x_t, t)` against the target of the schedule's prediction type (the
+    noise, v or x0: cfg.prediction_type, or a base model's), optionally min-SNR weighted."""
+    kind = schedule.config.prediction_type
+    x_t, t, target = noised(schedule, x0, gens, kind)
     pred = predict(x_t, t)
     per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma > 0:
-        per_sample = per_sample * loss_weights(schedule, t, cfg.prediction_type,
+        per_sample = per_sample * loss_weights(schedule, t, kind,
                                                cfg.min_snr_gamma).to(per_sample.device)
     return per_sample.mean()
+
+
+def unet_loss(cfg, unet, frozen, batch, gens, text_of=None):
+    """The denoising loss of `unet` on a batch of encoded_batch's, each caption dropped with
+    probability cfg.caption_dropout; `text_of(captions)` -> (token states, pooled states),
+    by default the frozen text encoder's (frozen_text)."""
+    enc, captions = batch
+    device = enc["mean"].device
+    x0 = latents_of(frozen["vae"], enc, gens)
+    drop = rand(gens, device) < cfg.caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    context, pooled = (text_of or (lambda c: frozen_text(frozen, c)[:2]))(captions)
+    text = checkpoint.unwrap(unet).text_condition(context, pooled)  # (B, T, D), (B, D)
+    return denoising_loss(cfg, frozen["schedule"], x0, gens,
+                          lambda x_t, t: unet(x_t, t, **text))
 
 
 class UnetPart:
     @staticmethod
     def build(cfg, device):
+        if cfg.base:
+            return from_base(cfg, device)
         clip, vae, tok = frozen_parts(cfg, device)
         text = clip.text_model
         fixed = {"in_channels": vae.config.latent_channels,
@@ -143,15 +164,7 @@ class UnetPart:
 
     @staticmethod
     def loss(cfg, model, frozen, batch, gens):
-        enc, captions = batch
-        device = enc["mean"].device
-        x0 = latents_of(frozen["vae"], enc, gens)
-        drop = rand(gens, device) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        context, pooled, _ = frozen_text(frozen, captions)  # (B, T, D), (B, D)
-        text = checkpoint.unwrap(model).text_condition(context, pooled)
-        return denoising_loss(cfg, frozen["schedule"], x0, gens,
-                              lambda x_t, t: model(x_t, t, **text)), {}
+        return unet_loss(cfg, model, frozen, batch, gens), {}
 
     @staticmethod
     def export(cfg, model, ema):
@@ -163,16 +176,41 @@ class UnetPart:
         model.eval()
         try:
             pipe = _pipeline_from(cfg, model, frozen)
-            images = [pipe.generate(p, seed=i, steps=20)[0] for i, p in enumerate(SAMPLE_PROMPTS)]
+            images = [pipe.generate(p, seed=i, steps=20, width=cfg.image_size,
+                                    height=cfg.image_size)[0]
+                      for i, p in enumerate(sample_prompts(cfg))]
             make_grid(images, rows=2).save(path)
         finally:
             model.train()
 
 
+def sample_prompts(cfg, n=8):
+    """What a run's samples show: the shapes prompts, or the first n captions of its folder."""
+    if cfg.data == "shapes":
+        return SAMPLE_PROMPTS[:n]
+    return list(dict.fromkeys(folder_captions(cfg)))[:n]
+
+
 def _pipeline_from(cfg, model, frozen):
+    base = frozen.get("base")
     return Pipeline(model, frozen["vae"], frozen["text"], frozen["tokenizer"],
-                    frozen["schedule"].config, defaults=shapes_defaults(cfg), clip=frozen["clip"],
-                    name="shapes")
+                    frozen["schedule"].config, defaults=base.defaults if base else
+                    shapes_defaults(cfg), clip=frozen["clip"], name=base.name if base else
+                    "shapes")
+
+
+def from_base(cfg, device):
+    """(the UNet of cfg.base, trainable; the base's frozen VAE, text encoder and schedule)."""
+    if cfg.model:
+        raise ValueError(f"unet model settings {sorted(cfg.model)} follow from the UNet of "
+                         f"base {cfg.base!r}; remove them from the recipe")
+    get = source(cfg)[0]  # first: a folder without images fails before the base loads
+    pipe = load_base(cfg, device, "train unet --base")
+    model = pipe.unet.requires_grad_(True).train()
+    frozen = {"source": get, "clip": pipe.clip, "text": pipe.text_encoder, "vae": pipe.vae,
+              "tokenizer": pipe.tokenizer, "schedule": NoiseSchedule(pipe.schedule_config),
+              "cache": {}, "base": pipe}
+    return model, frozen
 
 
 def shapes_defaults(cfg):
@@ -181,7 +219,15 @@ def shapes_defaults(cfg):
 
 
 def assemble_model(cfg):
-    """Gather the parts of this run into one model folder: <out>/model."""
+    """Gather the parts of this run into one model folder: <out>/model; with a base, the
+    fine-tuned UNet and the base's other parts, schedule and defaults."""
+    if cfg.base:
+        pipe = load_base(cfg, "cpu", "train unet --base")
+        save_folder(cfg.out_path("model"), unet=cfg.run_dir / "unet.safetensors", vae=pipe.vae,
+                    clip=pipe.clip, text_encoder=None if pipe.clip is not None else
+                    pipe.text_encoder, tokenizer=pipe.tokenizer, schedule=pipe.schedule_config,
+                    defaults=pipe.defaults, name=pipe.name, tiny_decoder=pipe.tiny_decoder)
+        return
     save_folder(cfg.out_path("model"), unet=cfg.run_dir / "unet.safetensors",
                 vae=cfg.out_path("vae") / "vae.safetensors",
                 clip=cfg.out_path("clip") / "clip.safetensors",

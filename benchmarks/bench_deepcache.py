@@ -1,0 +1,146 @@
+"""DeepCache's speed against the exact path (pipelines/deepcache.py; its fidelity comes from
+`nanodiffusion eval shapes --deepcache N`, see docs/deepcache.md).
+
+    .venv/bin/python benchmarks/bench_deepcache.py shapes --repeats 20
+    .venv/bin/python benchmarks/bench_deepcache.py sd --size 256 --repeats 3 --loop-repeats 2
+
+shapes: the bundled shapes model at its defaults (15 dpmpp-2m steps, CFG batch 2, 64 px):
+whole generate() calls, exact and at each --interval, and one UNet call full against shallow.
+sd: the Stable Diffusion 1.5 UNet with random weights (as bench_sd.py builds it) at --size px,
+CFG batch 2, branch 0: one UNet call full against shallow, with their FLOPs (torch's
+FlopCounterMode) and the speed-up those FLOPs allow at each interval, and the whole 20-step
+euler loop (the UNet calls and the sampler; no text encoder, no VAE) exact and at each
+interval. Runs are interleaved (a, b, c, a, b, c, ...) so that drifts of the machine's speed
+fall on all alike; medians. Not a test: nothing here gates CI.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from nanodiffusion import samplers
+from nanodiffusion.diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from nanodiffusion.pipelines.deepcache import CachedUNet
+
+PROMPTS = [f"a {c} star above a pink square" for c in ("red", "blue", "green")]
+
+
+def interleaved(fns, repeats, warmup=1):
+    """Median seconds of each function, called in turn `repeats` times after `warmup`."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def unet_calls(unet, x, t, cond):
+    """(full call, shallow call) as functions of nothing, the shallow one on features kept
+    from the same inputs."""
+    _, deep = unet.forward_deepcache(x, t, **cond)
+    return (lambda: unet.forward_deepcache(x, t, **cond),
+            lambda: unet.forward_deepcache(x, t, **cond, deep=deep))
+
+
+def flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def print_calls(unet, x, t, cond, repeats, intervals):
+    full, shallow = unet_calls(unet, x, t, cond)
+    ff, fs = flops(full), flops(shallow)
+    tf, ts = interleaved([full, shallow], repeats)
+    print(f"one UNet call, batch {x.shape[0]}, latents {tuple(x.shape[1:])}:")
+    print(f"  full    {tf:8.4f} s  {ff / 1e9:9.2f} GFLOP")
+    print(f"  shallow {ts:8.4f} s  {fs / 1e9:9.2f} GFLOP  ({tf / ts:.1f}x faster, "
+          f"{ff / fs:.1f}x fewer FLOPs)")
+    for n in intervals:  # one full call and n - 1 shallow ones against n full ones
+        print(f"  interval {n}: at most {n * ff / (ff + (n - 1) * fs):.2f}x by FLOPs, "
+              f"{n * tf / (tf + (n - 1) * ts):.2f}x by these call times")
+
+
+@torch.no_grad()
+def bench_shapes(args):
+    import nanodiffusion
+
+    pipe = nanodiffusion.load("shapes")
+    runs = [None] + args.interval
+    d = pipe.defaults
+    ctx = pipe.encode_prompt(["", PROMPTS[0]])  # (2, 77, D): CFG's batch
+    x = torch.randn(2, pipe.latent_channels, d.height // pipe.vae_factor,
+                    d.width // pipe.vae_factor, generator=torch.Generator().manual_seed(0))
+    print_calls(pipe.unet, x, torch.tensor([500.0, 500.0]), {"context": ctx},
+                args.repeats * 5, args.interval)
+    calls = [lambda n=n, i=i: pipe.generate(PROMPTS[i % 3], seed=i, deepcache=n)
+             for i, n in enumerate(runs)]
+    times = interleaved(calls, args.repeats)
+    print(f"whole generate() ({d.steps} steps {d.sampler} g{d.guidance} {d.width}x{d.height}), "
+          f"median of {args.repeats}:")
+    for n, s in zip(runs, times):
+        print(f"  {'exact' if n is None else f'interval {n}':<12}{s:8.3f} s  "
+              f"{times[0] / s:5.2f}x")
+
+
+def sd_unet():
+    from nanodiffusion.models import unet
+
+    torch.manual_seed(0)
+    return unet.UNet(unet.SD15).eval()
+
+
+@torch.no_grad()
+def bench_sd(args):
+    model = sd_unet()
+    h = args.size // 8
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, 77, 768, generator=g)
+    x = torch.randn(2, 4, h, h, generator=g)
+    print_calls(model, x, torch.tensor([500.0, 500.0]), {"context": ctx}, args.repeats,
+                args.interval)
+    plan = samplers.plan("euler", NoiseSchedule(ScheduleConfig()), 20)
+    noise = torch.randn(1, 4, h, h, generator=g)
+
+    def loop(n):
+        fn = model if n is None else CachedUNet(model, n)
+        den = cfg_denoiser(Denoiser(fn, plan.schedule, quantize_t=plan.quantize_t), 7.5)
+        return samplers.run(plan, den, noise, cond={"context": ctx})
+    runs = [None] + args.interval
+    times = interleaved([lambda n=n: loop(n) for n in runs], args.loop_repeats, warmup=0)
+    print(f"whole 20-step euler loop, CFG 7.5 (batch 2), {args.size} px, "
+          f"median of {args.loop_repeats}:")
+    for n, s in zip(runs, times):
+        print(f"  {'exact' if n is None else f'interval {n}':<12}{s:8.2f} s  "
+              f"{times[0] / s:5.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=["shapes", "sd"])
+    ap.add_argument("--interval", type=int, action="append", default=None,
+                    help="DeepCache intervals to time (default 2, 3, 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="(default: shapes 20, sd 3)")
+    ap.add_argument("--loop-repeats", type=int, default=1, help="sd: the 20-step loops")
+    ap.add_argument("--size", type=int, default=256, help="sd: image side in pixels")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    args.interval = args.interval or [2, 3, 5]
+    args.repeats = args.repeats or (20 if args.model == "shapes" else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, interleaved runs")
+    (bench_shapes if args.model == "shapes" else bench_sd)(args)
+
+
+if __name__ == "__main__":
+    main()
