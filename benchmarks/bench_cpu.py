@@ -9,11 +9,12 @@ and seed, at 256 and 512 px.
     nice .venv/bin/python benchmarks/bench_cpu.py --tiny               # a smoke test, minutes
 
 A table per size: import s (the system's own modules, torch already imported), load s, first
-call s, warm s (the median of --repeats calls), peak RSS, "vs diffusers" (the warm time of the
-system's diffusers baseline, same dtype, over its own: above 1x is faster), roofline (the
-fraction of the machine's roofline reached: the work's FLOPs / the matmul peak of the dtype it
-computes in, over the warm time), and max |diff| to diffusers float32 in 1/255 steps. Every
-system of ours but ours-fp32 also gets its max |diff| and PSNR against ours-fp32.
+call s, warm s (the median of --repeats calls), peak RSS (then, apart: the resident size once
+loaded, the load's peak, the calls' peak, the resident size after them), "vs diffusers" (the
+warm time of the system's diffusers baseline, same dtype, over its own: above 1x is faster),
+roofline (the fraction of the machine's roofline reached: the work's FLOPs / the matmul peak
+of the dtype it computes in, over the warm time), and max |diff| to diffusers float32 in 1/255
+steps. Every system of ours but ours-fp32 also gets its max |diff| and PSNR against ours-fp32.
 
 How it works. The parent never imports torch. It has children write the model once (a
 diffusers folder, safetensors, float32, SD 1.5's scheduler config, the tokenizer from our own
@@ -351,17 +352,34 @@ def _sdcpp(system, args):
 RUNNERS = {"ours": _ours, "diffusers": _diffusers, "sdcpp": _sdcpp}
 
 
-def peak_rss_bytes():
-    """This process's peak resident set: VmHWM (Linux: this process's own, from its exec on),
-    else ru_maxrss (kilobytes on Linux, bytes on macOS)."""
+def _status_bytes(field):
+    """A field of /proc/self/status in bytes (VmHWM, VmRSS), or None without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes():
+    """This process's peak resident set: VmHWM (Linux: this process's own, from its exec on,
+    or from the last reset_peak_rss), else ru_maxrss (kilobytes on Linux, bytes on macOS)."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def reset_peak_rss():
+    """VmHWM back to the resident size now (Linux >= 4.0); False where it cannot be."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def child_run(args):
@@ -378,6 +396,8 @@ def child_run(args):
     t0 = time.perf_counter()
     call = load()
     load_s = time.perf_counter() - t0
+    load_peak, loaded = peak_rss_bytes(), _status_bytes("VmRSS")
+    apart = reset_peak_rss()  # the calls' own peak, apart from the load's
     t0 = time.perf_counter()
     image = call(size)
     first_s = time.perf_counter() - t0
@@ -391,7 +411,9 @@ def child_run(args):
     image.save(path)
     return {"system": name, "size": size, "import_s": import_s, "load_s": load_s,
             "first_s": first_s, "warm_s": statistics.median(warm), "warm_all_s": warm,
-            "peak_rss_bytes": peak_rss_bytes(), "image": str(path)}
+            "peak_rss_bytes": max(load_peak, peak_rss_bytes()), "load_peak_bytes": load_peak,
+            "call_peak_bytes": peak_rss_bytes() if apart else None, "loaded_rss_bytes": loaded,
+            "after_rss_bytes": _status_bytes("VmRSS"), "image": str(path)}
 
 
 def child_probe(args):
@@ -512,18 +534,25 @@ def print_size(size, rows, probe, args):
           f"{args.threads} threads; work {f['total'] / 1e12:.3f} TFLOP (UNet {args.steps} x "
           f"{f['unet_call'] / 1e12:.3f}, text encoder {f['text'] / 1e12:.3f}, VAE decode "
           f"{f['vae_decode'] / 1e12:.3f})")
-    print(f"{'system':<16}{'import s':>9}{'load s':>8}{'first s':>9}{'warm s':>9}{'RSS GB':>8}"
+    print(f"{'system':<18}{'import s':>9}{'load s':>8}{'first s':>9}{'warm s':>9}{'RSS GB':>8}"
           f"{'vs diffusers':>13}{'roofline':>9}{'max|diff| /255':>16}")
     for r in rows:
         if "error" in r:
-            print(f"{r['system']:<16} failed: {r['error'][:300]}")
+            print(f"{r['system']:<18} failed: {r['error'][:300]}")
             continue
         diff = r["vs_reference"]
         ratio = None if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        print(f"{r['system']:<16}{r['import_s']:>9.2f}{r['load_s']:>8.2f}{r['first_s']:>9.2f}"
+        print(f"{r['system']:<18}{r['import_s']:>9.2f}{r['load_s']:>8.2f}{r['first_s']:>9.2f}"
               f"{r['warm_s']:>9.2f}{r['peak_rss_bytes'] / 1e9:>8.2f}{_fmt(ratio, ''):>13}"
               f"{_fmt(r['roofline_fraction'], '.0%'):>9}"
               f"{_fmt(diff and diff[0], 'd'):>16}")
+    print(f"{'RSS GB of':<18}{'loaded':>9}{'load peak':>10}{'call peak':>10}{'after':>8}")
+    for r in rows:
+        if "error" not in r and r.get("loaded_rss_bytes") is not None:
+            gb = [None if r.get(k) is None else r[k] / 1e9 for k in (
+                "loaded_rss_bytes", "load_peak_bytes", "call_peak_bytes", "after_rss_bytes")]
+            print(f"{r['system']:<18}{_fmt(gb[0], '.2f'):>9}{_fmt(gb[1], '.2f'):>10}"
+                  f"{_fmt(gb[2], '.2f'):>10}{_fmt(gb[3], '.2f'):>8}")
     for r in rows:
         if r.get("vs_ours_exact"):
             top, psnr = r["vs_ours_exact"]

@@ -42,6 +42,11 @@ def _add_sampling_args(p):
                    "approximate path: the UNet's deep blocks run every N-th step only, its "
                    "shallow ones on the steps between (faster, and the images change: "
                    "docs/deepcache.md); 1 or none: exact (Stable Diffusion models only)")
+    p.add_argument("--tome", type=float, default=None, metavar="RATIO", help="token merging, "
+                   "an approximate path: the share RATIO (0..0.9) of the tokens at the UNet's "
+                   "finest attention level merged before its self-attention (AUTOMATIC1111's "
+                   "Token merging ratio; faster at large sizes, and the images change: "
+                   "docs/tome.md); 0 or none: exact (Stable Diffusion models only)")
     p.add_argument("-n", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--out", default="out.png", help="output PNG (default out.png; OUT-1.png, "
                    "OUT-2.png ... when several)")
@@ -50,8 +55,9 @@ def _add_sampling_args(p):
                    "of a Stable Diffusion model (bfloat16: about 2x faster on CPUs with "
                    "AVX-512 BF16 or AMX; float16 for GPUs)")
     p.add_argument("--low-memory", action="store_true", help="keep the text encoder's, the "
-                   "UNet's and the VAE's weights on disk except while each runs (same images; "
-                   "for machines with little memory; Stable Diffusion models only)")
+                   "UNet's and the VAE's weights on disk except while each runs (same images, "
+                   "but latents above 64 per side, 512 px for SD, are decoded in tiles; for "
+                   "machines with little memory; Stable Diffusion models only)")
     p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
                    help="what the UNet of a single-file checkpoint predicts, which the file "
                    "does not record (default: found as diffusers finds it, or from a "
@@ -226,6 +232,8 @@ def _add_model_commands(sub):
     e.add_argument("--sampler", default=None, help="(default: the model's)")
     e.add_argument("--deepcache", type=int, default=None, metavar="N", help="evaluate "
                    "DeepCache's approximate path with interval N (default: the exact path)")
+    e.add_argument("--tome", type=float, default=None, metavar="RATIO", help="evaluate "
+                   "token merging's approximate path at RATIO (default: the exact path)")
     _add_tiny_decoder(e)
     x = sub.add_parser("export", help="write a model in another format")
     x.add_argument("model")
@@ -245,7 +253,7 @@ def _add_model_commands(sub):
                    "models' precision (unCLIP models stay float32)")
     v.add_argument("--low-memory", action="store_true", help="Stable Diffusion models keep "
                    "their text encoder's, UNet's and VAE's weights on disk except while each "
-                   "runs")
+                   "runs (images above 512 px for SD are decoded in tiles)")
     v.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
                    help="what the UNets of the single-file checkpoints served predict "
                    "(default: found per file, as diffusers finds it)")

@@ -37,12 +37,14 @@ def cmd_sample(args):
             raise ValueError("--vae is for Stable Diffusion models, not unCLIP ones")
         if args.deepcache is not None:
             raise ValueError("--deepcache is for Stable Diffusion models, not unCLIP ones")
+        if args.tome is not None:
+            raise ValueError("--tome is for Stable Diffusion models, not unCLIP ones")
         if args.low_memory:
             raise ValueError("--low-memory is for Stable Diffusion models, not unCLIP ones")
     else:
         pipe.set_low_memory(args.low_memory)
         common.update(guidance_rescale=args.guidance_rescale, vae_decoder=args.vae_decoder,
-                      deepcache=args.deepcache)
+                      deepcache=args.deepcache, tome=args.tome)
         if args.vae is not None:
             pipe.load_vae(args.vae)
     if args.command == "generate":

@@ -9,6 +9,7 @@ from .formats import checkpoint, ours
 from .formats.files import WEIGHT_SUFFIXES
 from .formats.taesd import check_fits, read_taesd
 from .models.taesd import TAESD
+from .pipelines import offload
 from .pipelines.decoders import for_inference as tiny_for_inference
 from .pipelines.sd import Defaults, Pipeline
 from .pipelines.unclip import UnCLIPDefaults, UnCLIPPipeline
@@ -65,12 +66,20 @@ def load_pipeline(path=None, device="cpu", dtype=torch.float32, prediction_type=
     `hints` (single_file.LDMHints) apply to single files only, which do not record them.
     `tiny_decoder`: a TAESD to attach (attach_tiny_decoder), in place of the model's own.
     `low_memory`: a Stable Diffusion model's text encoder, UNet and VAE stay on disk except
-    while each runs (Pipeline.set_low_memory)."""
-    pipe = build_pipeline(read_parts(path, device, dtype, prediction_type, hints))
-    if low_memory:
-        if not hasattr(pipe, "set_low_memory"):
-            raise ValueError(f"{path}: low_memory is for Stable Diffusion models, not unCLIP ones")
-        pipe.set_low_memory(True)
+    while each runs (Pipeline.set_low_memory), each put there as soon as it is built, before
+    the next is read (pipelines/offload.py; a single file is read whole, all its parts
+    together, before that)."""
+    if not low_memory:
+        pipe = build_pipeline(read_parts(path, device, dtype, prediction_type, hints))
+    elif model_kind(path) == "unclip":
+        raise ValueError(f"{path}: low_memory is for Stable Diffusion models, not unCLIP ones")
+    else:
+        with offload.built_to_disk():
+            parts = read_parts(path, device, dtype, prediction_type, hints)
+        for key, module in parts.modules.items():  # the whole CLIP, a tiny decoder: in memory
+            if module is not None and key not in offload.PARTS:
+                offload.to_memory(module)
+        pipe = build_pipeline(parts).set_low_memory(True)
     return pipe if tiny_decoder is None else attach_tiny_decoder(pipe, tiny_decoder)
 
 

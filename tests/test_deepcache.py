@@ -254,14 +254,16 @@ def test_cli_flag_png_field_and_info(pipe, tmp_path, capsys):
     assert "--deepcache is for Stable Diffusion models" in capsys.readouterr().err
 
 
-def test_cli_eval_passes_the_interval(monkeypatch):
+def test_cli_eval_passes_the_approximate_paths(monkeypatch):
+    """DeepCache's interval and token merging's ratio (tests/test_tome.py) reach the report."""
     import nanodiffusion.eval.report as report
 
     seen = {}
     monkeypatch.setattr(report, "report", lambda path, **kw: seen.update(kw, path=path))
     assert cli.main(["eval", "shapes", "--n", "4", "--deepcache", "3", "--steps", "15",
-                     "--out", "/dev/null"]) == 0
+                     "--tome", "0.5", "--out", "/dev/null"]) == 0
     assert seen["deepcache"] == 3 and seen["steps"] == 15 and seen["path"] == "shapes"
+    assert seen["tome"] == 0.5
 
 
 def test_http_apis(pipe):

@@ -189,3 +189,41 @@ def test_sizes_follow_the_model_not_a_server_rule(client):
     assert _png(r.data[0].b64_json).size == (36, 36)
     with pytest.raises(openai.BadRequestError, match="width must be a multiple of 4.*got 34"):
         client.images.generate(model="shapes", prompt="a red circle", size="34x34")
+
+
+def test_token_merging_through_webuiapi_and_openai(server, client):
+    """Token merging as A1111 users set it (override_settings, or /options for every later
+    request; img2img's own ratio) and through openai's extra_body: the images carry
+    "Token merging ratio" and differ from the exact path's; a bad ratio is a 400 naming it."""
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=int(server.rsplit(":", 1)[1]))
+    args = dict(prompt="a red circle above a blue square", seed=4, steps=6, width=SIDE,
+                height=SIDE)
+    exact = api.txt2img(**args).image
+    r = api.txt2img(**args, override_settings={"token_merging_ratio": 0.5})
+    assert "Token merging ratio: 0.5" in r.info["infotexts"][0]
+    assert r.image.tobytes() != exact.tobytes()
+    api.set_options({"token_merging_ratio": 0.4, "token_merging_ratio_img2img": 0.2})
+    try:
+        assert api.get_options()["token_merging_ratio"] == 0.4
+        assert "Token merging ratio: 0.4" in api.txt2img(**args).info["infotexts"][0]
+        r = api.img2img(images=[exact], **args)
+        assert "Token merging ratio: 0.2" in r.info["infotexts"][0]
+        r = api.txt2img(**args, override_settings={"token_merging_ratio": 0})
+        assert "Token merging" not in r.info["infotexts"][0]
+        assert r.image.tobytes() == exact.tobytes()
+    finally:
+        api.set_options({"token_merging_ratio": 0, "token_merging_ratio_img2img": 0})
+    bad = httpx.post(server + "/sdapi/v1/txt2img", timeout=60, json={
+        **args, "override_settings": {"token_merging_ratio": 2}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "token_merging_ratio"
+    assert "got 2" in bad.json()["error"]["message"]
+    bad = httpx.post(server + "/sdapi/v1/options", timeout=60, json={"token_merging_ratio": -1})
+    assert bad.status_code == 400 and api.get_options()["token_merging_ratio"] == 0.0
+    r = client.images.generate(model="shapes", prompt=args["prompt"], size="64x64",
+                               extra_body={"seed": 4, "steps": 6, "tome": 0.5})
+    assert "Token merging ratio: 0.5" in _png(r.data[0].b64_json).info["parameters"]
+    with pytest.raises(openai.BadRequestError, match="tome must be a number"):
+        client.images.generate(model="shapes", prompt="x", extra_body={"tome": "lots"})
+    with pytest.raises(openai.BadRequestError, match="tome is an option of Stable Diffusion"):
+        client.images.generate(model="shapes-unclip", prompt="x", extra_body={"tome": 0.5})

@@ -1,6 +1,8 @@
 """--low-memory (issue 23 item 2): the text encoder's, the UNet's and the VAE's weights stay on
-disk except while they run, and every image is the one the default makes: txt2img, img2img, inpainting,
-a text-encoder LoRA fused and taken off, through Python, the CLI and `serve --low-memory`."""
+disk except while they run, never two of them in memory together (a low-memory load included),
+and every image is the one the default makes: txt2img, img2img, inpainting, best-of-N, a
+text-encoder LoRA fused and taken off, through Python, the CLI and `serve --low-memory`; but for
+latents larger than offload.TILE per side, decoded in tiles."""
 import io
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 
 import nanodiffusion
 from front_door import run_cli, served
+from nanodiffusion.pipelines import offload
 
 PROMPT = "a red circle above a blue square"
 
@@ -20,7 +23,80 @@ def held(module):
 
 @pytest.fixture(scope="module")
 def pair():
-    return nanodiffusion.load("shapes"), nanodiffusion.load("shapes").set_low_memory(True)
+    return nanodiffusion.load("shapes"), nanodiffusion.load("shapes", low_memory=True)
+
+
+def test_a_low_memory_load_builds_one_part_at_a_time(monkeypatch, pair):
+    """Each module goes to disk as it is built, before the next is read (the whole CLIP and
+    the tiny decoder come back after: not parts); a call reads one part at a time (no LoRA
+    to fuse: the text encoder and the UNet are not read in together)."""
+    from nanodiffusion import loading
+
+    built, in_memory = [], []
+    to_disk, load, read_parts = offload.to_disk, offload.DiskWeights._load, loading.read_parts
+
+    def spy_to_disk(module):
+        if not offload.on_disk(module):
+            in_memory.append([held(m) > 0 for m in built])  # those built before
+            built.append(module)
+        to_disk(module)
+
+    def spy_read_parts(*args):
+        parts = read_parts(*args)
+        assert len(built) == 4 and not any(map(any, in_memory)), in_memory
+        assert all(held(m) == 0 for m in built)  # clip, UNet, VAE, tiny decoder
+        return parts
+
+    def spy_load(self):
+        load(self)
+        in_memory.append([held(getattr(low, k)) > 0 for k in offload.PARTS].count(True) == 1)
+
+    monkeypatch.setattr(offload, "to_disk", spy_to_disk)
+    monkeypatch.setattr(loading, "read_parts", spy_read_parts)
+    low = nanodiffusion.load("shapes", low_memory=True)
+    assert low.low_memory and all(held(getattr(low, k)) == 0 for k in offload.PARTS)
+    assert held(low.clip.vision_model) > 0 and held(low.tiny_decoder) > 0
+    in_memory.clear()
+    monkeypatch.setattr(offload.DiskWeights, "_load", spy_load)
+    image = low.generate(PROMPT, seed=3)[0]
+    assert len(in_memory) == 3 and all(in_memory), in_memory  # text encoder, UNet, VAE
+    assert image.tobytes() == pair[0].generate(PROMPT, seed=3)[0].tobytes()
+
+
+def test_bfloat16_the_same_in_their_layouts():
+    """In bfloat16 the UNet's convolutions run channels-last too (models/unet.for_inference):
+    each part is read back in the layout it was given, so the images are the same."""
+    plain = nanodiffusion.load("shapes", dtype=torch.bfloat16)
+    low = nanodiffusion.load("shapes", dtype=torch.bfloat16, low_memory=True)
+    a, b = (p.generate(PROMPT, seed=5, n=2) for p in (plain, low))
+    assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
+    assert held(low.unet) == 0
+
+
+def test_best_of_in_low_memory(pair):
+    """Reranking runs CLIP's text tower, which is the pipeline's text encoder (on disk)."""
+    plain, low = pair
+    a = plain.generate(PROMPT, seed=2, best_of=2)[0]
+    assert a.tobytes() == low.generate(PROMPT, seed=2, best_of=2)[0].tobytes()
+    assert held(low.text_encoder) == 0
+
+
+def test_large_latents_are_decoded_in_tiles(monkeypatch, pair):
+    """Above offload.TILE latents per side low memory decodes in tiles (VAE.tiled_decode);
+    at TILE or less, and always without low memory, the whole decode."""
+    plain, low = pair
+    z = torch.randn(1, low.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert low.decode_latents(z)[0].tobytes() == plain.decode_latents(z)[0].tobytes()
+    monkeypatch.setattr(offload, "TILE", 8)
+    monkeypatch.setattr(offload, "TILE_OVERLAP", 2)
+    tiled, whole = low.decode_latents(z)[0], plain.decode_latents(z)[0]
+    assert held(low.vae) == 0
+    with torch.no_grad():
+        x = plain.vae.tiled_decode((z / plain.vae.config.scaling_factor).to(plain._vae_dtype),
+                                   8, 2)
+    want = nanodiffusion.pipelines.images.to_pil(x)[0]
+    assert tiled.tobytes() == want.tobytes() and tiled.tobytes() != whole.tobytes()
+    assert np.abs(np.asarray(tiled, dtype=int) - np.asarray(whole)).mean() < 8
 
 
 def test_the_parts_are_on_disk_between_calls_and_the_images_are_the_same(pair):
@@ -41,12 +117,18 @@ def test_the_parts_are_on_disk_between_calls_and_the_images_are_the_same(pair):
 
 
 def test_turned_off_the_weights_come_back(tmp_path):
+    """As they were, in their layouts (the VAE's channels-last convolutions), whether low
+    memory was turned on after the load or the load was a low-memory one."""
     pipe = nanodiffusion.load("shapes")
     want = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
-    pipe.set_low_memory(True).set_low_memory(False)
-    assert not pipe.low_memory and held(pipe.vae) > 0
-    got = pipe.vae.state_dict()
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    strides = {k: v.stride() for k, v in pipe.vae.state_dict().items()}
+    for p in (pipe.set_low_memory(True), nanodiffusion.load("shapes", low_memory=True)):
+        p.set_low_memory(False)
+        assert not p.low_memory and held(p.vae) > 0 and held(p.unet) > 0
+        got = p.vae.state_dict()
+        assert all(torch.equal(got[k], want[k]) and got[k].stride() == strides[k] for k in want)
+    with pytest.raises(ValueError, match="not unCLIP"):  # refused before a weight is read
+        nanodiffusion.load("shapes-unclip", low_memory=True)
 
 
 def test_a_lora_is_fused_on_disk_too(tmp_path):
@@ -60,7 +142,8 @@ def test_a_lora_is_fused_on_disk_too(tmp_path):
     text = lf.random_layers(lf.text_targets(sd.ref.text_encoder), 3, alphas=(4.0,), std=0.6)
     unet = lf.random_layers(lf.unet_targets(sd.ref.unet), 2, alphas=(2.0,))
     path = lf.write_kohya(tmp_path / "text.safetensors", unet, text_layers=text)
-    low = nanodiffusion.load(sd.folder).set_low_memory(True)
+    low = nanodiffusion.load(sd.folder, low_memory=True)  # a diffusers folder, part by part
+    assert low.low_memory and held(low.unet) == 0 and held(low.text_encoder) == 0
     plain = nanodiffusion.load(sd.folder)
     kw = dict(seed=1, steps=2, sampler="euler", width=16, height=16)
     before = np.asarray(low.generate(PROMPT, **kw)[0])

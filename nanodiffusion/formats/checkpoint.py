@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .files import check_state_dict, read_state_dict
+from .files import built, check_state_dict, on_meta, read_state_dict
 
 FORMAT = "nanodiffusion/1"
 
@@ -192,13 +192,14 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     raw = json.loads(meta["config"])
     args = {k: config_from_dict(arg_types[k], raw[k]) for k in arg_types}
     sd = read_state_dict(path, dtype)  # each tensor cast as it is read, held by the model
-    with torch.device("meta"):  # no time spent on a random init that is overwritten
+    with on_meta():  # no time spent on a random init that is overwritten
         model = cls(**args)
     check_state_dict(model, sd, str(path), dtype)
     if any(b.is_meta for b in model.buffers()):  # non-persistent buffers: build for real
         model = cls(**args)
         check_state_dict(model, sd, str(path), dtype)
-    return model.to(device=device, dtype=dtype).eval()
+    del sd  # the model holds the tensors: nothing else (low-memory loading, files.on_build)
+    return built(model.to(device=device, dtype=dtype).eval())
 
 
 def save_state(path, state):

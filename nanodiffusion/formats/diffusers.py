@@ -67,7 +67,8 @@ def _weights(folder, dtype=None):
 def build_sd_modules(unet_cfg, unet_sd, vae_cfg, vae_sd, text_cfg, text_sd, where, device,
                      dtype):
     """{"unet", "vae", "text_encoder", "clip": None} built strictly from diffusers-layout
-    state dicts; errors name `where` (the folder or file) and the part."""
+    state dicts, or functions that read them (files.build), in that order; errors name `where`
+    (the folder or file) and the part."""
     return {"unet": build(UNet, unet_cfg, unet_sd, f"{where} unet", device, dtype),
             "vae": build(VAE, vae_cfg, vae_sd, f"{where} vae", device, dtype),
             "text_encoder": build(CLIPTextModel, text_cfg, text_sd, f"{where} text encoder",
@@ -97,12 +98,15 @@ def read_diffusers_folder(folder, device="cpu", dtype=torch.float32):
     vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
     text_cfg = clip_text_config_from_transformers(
         _read_json(folder / "text_encoder" / "config.json"))
-    text_sd = _weights(folder / "text_encoder", dtype)
-    text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()
-               if not k.endswith("position_ids")}
-    modules = build_sd_modules(unet_cfg, _weights(folder / "unet", dtype), vae_cfg,
-                               _weights(folder / "vae", dtype), text_cfg, text_sd, folder,
-                               device, dtype)
+
+    def text_sd():
+        return {k.removeprefix("text_model."): v for k, v in
+                _weights(folder / "text_encoder", dtype).items()
+                if not k.endswith("position_ids")}
+    # each part read as it is built: one part's weights in memory at a time until it is built
+    modules = build_sd_modules(unet_cfg, lambda: _weights(folder / "unet", dtype), vae_cfg,
+                               lambda: _weights(folder / "vae", dtype), text_cfg, text_sd,
+                               folder, device, dtype)
     sched_json = _read_json(folder / "scheduler" / "scheduler_config.json")
     # StableDiffusionPipeline.__init__ sets these on the scheduler it is given (a deprecation
     # shim all its users get); options the file leaves out stay `defaulted` (diffusers' record)

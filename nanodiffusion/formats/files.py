@@ -2,6 +2,8 @@
 torch.load with weights_only=True), the accepted suffixes, and the one strict loader of a state
 dict into a module (`check_state_dict`; `build` around it), whose errors name the part and the keys.
 """
+import contextlib
+import contextvars
 import json
 import math
 import pickle
@@ -11,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors",) + TORCH_SUFFIXES  # every weight file we read
@@ -166,10 +169,58 @@ def check_state_dict(module: nn.Module, sd: dict, name: str, dtype=None) -> nn.M
     return module
 
 
-def build(cls, cfg, sd: dict, name: str, device, dtype) -> nn.Module:
+def build(cls, cfg, sd, name: str, device, dtype) -> nn.Module:
     """`cls(cfg)` with the weights `sd` (check_state_dict), on `device` in `dtype`, in eval
     mode. The module holds the tensors of `sd` where they already are in `dtype` (as
-    read_checkpoint(path, dtype) reads them): no second copy of the weights."""
-    with torch.device("meta"):  # no time spent on a random init that is overwritten
+    read_checkpoint(path, dtype) reads them): no second copy of the weights. `sd` may be a
+    function that reads them, called here: a reader that passes functions reads each part just
+    before it is built and holds nothing of it after (low-memory loading puts each part on disk
+    before the next is read: on_build)."""
+    if callable(sd):
+        sd = sd()
+    with on_meta():
         model = cls(cfg)
-    return check_state_dict(model, sd, name, dtype).to(device=device, dtype=dtype).eval()
+    model = check_state_dict(model, sd, name, dtype).to(device=device, dtype=dtype).eval()
+    del sd
+    return built(model)
+
+
+class _NoInit(TorchFunctionMode):
+    """torch.nn.init's functions do nothing (they return their tensor)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Modules made inside are built on the meta device, their initialisations skipped: no
+    memory and no time for weights that are replaced (check_state_dict). Skipped, not run on
+    meta: torch's meta normal_ imports torch._dynamo, 70 MB held for good."""
+    with torch.device("meta"), _NoInit():
+        yield
+
+
+_ON_BUILD = contextvars.ContextVar("on_build", default=None)
+
+
+@contextlib.contextmanager
+def on_build(fn):
+    """Within the block (in this thread), every module a reader builds from its weights
+    (`build`, checkpoint.load_model) is handed to `fn` as soon as it is built: low-memory
+    loading puts each part on disk before the next is read (pipelines/offload.py)."""
+    token = _ON_BUILD.set(fn)
+    try:
+        yield
+    finally:
+        _ON_BUILD.reset(token)
+
+
+def built(module: nn.Module) -> nn.Module:
+    """A reader's module, just built, given to the `on_build` function if there is one."""
+    fn = _ON_BUILD.get()
+    if fn is not None:
+        fn(module)
+    return module

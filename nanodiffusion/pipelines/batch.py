@@ -7,7 +7,7 @@ with its seed, in diffusers' order (the initial latents, then each step's noise:
 samplers.Generators), its prompts are encoded as `generate` encodes them, its images are
 decoded, tagged and checked on their own, and its callback sees only its rows. Only the UNet
 runs on the whole batch. Requests that cannot share a UNet call (another size, steps, sampler,
-guidance, eta, guidance_rescale, deepcache, LoRA set, or prompt length in chunks) run as
+guidance, eta, guidance_rescale, deepcache, tome, LoRA set, or prompt length in chunks) run as
 separate groups of the same call.
 
 Exactness: on CPU the UNet's matrix products (its linear layers and convolutions) round
@@ -25,6 +25,7 @@ from ..diffusion import Denoiser, cfg_denoiser
 from .decoders import check_vae_decoder
 from .deepcache import check_deepcache
 from .lora_tags import take_tags
+from .tome import check_tome
 from .settings import Request, Settings, resolve
 from .sd import Interrupted, Pipeline
 
@@ -32,7 +33,7 @@ from .sd import Interrupted, Pipeline
 # candidates of one request)
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "width",
           "height", "n", "callback", "preview", "eta", "guidance_rescale", "vae_decoder",
-          "clip_skip", "prompt_syntax", "deepcache")
+          "clip_skip", "prompt_syntax", "deepcache", "tome")
 
 
 @dataclass
@@ -99,7 +100,7 @@ def _member(pipe, kw):
     tags = tuple(take_tags(prompt)[1]) if req.prompt_syntax else ()
     shapes = tuple((k, tuple(v.shape[1:])) for k, v in cond.items())
     key = (s.steps, s.guidance, s.sampler, s.width, s.height, req.eta, req.guidance_rescale,
-           check_deepcache(req.deepcache), tags, shapes)
+           check_deepcache(req.deepcache), check_tome(req.tome), tags, shapes)
     return Member(prompt, negative, req, s, loras, embeddings, cond, key,
                   pipe._wrap_callback(req.callback, req.preview))
 
@@ -139,7 +140,7 @@ def _sample(pipe, members):
     noise = torch.cat([torch.randn((n, *shape), generator=g) for n, g in zip(rows, gens)])
     embedded = pipe.unet.config.time_cond_proj_dim is not None  # LCM: one branch
     guidance = 1.0 if embedded else s.guidance
-    model = pipe._model_fn(None, check_deepcache(m0.req.deepcache))
+    model = pipe._model_fn(None, m0.req)
     denoiser = cfg_denoiser(Denoiser(model, plan.schedule, quantize_t=plan.quantize_t),
                             guidance, m0.req.guidance_rescale)
     with pipe.resident(pipe.unet):  # low memory: the UNet is in memory for the loop only

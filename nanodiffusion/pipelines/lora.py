@@ -80,10 +80,18 @@ class LoraStack:
                 self.files.popitem(last=False)
         return lora
 
+    @staticmethod
+    def _key(active):
+        return tuple((a.name, a.file, a.te, a.unet) for a in active)  # files by identity
+
+    def is_fused(self, active):
+        """Whether the weights are those of `active` (a list of Active) already."""
+        return self._key(active) == self._fused
+
     def fuse(self, active):
         """Make the weights those of `active` (a list of Active); -> the parts whose weights
         changed. Modules no LoRA changes any more get their original weights back."""
-        key = tuple((a.name, a.file, a.te, a.unet) for a in active)  # files by identity
+        key = self._key(active)
         if key == self._fused:
             return set()
         changes = {}  # "part.module" -> [(layer, multiplier)]
@@ -169,8 +177,11 @@ class LoraMixin:
     def _fuse_loras(self, extra):
         """Fuse the loaded LoRAs and `extra` (Active); prompts encoded with other text
         encoder weights are forgotten."""
+        active = [*self._loras.loaded.values(), *extra]
+        if self._loras.is_fused(active):  # as they are (low memory: no part read in)
+            return
         with self.resident_parts() as held:  # low memory: in for the fusing
-            changed = self._loras.fuse([*self._loras.loaded.values(), *extra])
+            changed = self._loras.fuse(active)
             for part in changed:
                 if held.get(part) is not None:
                     held[part].dirty = True  # the file takes the fused weights

@@ -1,18 +1,35 @@
-"""Low memory (`--low-memory`, `pipe.set_low_memory(True)`): the text encoder, the UNet and the
-VAE of a Stable Diffusion pipeline keep their weights in a file while they are not running, so
-that only one of them is in memory at a time: while the UNet denoises (most of a call's time)
-the others are on disk, and the UNet is while the VAE decodes. Each part is read back from the
-page cache when it runs and let go after (memory returned to the system: malloc_trim where the
-C library has it); prompts already encoded come from the prompt cache without the encoder.
+"""Low memory (`--low-memory`, `load(..., low_memory=True)`, `pipe.set_low_memory(True)`): the
+text encoder, the UNet and the VAE of a Stable Diffusion pipeline keep their weights in a file
+while they are not running, so that only one of them is in memory at a time: while the UNet
+denoises (most of a call's time) the others are on disk, and the UNet is while the VAE decodes.
+Each part is read back from the page cache when it runs (`resident(module)`) and let go after;
+prompts already encoded come from the prompt cache without the encoder. Images are the same as
+without low memory, but for those whose latents are larger than TILE per side (`decode`).
 
-The file is written once when low memory is turned on, and again only after the part's weights
-were changed in place (LoRA fusing into the text encoder sets `dirty` on the DiskWeights that
-`resident` yields).
-The files live in a temporary folder removed with the pipeline.
+Where the memory goes (SD 1.5, bfloat16, 512 px; benchmarks/bench_cpu.py --system
+ours-bf16-lowmem): the UNet's weights (1.72 GB) and torch itself are most of the peak, which
+is the UNet's run; its activations are a small part (torch's CPU attention is tiled, never a
+4096 x 4096 score matrix). So three rules keep the rest small:
+- loading (`loading.load_pipeline(low_memory=True)`) puts each part on disk as soon as it is
+  built, before the next part is read (`formats.files.on_build`): the parts are never all in
+  memory, as they are when low memory is turned on after a load;
+- glibc's malloc maps every block of MMAP_THRESHOLD or more on its own and unmaps it when it
+  is freed (`malloc_returns_big_blocks`; for the whole process, once low memory is on): by
+  default it raises that threshold to the size of the largest block freed (up to 32 MiB), so
+  after the weights are let go the activations would come from its heap, whose freed pages
+  stay resident; that cost 0.4 GB of peak at 512 px;
+- latents larger than TILE per side (above 512 px at SD's factor 8) are decoded in tiles.
+
+The file of a part holds each tensor's bytes in their memory order (a channels-last weight as
+it is: no copy to write it or to read it back in its layout). It is written when the part first
+goes to disk, and again only after its weights were changed in place (LoRA fusing sets `dirty`
+on the DiskWeights that `resident` yields) or laid out anew (the UNet and the VAE are made
+channels-last once, when the pipeline is built). The files are temporary (tempfile's folder:
+$TMPDIR, where /tmp is a RAM disk), and removed with their modules.
 """
 import contextlib
 import ctypes
-import shutil
+import os
 import tempfile
 import weakref
 from pathlib import Path
@@ -20,22 +37,30 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..formats.files import read_safetensors
+from ..formats.files import on_build, read_safetensors
+
+PARTS = ("text_encoder", "unet", "vae")  # the pipeline's attributes (and Parts' modules)
+TILE, TILE_OVERLAP = 64, 16  # tiled decoding: latents per side above which, and the overlap
+MMAP_THRESHOLD = 256 << 10  # bytes: blocks this large are mapped apart and unmapped when freed
+_ATTR = "_nanodiffusion_disk_weights"  # a module's DiskWeights while its weights are on disk
 
 
 class DiskWeights:
-    """The parameters and buffers of `module` kept in `path` while the module is not in use;
-    `resident()` has them in memory for the time of a `with` block (nested blocks read once)."""
+    """The parameters and buffers of `module` kept in a temporary file while the module is
+    not in use; `resident()` has them in memory for the time of a `with` block (nested blocks
+    read once), in the layouts (strides) they had when they were last let go."""
 
-    def __init__(self, module, path):
-        self.module, self.path, self.depth, self.dirty = module, Path(path), 0, True
+    def __init__(self, module):
+        fd, path = tempfile.mkstemp(prefix="nanodiffusion-offload-", suffix=".safetensors")
+        os.close(fd)
+        self.path, self.depth, self.dirty = Path(path), 0, True
+        weakref.finalize(self, self.path.unlink, missing_ok=True)
         self.slots = {}  # full name -> (owning module, attribute, is a parameter)
-        self.layouts = {}  # full name -> (shape, strides): channels-last weights stay so
         for kind, named in ((True, module.named_parameters()), (False, module.named_buffers())):
-            for name, t in named:
+            for name, _ in named:
                 owner, _, attr = name.rpartition(".")
                 self.slots[name] = (module.get_submodule(owner), attr, kind)
-                self.layouts[name] = (t.shape, t.stride())
+        self.layouts = {}  # full name -> (strides, dims outermost first): as written
         self._release()
 
     def _get(self, owner, attr, is_param):
@@ -48,9 +73,16 @@ class DiskWeights:
             owner._buffers[attr] = tensor
 
     def _release(self):
-        if self.dirty:
-            save_file({k: self._get(*s).contiguous() for k, s in self.slots.items()},
-                      str(self.path))
+        layouts = {}
+        for k, s in self.slots.items():
+            t = self._get(*s)
+            order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost in memory first
+            layouts[k] = (t.stride(), order)
+        if layouts != self.layouts:  # new, or laid out anew (the VAE made channels-last)
+            self.layouts, self.dirty = layouts, True
+        if self.dirty:  # each tensor in its memory order: the bytes as they are, no copy
+            save_file({k: self._get(*s).permute(self.layouts[k][1]).contiguous()
+                       for k, s in self.slots.items()}, str(self.path))
             self.dirty = False
         for s in self.slots.values():
             t = self._get(*s)
@@ -60,9 +92,10 @@ class DiskWeights:
     def _load(self):
         tensors = read_safetensors(self.path)
         for k, s in self.slots.items():
-            t = tensors.pop(k)
-            if t.stride() != self.layouts[k][1]:  # the layout it had (the same kernels run)
-                t = torch.empty_strided(*self.layouts[k], dtype=t.dtype).copy_(t)
+            strides, order = self.layouts[k]
+            t = tensors.pop(k).permute(sorted(range(len(order)), key=order.__getitem__))
+            if t.stride() != strides:  # the layout it had (the same kernels run)
+                t = torch.empty_strided(t.shape, strides, dtype=t.dtype).copy_(t)
             self._set(*s, t.to(self._get(*s).device))
 
     @contextlib.contextmanager
@@ -78,9 +111,38 @@ class DiskWeights:
             if self.depth == 0:
                 self._release()
 
-    def restore(self):
-        """The weights back in memory for good (low memory turned off)."""
-        self._load()
+
+def to_disk(module):
+    """Put `module`'s weights on disk until `to_memory` (a module already there stays)."""
+    if vars(module).get(_ATTR) is None:
+        malloc_returns_big_blocks()
+        vars(module)[_ATTR] = DiskWeights(module)
+
+
+def to_memory(module):
+    """`module`'s weights back in memory for good (nothing if they are there)."""
+    w = vars(module).pop(_ATTR, None)
+    if w is not None:
+        w._load()
+
+
+def on_disk(module):
+    """Whether `module`'s weights are kept on disk."""
+    return vars(module).get(_ATTR) is not None
+
+
+def resident(module):
+    """A context in which `module`'s weights are in memory; it yields the DiskWeights that
+    holds them on disk, or None (and does nothing) where they are not kept there."""
+    w = vars(module).get(_ATTR)
+    return w.resident() if w is not None else contextlib.nullcontext()
+
+
+def built_to_disk():
+    """A context in which every module a reader builds goes to disk at once (to_disk), before
+    the reader reads the next part (low-memory loading: loading.load_pipeline)."""
+    malloc_returns_big_blocks()  # before the first part is read
+    return on_build(to_disk)
 
 
 def _trim():
@@ -92,35 +154,44 @@ def _trim():
         pass
 
 
+def malloc_returns_big_blocks():
+    """glibc's mmap threshold fixed at MMAP_THRESHOLD for this process (a fixed one is never
+    raised): every block that large is unmapped, its memory returned, as soon as it is freed.
+    Nothing where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: a free heap top past it goes
+    except (OSError, AttributeError):
+        pass
+
+
 class OffloadMixin:
     """Pipeline's low-memory methods (pipelines/sd.py)."""
 
+    def _offloadable(self):
+        """The parts that low memory keeps on disk: the text encoder, the UNet, the VAE (and
+        the model's own VAE while another is in use, pipelines/vae_swap.py)."""
+        parts = [getattr(self, k) for k in PARTS] + [self.__dict__.get("_own_vae")]
+        return list({id(m): m for m in parts if m is not None}.values())
+
     @property
     def low_memory(self):
-        return bool(self.__dict__.get("_offloaded"))
+        return on_disk(self.unet)
 
     def set_low_memory(self, on=True):
-        """Keep the text encoder's and the VAE's weights on disk except while they run (on),
-        or in memory (off). Images are the same either way. Returns self."""
+        """Keep the text encoder's, the UNet's and the VAE's weights on disk except while they
+        run (on), or in memory (off). Images are the same either way (but see `decode`).
+        Returns self."""
         if not isinstance(on, bool):
             raise TypeError(f"low memory must be True or False, got {on!r}")
-        offloaded = self.__dict__.setdefault("_offloaded", {})
-        if on and not offloaded:
-            folder = Path(tempfile.mkdtemp(prefix="nanodiffusion-offload-"))
-            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
-            for i, module in enumerate((self.text_encoder, self.unet, self.vae)):
-                offloaded[id(module)] = DiskWeights(module, folder / f"{i}.safetensors")
-        elif not on:
-            for w in offloaded.values():
-                w.restore()
-            offloaded.clear()
+        for module in self._offloadable():
+            to_disk(module) if on else to_memory(module)
         return self
 
     def resident(self, module):
-        """A context in which `module`'s weights are in memory; it yields the DiskWeights
-        that holds them on disk, or None (and does nothing) unless low memory is on."""
-        w = self.__dict__.get("_offloaded", {}).get(id(module))
-        return w.resident() if w is not None else contextlib.nullcontext()
+        """A context in which `module`'s weights are in memory (offload.resident)."""
+        return resident(module)
 
     @contextlib.contextmanager
     def resident_parts(self):
@@ -128,3 +199,15 @@ class OffloadMixin:
         them); yields {"text_encoder": held, "unet": held} (DiskWeights or None)."""
         with self.resident(self.text_encoder) as te, self.resident(self.unet) as unet:
             yield {"text_encoder": te, "unet": unet}
+
+    def _decode(self, z):
+        """The VAE's decode of unscaled latents `z` (B, C, h, w), with its weights in memory
+        for it. With low memory, latents larger than TILE per side are decoded in tiles of
+        TILE overlapping by TILE_OVERLAP (VAE.tiled_decode; the tiles cross-faded), so that
+        the decoder's activations are those of a 512 px image (SD's factor 8) at any size;
+        such an image differs slightly from the whole decode's (the mid-block attention sees
+        one tile). At most TILE per side, low memory or not, it is the whole decode."""
+        with self.resident(self.vae):
+            if self.low_memory and max(z.shape[-2:]) > TILE:
+                return self.vae.tiled_decode(z, TILE, TILE_OVERLAP)
+            return self.vae.decode(z)

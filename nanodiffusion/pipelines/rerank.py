@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .checks import check_int
 from .images import from_pil
+from .offload import resident
 
 MAX_BEST_OF = 16
 
@@ -28,7 +29,8 @@ def clip_scores(pipe, prompt, images):
     clip = image_clip(pipe)
     device = next(clip.parameters()).device
     ids = pipe.tokenizer([prompt], max_length=clip.text_model.config.max_positions)
-    text = F.normalize(clip.encode_text(ids.to(device)), dim=-1)  # (1, E)
+    with resident(clip.text_model):  # low memory: the pipeline's text encoder, on disk
+        text = F.normalize(clip.encode_text(ids.to(device)), dim=-1)  # (1, E)
     pixels = torch.cat([clip.preprocess((from_pil(im) + 1) / 2) for im in images])
     imgs = F.normalize(clip.encode_image(pixels.to(device)), dim=-1)  # (B, E)
     return (imgs.float() @ text[0].float()).tolist()

@@ -16,6 +16,7 @@ from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.layers import guidance_embedding
+from ..models.unet import for_inference as unet_for_inference
 from ..models.vae import for_inference as vae_for_inference
 from ..prompts import encode_cached, escape, plain_text
 from .checks import check_int, check_size, check_strength
@@ -25,9 +26,11 @@ from .deepcache import parameters as deepcache_parameters
 from .images import from_pil, mask_input, paste_unmasked, to_pil
 from .embeddings import EmbeddingMixin
 from .lora import LoraMixin
-from .offload import OffloadMixin
+from .offload import OffloadMixin, resident
 from .rerank import best_of_n
 from .settings import Defaults, Request, resolve, tag
+from .tome import merging
+from .tome import parameters as tome_parameters
 from .vae_swap import VaeMixin
 
 
@@ -48,8 +51,13 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig,
                  defaults: Defaults = None, clip=None, name="model"):
-        self.unet, self.text_encoder = unet.eval(), text_encoder.eval()
-        self.vae = vae_for_inference(vae)
+        # loaded with low memory, the parts are on disk already: each is read back to be laid
+        # out for inference (channels-last), one at a time
+        with resident(unet):
+            self.unet = unet_for_inference(unet)
+        self.text_encoder = text_encoder.eval()
+        with resident(vae):
+            self.vae = vae_for_inference(vae)
         self.tokenizer, self.schedule_config = tokenizer, schedule
         self.schedule = NoiseSchedule(schedule)
         self.defaults = defaults or Defaults()
@@ -87,7 +95,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, preview=False,
                  eta=None, best_of=1, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
-                 prompt_syntax=True, deepcache=None):
+                 prompt_syntax=True, deepcache=None, tome=None):
         """txt2img: a list of `n` PIL images. best_of > 1 keeps, for each image, the best of
         `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`.
         guidance_rescale (0..1): diffusers' option of that name (diffusion.cfg_denoiser), for
@@ -97,11 +105,13 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         literal text); clip_skip N takes the text encoder's N-th layer from the end (A1111's
         "Clip skip"; diffusers' clip_skip=N-1). deepcache N (here and in img2img, inpaint):
         the approximate path of DeepCache, the whole UNet every N-th step only and its shallow
-        part between (pipelines/deepcache.py); None or 1: the exact path."""
+        part between (pipelines/deepcache.py); None or 1: the exact path. tome r (here and in
+        img2img, inpaint): token merging, the approximate path of merging the share r of the
+        tokens before the finest level's self-attention (pipelines/tome.py); None or 0: exact."""
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
                       guidance_rescale=guidance_rescale, callback=callback, preview=preview,
                       vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
-                      deepcache=deepcache)
+                      deepcache=deepcache, tome=tome)
 
         def run(seed):
             return self._run(prompt, negative_prompt, replace(req, seed=seed),
@@ -114,20 +124,20 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
     def img2img(self, prompt, image, strength=0.6, negative_prompt="", seed=None, steps=None,
                 guidance=None, sampler=None, n=1, callback=None, preview=False, eta=None,
                 width=None, height=None, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
-                prompt_syntax=True, deepcache=None):
+                prompt_syntax=True, deepcache=None, tome=None):
         """Start from `image` noised to `strength` (0 < strength <= 1): a list of `n` images."""
         check_strength(strength)
         init = self._image_input(image, width, height)
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
                       guidance_rescale=guidance_rescale, callback=callback, preview=preview,
                       vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
-                      deepcache=deepcache)
+                      deepcache=deepcache, tome=tome)
         return self._run(prompt, negative_prompt, req, init=init, strength=strength)
 
     def inpaint(self, prompt, image, mask, strength=1.0, negative_prompt="", seed=None,
                 steps=None, guidance=None, sampler=None, n=1, callback=None, preview=False,
                 eta=None, width=None, height=None, guidance_rescale=0.0, keep_unmasked=False,
-                vae_decoder="full", clip_skip=1, prompt_syntax=True, deepcache=None):
+                vae_decoder="full", clip_skip=1, prompt_syntax=True, deepcache=None, tome=None):
         """Repaint where `mask` is white (>= 128), keep the rest. 9-channel UNets see the mask;
         other UNets get the known region blended back in at every step. The VAE decoder mixes
         neighbouring latents, so pixels outside the mask near it change too (diffusers' images
@@ -141,7 +151,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
                       guidance_rescale=guidance_rescale, callback=callback, preview=preview,
                       vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
-                      deepcache=deepcache)
+                      deepcache=deepcache, tome=tome)
         images = self._run(prompt, negative_prompt, req, init=init, strength=strength,
                            mask=mask_t)
         return paste_unmasked(images, init, mask_t) if keep_unmasked else images
@@ -195,7 +205,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
                 init_latents = None  # diffusers starts from pure noise at full strength
         rescale = req.guidance_rescale
         embedded = self.unet.config.time_cond_proj_dim is not None  # LCM: one branch
-        model = self._model_fn(unet_extra, check_deepcache(req.deepcache))
+        model = self._model_fn(unet_extra, req)
         denoiser = cfg_denoiser(Denoiser(model, plan.schedule, quantize_t=plan.quantize_t),
                                 1.0 if embedded else s.guidance, rescale)
         with self.resident(self.unet):  # low memory: the UNet is in memory for the loop only
@@ -211,7 +221,8 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         rescale = req.guidance_rescale
         extra = {**({"Rescale CFG": rescale} if rescale else {}), **parameters(req.vae_decoder),
                  **loras.parameters, **embeddings, **self.vae_parameters(),
-                 **deepcache_parameters(check_deepcache(req.deepcache))}
+                 **deepcache_parameters(check_deepcache(req.deepcache)),
+                 **tome_parameters(req.tome)}
         shown = str if req.prompt_syntax else escape  # written so that A1111 reads `prompt`
         return tag(self.decode_latents(latents, req.vae_decoder), s, self.name,
                    shown(loras.recorded), shown(negative), strength=strength,
@@ -231,19 +242,23 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         prompts = [prompt] * n if guidance == 1.0 else [negative] * n + [prompt] * n
         return self.unet.text_condition(*self._encode_prompts(prompts, *text))
 
-    def _model_fn(self, unet_extra, deepcache=None):
+    def _model_fn(self, unet_extra, req):
         """The UNet as the denoiser wrapper calls it, its input in the UNet's dtype (the
         sampler's latents stay float32); 9-channel UNets also get the mask and the masked
-        image's latents, `unet_extra` (n, 1 + C, h, w). `deepcache` N: one run's DeepCache
-        UNet (deepcache.CachedUNet), made here so that its kept features die with the run."""
+        image's latents, `unet_extra` (n, 1 + C, h, w). Request `req`'s approximate paths are
+        made here for one run, so that what they keep dies with it: DeepCache's UNet
+        (deepcache.CachedUNet) and token merging's TokenMerging (tome.py)."""
         dtype = next(self.unet.parameters()).dtype
+        deepcache = check_deepcache(req.deepcache)
         unet = self.unet if deepcache is None else CachedUNet(self.unet, deepcache)
+        tome = merging(req.tome)
+        extra = {} if tome is None else {"tome": tome}
 
         def fn(x, t, **cond):
             if unet_extra is not None:
                 reps = x.shape[0] // unet_extra.shape[0]
                 x = torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1)
-            return unet(x.to(dtype), t, **cond)
+            return unet(x.to(dtype), t, **cond, **extra)
         return fn
 
     @property
@@ -257,14 +272,14 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
             post = self.vae.encode(image.to(self._device, self._vae_dtype))
         return post.sample(gen).float() * self.vae.config.scaling_factor
 
+    @torch.no_grad()
     def decode_latents(self, latents, vae_decoder="full"):
-        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder, or "tiny" the tiny)."""
+        """Scaled latents (B, C, h, w) -> B PIL images (the VAE decoder, or "tiny" the tiny;
+        large ones in tiles with low memory: OffloadMixin._decode)."""
         if vae_decoder == "tiny":
             x = tiny_decode(self.tiny_decoder, latents)
         else:
-            with self.resident(self.vae):
-                x = self.vae.decode((latents / self.vae.config.scaling_factor)
-                                    .to(self._vae_dtype))
+            x = self._decode((latents / self.vae.config.scaling_factor).to(self._vae_dtype))
         if not torch.isfinite(x).all():
             raise FloatingPointError("the decoded image holds NaN or inf values (numerical "
                                      "overflow); try float32 or another sampler")

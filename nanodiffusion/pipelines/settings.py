@@ -10,6 +10,7 @@ from typing import Callable
 from ..pnginfo import format_parameters
 from .checks import check_eta, check_guidance, check_int, check_sampler, check_size
 from .deepcache import check_deepcache
+from .tome import check_tome
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Request:
     clip_skip: int = 1
     prompt_syntax: bool = True
     deepcache: int | None = None  # DeepCache's interval N (deepcache.py); None or 1: off
+    tome: float | None = None  # token merging's ratio (tome.py); None or 0: off
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ def resolve(defaults, request, width, height, factor):
     check_eta(r.eta, sampler)
     check_sampler(sampler)
     check_deepcache(r.deepcache)
+    check_tome(r.tome)
     return Settings(seed, steps, float(guidance), sampler, width, height)
 
 

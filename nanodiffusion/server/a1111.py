@@ -101,7 +101,8 @@ def _scheduled(ours, given, d, sampler_field, name="scheduler"):
 
 DIALECT = Dialect(names={"guidance": "cfg_scale", "sampler": "sampler_name",
                          "strength": "denoising_strength",
-                         "clip_skip": "CLIP_stop_at_last_layers"}, sampler=_sampler,
+                         "clip_skip": "CLIP_stop_at_last_layers",
+                         "tome": a1111_options.TOME}, sampler=_sampler,
                   seed_per_image=True, keep_unmasked=True)
 
 
@@ -116,10 +117,11 @@ def _model(request, body):
     return a1111_options.current_model(request.app)
 
 
-def _fields(body, limits, options):
+def _fields(body, limits, options, img2img=False):
     """A1111's request -> build_task's fields, in A1111's names; n = batch_size * n_iter;
     CLIP_stop_at_last_layers and sd_vae_decode_method from override_settings, else from
-    `options` (/options'); our deepcache from override_settings, else from the body."""
+    `options` (/options'); token_merging_ratio the same (img2img: A1111's img2img ratio where
+    not 0); our deepcache from override_settings, else from the body."""
     n = get_int(body, "batch_size", 1, 1, limits.max_n) * get_int(body, "n_iter", 1, 1,
                                                                   limits.max_n)
     if n > limits.max_n:
@@ -137,6 +139,7 @@ def _fields(body, limits, options):
     over = over if isinstance(over, dict) else {}
     key = "CLIP_stop_at_last_layers"
     f[key] = over[key] if over.get(key) is not None else options.get(key)
+    f[a1111_options.TOME] = a1111_options.tome_ratio(over, options, img2img)
     key = "deepcache"  # DeepCache's interval (no A1111 setting): override_settings or the body
     f[key] = over[key] if over.get(key) is not None else body.get(key)
     key = a1111_options.DECODE_METHOD  # A1111's "VAE type for decode": Full or TAESD
@@ -191,7 +194,7 @@ async def img2img(request: Request):
 
         mask = ImageOps.invert(mask.convert("L"))
     options = a1111_options.options(request.app).values
-    fields = _fields(body, reg.limits, options)
+    fields = _fields(body, reg.limits, options, img2img=True)
     if fields["denoising_strength"] is None:
         fields["denoising_strength"] = 0.75  # A1111's default
     task = build_task(_model(request, body), fields, reg.limits, image=image, mask=mask,

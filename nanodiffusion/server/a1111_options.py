@@ -1,7 +1,7 @@
 """AUTOMATIC1111's settings and checkpoints: GET/POST /sdapi/v1/options (sd_model_checkpoint
 picks the model that A1111 requests use when they name none, CLIP_stop_at_last_layers their
-clip skip, sd_vae their VAE (a1111_vae.py); other keys are kept and echoed, as A1111 keeps
-them), sd-models with their sha256 once known, and the refresh routes."""
+clip skip, sd_vae their VAE (a1111_vae.py), token_merging_ratio (and _img2img) their token
+merging; other keys are kept and echoed, as A1111 keeps them), sd-models with their sha256 once known, and the refresh routes."""
 import asyncio
 import hashlib
 import re
@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from ..formats.files import WEIGHT_SUFFIXES
 from . import a1111_vae
 from .http import json_body
-from .params import MAX_CLIP_SKIP, APIError, bad, get_int
+from .params import MAX_CLIP_SKIP, APIError, bad, get_int, get_tome
 
 router = APIRouter()
 
@@ -26,6 +26,9 @@ READ_ONLY = ("sd_model_checkpoint", "sd_checkpoint_hash")  # set by the model sw
 # model's tiny decoder; A1111's live preview method needs no setting here (previews use the
 # tiny decoder whenever the model has one)
 DECODE_METHOD, DECODE_METHODS = "sd_vae_decode_method", {"Full": "full", "TAESD": "tiny"}
+# A1111's token merging ratios (Settings > Optimizations); the img2img one, where not 0, is
+# used by img2img requests instead of the other (A1111's rule)
+TOME, TOME_IMG2IMG = "token_merging_ratio", "token_merging_ratio_img2img"
 MAX_OPTIONS = 1000
 # A1111 titles checkpoints "name.safetensors [0123456789]"; clients send those back.
 TITLE_SUFFIX = re.compile(r"(\.(" + "|".join(s[1:] for s in WEIGHT_SUFFIXES)
@@ -37,6 +40,7 @@ class Options:
         self.model = None  # chosen by POST sd_model_checkpoint; None: the server's default
         self.values = {k: accepted[0] for k, accepted in FIXED.items()} | {CLIP_SKIP: 1}
         self.values[DECODE_METHOD] = "Full"
+        self.values[TOME] = self.values[TOME_IMG2IMG] = 0.0
         self.values[a1111_vae.OPTION] = a1111_vae.AUTOMATIC
 
 
@@ -45,6 +49,18 @@ def decode_method(value, param):
     if value not in DECODE_METHODS:
         raise bad(param, f"{param} {value!r} is not one of {list(DECODE_METHODS)}")
     return DECODE_METHODS[value]
+
+
+def tome_ratio(over, values, img2img):
+    """The token merging ratio of an A1111 request: its override_settings `over`, else the
+    /options `values`, each by A1111's rule (img2img: the img2img ratio where not 0). Checked
+    by params.get_tome under the name TOME."""
+    def pick(d):
+        if img2img and d.get(TOME_IMG2IMG) not in (None, 0, 0.0, ""):
+            return d[TOME_IMG2IMG]
+        return d.get(TOME)
+    ratio = pick(over)
+    return pick(values) if ratio is None else ratio
 
 
 def options(app):
@@ -143,7 +159,8 @@ async def get_options(request: Request):
 @router.post("/options")
 async def set_options(request: Request):
     """sd_model_checkpoint switches the model; the FIXED options take only the values this
-    server runs with, CLIP_stop_at_last_layers an integer, sd_vae "Automatic", "None" or a
+    server runs with, CLIP_stop_at_last_layers an integer, token_merging_ratio(_img2img) a
+    number in [0, 0.9], sd_vae "Automatic", "None" or a
     name /sd-vae lists; other keys are kept and echoed.
     All or nothing: a bad value changes nothing. Answers null, as A1111 does."""
     body = await json_body(request)
@@ -155,6 +172,9 @@ async def set_options(request: Request):
         body[CLIP_SKIP] = get_int(body, CLIP_SKIP, 1, 1, MAX_CLIP_SKIP)
     if DECODE_METHOD in body:  # "TAESD" checked against a model when a request uses it
         decode_method(body[DECODE_METHOD], DECODE_METHOD)
+    for key in (TOME, TOME_IMG2IMG):
+        if key in body:
+            body[key] = get_tome(body, key) or 0.0
     if a1111_vae.OPTION in body:  # a file is checked against a model when a request uses it
         a1111_vae.choice(request.app, body[a1111_vae.OPTION], a1111_vae.OPTION)
     name = None

@@ -47,5 +47,5 @@ def _param_of(message):
     word = (message or "").split(" ", 1)[0]
     known = ("prompt", "negative_prompt", "seed", "steps", "guidance", "sampler", "width",
              "height", "n", "strength", "eta", "image", "mask", "guidance_rescale",
-             "vae_decoder", "deepcache")
+             "vae_decoder", "deepcache", "tome")
     return word if word in known else None

@@ -35,7 +35,7 @@ def scan(models_dir):
 # What each kind of model does through the server, and the options only one kind has.
 TASKS = {"sd": ("generate", "img2img", "inpaint"), "unclip": ("generate", "variations", "edit")}
 KIND_NAMES = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP (DALL·E 2) model"}
-SD_OPTIONS = ("guidance_rescale", "vae_decoder", "deepcache")
+SD_OPTIONS = ("guidance_rescale", "vae_decoder", "deepcache", "tome")
 
 
 def check_task(task, kind):

@@ -1,7 +1,7 @@
 """OpenAI's Images API, so the official client works with base_url=".../v1". Extras beyond
 OpenAI's fields (seed, steps, guidance, guidance_rescale, sampler, negative_prompt, strength,
-clip_skip, prompt_syntax, vae_decoder, deepcache) come through the client's `extra_body`, as
-JSON or as multipart form fields. Prompts are read in AUTOMATIC1111's syntax (docs/prompts.md)
+clip_skip, prompt_syntax, vae_decoder, deepcache, tome) come through the client's
+`extra_body`, as JSON or as multipart form fields. Prompts are read in AUTOMATIC1111's syntax (docs/prompts.md)
 unless prompt_syntax is false."""
 import time
 
@@ -21,7 +21,7 @@ def _fields(body, limits):
     f = {k: body.get(k) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance",
                                   "sampler", "n", "strength", "guidance_rescale",
                                   "keep_unmasked", "clip_skip", "prompt_syntax",
-                                  "vae_decoder", "deepcache")}
+                                  "vae_decoder", "deepcache", "tome")}
     f["width"], f["height"] = parse_size(body.get("size"), limits)
     if f["guidance"] is None:
         f["guidance"] = body.get("guidance_scale")

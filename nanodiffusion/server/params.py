@@ -15,6 +15,7 @@ from .. import samplers
 from ..errors import InputError
 from ..pipelines.decoders import VAE_DECODERS
 from ..pipelines.deepcache import check_deepcache
+from ..pipelines.tome import check_tome
 from ..pnginfo import A1111_SAMPLERS, save_png
 
 
@@ -213,6 +214,22 @@ def get_deepcache(d, name="deepcache"):
         raise bad(name, str(e).replace("deepcache", name, 1)) from None
 
 
+def get_tome(d, name="tome"):
+    """Token merging's ratio (None: off), by the pipeline's rule; "0.5" from a form field too."""
+    v = d.get(name)
+    if v is None or v == "":
+        return None
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass  # named in check_tome's error
+    try:
+        return check_tome(v)
+    except InputError as e:
+        raise bad(name, str(e).replace("tome", name, 1)) from None
+
+
 def get_seed(d, name="seed"):
     """A seed; missing or -1 (AUTOMATIC1111's "random") draws one here, so it can be reported."""
     seed = get_int(d, name, None, -1, 2**63 - 1)
@@ -266,7 +283,7 @@ def b64(data):
 def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
     """`f`: the request's fields (prompt, negative_prompt, seed, steps, guidance, sampler,
     width, height, n, strength, guidance_rescale, clip_skip, prompt_syntax, vae_decoder,
-    deepcache), guidance, sampler, strength, clip_skip and deepcache as `dialect` names
+    deepcache, tome), guidance, sampler, strength, clip_skip and tome as `dialect` names
     them. With `image` img2img, with `image` and `mask` inpaint."""
     prompt = get_str(f, "prompt", None, limits.max_prompt_chars)
     if prompt is None:
@@ -282,6 +299,9 @@ def build_task(model, f, limits, image=None, mask=None, dialect=NATIVE):
     deepcache = get_deepcache(f, dialect.name("deepcache"))
     if deepcache is not None:  # the same: Stable Diffusion's approximate path
         kw["deepcache"] = deepcache
+    tome = get_tome(f, dialect.name("tome"))
+    if tome is not None:  # the same
+        kw["tome"] = tome
     kw.update(_prompt_options(f, dialect))
     per_image = dialect.seed_per_image
     if image is None:
