@@ -188,3 +188,17 @@ def test_batched_requests_in_low_memory(pair):
     assert not any(isinstance(x, Exception) for x in a + b), (a, b)
     assert [[i.tobytes() for i in x] for x in a] == [[i.tobytes() for i in x] for x in b]
     assert held(low.unet) == 0
+
+
+def test_a_float32_low_memory_load_leaves_the_unet_on_disk(monkeypatch):
+    """Building the pipeline reads back only the parts it lays out anew: the VAE (channels-
+    last) and, in bfloat16 only, the UNet (models/unet.relayouts); a float32 UNet stays put."""
+    loads, real = [], offload.DiskWeights._load
+    monkeypatch.setattr(offload.DiskWeights, "_load", lambda self: (loads.append(self),
+                                                                     real(self))[1])
+    low = nanodiffusion.load("shapes", low_memory=True)
+    disk = {k: vars(getattr(low, k))[offload._ATTR] for k in ("unet", "vae")}
+    assert disk["vae"] in loads and disk["unet"] not in loads
+    loads.clear()
+    low = nanodiffusion.load("shapes", low_memory=True, dtype=torch.bfloat16)
+    assert vars(low.unet)[offload._ATTR] in loads

@@ -428,9 +428,15 @@ def for_inference(unet):
     512 px on an AVX512-BF16 CPU). Float32 stays as it is (channels-last measured 0.93x there).
     The same results within rounding. Returns `unet`."""
     unet.eval()
-    if next(unet.parameters()).dtype == torch.bfloat16:
+    if relayouts(unet):
         unet.to(memory_format=torch.channels_last)
     return unet
+
+
+def relayouts(unet):
+    """Whether for_inference lays `unet`'s weights out anew (bfloat16); it reads only their
+    dtype, which a module whose weights are on disk keeps (pipelines/offload.py)."""
+    return next(unet.parameters()).dtype == torch.bfloat16
 
 
 # The bundled shapes model: 16x16x4 latents (f=4 VAE on 64 px), attention only at 8x8 and 4x4

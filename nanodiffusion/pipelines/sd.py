@@ -6,6 +6,7 @@ diffusers' order, the VAE posterior samples of init images, then the initial lat
 `randn((n, C, h, w))`, then the samplers' per-step noise; so a seed gives the image diffusers
 gives for the same model and sampler.
 """
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -16,7 +17,9 @@ from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.layers import guidance_embedding
+from ..models.packing import packed_convs
 from ..models.unet import for_inference as unet_for_inference
+from ..models.unet import relayouts as unet_relayouts
 from ..models.vae import for_inference as vae_for_inference
 from ..prompts import encode_cached, escape, plain_text
 from .checks import check_int, check_size, check_strength
@@ -51,9 +54,9 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig,
                  defaults: Defaults = None, clip=None, name="model"):
-        # loaded with low memory, the parts are on disk already: each is read back to be laid
-        # out for inference (channels-last), one at a time
-        with resident(unet):
+        # loaded with low memory, the parts are on disk already: each that is laid out for
+        # inference anew (channels-last) is read back for it, one at a time
+        with resident(unet) if unet_relayouts(unet) else contextlib.nullcontext():
             self.unet = unet_for_inference(unet)
         self.text_encoder = text_encoder.eval()
         with resident(vae):
@@ -64,6 +67,14 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         self.clip, self.name = clip, name
         self.tiny_decoder = None  # a TAESD: live previews, vae_decoder="tiny" (decoders.py)
         self._prompt_cache = {}
+
+    @contextlib.contextmanager
+    def unet_loop(self, plan):
+        """The UNet ready for the sampling loop of `plan`: in memory for the loop only (low
+        memory), and its bfloat16 convolutions prepacked when the loop has more than two steps
+        (models/packing.py: packing and unpacking cost about one call each)."""
+        with self.resident(self.unet), packed_convs(self.unet, len(plan.sigmas) - 1 > 2):
+            yield
 
     @property
     def vae_factor(self):
@@ -208,7 +219,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         model = self._model_fn(unet_extra, req)
         denoiser = cfg_denoiser(Denoiser(model, plan.schedule, quantize_t=plan.quantize_t),
                                 1.0 if embedded else s.guidance, rescale)
-        with self.resident(self.unet):  # low memory: the UNet is in memory for the loop only
+        with self.unet_loop(plan):
             latents = self._sample(plan, denoiser, noise, init_latents, gen,
                                    self._wrap_callback(req.callback, req.preview), post_step,
                                    cond)
