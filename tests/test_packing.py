@@ -1,11 +1,13 @@
-"""oneDNN weight prepacking of the bfloat16 UNet's convolutions for a sampling loop (issue 23
-item 1, models/packing.py): the same outputs bit for bit, the dense weights let go while packed
-and put back as they were (values and layout) when the loop ends or fails, float32 untouched,
-and a pipeline's images unchanged, low memory and LoRA fusing included."""
+"""oneDNN weight prepacking of the bfloat16 UNet's convolutions (issue 23 item 1,
+models/packing.py): the same outputs bit for bit; the dense weights let go while packed and put
+back as they were (values and layout) whenever anything asks for them (the weight, state_dict,
+.to, load_state_dict, a call with gradients) or the packing block ends or fails; float32
+untouched; a pipeline's images unchanged, with LoRA fusing and low memory."""
 import pytest
 import torch
 
 import nanodiffusion
+from lora_files import random_layers, unet_targets, write_kohya
 from nanodiffusion.models import packing
 from nanodiffusion.models.unet import UNet, UNetConfig, for_inference
 
@@ -21,73 +23,152 @@ def _unet(dtype):
     return for_inference(UNet(CFG).to(dtype))
 
 
-def _call(unet, seed=1):
+def _inputs(dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 16, 16, generator=g).to(unet.conv_in.weight.dtype)
-    ctx = torch.randn(2, 7, 32, generator=g).to(x.dtype)
+    x = torch.randn(2, 4, 16, 16, generator=g).to(dtype)
+    return x, torch.tensor([10, 500]), torch.randn(2, 7, 32, generator=g).to(dtype)
+
+
+def _call(unet, seed=1):
+    x, t, ctx = _inputs(unet.conv_out.bias.dtype, seed)
     with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), context=ctx)
+        return unet(x, t, context=ctx)
 
 
 def _convs(unet):
     return [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
+def _packed(unet):
+    return [m for m in _convs(unet) if type(m) is packing.PackedConv2d]
+
+
+def _state(unet):
+    return {k: (v.clone(), v.stride()) for k, v in unet.state_dict().items()}
+
+
+def _same_state(unet, before, layout=True):
+    after = unet.state_dict()
+    for k, (v, stride) in before.items():
+        assert torch.equal(after[k], v) and (after[k].stride() == stride or not layout), k
+
+
 def test_packed_calls_equal_and_weights_come_back_as_they_were():
     unet = _unet(torch.bfloat16)
-    before = {k: (v.clone(), v.stride()) for k, v in unet.state_dict().items()}
-    want = _call(unet)
+    before, want = _state(unet), _call(unet)
     with packing.packed_convs(unet) as n:
-        assert n == len(_convs(unet)) > 0
-        assert all(type(m) is packing.PackedConv2d and m.weight.numel() == 0
-                   for m in _convs(unet))  # the dense copies are let go
+        assert n == len(_convs(unet)) == len(_packed(unet)) > 0
         got = [_call(unet), _call(unet)]
+        assert all(m._parameters["weight"].numel() == 0 for m in _convs(unet))  # let go
         assert _call(unet, seed=2).shape == want.shape
     assert all(torch.equal(g, want) for g in got)
-    after = unet.state_dict()
-    assert all(type(m) is torch.nn.Conv2d for m in _convs(unet))
-    for k, (v, stride) in before.items():
-        assert torch.equal(after[k], v) and after[k].stride() == stride, k
+    assert not _packed(unet)
+    _same_state(unet, before)
     assert torch.equal(_call(unet), want)
 
 
-def test_weights_come_back_when_the_loop_fails():
+def test_weights_come_back_when_the_block_fails():
     unet = _unet(torch.bfloat16)
-    w = unet.conv_in.weight.detach().clone()
+    before = _state(unet)
     with pytest.raises(KeyboardInterrupt):
         with packing.packed_convs(unet):
+            _call(unet)
             raise KeyboardInterrupt
-    assert type(unet.conv_in) is torch.nn.Conv2d and torch.equal(unet.conv_in.weight, w)
+    assert not _packed(unet)
+    _same_state(unet, before)
+
+
+def test_what_asks_for_the_weights_gets_the_dense_ones():
+    """Packed for good (pack): the weight read, the state_dict, .to, a call with gradients
+    and load_state_dict each see (and restore) the dense weights."""
+    unet = _unet(torch.bfloat16)
+    before, want = _state(unet), _call(unet)
+    assert packing.pack(unet) == len(_convs(unet))
+    _call(unet)
+    _same_state(unet, before, layout=False)  # from the packed weights (they stay packed)
+    assert len(_packed(unet)) == len(_convs(unet))
+    w = unet.conv_in.weight  # reading the weight unpacks that convolution only
+    assert type(unet.conv_in) is torch.nn.Conv2d and torch.equal(w, before["conv_in.weight"][0])
+    assert len(_packed(unet)) == len(_convs(unet)) - 1
+    assert torch.equal(_call(unet), want)
+
+    x, t, ctx = _inputs(torch.bfloat16)  # a call with gradients (a LoRA training's)
+    x.requires_grad_(True)
+    unet(x, t, context=ctx).float().sum().backward()
+    assert x.grad is not None and not _packed(unet)
+
+    packing.pack(unet)
+    _call(unet)
+    unet.load_state_dict({k: v for k, (v, _) in before.items()})
+    assert not _packed(unet)
+    packing.pack(unet)
+    _call(unet)
+    unet.to(torch.float32)
+    assert not _packed(unet) and unet.conv_in.weight.dtype == torch.float32
+    assert torch.equal(unet.conv_in.weight, before["conv_in.weight"][0].float())
 
 
 def test_float32_and_disabled_pack_nothing():
     unet = _unet(torch.float32)
     with packing.packed_convs(unet) as n:
-        assert n == 0 and type(unet.conv_in) is torch.nn.Conv2d
+        assert n == 0 and not _packed(unet)
     bf = _unet(torch.bfloat16)
     with packing.packed_convs(bf, enabled=False) as n:
-        assert n == 0 and bf.conv_in.weight.numel() > 0
+        assert n == 0 and not _packed(bf)
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_pipeline_images_unchanged(monkeypatch, low_memory):
-    """A bfloat16 pipeline packs for a loop of more than two steps and gives the images it
-    gives unpacked; its UNet is dense again after the call (two calls in a row agree)."""
-    pipe = nanodiffusion.load("shapes", dtype=torch.bfloat16, low_memory=low_memory)
-    packed = []
-    real = packing.packed_convs
+@pytest.fixture(scope="module")
+def bf16():
+    return nanodiffusion.load("shapes", dtype=torch.bfloat16)
+
+
+def _no_packing(monkeypatch):
+    monkeypatch.setattr(packing, "available", lambda: False)
+
+
+def test_pipeline_packs_and_images_are_unchanged(monkeypatch, bf16):
+    """A bfloat16 pipeline's UNet stays packed from one call to the next (not its VAE), and
+    its images are the ones it makes unpacked; then a LoRA with LoCon layers (3x3 convs)
+    fused into the packed UNet gives the images it gives on a UNet never packed."""
+    a = bf16.generate(PROMPT, seed=4, steps=5, n=2)
+    assert len(_packed(bf16.unet)) == len(_convs(bf16.unet)) and not _packed(bf16.vae)
+    b = bf16.generate(PROMPT, seed=4, steps=2)
+    packing.unpack(bf16.unet)
+    with monkeypatch.context() as m:
+        _no_packing(m)
+        assert [x.tobytes() for x in a] == [x.tobytes() for x in
+                                           bf16.generate(PROMPT, seed=4, steps=5, n=2)]
+        assert b[0].tobytes() == bf16.generate(PROMPT, seed=4, steps=2)[0].tobytes()
+        assert not _packed(bf16.unet)
+
+
+def test_lora_fused_into_a_packed_unet(monkeypatch, tmp_path, bf16):
+    path = write_kohya(tmp_path / "locon.safetensors",
+                       random_layers(unet_targets(bf16.unet), seed=3, std=0.05))
+    bf16.generate(PROMPT, seed=1, steps=3)
+    assert _packed(bf16.unet)
+    bf16.load_lora(path, 0.8)
+    got = bf16.generate(PROMPT, seed=6, steps=4)[0]
+    bf16.unload_loras()
+    plain = nanodiffusion.load("shapes", dtype=torch.bfloat16)
+    _no_packing(monkeypatch)
+    plain.load_lora(path, 0.8)
+    want = plain.generate(PROMPT, seed=6, steps=4)[0]
+    assert got.tobytes() == want.tobytes()
+
+
+def test_low_memory_packs_long_loops_only(monkeypatch, bf16):
+    """Low memory: the UNet goes to disk after each loop, so it is packed for loops of more
+    than four steps and unpacked at their end; the images are the default's."""
+    low = nanodiffusion.load("shapes", dtype=torch.bfloat16, low_memory=True)
+    counts, real = [], packing.packed_convs
 
     def spy(module, enabled=True):
-        cm = real(module, enabled)
-        packed.append(enabled)
-        return cm
+        counts.append(enabled)
+        return real(module, enabled)
 
     monkeypatch.setattr("nanodiffusion.pipelines.sd.packed_convs", spy)
-    a = pipe.generate(PROMPT, seed=4, steps=5, n=2)
-    b = pipe.generate(PROMPT, seed=4, steps=2)
-    assert packed == [True, False]
-    monkeypatch.setattr(packing, "available", lambda: False)
-    assert [x.tobytes() for x in a] == [x.tobytes() for x in
-                                       pipe.generate(PROMPT, seed=4, steps=5, n=2)]
-    assert b[0].tobytes() == pipe.generate(PROMPT, seed=4, steps=2)[0].tobytes()
-    assert all(m.weight.numel() > 0 for m in _convs(pipe.unet)) or low_memory
+    for steps in (5, 3):
+        img = low.generate(PROMPT, seed=2, steps=steps)[0]
+        assert img.tobytes() == bf16.generate(PROMPT, seed=2, steps=steps)[0].tobytes()
+    assert counts == [True, False] and not _packed(low.unet)

@@ -1,15 +1,22 @@
-"""oneDNN weight prepacking of a module's bfloat16 convolutions, for a loop of calls.
+"""oneDNN weight prepacking of a module's bfloat16 convolutions.
 
 A bfloat16 convolution on the CPU (oneDNN) reorders its weight into the blocked layout its
-kernel reads on every call: a fixed cost per call, whatever the input's size (about 15 ms for
-a 1280 x 1280 3x3 weight on one core), so at SD 1.5's 4x4 and 8x8 levels the wide convolutions
-spend most of their time reordering. `packed_convs(module)` reorders each such weight once, for
-the time of a `with` block (a sampling loop), and runs the convolutions on the packed weights
+kernel reads on every call: a fixed cost per call, whatever the input's size (about 7 ms for a
+1280 x 1280 3x3 weight on one core of an AMX Xeon, as much as the 8x8 convolution itself), so
+at SD 1.5's 4x4 and 8x8 levels the wide convolutions spend most of their time reordering.
+`pack(module)` makes each such convolution pack its weight once, at its next call (for that
+input's shape: oneDNN's reorder for a known shape is ~3x faster than for an unknown one, and
+costs about what the dense call's own reorder does), and run on the packed weight from then on
 (torch.ops.mkldnn's pointwise convolution: dense input, channels-last kept, the same results
-bit for bit). The dense weights are let go while packed (memory does not grow) and put back,
-in their layout, when the block ends, so outside it the module is as it was: its state_dict,
-LoRA fusing and low memory's files see ordinary tensors. Packing and unpacking cost about one
-call's reorders each, so a loop of n calls saves n - 2 of them.
+bit for bit; a packed weight also serves inputs of other sizes). The dense weight is let go (and
+its memory given back to the system: glibc would keep it in its heap), so memory does not grow.
+
+A packed convolution turns back into a plain one, its dense weight restored in its layout,
+whenever anything asks for its weight (`conv.weight`: LoRA fusing, low memory's files), calls
+it with gradients, moves or casts it (`.to`), or loads a state dict into it; its state_dict
+holds the dense weight. `unpack(module)` turns them all back (about 3.5 calls' reorders: the
+packed layout to the dense one, then to channels-last), and `packed_convs` packs for a `with`
+block only (low memory, whose parts go to disk after each run).
 
 Float32 is left as it is (packing its weights measured no gain) and so is anything that is
 not a plain zero-padded Conv2d on the CPU, or a torch without the mkldnn ops."""
@@ -17,6 +24,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from ..malloc import trim
 
 
 def available():
@@ -27,51 +36,88 @@ def available():
             and hasattr(ops, "_reorder_convolution_weight"))
 
 
+class PackedConv2d(nn.Conv2d):
+    """A Conv2d that packs its weight at its next call (`pack`): `_packed` is None until then,
+    and `_dense` the dense weight's (shape, strides) to restore."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self._parameters["weight"]
+                                        .requires_grad):
+            return _unpack(self).forward(x)  # no gradient through the packed kernel
+        if self._packed is None:
+            w = self._parameters["weight"].data
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                w, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape))
+            self._parameters["weight"].data = torch.empty(0, dtype=w.dtype)  # packed holds it
+            del w
+            trim()  # its memory back to the system (glibc would keep it in its heap)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed, self.bias, list(self.padding), list(self.stride),
+            list(self.dilation), self.groups, "none", [], "")
+
+    def __getattr__(self, name):
+        if name == "weight":  # anyone who reads the weight gets the dense one
+            return _unpack(self).weight
+        return super().__getattr__(name)
+
+    def _apply(self, fn, *args, **kwargs):
+        return _unpack(self)._apply(fn, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:
+            destination[prefix + "weight"] = self._packed.to_dense()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        _unpack(self)._load_from_state_dict(*args, **kwargs)
+
+
 def _packable(m):
     return (type(m) is nn.Conv2d and m.weight.dtype == torch.bfloat16
             and m.weight.device.type == "cpu" and m.padding_mode == "zeros"
             and not isinstance(m.padding, str) and m.weight.numel() > 0)
 
 
-class PackedConv2d(nn.Conv2d):
-    """A Conv2d whose weight is in `_packed` (oneDNN's layout) for the time of packed_convs."""
-
-    def forward(self, x):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed, self.bias, list(self.padding), list(self.stride),
-            list(self.dilation), self.groups, "none", [], "")
-
-
-def _pack(m):
-    w = m.weight.data
-    m._packed = torch.ops.mkldnn._reorder_convolution_weight(
-        w, list(m.padding), list(m.stride), list(m.dilation), m.groups)
-    m._dense_layout = (w.shape, w.stride())
-    m.weight.data = torch.empty(0, dtype=w.dtype)  # the packed copy holds it now
-    m.__class__ = PackedConv2d
-
-
 def _unpack(m):
-    shape, stride = m._dense_layout
-    m.weight.data = torch.empty_strided(shape, stride, dtype=m._packed.dtype).copy_(
-        m._packed.to_dense())
-    del m._packed, m._dense_layout
+    """`m` (a PackedConv2d) a plain Conv2d again with its dense weight; -> m."""
+    if m._packed is not None:
+        shape, stride = m._dense
+        with torch.no_grad():
+            m._parameters["weight"].data = torch.empty_strided(
+                shape, stride, dtype=m._packed.dtype).copy_(m._packed.to_dense())
+    del m._packed, m._dense
     m.__class__ = nn.Conv2d
+    return m
+
+
+def pack(module):
+    """Make `module`'s bfloat16 CPU convolutions pack their weights at their next call (those
+    packed already stay); -> how many are packed or will be. Nothing where this torch lacks
+    the ops (available())."""
+    if not available():
+        return 0
+    for m in module.modules():
+        if _packable(m):
+            w = m._parameters["weight"]
+            m._packed, m._dense = None, (w.shape, w.stride())
+            m.__class__ = PackedConv2d
+    return sum(type(m) is PackedConv2d for m in module.modules())
+
+
+def unpack(module):
+    """Every packed convolution of `module` a plain one again, dense weights restored."""
+    done = [_unpack(m) for m in module.modules() if type(m) is PackedConv2d]
+    if done:
+        trim()  # the packed weights' memory back to the system
 
 
 @contextlib.contextmanager
 def packed_convs(module, enabled=True):
-    """A context in which `module`'s bfloat16 CPU convolutions run on prepacked weights;
-    nothing where `enabled` is false or there is nothing to pack. Yields how many it packed."""
-    convs = [m for m in module.modules() if _packable(m)] if enabled and available() else []
-    done = []
+    """A context in which `module`'s bfloat16 CPU convolutions run on packed weights (pack),
+    unpacked when it ends, however it ends; nothing where `enabled` is false. Yields how
+    many are packed."""
     try:
-        with torch.no_grad():
-            for m in convs:
-                _pack(m)
-                done.append(m)
-        yield len(done)
+        yield pack(module) if enabled else 0
     finally:
-        with torch.no_grad():
-            for m in done:
-                _unpack(m)
+        unpack(module)

@@ -13,8 +13,8 @@ is the UNet's run; its activations are a small part (torch's CPU attention is ti
 - loading (`loading.load_pipeline(low_memory=True)`) puts each part on disk as soon as it is
   built, before the next part is read (`formats.files.on_build`): the parts are never all in
   memory, as they are when low memory is turned on after a load;
-- glibc's malloc maps every block of MMAP_THRESHOLD or more on its own and unmaps it when it
-  is freed (`malloc_returns_big_blocks`; for the whole process, once low memory is on): by
+- glibc's malloc maps every block of malloc.MMAP_THRESHOLD or more on its own and unmaps it when it
+  is freed (`malloc.malloc_returns_big_blocks`; for the whole process, once low memory is on): by
   default it raises that threshold to the size of the largest block freed (up to 32 MiB), so
   after the weights are let go the activations would come from its heap, whose freed pages
   stay resident; that cost 0.4 GB of peak at 512 px;
@@ -28,7 +28,6 @@ channels-last once, when the pipeline is built). The files are temporary (tempfi
 $TMPDIR, where /tmp is a RAM disk), and removed with their modules.
 """
 import contextlib
-import ctypes
 import os
 import tempfile
 import weakref
@@ -38,10 +37,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..formats.files import on_build, read_safetensors
+from ..malloc import malloc_returns_big_blocks
+from ..malloc import trim as _trim
 
 PARTS = ("text_encoder", "unet", "vae")  # the pipeline's attributes (and Parts' modules)
 TILE, TILE_OVERLAP = 64, 16  # tiled decoding: latents per side above which, and the overlap
-MMAP_THRESHOLD = 256 << 10  # bytes: blocks this large are mapped apart and unmapped when freed
 _ATTR = "_nanodiffusion_disk_weights"  # a module's DiskWeights while its weights are on disk
 
 
@@ -143,27 +143,6 @@ def built_to_disk():
     the reader reads the next part (low-memory loading: loading.load_pipeline)."""
     malloc_returns_big_blocks()  # before the first part is read
     return on_build(to_disk)
-
-
-def _trim():
-    """Give the freed memory back to the system (glibc keeps freed blocks below its mmap
-    threshold in its heap, where they still count in the process's resident size)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def malloc_returns_big_blocks():
-    """glibc's mmap threshold fixed at MMAP_THRESHOLD for this process (a fixed one is never
-    raised): every block that large is unmapped, its memory returned, as soon as it is freed.
-    Nothing where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: a free heap top past it goes
-    except (OSError, AttributeError):
-        pass
 
 
 class OffloadMixin:
