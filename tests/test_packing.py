@@ -36,11 +36,11 @@ def _call(unet, seed=1):
 
 
 def _convs(unet):
-    return [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    return [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
 def _packed(unet):
-    return [m for m in _convs(unet) if type(m) is packing.PackedConv2d]
+    return [m for m in _convs(unet) if isinstance(m, packing._Packed)]
 
 
 def _state(unet):
@@ -56,7 +56,7 @@ def _same_state(unet, before, layout=True):
 def test_packed_calls_equal_and_weights_come_back_as_they_were():
     unet = _unet(torch.bfloat16)
     before, want = _state(unet), _call(unet)
-    with packing.packed_convs(unet) as n:
+    with packing.packed_weights(unet) as n:
         assert n == len(_convs(unet)) == len(_packed(unet)) > 0
         got = [_call(unet), _call(unet)]
         assert all(m._parameters["weight"].numel() == 0 for m in _convs(unet))  # let go
@@ -71,7 +71,7 @@ def test_weights_come_back_when_the_block_fails():
     unet = _unet(torch.bfloat16)
     before = _state(unet)
     with pytest.raises(KeyboardInterrupt):
-        with packing.packed_convs(unet):
+        with packing.packed_weights(unet):
             _call(unet)
             raise KeyboardInterrupt
     assert not _packed(unet)
@@ -89,6 +89,7 @@ def test_what_asks_for_the_weights_gets_the_dense_ones():
     assert len(_packed(unet)) == len(_convs(unet))
     w = unet.conv_in.weight  # reading the weight unpacks that convolution only
     assert type(unet.conv_in) is torch.nn.Conv2d and torch.equal(w, before["conv_in.weight"][0])
+    assert isinstance(unet.time_embedding.linear_1, packing.PackedLinear)
     assert len(_packed(unet)) == len(_convs(unet)) - 1
     assert torch.equal(_call(unet), want)
 
@@ -110,10 +111,10 @@ def test_what_asks_for_the_weights_gets_the_dense_ones():
 
 def test_float32_and_disabled_pack_nothing():
     unet = _unet(torch.float32)
-    with packing.packed_convs(unet) as n:
+    with packing.packed_weights(unet) as n:
         assert n == 0 and not _packed(unet)
     bf = _unet(torch.bfloat16)
-    with packing.packed_convs(bf, enabled=False) as n:
+    with packing.packed_weights(bf, enabled=False) as n:
         assert n == 0 and not _packed(bf)
 
 
@@ -161,13 +162,13 @@ def test_low_memory_packs_long_loops_only(monkeypatch, bf16):
     """Low memory: the UNet goes to disk after each loop, so it is packed for loops of more
     than four steps and unpacked at their end; the images are the default's."""
     low = nanodiffusion.load("shapes", dtype=torch.bfloat16, low_memory=True)
-    counts, real = [], packing.packed_convs
+    counts, real = [], packing.packed_weights
 
     def spy(module, enabled=True):
         counts.append(enabled)
         return real(module, enabled)
 
-    monkeypatch.setattr("nanodiffusion.pipelines.sd.packed_convs", spy)
+    monkeypatch.setattr("nanodiffusion.pipelines.sd.packed_weights", spy)
     for steps in (5, 3):
         img = low.generate(PROMPT, seed=2, steps=steps)[0]
         assert img.tobytes() == bf16.generate(PROMPT, seed=2, steps=steps)[0].tobytes()

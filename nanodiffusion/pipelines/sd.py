@@ -17,7 +17,7 @@ from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.layers import guidance_embedding
-from ..models.packing import pack, packed_convs
+from ..models.packing import pack, packed_weights
 from ..models.unet import for_inference as unet_for_inference
 from ..models.unet import relayouts as unet_relayouts
 from ..models.vae import for_inference as vae_for_inference
@@ -70,13 +70,13 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
 
     @contextlib.contextmanager
     def unet_loop(self, plan):
-        """The UNet ready for the sampling loop of `plan`. Its bfloat16 convolutions run on
+        """The UNet ready for the sampling loop of `plan`. Its bfloat16 layers run on
         prepacked weights (models/packing.py), which stay packed from one call to the next;
         with low memory the UNet is in memory for the loop only, so it is packed for loops of
         more than four steps only (unpacking it costs about 3.5 calls' weight reorders)."""
         with self.resident(self.unet):
             if self.low_memory:
-                with packed_convs(self.unet, len(plan.sigmas) - 1 > 4):
+                with packed_weights(self.unet, len(plan.sigmas) - 1 > 4):
                     yield
             else:
                 pack(self.unet)
