@@ -23,3 +23,24 @@ def test_feedforward_keys_and_timestep_embedding():
     assert e.shape == (2, 6)
     # flip_sin_to_cos: cos first, so t=0 gives ones then zeros
     assert torch.equal(e[0], torch.tensor([1.0, 1, 1, 0, 0, 0]))
+
+
+def test_norm_silu_and_residual_in_place_only_without_gradients():
+    """Inference writes SiLU and the residual add into the fresh tensors (page faults saved);
+    with gradients recorded they are out of place, so training's backward works."""
+    from nanodiffusion.models.layers import norm_silu, residual
+
+    gn = torch.nn.GroupNorm(2, 4)
+    x, h = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
+    want_silu, want_sum = torch.nn.functional.silu(gn(x)), x + h
+    with torch.no_grad():
+        assert torch.equal(norm_silu(gn, x), want_silu)
+        h2 = h.clone()
+        out = residual(x, h2)
+        assert out is h2 and torch.equal(out, want_sum)
+        assert residual(x, h[:, :1]).shape == (1, 4, 3, 3)  # a broadcast: never in place
+    xg = x.clone().requires_grad_(True)
+    hg = h.clone()
+    out = residual(xg, norm_silu(gn, xg) * hg)
+    out.sum().backward()
+    assert xg.grad is not None and torch.equal(hg, h)

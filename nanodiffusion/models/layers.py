@@ -10,6 +10,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def norm_silu(norm, x):
+    """SiLU(norm(x)), the SiLU in place where no gradient is recorded: norm's output is fresh,
+    and on a large activation a new tensor costs more in page faults than SiLU itself (a
+    128 x 512 x 512 bfloat16 one: 45 ms out of place, 17 ms in place, 2 threads)."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
+def residual(x, h):
+    """x + h, added into `h` (a block's fresh output) where no gradient is recorded."""
+    return h.add_(x) if not torch.is_grad_enabled() and h.shape == x.shape else x + h
+
+
 class Attention(nn.Module):
     """Multi-head attention over (B, T, C) tokens; cross-attention when `context` is given.
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Attention, FeedForward, TimestepEmbedding, timestep_embedding
+from .layers import (Attention, FeedForward, TimestepEmbedding, norm_silu, residual,
+                     timestep_embedding)
 
 
 @dataclass
@@ -60,11 +61,11 @@ class ResBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C, H, W)
+        h = self.conv1(norm_silu(self.norm1, x))  # (B, C, H, W)
         h = h + self.time_emb_proj(temb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(norm_silu(self.norm2, h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return residual(skip, h)
 
 
 class TransformerBlock(nn.Module):
@@ -349,7 +350,7 @@ class UNet(nn.Module):
         h = self.mid_block(h, temb, context, tome)
         for block in self.up_blocks:
             h = block(h, temb, context, skips, tome)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
 
     # ---- DeepCache (Ma, Fang, Wang 2023, "DeepCache: Accelerating Diffusion Models for Free")
     def forward_deepcache(self, x, t, context=None, image_embeds=None, text_embeds=None,
@@ -394,7 +395,7 @@ class UNet(nn.Module):
             h = layer(torch.cat([h, skips.pop()], dim=1), temb)  # (B, C + Cskip, H, W) in
             if attn is not None:
                 h = attn(h, context, tome)
-        return self.conv_out(F.silu(self.conv_norm_out(h))), deep
+        return self.conv_out(norm_silu(self.conv_norm_out, h)), deep
 
     def _merge_level(self, x, tome):
         """Token merging happens at the finest attention level: tell `tome` its token count
