@@ -1,4 +1,4 @@
-"""oneDNN weight prepacking of a module's bfloat16 convolutions and linear layers.
+"""oneDNN weight prepacking of a module's bfloat16 convolutions.
 
 A bfloat16 convolution on the CPU (oneDNN) reorders its weight into the blocked layout its
 kernel reads on every call: a fixed cost per call, whatever the input's size (about 7 ms for a
@@ -8,9 +8,7 @@ at SD 1.5's 4x4 and 8x8 levels the wide convolutions spend most of their time re
 input's shape: oneDNN's reorder for a known shape is ~3x faster than for an unknown one, and
 costs about what the dense call's own reorder does), and run on the packed weight from then on
 (torch.ops.mkldnn's pointwise convolution: dense input, channels-last kept, the same results
-bit for bit; a packed weight also serves inputs of other sizes). Linear layers are packed the
-same way (torch.ops.mkldnn's pointwise linear: 1.3-1.7x on SD 1.5's products in bfloat16, one
-core). The dense weight is let go (and
+bit for bit; a packed weight also serves inputs of other sizes). The dense weight is let go (and
 its memory given back to the system: glibc would keep it in its heap), so memory does not grow.
 
 A packed layer turns back into a plain one, its dense weight restored in its layout,
@@ -34,15 +32,14 @@ def available():
     """Whether this torch has oneDNN and the ops used here."""
     ops = getattr(torch.ops, "mkldnn", None)
     return (torch.backends.mkldnn.is_available() and ops is not None
-            and all(hasattr(ops, op) for op in ("_convolution_pointwise", "_linear_pointwise",
-                                                 "_reorder_convolution_weight",
-                                                 "_reorder_linear_weight")))
+            and hasattr(ops, "_convolution_pointwise")
+            and hasattr(ops, "_reorder_convolution_weight"))
 
 
 class _Packed:
-    """What a packed Conv2d and a packed Linear share: `_packed` is None until the first
-    call, `_dense` the dense weight's (shape, strides) to restore; `plain` the class to go
-    back to."""
+    """A packed layer (PACKED maps a plain class to its packed one): `_packed` is None until
+    the first call, `_dense` the dense weight's (shape, strides) to restore; `plain` the
+    class to go back to."""
 
     def forward(self, x):
         if torch.is_grad_enabled() and (x.requires_grad or self._parameters["weight"]
@@ -87,17 +84,10 @@ class PackedConv2d(_Packed, nn.Conv2d):
             list(self.dilation), self.groups, "none", [], "")
 
 
-class PackedLinear(_Packed, nn.Linear):
-    plain = nn.Linear
-
-    def _reorder(self, w, x):
-        return torch.ops.mkldnn._reorder_linear_weight(w, x.numel() // x.shape[-1])
-
-    def _run(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-
-
-PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
+# Linear layers are not packed: torch.ops.mkldnn's packed linear was 1.3-1.7x faster on SD
+# 1.5's products alone but did not give the dense results bit for bit (2-3 bfloat16 ulps on a
+# UNet call's output), and gained 2-4% of a call.
+PACKED = {nn.Conv2d: PackedConv2d}
 
 
 def _packable(m):
@@ -105,8 +95,7 @@ def _packable(m):
         return False
     w = m._parameters["weight"]
     return (w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu"
-            and w.numel() > 0 and (type(m) is nn.Linear or (
-                m.padding_mode == "zeros" and not isinstance(m.padding, str))))
+            and w.numel() > 0 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
 def _unpack(m):
@@ -122,7 +111,7 @@ def _unpack(m):
 
 
 def pack(module):
-    """Make `module`'s bfloat16 CPU Conv2d and Linear layers pack their weights at their next
+    """Make `module`'s bfloat16 CPU Conv2d layers pack their weights at their next
     call (those packed already stay); -> how many are packed or will be. Nothing where this
     torch lacks the ops (available())."""
     if not available():
