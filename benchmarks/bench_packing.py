@@ -12,21 +12,11 @@ Not a test: nothing here gates CI.
 import argparse
 
 import torch
-from bench_cpu import _peak
+from bench_cpu import machine_peaks
 from bench_deepcache import flops, interleaved, sd_unet
 
 from nanodiffusion.models import packing
 from nanodiffusion.models.unet import for_inference
-
-
-def bf16_matmul_peak():
-    g = torch.Generator().manual_seed(0)
-
-    def make(n):
-        a, b = (torch.randn(n, n, generator=g).to(torch.bfloat16) for _ in range(2))
-        return (lambda: torch.mm(a, b)), 2 * n ** 3
-    with torch.no_grad():
-        return _peak(make, (512, 1024, 2048))
 
 
 @torch.no_grad()
@@ -39,8 +29,11 @@ def main():
     torch.set_num_threads(args.threads)
     if not packing.available():
         raise SystemExit("this torch has no oneDNN pointwise ops: nothing to measure")
-    peak, n = bf16_matmul_peak()
-    print(f"bfloat16 matmul peak {peak:.1f} GFLOP/s ({n}x{n}), {args.threads} threads")
+    probe = machine_peaks(quick=False)
+    peak = probe["matmul"]["bfloat16"]
+    print(f"bfloat16 peak GFLOP/s, {args.threads} threads: matmul {peak:.1f} "
+          f"({probe['matmul_shape']['bfloat16']}), conv 3x3 "
+          f"{probe['conv3x3']['bfloat16']:.1f} ({probe['conv3x3_shape']['bfloat16']})")
 
     dense = for_inference(sd_unet().to(torch.bfloat16))
     packed = for_inference(sd_unet().to(torch.bfloat16))

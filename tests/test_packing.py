@@ -40,7 +40,7 @@ def _convs(unet):
 
 
 def _packed(unet):
-    return [m for m in _convs(unet) if isinstance(m, packing._Packed)]
+    return [m for m in _convs(unet) if type(m) is packing.PackedConv2d]
 
 
 def _state(unet):

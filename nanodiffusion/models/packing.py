@@ -11,7 +11,7 @@ costs about what the dense call's own reorder does), and run on the packed weigh
 bit for bit; a packed weight also serves inputs of other sizes). The dense weight is let go (and
 its memory given back to the system: glibc would keep it in its heap), so memory does not grow.
 
-A packed layer turns back into a plain one, its dense weight restored in its layout,
+A packed convolution turns back into a plain one, its dense weight restored in its layout,
 whenever anything asks for its weight (`conv.weight`: LoRA fusing, low memory's files), calls
 it with gradients, moves or casts it (`.to`), or loads a state dict into it; its state_dict
 holds the dense weight. `unpack(module)` turns them all back (about 3.5 calls' reorders: the
@@ -36,22 +36,25 @@ def available():
             and hasattr(ops, "_reorder_convolution_weight"))
 
 
-class _Packed:
-    """A packed layer (PACKED maps a plain class to its packed one): `_packed` is None until
-    the first call, `_dense` the dense weight's (shape, strides) to restore; `plain` the
-    class to go back to."""
+class PackedConv2d(nn.Conv2d):
+    """A Conv2d inside `pack`: `_packed` is None until its first call, `_dense` the dense
+    weight's (shape, strides) to restore."""
 
     def forward(self, x):
         if torch.is_grad_enabled() and (x.requires_grad or self._parameters["weight"]
                                         .requires_grad):
-            return _unpack(self).forward(x)  # no gradient through the packed kernels
-        if self._packed is None:
+            return _unpack(self).forward(x)  # no gradient through the packed kernel
+        if self._packed is None:  # for the input's shape: ~3x faster than for an unknown one
             w = self._parameters["weight"].data
-            self._packed = self._reorder(w, x)
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                w, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape))
             self._parameters["weight"].data = torch.empty(0, dtype=w.dtype)  # packed holds it
             del w
             trim()  # its memory back to the system (glibc would keep it in its heap)
-        return self._run(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed, self.bias, list(self.padding), list(self.stride),
+            list(self.dilation), self.groups, "none", [], "")
 
     def __getattr__(self, name):
         if name == "weight":  # anyone who reads the weight gets the dense one
@@ -70,43 +73,24 @@ class _Packed:
         _unpack(self)._load_from_state_dict(*args, **kwargs)
 
 
-class PackedConv2d(_Packed, nn.Conv2d):
-    plain = nn.Conv2d
-
-    def _reorder(self, w, x):  # for the input's shape: ~3x faster than for an unknown one
-        return torch.ops.mkldnn._reorder_convolution_weight(
-            w, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-            list(x.shape))
-
-    def _run(self, x):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed, self.bias, list(self.padding), list(self.stride),
-            list(self.dilation), self.groups, "none", [], "")
-
-
 # Linear layers are not packed: torch.ops.mkldnn's packed linear was 1.3-1.7x faster on SD
 # 1.5's products alone but did not give the dense results bit for bit (2-3 bfloat16 ulps on a
 # UNet call's output), and gained 2-4% of a call.
-PACKED = {nn.Conv2d: PackedConv2d}
-
-
 def _packable(m):
-    if type(m) not in PACKED:
-        return False
-    w = m._parameters["weight"]
+    w = m._parameters.get("weight") if type(m) is nn.Conv2d else None
     return (w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu"
             and w.numel() > 0 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
 def _unpack(m):
-    """`m` (packed) a plain module again with its dense weight; -> m."""
+    """`m` (a PackedConv2d) a plain Conv2d again with its dense weight; -> m."""
     if m._packed is not None:
         shape, stride = m._dense
         with torch.no_grad():
             m._parameters["weight"].data = torch.empty_strided(
                 shape, stride, dtype=m._packed.dtype).copy_(m._packed.to_dense())
     del m._packed, m._dense
-    m.__class__ = m.plain
+    m.__class__ = nn.Conv2d
     return m
 
 
@@ -120,20 +104,20 @@ def pack(module):
         if _packable(m):
             w = m._parameters["weight"]
             m._packed, m._dense = None, (w.shape, w.stride())
-            m.__class__ = PACKED[type(m)]
-    return sum(isinstance(m, _Packed) for m in module.modules())
+            m.__class__ = PackedConv2d
+    return sum(type(m) is PackedConv2d for m in module.modules())
 
 
 def unpack(module):
-    """Every packed layer of `module` a plain one again, dense weights restored."""
-    done = [_unpack(m) for m in module.modules() if isinstance(m, _Packed)]
+    """Every packed convolution of `module` a plain one again, dense weights restored."""
+    done = [_unpack(m) for m in module.modules() if type(m) is PackedConv2d]
     if done:
         trim()  # the packed weights' memory back to the system
 
 
 @contextlib.contextmanager
 def packed_weights(module, enabled=True):
-    """A context in which `module`'s bfloat16 CPU layers run on packed weights (pack),
+    """A context in which `module`'s bfloat16 CPU convolutions run on packed weights (pack),
     unpacked when it ends, however it ends; nothing where `enabled` is false. Yields how
     many are packed."""
     try:

@@ -13,11 +13,11 @@ is the UNet's run; its activations are a small part (torch's CPU attention is ti
 - loading (`loading.load_pipeline(low_memory=True)`) puts each part on disk as soon as it is
   built, before the next part is read (`formats.files.on_build`): the parts are never all in
   memory, as they are when low memory is turned on after a load;
-- glibc's malloc maps every block of malloc.MMAP_THRESHOLD or more on its own and unmaps it when it
-  is freed (`malloc.malloc_returns_big_blocks`; for the whole process, once low memory is on): by
-  default it raises that threshold to the size of the largest block freed (up to 32 MiB), so
-  after the weights are let go the activations would come from its heap, whose freed pages
-  stay resident; that cost 0.4 GB of peak at 512 px;
+- glibc's malloc maps every block of malloc.MMAP_THRESHOLD or more on its own and unmaps it
+  when it is freed (`malloc.malloc_returns_big_blocks`; for the whole process, once low memory
+  is on): by default it raises that threshold to the size of the largest block freed (up to
+  32 MiB), so after the weights are let go the activations would come from its heap, whose
+  freed pages stay resident; that cost 0.4 GB of peak at 512 px;
 - latents larger than TILE per side (above 512 px at SD's factor 8) are decoded in tiles.
 
 The file of a part holds each tensor's bytes in their memory order (a channels-last weight as

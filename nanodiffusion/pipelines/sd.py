@@ -70,7 +70,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
 
     @contextlib.contextmanager
     def unet_loop(self, plan):
-        """The UNet ready for the sampling loop of `plan`. Its bfloat16 layers run on
+        """The UNet ready for the sampling loop of `plan`. Its bfloat16 convolutions run on
         prepacked weights (models/packing.py), which stay packed from one call to the next;
         with low memory the UNet is in memory for the loop only, so it is packed for loops of
         more than four steps only (unpacking it costs about 3.5 calls' weight reorders)."""
