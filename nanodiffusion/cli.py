@@ -32,6 +32,10 @@ def _add_sampling_args(p):
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="diffusers' guidance_rescale, 0..1 (0.7 for v-prediction models on a "
                    "zero-terminal-SNR schedule; Stable Diffusion models only)")
+    p.add_argument("--eta", type=float, default=None, help="the sampler's noise, 0..1, for "
+                   "ddim, euler-ancestral and tcd (TCD's gamma; 0: deterministic) (default: "
+                   "the model's with its own sampler, else the sampler's; Stable Diffusion "
+                   "models only)")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N", help="the text encoder's "
                    "N-th layer from the end (AUTOMATIC1111's Clip skip: 1, the default, is the "
                    "last; Stable Diffusion models only)")
@@ -230,6 +234,9 @@ def _add_model_commands(sub):
     e.add_argument("--steps", type=int, default=None, help="sampling steps (default: the "
                    "model's)")
     e.add_argument("--sampler", default=None, help="(default: the model's)")
+    e.add_argument("--guidance", type=float, default=None, help="(default: the model's)")
+    e.add_argument("--eta", type=float, default=None, help="the sampler's eta (default: the "
+                   "model's)")
     e.add_argument("--deepcache", type=int, default=None, metavar="N", help="evaluate "
                    "DeepCache's approximate path with interval N (default: the exact path)")
     e.add_argument("--tome", type=float, default=None, metavar="RATIO", help="evaluate "

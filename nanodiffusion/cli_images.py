@@ -31,6 +31,8 @@ def cmd_sample(args):
             raise ValueError("--save-steps is for Stable Diffusion models, not unCLIP ones")
         if args.guidance_rescale:
             raise ValueError("--guidance-rescale is for Stable Diffusion models, not unCLIP ones")
+        if args.eta is not None:
+            raise ValueError("--eta is for Stable Diffusion models, not unCLIP ones")
         if args.vae_decoder != "full":
             raise ValueError("--vae-decoder tiny is for Stable Diffusion models, not unCLIP ones")
         if args.vae is not None:
@@ -43,7 +45,8 @@ def cmd_sample(args):
             raise ValueError("--low-memory is for Stable Diffusion models, not unCLIP ones")
     else:
         pipe.set_low_memory(args.low_memory)
-        common.update(guidance_rescale=args.guidance_rescale, vae_decoder=args.vae_decoder,
+        common.update(eta=args.eta, guidance_rescale=args.guidance_rescale,
+                      vae_decoder=args.vae_decoder,
                       deepcache=args.deepcache, tome=args.tome)
         if args.vae is not None:
             pipe.load_vae(args.vae)

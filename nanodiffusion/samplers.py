@@ -477,12 +477,19 @@ def _vp_plan(name, schedule: NoiseSchedule, steps: int, start: int):
 _TERMINAL_SIGMA = 2.0**30
 
 
+def consistency_timesteps(T: int, steps: int, original_steps: int) -> list[int]:
+    """LCM's and TCD's timesteps, descending: `steps` of the `original_steps` grid points
+    k-1, 2k-1, ..., T-1 (k = T // original_steps), evenly by index from T-1 (diffusers'
+    set_timesteps; timestep_spacing and steps_offset unused)."""
+    origin = np.arange(original_steps, 0, -1) * (T // original_steps) - 1  # descending
+    picked = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in origin[picked]]
+
+
 def _consistency_plan(name, schedule: NoiseSchedule, steps: int, start: int,
                       original_steps: int | None, eta: float | None):
-    """LCM / TCD: `steps` of the `original_steps` timesteps k-1, 2k-1, ..., T-1 (k = T //
-    original_steps), evenly by index from T-1 (diffusers' set_timesteps; timestep_spacing and
-    steps_offset unused); returns (timesteps, sigmas, sampler options). Defaults: 50 original
-    steps (diffusers' config), sample_tcd's eta."""
+    """LCM / TCD: consistency_timesteps from `start`; returns (timesteps, sigmas, sampler
+    options). Defaults: 50 original steps (diffusers' config), sample_tcd's eta."""
     T = schedule.num_train_timesteps
     original_steps = 50 if original_steps is None else original_steps
     if isinstance(original_steps, bool) or not isinstance(original_steps, int) or \
@@ -492,9 +499,7 @@ def _consistency_plan(name, schedule: NoiseSchedule, steps: int, start: int,
     if steps > original_steps:
         raise InputError(f"steps={steps} must be at most original_inference_steps="
                          f"{original_steps} for the {name} sampler (its timesteps are a subset)")
-    origin = np.arange(original_steps, 0, -1) * (T // original_steps) - 1  # descending
-    picked = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
-    ts = [int(t) for t in origin[picked]][start:]
+    ts = consistency_timesteps(T, steps, original_steps)[start:]
     zero_snr = schedule.config.rescale_betas_zero_snr
 
     def sig(t):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("diffusers")
 import tiny_sd  # noqa: E402
@@ -226,3 +227,83 @@ def test_lcm_lora_on_a_plain_model_runs_as_diffusers(tmp_path):
         got = tiny_sd.as_array([im.convert("RGB")])
     tiny_sd.assert_close_images(got, want)
     assert np.abs(plain - want).max() > 10 / 255, "the LoRA hardly changes the image"
+
+
+# ---------------------------------------------------------------- multistep consistency
+
+def test_segment_ends_are_the_next_timesteps_of_the_schedule():
+    """Each grid point maps to the timestep an N-step lcm/tcd schedule on the grid goes to
+    next from the point's interval: 4 steps of 20 are 999, 749, 499, 249, then 0."""
+    from nanodiffusion.samplers import consistency_timesteps
+    from nanodiffusion.train.lcm import segment_ends
+
+    assert consistency_timesteps(1000, 4, 20) == [999, 749, 499, 249]
+    ends = segment_ends(1000, (4, 2, 1), 20)
+    points = torch.arange(1, 21) * 50 - 1
+    for row, n in zip(ends, (4, 2, 1)):
+        bounds = [0] + consistency_timesteps(1000, n, 20)[1:][::-1]  # ascending
+        for p, e in zip(points.tolist(), row.tolist()):
+            assert e == max(b for b in bounds if b < p), (n, p, e)
+    assert ends[0, 4] == 0 and ends[0, 5] == 249 and ends[1, 15] == 499
+
+
+def test_ddim_map_is_the_identity_at_its_own_timestep():
+    """The multistep consistency function at t = end is x itself (scaled by 1 / sqrt(a)),
+    whatever the network says: the boundary condition needs no c_skip."""
+    from nanodiffusion.diffusion import NoiseSchedule, ScheduleConfig
+    from nanodiffusion.train.lcm import _ddim_to
+
+    sched = NoiseSchedule(ScheduleConfig())
+    x, out = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([249, 499, 0])
+    for kind in ("epsilon", "v_prediction"):
+        got = _ddim_to(sched, out, x, t, t, kind)
+        a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(got, x / a**0.5, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("segments", [[0], [11], ["4"]])
+def test_segments_must_be_step_counts_of_the_grid(segments):
+    with pytest.raises(ValueError, match="segments must be a list of step counts in"):
+        TrainConfig(part="lcm", solver_steps=10, segments=segments)
+
+
+def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_eta_0(lcm_sd, tmp_path,
+                                                                         monkeypatch):
+    """segments = [2, 4]: the loss falls; <out>/model-lcm defaults to 4 tcd steps at eta 0,
+    which generate() and the CLI use when given none, a user's other eta or sampler
+    overriding it (the model's eta never reaches another sampler)."""
+    from front_door import run_cli
+
+    teacher = tmp_path / "teacher"
+    nanodiffusion.formats.ours.save_pipeline(tiny_sd.build(tmp_path / "plain").ours, teacher)
+    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)
+    cfg = TrainConfig(part="lcm", out=str(tmp_path / "run"), teacher=str(teacher),
+                      image_size=32, steps=40, batch_size=8, lr=1e-3, warmup=2, log_every=1,
+                      ckpt_every=1000, sample_every=0, ema_decay=0.95, solver_steps=10,
+                      segments=[2, 4], model={"time_cond_proj_dim": 16})
+    losses = [r["loss"] for r in train(cfg, progress=False)]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
+
+    folder = tmp_path / "run" / "model-lcm"
+    student = nanodiffusion.load(folder)
+    d = student.defaults
+    assert (d.steps, d.sampler, d.eta) == (4, "tcd", 0.0)
+    kw = dict(seed=SEED, width=16, height=16)
+    default = tiny_sd.as_array(student.generate(PROMPT, **kw))
+    given = tiny_sd.as_array(student.generate(PROMPT, sampler="tcd", eta=0.0, steps=4, **kw))
+    assert (default == given).all()
+    gamma = tiny_sd.as_array(student.generate(PROMPT, eta=0.3, **kw))  # tcd's own default
+    assert not (default == gamma).all()
+    student.generate(PROMPT, sampler="euler", **kw)  # no eta for euler: no error
+
+    out = tmp_path / "cli.png"
+    r = run_cli("generate", PROMPT, "--model", folder, "--seed", SEED, "--width", 16,
+                "--height", 16, "--eta", "0.3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert abs(tiny_sd.as_array([Image.open(out).convert("RGB")]) - gamma).max() <= 1 / 255
+    r = run_cli("generate", PROMPT, "--model", folder, "--sampler", "euler", "--eta", "0.3",
+                "--out", tmp_path / "bad.png")
+    assert r.returncode == 2 and "eta is an option of the" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad.png").exists()

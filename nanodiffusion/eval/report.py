@@ -150,16 +150,17 @@ def _model_folder(path):
 
 
 def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_prompts=None,
-           vae_decoder="full", tiny_decoder=None, steps=None, sampler=None, deepcache=None,
-           tome=None):
+           vae_decoder="full", tiny_decoder=None, steps=None, sampler=None, guidance=None,
+           eta=None, deepcache=None, tome=None):
     """Evaluate a run folder (runs/shapes, its model/ or model-unclip/) or a model folder;
     print and write report.json (or `out`). An unCLIP model also gets variations (for a
     decoder that reads text, also from the image embedding alone) and text diffs scored;
     best_of > 1 adds the single-object fidelity of best-of-N CLIP reranking on the first
     `best_of_prompts` (default n) single-object prompts, beside best-of-1 on the same
     prompts. `vae_decoder` "tiny" judges images from the model's tiny decoder (or the one
-    at `tiny_decoder`); a model with one also gets its PSNR against the VAE decoder. `steps`
-    and `sampler` override the model's defaults (a few-step model at 1, 2 and 4 steps);
+    at `tiny_decoder`); a model with one also gets its PSNR against the VAE decoder. `steps`,
+    `sampler`, `guidance` and `eta` override the model's defaults (a few-step model at 1, 2
+    and 4 steps);
     `deepcache` N judges DeepCache's approximate path (pipelines/deepcache.py), `tome` r
     token merging's (pipelines/tome.py)."""
     from ..loading import load_pipeline, resolve
@@ -168,10 +169,12 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
     pipe = load_pipeline(folder, device=device, tiny_decoder=tiny_decoder)
     decode = {} if vae_decoder == "full" else {"vae_decoder": vae_decoder}
     decode.update({k: v for k, v in (("steps", steps), ("sampler", sampler),
+                                     ("guidance", guidance), ("eta", eta),
                                      ("deepcache", deepcache), ("tome", tome))
                    if v is not None})
     if decode and hasattr(pipe, "variations"):
-        raise ValueError(f"vae_decoder {vae_decoder!r}, steps, sampler, deepcache, tome: "
+        raise ValueError(f"vae_decoder {vae_decoder!r}, steps, sampler, guidance, eta, "
+                         "deepcache, tome: "
                          "unCLIP models are evaluated at their defaults")
     result = {"model": str(folder), "settings": {**vars(pipe.defaults), **decode}}
     if pipe.clip is not None:

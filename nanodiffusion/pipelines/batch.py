@@ -93,13 +93,13 @@ def _member(pipe, kw):
     s = resolve(pipe.defaults, req, *size, pipe.vae_factor)
     check_vae_decoder(req.vae_decoder, pipe.tiny_decoder)
     samplers.plan(s.sampler, pipe.schedule, s.steps,
-                  **({"eta": req.eta} if req.eta is not None else {}))  # its checks
+                  **({"eta": s.eta} if s.eta is not None else {}))  # its checks
     loras = pipe.use_loras(prompt, req.prompt_syntax)
     embeddings = pipe.use_embeddings([loras.prompt, negative], req.prompt_syntax)
     cond = pipe._conditions(loras.prompt, negative, req.n, s.guidance, req)
     tags = tuple(take_tags(prompt)[1]) if req.prompt_syntax else ()
     shapes = tuple((k, tuple(v.shape[1:])) for k, v in cond.items())
-    key = (s.steps, s.guidance, s.sampler, s.width, s.height, req.eta, req.guidance_rescale,
+    key = (s.steps, s.guidance, s.sampler, s.width, s.height, s.eta, req.guidance_rescale,
            check_deepcache(req.deepcache), check_tome(req.tome), tags, shapes)
     return Member(prompt, negative, req, s, loras, embeddings, cond, key,
                   pipe._wrap_callback(req.callback, req.preview))
@@ -132,7 +132,7 @@ def _sample(pipe, members):
     m0, s = members[0], members[0].settings
     pipe.use_loras(m0.text, m0.req.prompt_syntax)  # the group's LoRAs: another's may be fused
     plan = samplers.plan(s.sampler, pipe.schedule, s.steps,
-                         **({"eta": m0.req.eta} if m0.req.eta is not None else {}))
+                         **({"eta": s.eta} if s.eta is not None else {}))
     rows = tuple(m.req.n for m in members)
     gens = tuple(torch.Generator("cpu").manual_seed(m.settings.seed) for m in members)
     f = pipe.vae_factor

@@ -196,10 +196,10 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
             size = (init.shape[-1], init.shape[-2])
         s = resolve(self.defaults, req, *size, self.vae_factor)
         check_vae_decoder(req.vae_decoder, self.tiny_decoder)
-        n, eta = req.n, req.eta
+        n = req.n
         gen = torch.Generator("cpu").manual_seed(s.seed)
         plan = samplers.plan(s.sampler, self.schedule, s.steps, strength=strength,
-                             **({"eta": eta} if eta is not None else {}))
+                             **({"eta": s.eta} if s.eta is not None else {}))
         loras = self.use_loras(prompt, req.prompt_syntax)  # fused; the prompt without tags
         embeddings = self.use_embeddings([loras.prompt, negative], req.prompt_syntax)
         cond = self._conditions(loras.prompt, negative, n, s.guidance, req)

@@ -21,6 +21,7 @@ class Defaults:
     sampler: str = "euler"
     width: int = 512
     height: int = 512
+    eta: float | None = None  # the default sampler's eta (a tcd-sampled model's gamma 0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Settings:
     sampler: str
     width: int
     height: int
+    eta: float | None = None  # None: the sampler's own default
 
 
 def resolve(defaults, request, width, height, factor):
@@ -70,11 +72,13 @@ def resolve(defaults, request, width, height, factor):
     check_int("n", r.n, 1, 64)
     check_int("seed", seed, 0, 2**63 - 1)
     check_guidance(guidance)
-    check_eta(r.eta, sampler)
+    # the model's eta goes with its sampler only (a user's other sampler has its own default)
+    eta = r.eta if r.eta is not None else d.eta if sampler == d.sampler else None
+    check_eta(eta, sampler)
     check_sampler(sampler)
     check_deepcache(r.deepcache)
     check_tome(r.tome)
-    return Settings(seed, steps, float(guidance), sampler, width, height)
+    return Settings(seed, steps, float(guidance), sampler, width, height, eta)
 
 
 def tag(images, settings, model, prompt="", negative_prompt="", strength=None, extra=None,

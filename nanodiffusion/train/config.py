@@ -69,6 +69,10 @@ class TrainConfig:
     guidance_range: tuple[float, float] = (2.0, 4.0)  # CFG scales the student learns to embed
     solver_steps: int = 50          # the teacher's DDIM grid: one step is T / solver_steps
     huber_c: float = 0.001          # pseudo-Huber constant of the loss (0: MSE)
+    # () : LCM, every point consistent with t = 0; (N, ...): multistep consistency, each point
+    # consistent with the next timestep of an N-step lcm/tcd schedule below it (N drawn per
+    # sample), sampled by tcd at eta 0
+    segments: tuple[int, ...] = ()
     # fine-tuning a pretrained model (lora; unet from it instead of from zero): its schedule
     # and prediction type are the base's, and the base is never written
     base: str = ""                  # any model the loader opens (name, folder, file)
@@ -101,6 +105,13 @@ class TrainConfig:
         if not isinstance(self.solver_steps, int) or not 1 <= self.solver_steps <= 1000:
             raise ValueError(f"solver_steps must be an integer in [1, 1000], got "
                              f"{self.solver_steps!r}")
+        seg = self.segments
+        if not isinstance(seg, (list, tuple)) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= self.solver_steps
+                for n in seg):
+            raise ValueError(f"segments must be a list of step counts in [1, solver_steps = "
+                             f"{self.solver_steps}], got {seg!r}")
+        self.segments = tuple(seg)
         if self.huber_c < 0:
             raise ValueError(f"huber_c must be >= 0, got {self.huber_c}")
         self._check_finetuning()

@@ -12,11 +12,18 @@ into a student UNet that generates in 1-4 steps with the `lcm` sampler:
   and the target network's at (x_s, s), each c_skip x + c_out x0_pred (diffusion.lcm_boundary),
   which is x itself at s = 0. The target network is the loop's EMA of the student (ema_decay =
   0.95 in the recipe, LCM's), so it is checkpointed and resumed with the run, and the EMA is what
-  is exported, as LCM releases its target network.
+  is exported, as LCM releases its target network;
+- with `segments = [N, ...]` (multistep consistency, as Heek et al. 2024 and TCD's trajectory
+  consistency) a point is made consistent not with t = 0 but with the timestep an N-step
+  lcm/tcd schedule goes to next below it (N drawn per sample), through the DDIM step of the
+  network's output to that timestep (x itself at it: no c_skip needed). Each point then chains
+  to its segment's end over solver_steps / N teacher steps, not to 0 over solver_steps, and the
+  student is sampled by tcd at eta 0, the same deterministic DDIM steps between the timesteps.
 
 export() assembles <out>/model-lcm: the student UNet with the teacher's VAE, text encoder and
 tokenizer, the teacher's schedule with original_inference_steps = solver_steps (the lcm sampler
-picks its timesteps from the grid the student learned), and 4-step lcm defaults."""
+picks its timesteps from the grid the student learned), and 4-step lcm defaults (a multistep
+student's: its largest N of tcd at eta 0)."""
 import dataclasses
 
 import torch
@@ -26,6 +33,7 @@ from ..formats import checkpoint
 from ..formats.ours import save_folder
 from ..models.layers import guidance_embedding
 from ..models.unet import UNet
+from ..samplers import consistency_timesteps
 from ..pipelines.images import make_grid
 from ..pipelines.sd import Pipeline
 from .common import rand, randn, save_ema, source
@@ -108,16 +116,23 @@ class LcmPart:
         context, pooled, _ = frozen_text(frozen, captions)
         text = checkpoint.unwrap(model).text_condition(context, pooled)
 
-        c_skip_t, c_out_t = (_bcast(c, x0) for c in lcm_boundary(t.cpu()))
-        out = model(x_t, t, timestep_cond=w_emb, **text)
-        pred = c_skip_t * x_t + c_out_t * x0_and_noise(schedule, out, x_t, t, kind)[0]
+        if cfg.segments:  # multistep: the next timestep below t of an N-step schedule
+            ends = segment_ends(T, cfg.segments, cfg.solver_steps).to(device)
+            pick = (rand(gens, device) * len(cfg.segments)).long().clamp(max=ends.shape[0] - 1)
+            end = ends[pick, idx]
+
+            def consistency(net_out, x, at):
+                return _ddim_to(schedule, net_out, x, at, end, kind)
+        else:  # LCM: c_skip x + c_out x0, which is x itself at t = 0
+            def consistency(net_out, x, at):
+                c_skip, c_out = (_bcast(c, x0) for c in lcm_boundary(at.cpu()))
+                return c_skip * x + c_out * x0_and_noise(schedule, net_out, x, at, kind)[0]
+        pred = consistency(model(x_t, t, timestep_cond=w_emb, **text), x_t, t)
 
         with torch.no_grad():
             x_s = _teacher_step(frozen, schedule, kind, x_t, t, s, guidance, captions)
             target = _target_model(frozen, model)
-            out_s = target(x_s, s, timestep_cond=w_emb, **text)
-            c_skip_s, c_out_s = (_bcast(c, x0) for c in lcm_boundary(s.cpu()))
-            goal = c_skip_s * x_s + c_out_s * x0_and_noise(schedule, out_s, x_s, s, kind)[0]
+            goal = consistency(target(x_s, s, timestep_cond=w_emb, **text), x_s, s)
         diff = (pred.float() - goal.float()).reshape(B, -1)
         if cfg.huber_c > 0:  # pseudo-Huber per element, LCM's choice over MSE
             per = ((diff**2 + cfg.huber_c**2).sqrt() - cfg.huber_c).mean(dim=1)
@@ -146,6 +161,29 @@ class LcmPart:
 
 def model_cond_dim(model):
     return checkpoint.unwrap(model).config.time_cond_proj_dim
+
+
+def segment_ends(T, segments, solver_steps):
+    """(len(segments), solver_steps) long: for each step count N and each point of the grid
+    (point i is timestep (i + 1) T / solver_steps - 1), the timestep an N-step lcm/tcd schedule
+    on that grid goes to next from the interval holding the point: the largest of its later
+    timesteps (0 after the last) below the point."""
+    gap = T // solver_steps
+    points = torch.arange(1, solver_steps + 1) * gap - 1
+    rows = []
+    for n in segments:
+        nxt = torch.tensor(consistency_timesteps(T, n, solver_steps)[1:] + [0])
+        rows.append(torch.where(nxt[None, :] < points[:, None], nxt[None, :], -1).amax(1))
+    return torch.stack(rows)
+
+
+def _ddim_to(schedule, out, x, t, end, kind):
+    """The DDIM step of a model output `out` at (x, t) to timestep `end`, divided by
+    sqrt(a_end) (x0 + sigma_end noise: at end = 0 nearly x0, and the scale of x0 at every
+    end); x itself (so divided) where end == t."""
+    x0, eps = x0_and_noise(schedule, out, x, t, kind)
+    a = _bcast(schedule.alphas_cumprod[end.cpu()], x)
+    return x0 + ((1 - a) / a) ** 0.5 * eps
 
 
 def _bcast(v, x):
@@ -179,9 +217,14 @@ def _target_model(frozen, model):
 
 
 def lcm_defaults(cfg, pipe):
-    """4 lcm steps at the middle of the guidance range the student learned (shapes: range
-    [2, 6], guidance 4; its eval at 4 steps, guidance 3 / 4 / 5: pairs 82.0 / 86.0 / 81.0)."""
+    """4 steps at the middle of the guidance range the student learned (shapes: range [2, 6],
+    guidance 4; its LCM eval at 4 steps, guidance 3 / 4 / 5: pairs 82.0 / 86.0 / 81.0), with
+    the lcm sampler, or for a multistep student tcd at eta 0: deterministic DDIM steps between
+    its timesteps, the steps it learned (its largest segments count)."""
     lo, hi = cfg.guidance_range
+    if cfg.segments:
+        return dataclasses.replace(pipe.defaults, steps=max(cfg.segments),
+                                   guidance=(lo + hi) / 2, sampler="tcd", eta=0.0)
     return dataclasses.replace(pipe.defaults, steps=STEPS, guidance=(lo + hi) / 2,
                                sampler="lcm")
 
