@@ -307,3 +307,9 @@ def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_eta_0(lcm_sd
                 "--out", tmp_path / "bad.png")
     assert r.returncode == 2 and "eta is an option of the" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "bad.png").exists()
+
+    from nanodiffusion import cli  # eval with another guidance and eta: what the report used
+    assert cli.main(["eval", str(folder), "--n", "1", "--guidance", "2", "--eta", "0.3",
+                     "--out", str(tmp_path / "r.json")]) == 0
+    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert (settings["guidance"], settings["eta"], settings["sampler"]) == (2.0, 0.3, "tcd")
