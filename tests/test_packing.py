@@ -1,8 +1,9 @@
-"""oneDNN weight prepacking of the bfloat16 UNet's convolutions (issue 23 item 1,
-models/packing.py): the same outputs bit for bit; the dense weights let go while packed and put
-back as they were (values and layout) whenever anything asks for them (the weight, state_dict,
-.to, load_state_dict, a call with gradients) or the packing block ends or fails; float32
-untouched; a pipeline's images unchanged, with LoRA fusing and low memory."""
+"""oneDNN weight prepacking of the UNet's convolutions (issue 23 items 1 and 3,
+models/packing.py): the same bfloat16 outputs bit for bit, float32 within rounding; the dense
+weights let go while packed and put back as they were (values and layout) whenever anything
+asks for them (the weight, state_dict, .to, load_state_dict, a call with gradients) or the
+packing block ends or fails; a pipeline's images unchanged, with LoRA fusing and low memory;
+a training run that samples trains on dense weights."""
 import pytest
 import torch
 
@@ -108,13 +109,60 @@ def test_what_asks_for_the_weights_gets_the_dense_ones():
     assert torch.equal(unet.conv_in.weight, before["conv_in.weight"][0].float())
 
 
-def test_float32_and_disabled_pack_nothing():
+def _call_cl(unet):
+    x, t, ctx = _inputs(torch.float32)
+    with torch.no_grad():
+        return unet(x.contiguous(memory_format=torch.channels_last), t, context=ctx)
+
+
+def test_float32_packs_bit_for_bit_and_disabled_packs_nothing():
+    """Float32 too, for a channels-last input as pipelines give it (a contiguous one only
+    within rounding: the dense kernel for that layout rounds differently); its weights come
+    back bit for bit. Float16 is not packed."""
     unet = _unet(torch.float32)
+    before, want, contiguous = _state(unet), _call_cl(unet), _call(unet)
     with packing.packed_weights(unet) as n:
-        assert n == 0 and not _packed(unet)
+        assert n == len(_convs(unet)) == len(_packed(unet)) > 0
+        got = _call_cl(unet)
+        assert all(m._parameters["weight"].numel() == 0 for m in _convs(unet))
+        torch.testing.assert_close(_call(unet), contiguous, rtol=1e-5,
+                                   atol=1e-5 * contiguous.abs().max().item())
+    assert torch.equal(got, want)
+    _same_state(unet, before)
+    assert torch.equal(_call_cl(unet), want)
+    half = _unet(torch.float16)
+    with packing.packed_weights(half) as n:
+        assert n == 0 and not _packed(half)
     bf = _unet(torch.bfloat16)
     with packing.packed_weights(bf, enabled=False) as n:
         assert n == 0 and not _packed(bf)
+
+
+def test_a_training_run_that_samples_trains_on_dense_weights(tmp_path):
+    """The loop's samples go through a pipeline, which packs the UNet it is given (float32
+    too): the loop unpacks it after sampling, so the model it goes on training, its EMA and
+    its checkpoints hold dense weights, and the run's loss stays finite."""
+    from nanodiffusion.train import TrainConfig, train
+
+    cfg = TrainConfig(part="lcm", teacher="shapes", out=str(tmp_path / "run"), image_size=64,
+                      steps=4, batch_size=4, log_every=1, ckpt_every=2, sample_every=2,
+                      warmup=1, solver_steps=10)
+    seen = []
+    real = packing.unpack
+
+    def spy(module):
+        seen.append(len(_packed(module)))
+        real(module)
+        assert not _packed(module)
+
+    import nanodiffusion.train.loop as loop
+    loop.packing.unpack, restore = spy, real
+    try:
+        records = train(cfg, progress=False)
+    finally:
+        loop.packing.unpack = restore
+    assert seen and all(n > 0 for n in seen)  # it was packed, then unpacked
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +174,21 @@ def _no_packing(monkeypatch):
     monkeypatch.setattr(packing, "available", lambda: False)
 
 
-def test_pipeline_packs_and_images_are_unchanged(monkeypatch, bf16):
-    """A bfloat16 pipeline's UNet stays packed from one call to the next (not its VAE), and
-    its images are the ones it makes unpacked; then a LoRA with LoCon layers (3x3 convs)
-    fused into the packed UNet gives the images it gives on a UNet never packed."""
-    a = bf16.generate(PROMPT, seed=4, steps=5, n=2)
-    assert len(_packed(bf16.unet)) == len(_convs(bf16.unet)) and not _packed(bf16.vae)
-    b = bf16.generate(PROMPT, seed=4, steps=2)
-    packing.unpack(bf16.unet)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pipeline_packs_and_images_are_unchanged(monkeypatch, bf16, dtype):
+    """A pipeline's UNet stays packed from one call to the next (not its VAE), and its
+    images are the ones it makes unpacked, bit for bit, in bfloat16 and float32."""
+    pipe = bf16 if dtype == "bfloat16" else nanodiffusion.load("shapes")
+    a = pipe.generate(PROMPT, seed=4, steps=5, n=2)
+    assert len(_packed(pipe.unet)) == len(_convs(pipe.unet)) and not _packed(pipe.vae)
+    b = pipe.generate(PROMPT, seed=4, steps=2)
+    packing.unpack(pipe.unet)
     with monkeypatch.context() as m:
         _no_packing(m)
         assert [x.tobytes() for x in a] == [x.tobytes() for x in
-                                           bf16.generate(PROMPT, seed=4, steps=5, n=2)]
-        assert b[0].tobytes() == bf16.generate(PROMPT, seed=4, steps=2)[0].tobytes()
-        assert not _packed(bf16.unet)
+                                           pipe.generate(PROMPT, seed=4, steps=5, n=2)]
+        assert b[0].tobytes() == pipe.generate(PROMPT, seed=4, steps=2)[0].tobytes()
+        assert not _packed(pipe.unet)
 
 
 def test_lora_fused_into_a_packed_unet(monkeypatch, tmp_path, bf16):

@@ -1,14 +1,17 @@
-"""oneDNN weight prepacking of a module's bfloat16 convolutions.
+"""oneDNN weight prepacking of a module's bfloat16 and float32 convolutions.
 
-A bfloat16 convolution on the CPU (oneDNN) reorders its weight into the blocked layout its
-kernel reads on every call: a fixed cost per call, whatever the input's size (about 7 ms for a
-1280 x 1280 3x3 weight on one core of an AMX Xeon, as much as the 8x8 convolution itself), so
-at SD 1.5's 4x4 and 8x8 levels the wide convolutions spend most of their time reordering.
+A convolution on the CPU (oneDNN) reorders its weight into the blocked layout its kernel reads
+on every call: a fixed cost per call, whatever the input's size (bfloat16: about 7 ms for a
+1280 x 1280 3x3 weight on one core of an AMX Xeon, as much as the 8x8 convolution itself;
+float32: a 1280-channel 4x4 convolution 53 ms dense, 20 ms packed), so at SD 1.5's 4x4 and 8x8
+levels the wide convolutions spend most of their time reordering.
 `pack(module)` makes each such convolution pack its weight once, at its next call (for that
 input's shape: oneDNN's reorder for a known shape is ~3x faster than for an unknown one, and
 costs about what the dense call's own reorder does), and run on the packed weight from then on
-(torch.ops.mkldnn's pointwise convolution: dense input, channels-last kept, the same results
-bit for bit; a packed weight also serves inputs of other sizes). The dense weight is let go (and
+(torch.ops.mkldnn's pointwise convolution: dense input, channels-last out; for channels-last
+input, as pipelines give the UNet, the same results bit for bit; a contiguous float32 input's
+dense kernel rounds differently, ~4e-6 of the scale of an SD 1.5 UNet call's output; a packed
+weight also serves inputs of other sizes). The dense weight is let go (and
 its memory given back to the system: glibc would keep it in its heap), so memory does not grow.
 
 A packed convolution turns back into a plain one, its dense weight restored in its layout,
@@ -18,8 +21,8 @@ holds the dense weight. `unpack(module)` turns them all back (about 3.5 calls' r
 packed layout to the dense one, then to channels-last), and `packed_weights` packs for a `with`
 block only (low memory, whose parts go to disk after each run).
 
-Float32 is left as it is (packing its weights measured no gain) and so is anything that is
-not a plain zero-padded Conv2d on the CPU, or a torch without the mkldnn ops."""
+Other dtypes are left as they are, and so is anything that is not a plain zero-padded Conv2d on
+the CPU, or a torch without the mkldnn ops."""
 import contextlib
 
 import torch
@@ -73,12 +76,15 @@ class PackedConv2d(nn.Conv2d):
         _unpack(self)._load_from_state_dict(*args, **kwargs)
 
 
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+
+
 # Linear layers are not packed: torch.ops.mkldnn's packed linear was 1.3-1.7x faster on SD
 # 1.5's products alone but did not give the dense results bit for bit (2-3 bfloat16 ulps on a
 # UNet call's output), and gained 2-4% of a call.
 def _packable(m):
     w = m._parameters.get("weight") if type(m) is nn.Conv2d else None
-    return (w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+    return (w is not None and w.dtype in PACKED_DTYPES and w.device.type == "cpu"
             and w.numel() > 0 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
@@ -95,7 +101,7 @@ def _unpack(m):
 
 
 def pack(module):
-    """Make `module`'s bfloat16 CPU Conv2d layers pack their weights at their next
+    """Make `module`'s bfloat16 and float32 CPU Conv2d layers pack their weights at their next
     call (those packed already stay); -> how many are packed or will be. Nothing where this
     torch lacks the ops (available())."""
     if not available():
@@ -117,7 +123,7 @@ def unpack(module):
 
 @contextlib.contextmanager
 def packed_weights(module, enabled=True):
-    """A context in which `module`'s bfloat16 CPU convolutions run on packed weights (pack),
+    """A context in which `module`'s CPU convolutions run on packed weights (pack),
     unpacked when it ends, however it ends; nothing where `enabled` is false. Yields how
     many are packed."""
     try:

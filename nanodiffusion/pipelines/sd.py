@@ -70,7 +70,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
 
     @contextlib.contextmanager
     def unet_loop(self, plan):
-        """The UNet ready for the sampling loop of `plan`. Its bfloat16 convolutions run on
+        """The UNet ready for the sampling loop of `plan`. Its convolutions run on
         prepacked weights (models/packing.py), which stay packed from one call to the next;
         with low memory the UNet is in memory for the loop only, so it is packed for loops of
         more than four steps only (unpacking it costs about 3.5 calls' weight reorders)."""
@@ -275,7 +275,10 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
             if unet_extra is not None:
                 reps = x.shape[0] // unet_extra.shape[0]
                 x = torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1)
-            return unet(x.to(dtype), t, **cond, **extra)
+            # channels-last activations, the layout packed convolutions give (packing.py):
+            # a dense float32 call then gives the packed one's results bit for bit
+            cl = torch.channels_last if x.device.type == "cpu" else torch.preserve_format
+            return unet(x.to(dtype, memory_format=cl), t, **cond, **extra)
         return fn
 
     @property

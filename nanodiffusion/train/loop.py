@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..formats import checkpoint
 from ..formats.checkpoint import unwrap
+from ..models import packing
 from .config import TrainConfig, chunk_indices, lr_at
 from .parts import get_part
 from .prefetch import Prefetcher
@@ -231,6 +232,7 @@ def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progre
             if cfg.sample_every and done % cfg.sample_every == 0 and rank == 0:
                 with _failing_writes("sample", saved):
                     part.sample(cfg, unwrap(model), frozen, cfg.run_dir / f"sample-{done:06d}.png")
+                packing.unpack(unwrap(model))  # a sampling pipeline packs its convolutions
             if stopping:
                 if done < cfg.steps:  # other ranks stop with the one that got the signal
                     records.stopped_by = stop.signum or signal.SIGTERM
