@@ -1,10 +1,11 @@
-"""oneDNN weight prepacking (models/packing.py) against the dense bfloat16 UNet, one SD 1.5
-UNet call (random weights, CFG batch 2, channels-last as pipelines run it), the two calls
+"""oneDNN weight prepacking (models/packing.py) against the dense UNet, one SD 1.5 UNet call
+(random weights, CFG batch 2, channels-last input as pipelines give it), the two calls
 interleaved in one process (two UNets with the same weights: one packed, one dense), their
-outputs compared bit for bit, beside the machine's bfloat16 matmul peak and the fraction of
-the roofline each reaches.
+outputs compared bit for bit, beside the machine's matmul peak for the dtype and the fraction
+of the roofline each reaches.
 
     nice .venv/bin/python benchmarks/bench_packing.py --size 256 --repeats 6
+    nice .venv/bin/python benchmarks/bench_packing.py --size 256 --repeats 3 --dtype float32
     nice .venv/bin/python benchmarks/bench_packing.py --size 512 --repeats 3 --threads 1
 
 Not a test: nothing here gates CI.
@@ -25,23 +26,25 @@ def main():
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (latents / 8)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not packing.available():
         raise SystemExit("this torch has no oneDNN pointwise ops: nothing to measure")
     probe = machine_peaks(quick=False)
-    peak = probe["matmul"]["bfloat16"]
-    print(f"bfloat16 peak GFLOP/s, {args.threads} threads: matmul {peak:.1f} "
-          f"({probe['matmul_shape']['bfloat16']}), conv 3x3 "
-          f"{probe['conv3x3']['bfloat16']:.1f} ({probe['conv3x3_shape']['bfloat16']})")
+    name, dtype = args.dtype, getattr(torch, args.dtype)
+    peak = probe["matmul"][name]
+    print(f"{name} peak GFLOP/s, {args.threads} threads: matmul {peak:.1f} "
+          f"({probe['matmul_shape'][name]}), conv 3x3 "
+          f"{probe['conv3x3'][name]:.1f} ({probe['conv3x3_shape'][name]})")
 
-    dense = for_inference(sd_unet().to(torch.bfloat16))
-    packed = for_inference(sd_unet().to(torch.bfloat16))
+    dense = for_inference(sd_unet().to(dtype))
+    packed = for_inference(sd_unet().to(dtype))
     print(f"packed layers: {packing.pack(packed)}")
     h = args.size // 8
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, h, h, generator=g).to(torch.bfloat16)
-    ctx = torch.randn(2, 77, 768, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 4, h, h, generator=g).to(dtype, memory_format=torch.channels_last)
+    ctx = torch.randn(2, 77, 768, generator=g).to(dtype)
     t = torch.tensor([500, 500])
     calls = [lambda m=m: m(x, t, context=ctx) for m in (dense, packed)]
     work = flops(calls[0])
