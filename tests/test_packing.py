@@ -138,7 +138,7 @@ def test_float32_packs_bit_for_bit_and_disabled_packs_nothing():
         assert n == 0 and not _packed(bf)
 
 
-def test_a_training_run_that_samples_trains_on_dense_weights(tmp_path):
+def test_a_training_run_that_samples_trains_on_dense_weights(tmp_path, monkeypatch):
     """The loop's samples go through a pipeline, which packs the UNet it is given (float32
     too): the loop unpacks it after sampling, so the model it goes on training, its EMA and
     its checkpoints hold dense weights, and the run's loss stays finite."""
@@ -155,12 +155,8 @@ def test_a_training_run_that_samples_trains_on_dense_weights(tmp_path):
         real(module)
         assert not _packed(module)
 
-    import nanodiffusion.train.loop as loop
-    loop.packing.unpack, restore = spy, real
-    try:
-        records = train(cfg, progress=False)
-    finally:
-        loop.packing.unpack = restore
+    monkeypatch.setattr(packing, "unpack", spy)  # the loop calls packing.unpack
+    records = train(cfg, progress=False)
     assert seen and all(n > 0 for n in seen)  # it was packed, then unpacked
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 

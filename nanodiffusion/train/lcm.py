@@ -33,9 +33,9 @@ from ..formats import checkpoint
 from ..formats.ours import save_folder
 from ..models.layers import guidance_embedding
 from ..models.unet import UNet
-from ..samplers import consistency_timesteps
 from ..pipelines.images import make_grid
 from ..pipelines.sd import Pipeline
+from ..samplers import consistency_timesteps
 from .common import rand, randn, save_ema, source
 from .unet import SAMPLE_PROMPTS, UnetPart, frozen_text, latents_of
 
@@ -92,6 +92,9 @@ class LcmPart:
                   "text": pipe.text_encoder, "clip": pipe.clip, "tokenizer": pipe.tokenizer,
                   "schedule": NoiseSchedule(pipe.schedule_config), "cache": {},
                   "target": target}
+        if cfg.segments:  # the same table every step
+            frozen["segment_ends"] = segment_ends(frozen["schedule"].num_train_timesteps,
+                                                  cfg.segments, cfg.solver_steps).to(device)
         return student, frozen
 
     batch = staticmethod(UnetPart.batch)  # the same frozen VAE latents, pooled
@@ -117,7 +120,7 @@ class LcmPart:
         text = checkpoint.unwrap(model).text_condition(context, pooled)
 
         if cfg.segments:  # multistep: the next timestep below t of an N-step schedule
-            ends = segment_ends(T, cfg.segments, cfg.solver_steps).to(device)
+            ends = frozen["segment_ends"]
             pick = (rand(gens, device) * len(cfg.segments)).long().clamp(max=ends.shape[0] - 1)
             end = ends[pick, idx]
 
