@@ -225,6 +225,8 @@ def _add_model_commands(sub):
     e = sub.add_parser("eval", help="fidelity report of a run folder or model")
     e.add_argument("path")
     e.add_argument("--n", type=int, default=200, help="prompts per category")
+    e.add_argument("--seed", type=int, default=0, help="which eval-split prompts and image "
+                   "seeds (default 0; another seed judges other prompts: a second sample)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--best-of", type=int, default=1,
                    help="also score single objects with best-of-N CLIP reranking")

@@ -37,7 +37,7 @@ def cmd_train(args):
 def cmd_eval(args):
     from .eval.report import report
 
-    report(args.path, n=args.n, device=args.device, best_of=args.best_of,
+    report(args.path, n=args.n, seed=args.seed, device=args.device, best_of=args.best_of,
            best_of_prompts=args.best_of_prompts, out=args.out, vae_decoder=args.vae_decoder,
            tiny_decoder=args.tiny_decoder, steps=args.steps, sampler=args.sampler,
            guidance=args.guidance, eta=args.eta, deepcache=args.deepcache, tome=args.tome)

@@ -42,13 +42,15 @@ def test_bundled_unclip_model_is_shipped_small_and_generates():
 
 
 def test_bundled_lcm_model_is_shipped_small_and_generates_in_four_steps():
-    """shapes-lcm: the shapes UNet distilled by `train lcm` (issue 21), guidance embedded."""
+    """shapes-lcm: the shapes UNet distilled by `train lcm` (issue 21), guidance embedded; a
+    multistep student ([2, 4]) whose folder declares 4 tcd steps at eta 0.5."""
     folder = BUNDLED / "shapes-lcm"
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size < 30 * 2**20, f"bundled LCM model is {size / 2**20:.1f} MiB"
     pipe = nanodiffusion.load("shapes-lcm")
     d = pipe.defaults
-    assert (d.steps, d.sampler) == (4, "lcm") and pipe.unet.config.time_cond_proj_dim == 256
+    assert (d.steps, d.sampler, d.eta) == (4, "tcd", 0.5)
+    assert pipe.unet.config.time_cond_proj_dim == 256
     a = pipe.generate("a red circle", seed=3)
     b = pipe.generate("a red circle", seed=3)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))

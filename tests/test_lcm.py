@@ -268,11 +268,20 @@ def test_segments_must_be_step_counts_of_the_grid(segments):
         TrainConfig(part="lcm", solver_steps=10, segments=segments)
 
 
-def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_eta_0(lcm_sd, tmp_path,
-                                                                         monkeypatch):
-    """segments = [2, 4]: the loss falls; <out>/model-lcm defaults to 4 tcd steps at eta 0,
-    which generate() and the CLI use when given none, a user's other eta or sampler
-    overriding it (the model's eta never reaches another sampler)."""
+@pytest.mark.parametrize("segments, eta, match", [
+    ([2, 4], 1.5, "eta must be a number in"), ([2, 4], "0.5", "eta must be a number in"),
+    ((), 0.3, "an LCM student samples with lcm")])
+def test_eta_is_a_multistep_students_tcd_default(segments, eta, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(part="lcm", solver_steps=10, segments=segments, eta=eta)
+    assert TrainConfig(part="lcm", solver_steps=10, segments=[2, 4], eta=0.5).eta == 0.5
+
+
+def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_its_eta(lcm_sd, tmp_path,
+                                                                            monkeypatch):
+    """segments = [2, 4], eta = 0.5: the loss falls; <out>/model-lcm defaults to 4 tcd steps
+    at the recipe's eta, which generate() and the CLI use when given none, a user's other eta
+    or sampler overriding it (the model's eta never reaches another sampler)."""
     from front_door import run_cli
 
     teacher = tmp_path / "teacher"
@@ -281,7 +290,7 @@ def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_eta_0(lcm_sd
     cfg = TrainConfig(part="lcm", out=str(tmp_path / "run"), teacher=str(teacher),
                       image_size=32, steps=40, batch_size=8, lr=1e-3, warmup=2, log_every=1,
                       ckpt_every=1000, sample_every=0, ema_decay=0.95, solver_steps=10,
-                      segments=[2, 4], model={"time_cond_proj_dim": 16})
+                      segments=[2, 4], eta=0.5, model={"time_cond_proj_dim": 16})
     losses = [r["loss"] for r in train(cfg, progress=False)]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
@@ -289,13 +298,14 @@ def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_eta_0(lcm_sd
     folder = tmp_path / "run" / "model-lcm"
     student = nanodiffusion.load(folder)
     d = student.defaults
-    assert (d.steps, d.sampler, d.eta) == (4, "tcd", 0.0)
+    assert (d.steps, d.sampler, d.eta) == (4, "tcd", 0.5)
     kw = dict(seed=SEED, width=16, height=16)
     default = tiny_sd.as_array(student.generate(PROMPT, **kw))
-    given = tiny_sd.as_array(student.generate(PROMPT, sampler="tcd", eta=0.0, steps=4, **kw))
+    given = tiny_sd.as_array(student.generate(PROMPT, sampler="tcd", eta=0.5, steps=4, **kw))
     assert (default == given).all()
+    ddim = tiny_sd.as_array(student.generate(PROMPT, eta=0.0, **kw))
     gamma = tiny_sd.as_array(student.generate(PROMPT, eta=0.3, **kw))  # tcd's own default
-    assert not (default == gamma).all()
+    assert not (default == gamma).all() and not (default == ddim).all()
     student.generate(PROMPT, sampler="euler", **kw)  # no eta for euler: no error
 
     out = tmp_path / "cli.png"
@@ -310,6 +320,8 @@ def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_eta_0(lcm_sd
 
     from nanodiffusion import cli  # eval with another guidance and eta: what the report used
     assert cli.main(["eval", str(folder), "--n", "1", "--guidance", "2", "--eta", "0.3",
-                     "--out", str(tmp_path / "r.json")]) == 0
-    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+                     "--seed", "7", "--out", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    settings = rep["settings"]
+    assert rep["seed"] == 7
     assert (settings["guidance"], settings["eta"], settings["sampler"]) == (2.0, 0.3, "tcd")

@@ -176,7 +176,8 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
         raise ValueError(f"vae_decoder {vae_decoder!r}, steps, sampler, guidance, eta, "
                          "deepcache, tome: "
                          "unCLIP models are evaluated at their defaults")
-    result = {"model": str(folder), "settings": {**vars(pipe.defaults), **decode}}
+    result = {"model": str(folder), "seed": seed,
+              "settings": {**vars(pipe.defaults), **decode}}
     if pipe.clip is not None:
         result["clip_retrieval"] = clip_retrieval(pipe.clip, pipe.tokenizer, seed=seed)
     result["vae_psnr_db"] = vae_psnr(pipe.vae, seed=seed)

@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..pipelines.checks import check_eta
 from .parts import PARTS
 
 
@@ -71,8 +72,9 @@ class TrainConfig:
     huber_c: float = 0.001          # pseudo-Huber constant of the loss (0: MSE)
     # () : LCM, every point consistent with t = 0; (N, ...): multistep consistency, each point
     # consistent with the next timestep of an N-step lcm/tcd schedule below it (N drawn per
-    # sample), sampled by tcd at eta 0
+    # sample), sampled by tcd
     segments: tuple[int, ...] = ()
+    eta: float = 0.0                # a multistep student's default tcd eta (TCD's gamma)
     # fine-tuning a pretrained model (lora; unet from it instead of from zero): its schedule
     # and prediction type are the base's, and the base is never written
     base: str = ""                  # any model the loader opens (name, folder, file)
@@ -112,6 +114,11 @@ class TrainConfig:
             raise ValueError(f"segments must be a list of step counts in [1, solver_steps = "
                              f"{self.solver_steps}], got {seg!r}")
         self.segments = tuple(seg)
+        if self.segments:  # the default of the tcd sampler a multistep student gets
+            check_eta(self.eta, "tcd")
+        elif self.eta:
+            raise ValueError(f"eta {self.eta!r} is a multistep student's tcd default (with "
+                             "segments); an LCM student samples with lcm, which has no eta")
         if self.huber_c < 0:
             raise ValueError(f"huber_c must be >= 0, got {self.huber_c}")
         self._check_finetuning()
