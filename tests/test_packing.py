@@ -172,19 +172,23 @@ def _no_packing(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_pipeline_packs_and_images_are_unchanged(monkeypatch, bf16, dtype):
-    """A pipeline's UNet stays packed from one call to the next (not its VAE), and its
-    images are the ones it makes unpacked, bit for bit, in bfloat16 and float32."""
+    """A pipeline's UNet and VAE decoder stay packed from one call to the next (not the VAE
+    encoder), and its images are the ones it makes unpacked, bit for bit, in bfloat16 and
+    float32."""
     pipe = bf16 if dtype == "bfloat16" else nanodiffusion.load("shapes")
     a = pipe.generate(PROMPT, seed=4, steps=5, n=2)
-    assert len(_packed(pipe.unet)) == len(_convs(pipe.unet)) and not _packed(pipe.vae)
+    assert len(_packed(pipe.unet)) == len(_convs(pipe.unet))
+    assert len(_packed(pipe.vae.decoder)) == len(_convs(pipe.vae.decoder))
+    assert not _packed(pipe.vae.encoder)
     b = pipe.generate(PROMPT, seed=4, steps=2)
     packing.unpack(pipe.unet)
+    packing.unpack(pipe.vae)
     with monkeypatch.context() as m:
         _no_packing(m)
         assert [x.tobytes() for x in a] == [x.tobytes() for x in
                                            pipe.generate(PROMPT, seed=4, steps=5, n=2)]
         assert b[0].tobytes() == pipe.generate(PROMPT, seed=4, steps=2)[0].tobytes()
-        assert not _packed(pipe.unet)
+        assert not _packed(pipe.unet) and not _packed(pipe.vae)
 
 
 def test_lora_fused_into_a_packed_unet(monkeypatch, tmp_path, bf16):

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from ..formats.files import on_build, read_safetensors
 from ..malloc import malloc_returns_big_blocks
 from ..malloc import trim as _trim
+from ..models.packing import pack
 
 PARTS = ("text_encoder", "unet", "vae")  # the pipeline's attributes (and Parts' modules)
 TILE, TILE_OVERLAP = 64, 16  # tiled decoding: latents per side above which, and the overlap
@@ -185,8 +186,17 @@ class OffloadMixin:
         TILE overlapping by TILE_OVERLAP (VAE.tiled_decode; the tiles cross-faded), so that
         the decoder's activations are those of a 512 px image (SD's factor 8) at any size;
         such an image differs slightly from the whole decode's (the mid-block attention sees
-        one tile). At most TILE per side, low memory or not, it is the whole decode."""
+        one tile). At most TILE per side, low memory or not, it is the whole decode.
+        On the CPU the decoder gets channels-last latents, so that its activations stay
+        channels-last (oneDNN's layout: SD 1.5's decode at 512 px 1.17x faster in float32,
+        2.1x in bfloat16), and outside low memory its convolutions run on packed weights
+        (models/packing.py), kept between calls; a dense call on channels-last input gives
+        the packed one's results bit for bit."""
         with self.resident(self.vae):
+            if z.device.type == "cpu":
+                z = z.contiguous(memory_format=torch.channels_last)
+                if not self.low_memory:  # packing costs a call's reorders: kept weights only
+                    pack(self.vae.decoder)
             if self.low_memory and max(z.shape[-2:]) > TILE:
                 return self.vae.tiled_decode(z, TILE, TILE_OVERLAP)
             return self.vae.decode(z)
