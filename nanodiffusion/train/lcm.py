@@ -1,6 +1,7 @@
 """The lcm part: latent consistency distillation (Luo et al. 2023, "Latent Consistency
 Models"). A teacher model (the run's assembled <out>/model, or `teacher = ...`) is distilled
-into a student UNet that generates in 1-4 steps with the `lcm` sampler:
+into a student UNet that generates in 1-4 steps, with the `lcm` sampler (a multistep student,
+`segments` below, with `tcd`):
 
 - the student starts as the teacher's UNet plus LCM's guidance projection (`cond_proj`, zero at
   the start, so the student begins as the teacher), and learns the guidance scale as an input
