@@ -243,6 +243,8 @@ def _add_model_commands(sub):
                    "DeepCache's approximate path with interval N (default: the exact path)")
     e.add_argument("--tome", type=float, default=None, metavar="RATIO", help="evaluate "
                    "token merging's approximate path at RATIO (default: the exact path)")
+    e.add_argument("--dtype", default="float32", choices=DTYPES, help="evaluate a Stable "
+                   "Diffusion model loaded in this dtype, as generate --dtype runs it")
     _add_tiny_decoder(e)
     x = sub.add_parser("export", help="write a model in another format")
     x.add_argument("model")

@@ -40,7 +40,8 @@ def cmd_eval(args):
     report(args.path, n=args.n, seed=args.seed, device=args.device, best_of=args.best_of,
            best_of_prompts=args.best_of_prompts, out=args.out, vae_decoder=args.vae_decoder,
            tiny_decoder=args.tiny_decoder, steps=args.steps, sampler=args.sampler,
-           guidance=args.guidance, eta=args.eta, deepcache=args.deepcache, tome=args.tome)
+           guidance=args.guidance, eta=args.eta, deepcache=args.deepcache, tome=args.tome,
+           dtype=args.dtype)
 
 
 def cmd_export(args):

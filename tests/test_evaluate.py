@@ -90,3 +90,32 @@ def test_clip_retrieval_exact_matching_and_ambiguous():
     assert got["exact"] == 1 - ambiguous and got["matching"] == 1.0
     wrong = LookupClip([(i + 1) % n for i in range(n)])
     assert evaluate.clip_retrieval(wrong, wrong.tokenizer, n=n)["matching"] < 0.5
+
+
+def test_eval_dtype_loads_the_model_in_it(tmp_path, monkeypatch):
+    """`nanodiffusion eval --dtype bfloat16` judges the model as `generate --dtype bfloat16`
+    runs it (loaded in bfloat16) and says so in the report; a dtype not offered is refused,
+    and so is any dtype but float32 for an unCLIP model."""
+    import json
+
+    import pytest
+
+    import nanodiffusion.loading as loading
+    from nanodiffusion import cli
+
+    loaded = []
+    real = loading.load_pipeline
+    monkeypatch.setattr(loading, "load_pipeline",
+                        lambda *a, **kw: loaded.append(kw["dtype"]) or real(*a, **kw))
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", "shapes-lcm", "--n", "1", "--steps", "1", "--dtype", "bfloat16",
+                     "--out", str(out)]) == 0
+    assert loaded == [torch.bfloat16]
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["dtype"] == "bfloat16" and rep["settings"]["steps"] == 1
+    assert rep["fidelity"]["n"] == 2
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, "
+                                         "got 'int8'"):
+        evaluate.report("shapes-lcm", n=1, dtype="int8", out=str(out))
+    with pytest.raises(ValueError, match="unCLIP models are evaluated at their defaults"):
+        evaluate.report("shapes-unclip", n=1, dtype="bfloat16", out=str(out))

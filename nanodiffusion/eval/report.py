@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import DTYPES
 from ..data import shapes
 from ..formats import checkpoint
 from .judge import check_objects, find_objects, judge, parse_prompt, score
@@ -64,8 +65,10 @@ def clip_retrieval(clip, tokenizer, n=100, seed=0, size=64):
 def vae_psnr(vae, n=256, seed=0, size=64):
     """Mean PSNR (dB) of VAE reconstructions (posterior mode) of n eval images."""
     x = torch.stack([shapes.to_tensor(shapes.sample(i, "eval", seed, size)[0]) for i in range(n)])
-    x = x.to(next(vae.parameters()).device)
-    recon = torch.cat([vae.decode(vae.encode(b).mode()) for b in x.split(64)]).clamp(-1, 1)
+    like = next(vae.parameters())  # in the VAE's dtype (eval --dtype), measured in float32
+    x = x.to(like.device)
+    recon = torch.cat([vae.decode(vae.encode(b.to(like.dtype)).mode()).float()
+                       for b in x.split(64)]).clamp(-1, 1)
     mse = ((recon - x) ** 2).mean(dim=(1, 2, 3))  # (n,)
     return float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
 
@@ -151,7 +154,7 @@ def _model_folder(path):
 
 def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_prompts=None,
            vae_decoder="full", tiny_decoder=None, steps=None, sampler=None, guidance=None,
-           eta=None, deepcache=None, tome=None):
+           eta=None, deepcache=None, tome=None, dtype="float32"):
     """Evaluate a run folder (runs/shapes, its model/ or model-unclip/) or a model folder;
     print and write report.json (or `out`). An unCLIP model also gets variations (for a
     decoder that reads text, also from the image embedding alone) and text diffs scored;
@@ -162,22 +165,27 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
     `sampler`, `guidance` and `eta` override the model's defaults (a few-step model at 1, 2
     and 4 steps);
     `deepcache` N judges DeepCache's approximate path (pipelines/deepcache.py), `tome` r
-    token merging's (pipelines/tome.py)."""
+    token merging's (pipelines/tome.py); `dtype` ("bfloat16") the model loaded in it, as
+    `generate --dtype` runs it (the judge is not the model's: it stays as it is)."""
     from ..loading import load_pipeline, resolve
 
     folder = _model_folder(resolve(path))  # a bundled name too
-    pipe = load_pipeline(folder, device=device, tiny_decoder=tiny_decoder)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    pipe = load_pipeline(folder, device=device, dtype=getattr(torch, dtype),
+                         tiny_decoder=tiny_decoder)
     decode = {} if vae_decoder == "full" else {"vae_decoder": vae_decoder}
     decode.update({k: v for k, v in (("steps", steps), ("sampler", sampler),
                                      ("guidance", guidance), ("eta", eta),
                                      ("deepcache", deepcache), ("tome", tome))
                    if v is not None})
-    if decode and hasattr(pipe, "variations"):
+    if (decode or dtype != "float32") and hasattr(pipe, "variations"):
         raise ValueError(f"vae_decoder {vae_decoder!r}, steps, sampler, guidance, eta, "
-                         "deepcache, tome: "
+                         f"deepcache, tome, dtype {dtype!r}: "
                          "unCLIP models are evaluated at their defaults")
     result = {"model": str(folder), "seed": seed,
-              "settings": {**vars(pipe.defaults), **decode}}
+              "settings": {**vars(pipe.defaults), **decode,
+                           **({"dtype": dtype} if dtype != "float32" else {})}}
     if pipe.clip is not None:
         result["clip_retrieval"] = clip_retrieval(pipe.clip, pipe.tokenizer, seed=seed)
     result["vae_psnr_db"] = vae_psnr(pipe.vae, seed=seed)
