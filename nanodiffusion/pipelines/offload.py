@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from ..formats.files import on_build, read_safetensors
 from ..malloc import malloc_returns_big_blocks
 from ..malloc import trim as _trim
-from ..models.packing import pack
+from ..models.packing import cpu_input, pack
 
 PARTS = ("text_encoder", "unet", "vae")  # the pipeline's attributes (and Parts' modules)
 TILE, TILE_OVERLAP = 64, 16  # tiled decoding: latents per side above which, and the overlap
@@ -193,10 +193,9 @@ class OffloadMixin:
         (models/packing.py), kept between calls; a dense call on channels-last input gives
         the packed one's results bit for bit."""
         with self.resident(self.vae):
-            if z.device.type == "cpu":
-                z = z.contiguous(memory_format=torch.channels_last)
-                if not self.low_memory:  # packing costs a call's reorders: kept weights only
-                    pack(self.vae.decoder)
+            z = cpu_input(z)
+            if not self.low_memory:  # kept weights only: packing costs a call's reorders
+                pack(self.vae.decoder)
             if self.low_memory and max(z.shape[-2:]) > TILE:
                 return self.vae.tiled_decode(z, TILE, TILE_OVERLAP)
             return self.vae.decode(z)

@@ -17,7 +17,7 @@ from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.layers import guidance_embedding
-from ..models.packing import pack, packed_weights
+from ..models.packing import cpu_input, pack, packed_weights
 from ..models.unet import for_inference as unet_for_inference
 from ..models.unet import relayouts as unet_relayouts
 from ..models.vae import for_inference as vae_for_inference
@@ -275,10 +275,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
             if unet_extra is not None:
                 reps = x.shape[0] // unet_extra.shape[0]
                 x = torch.cat([x, unet_extra.repeat(reps, 1, 1, 1)], dim=1)
-            # channels-last activations, the layout packed convolutions give (packing.py):
-            # a dense float32 call then gives the packed one's results bit for bit
-            cl = torch.channels_last if x.device.type == "cpu" else torch.preserve_format
-            return unet(x.to(dtype, memory_format=cl), t, **cond, **extra)
+            return unet(cpu_input(x, dtype), t, **cond, **extra)
         return fn
 
     @property
