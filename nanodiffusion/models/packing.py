@@ -79,9 +79,6 @@ class PackedConv2d(nn.Conv2d):
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 
 
-# Linear layers are not packed: torch.ops.mkldnn's packed linear was 1.3-1.7x faster on SD
-# 1.5's products alone but did not give the dense results bit for bit (2-3 bfloat16 ulps on a
-# UNet call's output), and gained 2-4% of a call.
 def cpu_input(x, dtype=None):
     """`x` (in `dtype`) as a packed convolution module wants its input: channels-last on the
     CPU (oneDNN's layout: no reorders between layers, and a dense call on it gives the packed
@@ -91,6 +88,9 @@ def cpu_input(x, dtype=None):
     return x.to(dtype or x.dtype, memory_format=fmt)
 
 
+# Linear layers are not packed: torch.ops.mkldnn's packed linear was 1.3-1.7x faster on SD
+# 1.5's products alone but did not give the dense results bit for bit (2-3 bfloat16 ulps on a
+# UNet call's output), and gained 2-4% of a call.
 def _packable(m):
     w = m._parameters.get("weight") if type(m) is nn.Conv2d else None
     return (w is not None and w.dtype in PACKED_DTYPES and w.device.type == "cpu"
