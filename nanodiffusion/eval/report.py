@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import DTYPES
+from .. import check_dtype
 from ..data import shapes
 from ..formats import checkpoint
 from .judge import check_objects, find_objects, judge, parse_prompt, score
@@ -170,8 +170,7 @@ def report(path, n=200, seed=0, out=None, device="cpu", best_of=1, best_of_promp
     from ..loading import load_pipeline, resolve
 
     folder = _model_folder(resolve(path))  # a bundled name too
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     pipe = load_pipeline(folder, device=device, dtype=getattr(torch, dtype),
                          tiny_decoder=tiny_decoder)
     decode = {} if vae_decoder == "full" else {"vae_decoder": vae_decoder}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .. import DTYPES, loading
+from .. import check_dtype, loading
 from ..formats.files import WEIGHT_SUFFIXES
 from .jobs import Files, Job, Worker
 from .params import SERVER_VAE, APIError, Limits, Task
@@ -74,8 +74,7 @@ class Registry:
         the VAE file or folder Stable Diffusion models run with unless a request says
         otherwise (None: their own); `low_memory`: Stable Diffusion models keep their text
         encoder's, UNet's and VAE's weights on disk except while each runs."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        check_dtype(dtype)
         self.vae = None if vae is None else Path(vae)
         if self.vae is not None and not self.vae.exists():
             raise FileNotFoundError(f"--vae {vae}: no such VAE file or folder")
