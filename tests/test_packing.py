@@ -9,7 +9,7 @@ import torch
 
 import nanodiffusion
 from lora_files import random_layers, unet_targets, write_kohya
-from nanodiffusion.models import packing
+from nanodiffusion.models import packing, winograd
 from nanodiffusion.models.unet import UNet, UNetConfig, for_inference
 
 pytestmark = pytest.mark.skipif(not packing.available(), reason="this torch has no oneDNN")
@@ -89,7 +89,8 @@ def test_what_asks_for_the_weights_gets_the_dense_ones():
     _same_state(unet, before, layout=False)  # from the packed weights (they stay packed)
     assert len(_packed(unet)) == len(_convs(unet))
     w = unet.conv_in.weight  # reading the weight unpacks that convolution only
-    assert type(unet.conv_in) is torch.nn.Conv2d and torch.equal(w, before["conv_in.weight"][0])
+    assert type(unet.conv_in) is winograd.Conv2d  # its own class back
+    assert torch.equal(w, before["conv_in.weight"][0])
     assert len(_packed(unet)) == len(_convs(unet)) - 1
     assert torch.equal(_call(unet), want)
 

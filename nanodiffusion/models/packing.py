@@ -21,6 +21,9 @@ holds the dense weight. `unpack(module)` turns them all back (about 3.5 calls' r
 packed layout to the dense one, then to channels-last), and `packed_weights` packs for a `with`
 block only (low memory, whose parts go to disk after each run).
 
+A float32 call that Winograd's F(4x4, 3x3) is to run (models/winograd.py's rule, the one the
+plain layer asks too) runs it on the dense weight, which a packed weight gives back for it.
+
 Other dtypes are left as they are, and so is anything that is not a plain zero-padded Conv2d on
 the CPU, or a torch without the mkldnn ops."""
 import contextlib
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from ..malloc import trim
+from . import winograd
 
 
 def available():
@@ -44,9 +48,11 @@ class PackedConv2d(nn.Conv2d):
     weight's (shape, strides) to restore."""
 
     def forward(self, x):
-        if torch.is_grad_enabled() and (x.requires_grad or self._parameters["weight"]
-                                        .requires_grad):
+        if winograd.needs_grad(self, x):
             return _unpack(self).forward(x)  # no gradient through the packed kernel
+        if winograd.worth_it(self, x):  # the dense weight, given back by the packed one's
+            w = self._parameters["weight"] if self._packed is None else self._packed.to_dense()
+            return winograd.conv3x3(x, w, self.bias)
         if self._packed is None:  # for the input's shape: ~3x faster than for an unknown one
             w = self._parameters["weight"].data
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
@@ -92,7 +98,7 @@ def cpu_input(x, dtype=None):
 # 1.5's products alone but did not give the dense results bit for bit (2-3 bfloat16 ulps on a
 # UNet call's output), and gained 2-4% of a call.
 def _packable(m):
-    w = m._parameters.get("weight") if type(m) is nn.Conv2d else None
+    w = m._parameters.get("weight") if type(m) in (nn.Conv2d, winograd.Conv2d) else None
     return (w is not None and w.dtype in PACKED_DTYPES and w.device.type == "cpu"
             and w.numel() > 0 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
@@ -104,8 +110,8 @@ def _unpack(m):
         with torch.no_grad():
             m._parameters["weight"].data = torch.empty_strided(
                 shape, stride, dtype=m._packed.dtype).copy_(m._packed.to_dense())
-    del m._packed, m._dense
-    m.__class__ = nn.Conv2d
+    m.__class__ = m._plain
+    del m._packed, m._dense, m._plain
     return m
 
 
@@ -118,7 +124,7 @@ def pack(module):
     for m in module.modules():
         if _packable(m):
             w = m._parameters["weight"]
-            m._packed, m._dense = None, (w.shape, w.stride())
+            m._packed, m._dense, m._plain = None, (w.shape, w.stride()), type(m)
             m.__class__ = PackedConv2d
     return sum(type(m) is PackedConv2d for m in module.modules())
 

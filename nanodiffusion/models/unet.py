@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .layers import (Attention, FeedForward, TimestepEmbedding, norm_silu, residual,
                      timestep_embedding)
+from .winograd import Conv2d
 
 
 @dataclass
@@ -53,10 +54,10 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch, out_ch, temb_dim, groups, eps):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         # a 1x1 conv matches the channel count of the skip path only where it changes
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
@@ -143,7 +144,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, size):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
@@ -263,7 +264,7 @@ class UNet(nn.Module):
                 raise ValueError(f"UNetConfig.{name} has {len(getattr(cfg, name))} entries, "
                                  f"expected one per level of block_channels ({n})")
         temb_dim = 4 * chans[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chans[0], temb_dim, cfg.time_cond_proj_dim)
         if cfg.image_embed_dim is not None:
             self.encoder_hid_proj = ImageProjection(cfg.image_embed_dim, cfg.context_dim,
@@ -289,7 +290,7 @@ class UNet(nn.Module):
             self.up_blocks.append(UpBlock(cfg, ch, popped, chans[i], temb_dim, i, i > 0))
             ch = chans[i]
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     def _time_embed(self, t, x, timestep_cond=None):
         B = x.shape[0]

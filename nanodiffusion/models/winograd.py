@@ -1,0 +1,141 @@
+"""Winograd's F(4x4, 3x3) convolution, for the wide float32 3x3 convolutions of the UNet and the
+VAE decoder on the CPU.
+
+A 3x3 convolution done directly costs 9 multiply-adds per output, input channel and output
+channel. Winograd's minimal filtering algorithm (Lavin & Gray 2016, "Fast Algorithms for
+Convolutional Neural Networks") computes each 4x4 block of outputs from a 6x6 tile of input in
+36 products per channel pair instead of 144: the tile and the filter are each taken to a
+6x6 "transformed" space by fixed matrices (BT d B, G g GT), multiplied elementwise there (36
+matrix products over the channels: the work, done by torch.bmm), and brought back (AT m A).
+That is 4x fewer multiply-adds, paid for with the transforms (memory-bound) and with rounding:
+the transformed values are sums of up to 36 terms with weights up to 8, so float32 results
+differ from the direct ones by ~1e-5 of the output's scale (the direct convolution's own
+rounding is ~1e-6). bfloat16 would lose too much; it is float32 only.
+
+The transform matrices are the Toom-Cook ones at the points 0, 1, -1, 2, -2 and infinity,
+built exactly from fractions (`_matrices`). The filter transform is done at each call (a 3x3
+filter becomes 6x6: kept, it would be 4x the weights' memory), and the tiles in chunks of at
+most CHUNK bytes, so a call holds little more than its input and output.
+
+`worth_it(conv, x)` is the one rule of where it is used: stride 1, padding 1, no dilation or
+groups, float32 on the CPU, at least 256 channels in and out, and at least 32x32 outputs. Single
+convolutions against the packed direct one, 2 threads of an AMX Xeon (/tmp script, filter
+transform included): 320 channels at 32x32 (batch 2) 1.7x, at 64x64 2.3x; 640 at 32x32 1.3x;
+512 at 64x64 1.3x, at 128x128 2.1x; 256 at 256x256 1.2x. Below the rule: 640 at 16x16 0.5x and
+1280 at 16x16 0.35x (the filter transform, 36 C K floats written at each call, costs more than
+the few tiles save); 128 channels at 256x256 0.6x (memory-bound transforms)"""
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+M, R = 4, 3          # outputs per tile side, filter side
+A = M + R - 1        # tile side: 6
+CHUNK = 16 << 20     # bytes of transformed tiles per matrix product
+MIN_CHANNELS, MIN_SIDE = 256, 32
+
+
+def _poly(roots):
+    """Coefficients (lowest first) of prod (x - r)."""
+    c = [Fraction(1)]
+    for r in roots:
+        c = [Fraction(0)] + c  # x * c
+        for i in range(len(c) - 1):
+            c[i] -= r * c[i + 1]
+    return c
+
+
+@lru_cache(maxsize=None)
+def _matrices():
+    """AT (M, A), G (A, R), BT (A, A) as float64 tensors, exact: Toom-Cook at the points 0,
+    +-1, +-2 and infinity (the last row/column of each)."""
+    pts = [Fraction(p) for p in (0, 1, -1, 2, -2)]
+    at = [[p ** i for p in pts] + [Fraction(int(i == M - 1))] for i in range(M)]
+    g, bt = [], []
+    for p in pts:
+        others = [q for q in pts if q != p]
+        scale = 1
+        for q in others:
+            scale *= p - q
+        g.append([p ** k / scale for k in range(R)])
+        bt.append(_poly(others) + [Fraction(0)])
+    g.append([Fraction(0)] * (R - 1) + [Fraction(1)])
+    bt.append(_poly(pts))
+
+    def t(rows):
+        return torch.tensor([[float(v) for v in r] for r in rows], dtype=torch.float64)
+    return t(at), t(g), t(bt)
+
+
+@lru_cache(maxsize=None)
+def _kron():
+    """The 2-D transforms as matrices on flattened tiles, float32: kron(BT, BT) (A², A²) for
+    the input, kron(AT, AT) (M², A²) for the output, kron(G, G) (A², R²) for the filter."""
+    at, g, bt = _matrices()
+    return torch.kron(bt, bt).float(), torch.kron(at, at).float(), torch.kron(g, g).float()
+
+
+def worth_it(conv, x):
+    """Whether `conv` (an nn.Conv2d) on input `x` runs as Winograd here: see the module's doc."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and min(x.shape[-2:]) >= MIN_SIDE)
+
+
+def filter_transform(weight):
+    """(K, C, 3, 3) -> (A², C, K): G g GT for each filter, as the matrix products take it (a
+    transposed view of (A², K, C): one matrix product, no copy)."""
+    k, c = weight.shape[:2]
+    return (_kron()[2] @ weight.float().reshape(k * c, R * R).T).view(A * A, k, c).transpose(1, 2)
+
+
+def conv3x3(x, weight, bias=None):
+    """The convolution of x (N, C, H, W) with weight (K, C, 3, 3), stride 1, zero padding 1,
+    as Winograd F(4x4, 3x3): (N, K, H, W) float32, channels-last. The input is padded and
+    tiled a chunk of tile rows at a time, so beyond its output a call holds ~4 CHUNKs."""
+    n, c, h, w = x.shape
+    u = filter_transform(weight)
+    k = u.shape[-1]
+    kb, ka, _ = _kron()
+    th, tw = -(-h // M), -(-w // M)  # tiles per side
+    xh = x.float().permute(0, 2, 3, 1)  # NHWC: a view of a channels-last x
+    out = torch.empty(n, th * M, tw * M, k, dtype=torch.float32)
+    rows = max(1, CHUNK // (A * A * tw * c * 4))  # tile rows per chunk
+    for b in range(n):
+        for r0 in range(0, th, rows):
+            r = min(rows, th - r0)
+            # the chunk's input rows r0 M - 1 ... (r0 + r) M, zero outside the image
+            part = xh.new_zeros(r * M + 2, tw * M + 2, c)
+            lo, hi = max(r0 * M - 1, 0), min((r0 + r) * M + 1, h)
+            part[lo - (r0 * M - 1):hi - (r0 * M - 1), 1:w + 1] = xh[b, lo:hi]
+            s = part.stride()  # its 6x6 tiles, 4 apart: (A, A, r, tw, c)
+            tiles = part.as_strided((A, A, r, tw, c), (s[0], s[1], s[0] * M, s[1] * M, s[2]))
+            v = (kb @ tiles.reshape(A * A, -1)).view(A * A, r * tw, c)
+            y = (ka @ torch.bmm(v, u).view(A * A, -1)).view(M, M, r, tw, k)
+            out[b, r0 * M:(r0 + r) * M].view(r, M, tw, M, k).copy_(y.permute(2, 0, 3, 1, 4))
+    if (th * M, tw * M) != (h, w):
+        out = out[:, :h, :w].contiguous()
+    if bias is not None:
+        out += bias
+    return out.permute(0, 3, 1, 2)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (the same parameters and state dict) that runs as Winograd where `worth_it`
+    says, without gradients: the UNet's and the VAE's stride-1 3x3 convolutions. Its packed
+    form (models/packing.py) makes the same choice, so packing changes no bits."""
+
+    def forward(self, x):
+        if not needs_grad(self, x) and worth_it(self, x):
+            return conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def needs_grad(conv, x):
+    """Whether a call of `conv` on `x` is to be differentiated (the direct kernel then)."""
+    return torch.is_grad_enabled() and (x.requires_grad
+                                        or conv._parameters["weight"].requires_grad)

@@ -1,0 +1,122 @@
+"""Winograd F(4x4, 3x3) for the wide float32 convolutions (issue 23 item 3, models/winograd.py):
+exact transforms, the direct convolution's results within float32 rounding at any size, chunk
+and layout; one rule of where it runs; the plain, packed and low-memory paths making the same
+choice, so their images stay equal bit for bit."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanodiffusion
+from nanodiffusion.models import packing, winograd
+
+PROMPT = "a red circle above a blue square"
+
+
+def test_the_transforms_are_exact():
+    """One dimension: AT ((G g) * (BT d)) is the correlation of d (6) with g (3), in float64."""
+    at, g, bt = winograd._matrices()
+    torch.manual_seed(0)
+    for _ in range(5):
+        d, f = torch.randn(6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+        want = torch.stack([d[i:i + 3] @ f for i in range(4)])
+        assert torch.allclose(at @ ((g @ f) * (bt @ d)), want, rtol=0, atol=1e-12)
+
+
+def _relative_error(got, x, w, b):
+    want = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("n, c, k, h, w, bias, chunk", [
+    (2, 8, 5, 13, 10, False, None),   # sides not a multiple of 4
+    (1, 16, 16, 32, 32, True, None),
+    (2, 8, 3, 9, 7, True, 1),          # one tile row per chunk
+    (1, 3, 4, 1, 1, True, None),       # smaller than a tile
+])
+def test_conv3x3_is_the_direct_convolution(monkeypatch, n, c, k, h, w, bias, chunk):
+    if chunk is not None:
+        monkeypatch.setattr(winograd, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(n * h + w)
+    x = torch.randn(n, c, h, w, generator=g)
+    wt, b = torch.randn(k, c, 3, 3, generator=g), torch.randn(k, generator=g) if bias else None
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = winograd.conv3x3(inp, wt, b)
+        assert got.shape == (n, k, h, w) and got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert _relative_error(got, x, wt, b) < 5e-6
+
+
+def test_where_it_runs():
+    wide = torch.nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.zeros(1, 256, 32, 32)
+    assert winograd.worth_it(wide, x)
+    assert not winograd.worth_it(wide, x[..., :31, :])                        # too small
+    assert not winograd.worth_it(wide, x.bfloat16())                          # float32 only
+    assert not winograd.worth_it(torch.nn.Conv2d(255, 256, 3, padding=1), x[:, :255])
+    for other in (dict(stride=2, padding=1), dict(padding=2, dilation=2),
+                  dict(padding=1, groups=2), dict(padding=1, padding_mode="reflect"),
+                  dict(padding=0)):
+        assert not winograd.worth_it(torch.nn.Conv2d(256, 256, 3, **other), x), other
+    assert not winograd.worth_it(torch.nn.Conv2d(256, 256, 1), x)
+
+
+def _wide(seed=0):
+    torch.manual_seed(seed)
+    return winograd.Conv2d(256, 256, 3, padding=1)
+
+
+def test_the_module_packed_or_not_makes_the_same_choice():
+    """Without gradients a wide convolution is Winograd's, bit for bit, before and after
+    packing (a packed one gives its dense weight back for it), and the direct kernel below the
+    rule's size; with gradients, always the direct kernel."""
+    conv = _wide()
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(1, 256, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    small = big[..., :16, :16].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = winograd.conv3x3(big, conv.weight, conv.bias)
+        direct = F.conv2d(big, conv.weight, conv.bias, padding=1)
+        assert not torch.equal(want, direct)
+        assert ((want - direct).abs().max() / direct.abs().max()) < 5e-5
+        assert torch.equal(conv(big), want)
+        seq = torch.nn.Sequential(conv)
+        packing.pack(seq)
+        small_want = F.conv2d(small, seq[0]._parameters["weight"], conv.bias, padding=1)
+        if packing.available():
+            assert type(seq[0]) is packing.PackedConv2d
+            assert torch.equal(seq[0](small), small_want)  # packs its weight
+            assert seq[0]._packed is not None
+        assert torch.equal(seq[0](big), want)
+    grad = seq[0](big)  # with gradients: unpacked, the direct kernel
+    assert type(seq[0]) is winograd.Conv2d and torch.equal(grad.detach(), direct)
+
+
+@pytest.fixture
+def everywhere(monkeypatch):
+    """The rule widened to every 3x3 convolution of the bundled model (its widths and latent
+    sizes are below SD's), so its pipelines run Winograd throughout."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_SIDE", 1)
+
+
+def test_pipelines_run_it_and_low_memory_still_gives_the_default_bytes(everywhere, monkeypatch):
+    calls = []
+    real = winograd.conv3x3
+
+    def spy(x, weight, bias=None):
+        calls.append(x.shape)
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(winograd, "conv3x3", spy)
+    pipe = nanodiffusion.load("shapes")
+    low = nanodiffusion.load("shapes", low_memory=True)
+    for steps in (3, 5):  # low memory packs loops of more than 4 steps only
+        calls.clear()
+        a = pipe.generate(PROMPT, seed=3, steps=steps)[0]
+        assert calls  # the UNet's and the VAE decoder's convolutions
+        b = low.generate(PROMPT, seed=3, steps=steps)[0]
+        assert a.tobytes() == b.tobytes()
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 10 ** 9)  # the direct kernels alone
+    c = nanodiffusion.load("shapes").generate(PROMPT, seed=3, steps=5)[0]
+    diff = (torch.tensor(list(a.tobytes())) - torch.tensor(list(c.tobytes()))).abs()
+    assert diff.max() <= 2
