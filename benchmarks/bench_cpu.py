@@ -15,7 +15,9 @@ call s, warm s (the median of --repeats calls), best s (the fastest of them: on 
 size after them), "vs diffusers" (the warm time of the system's diffusers baseline, same
 dtype, over its own: above 1x is faster), roofline (the fraction of the machine's roofline
 reached: the work's FLOPs / the matmul peak of the dtype it computes in, over the warm time;
-"at best": over the best time), and max |diff| to diffusers float32 in 1/255 steps. Every
+"at best": over the best time; ours float32 runs the wide 3x3 convolutions as Winograd's
+F(4x4, 3x3), 4x fewer multiply-adds than counted, so its fraction can pass the direct
+kernels'), and max |diff| to diffusers float32 in 1/255 steps. Every
 system of ours but ours-fp32 also gets its max |diff| and PSNR against ours-fp32.
 
 How it works. The parent never imports torch. It has children write the model once (a

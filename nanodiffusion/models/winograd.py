@@ -33,7 +33,7 @@ from torch import nn
 
 M, R = 4, 3          # outputs per tile side, filter side
 A = M + R - 1        # tile side: 6
-CHUNK = 16 << 20     # bytes of transformed tiles per matrix product
+CHUNK = 4 << 20      # bytes of transformed tiles per matrix product
 MIN_CHANNELS, MIN_SIDE = 256, 32
 
 
