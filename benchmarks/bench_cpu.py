@@ -7,6 +7,15 @@ and seed, at 256 and 512 px.
     nice .venv/bin/python benchmarks/bench_cpu.py --sizes 256 --system ours-bf16 \
         --system diffusers-bf16 --json bench.json
     nice .venv/bin/python benchmarks/bench_cpu.py --tiny               # a smoke test, minutes
+    nice .venv/bin/python benchmarks/bench_cpu.py --sizes 256 --rounds 3 --system ours-fp32 \
+        --system diffusers-fp32                                        # ratios per round
+
+--rounds K runs every system K times, interleaved (every other round in reverse order, each
+round with its own probe of the machine), and takes the ratio and roofline fraction within each
+round, then their median (the ratio's range across rounds in brackets): on the shared 2-core
+machines the matmul peak moved between 139 and 258 GFLOP/s float32 within one session, so
+one system run at a slow moment against another at a fast one gave 0.95x where the next
+run gave 1.23x.
 
 A table per size: import s (the system's own modules, torch already imported), load s, first
 call s, warm s (the median of --repeats calls), best s (the fastest of them: on a shared
@@ -540,17 +549,20 @@ def print_size(size, rows, probe, args):
           f"{args.threads} threads; work {f['total'] / 1e12:.3f} TFLOP (UNet {args.steps} x "
           f"{f['unet_call'] / 1e12:.3f}, text encoder {f['text'] / 1e12:.3f}, VAE decode "
           f"{f['vae_decode'] / 1e12:.3f})")
+    width = 24 if any(len(r.get("rounds", [])) > 1 for r in rows) else 13
     print(f"{'system':<18}{'import s':>9}{'load s':>8}{'first s':>9}{'warm s':>9}{'best s':>8}"
-          f"{'RSS GB':>8}{'vs diffusers':>13}{'roofline':>9}{'at best':>8}{'max|diff| /255':>16}")
+          f"{'RSS GB':>8}{'vs diffusers':>{width}}{'roofline':>9}{'at best':>8}{'max|diff| /255':>16}")
     for r in rows:
         if "error" in r:
             print(f"{r['system']:<18} failed: {r['error'][:300]}")
             continue
         diff = r["vs_reference"]
         ratio = None if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        if ratio and r.get("ratio_range") and len(r.get("rounds", [])) > 1:
+            ratio += " ({:.2f}-{:.2f})".format(*r["ratio_range"])
         print(f"{r['system']:<18}{r['import_s']:>9.2f}{r['load_s']:>8.2f}{r['first_s']:>9.2f}"
               f"{r['warm_s']:>9.2f}{r['best_s']:>8.2f}{r['peak_rss_bytes'] / 1e9:>8.2f}"
-              f"{_fmt(ratio, ''):>13}{_fmt(r['roofline_fraction'], '.0%'):>9}"
+              f"{_fmt(ratio, ''):>{width}}{_fmt(r['roofline_fraction'], '.0%'):>9}"
               f"{_fmt(r['roofline_best'], '.0%'):>8}"
               f"{_fmt(diff and diff[0], 'd'):>16}")
     print(f"{'RSS GB of':<18}{'loaded':>9}{'load peak':>10}{'call peak':>10}{'after':>8}")
@@ -567,30 +579,78 @@ def print_size(size, rows, probe, args):
                   f"PSNR {psnr:.1f} dB")
 
 
+def merge_rounds(rounds):
+    """One row per (system, size) from --rounds runs, each already through add_derived with its
+    own round's probe: the warm calls of every round (warm s: their median, best s: the
+    fastest), the median first call, import and load, the highest RSS figures, and the ratio
+    and roofline fraction as the median of the rounds' (each taken within its round, so a
+    machine that speeds up or slows down between rounds moves both sides), with the ratio's
+    range across rounds."""
+    merged = []
+    for row in rounds[0]:
+        same = [r for rows in rounds for r in rows
+                if (r["system"], r["size"]) == (row["system"], row["size"]) and "error" not in r]
+        if len(same) < len(rounds):  # a failed round: keep its error
+            merged.append(next(r for rows in rounds for r in rows
+                               if (r["system"], r["size"]) == (row["system"], row["size"])
+                               and "error" in r))
+            continue
+        out = dict(same[-1])
+        out["warm_all_s"] = [t for r in same for t in r["warm_all_s"]]
+        out["warm_s"] = statistics.median(out["warm_all_s"])
+        out["best_s"] = min(out["warm_all_s"])
+        for k in ("import_s", "load_s", "first_s"):
+            out[k] = statistics.median(r[k] for r in same)
+        for k in ("peak_rss_bytes", "load_peak_bytes", "call_peak_bytes", "loaded_rss_bytes",
+                  "after_rss_bytes"):
+            vals = [r[k] for r in same if r.get(k) is not None]
+            out[k] = max(vals) if vals else None
+        for k in ("ratio", "roofline_fraction", "roofline_best"):
+            vals = [r[k] for r in same if r.get(k) is not None]
+            out[k] = statistics.median(vals) if vals else None
+        ratios = [r["ratio"] for r in same if r.get("ratio") is not None]
+        out["ratio_range"] = [min(ratios), max(ratios)] if ratios else None
+        out["rounds"] = [{k: r.get(k) for k in ("warm_s", "ratio", "roofline_fraction",
+                                                  "peak_rss_bytes")} for r in same]
+        merged.append(out)
+    return merged
+
+
 def parent(args):
     names = choose_systems(args)
     if not names:
         sys.exit("no system to run")
     ensure_model(args, any(SYSTEMS[n].runner == "sdcpp" for n in names))
-    print("measuring the machine and counting the work's FLOPs ...", flush=True)
-    probe = _child(args, "probe", ["--sizes", *map(str, args.sizes)])
-    if "error" in probe:
-        sys.exit(f"the probe failed: {probe['error']}")
-    print_machine(probe)
-    rows = []
+    rounds, probes = [], []
+    for k in range(args.rounds):
+        print(f"measuring the machine and counting the work's FLOPs"
+              f"{f' (round {k + 1} of {args.rounds})' if args.rounds > 1 else ''} ...",
+              flush=True)
+        probe = _child(args, "probe", ["--sizes", *map(str, args.sizes)])
+        if "error" in probe:
+            sys.exit(f"the probe failed: {probe['error']}")
+        print_machine(probe)
+        rows = []
+        for size in args.sizes:  # every other round in reverse: no system always goes first
+            for name in (names if k % 2 == 0 else names[::-1]):
+                print(f"  {name} at {size} px ...", flush=True)
+                r = _child(args, "run", ["--system", name, "--sizes", str(size)])
+                rows.append({"system": name, "size": size, **r})
+        add_derived(rows, probe)
+        rounds.append(sorted(rows, key=lambda r: (r["size"], names.index(r["system"]))))
+        probes.append(probe)
+    rows = merge_rounds(rounds) if args.rounds > 1 else rounds[0]
+    if args.rounds > 1:
+        print(f"\n{args.rounds} rounds: warm s is the median of all their warm calls; the "
+              "ratio and roofline, the median of the rounds' own (the ratio's range in "
+              "brackets)")
     for size in args.sizes:
-        for name in names:
-            print(f"  {name} at {size} px ...", flush=True)
-            r = _child(args, "run", ["--system", name, "--sizes", str(size)])
-            rows.append({"system": name, "size": size, **r})
-    add_derived(rows, probe)
-    for size in args.sizes:
-        print_size(size, [r for r in rows if r["size"] == size], probe, args)
+        print_size(size, [r for r in rows if r["size"] == size], probes[-1], args)
     if args.json:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         out = {"settings": {**settings, "prompt": PROMPT, "seed": SEED, "guidance": GUIDANCE},
-               "systems": {n: asdict(SYSTEMS[n]) for n in names}, "machine": probe,
-               "results": rows}
+               "systems": {n: asdict(SYSTEMS[n]) for n in names}, "machine": probes[-1],
+               "machines": probes, "results": rows}
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"\nwrote {args.json}")
 
@@ -604,6 +664,8 @@ def parse_args(argv=None):
                     help="image sides in pixels (default 256 512; --tiny: 64 128)")
     ap.add_argument("--steps", type=int, default=None, help="(default 4; --tiny: 2)")
     ap.add_argument("--repeats", type=int, default=2, help="warm calls, their median")
+    ap.add_argument("--rounds", type=int, default=1, help="run every system this many times, "
+                    "interleaved (every other round in reverse order); ratios per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None, help="the model, the single file and "
                     "the images (default ~/.cache/nanodiffusion-bench/sd15-random, or "
@@ -615,6 +677,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     args.sizes = args.sizes or ([64, 128] if args.tiny else [256, 512])
     args.steps = args.steps or (2 if args.tiny else 4)
     args.cache = (args.cache or Path.home() / ".cache" / "nanodiffusion-bench" /
