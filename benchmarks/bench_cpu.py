@@ -549,7 +549,7 @@ def print_size(size, rows, probe, args):
           f"{args.threads} threads; work {f['total'] / 1e12:.3f} TFLOP (UNet {args.steps} x "
           f"{f['unet_call'] / 1e12:.3f}, text encoder {f['text'] / 1e12:.3f}, VAE decode "
           f"{f['vae_decode'] / 1e12:.3f})")
-    width = 24 if any(len(r.get("rounds", [])) > 1 for r in rows) else 13
+    width = 24 if any(r.get("ratio_range") for r in rows) else 13  # merged rounds
     print(f"{'system':<18}{'import s':>9}{'load s':>8}{'first s':>9}{'warm s':>9}{'best s':>8}"
           f"{'RSS GB':>8}{'vs diffusers':>{width}}{'roofline':>9}{'at best':>8}{'max|diff| /255':>16}")
     for r in rows:
@@ -558,7 +558,7 @@ def print_size(size, rows, probe, args):
             continue
         diff = r["vs_reference"]
         ratio = None if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        if ratio and r.get("ratio_range") and len(r.get("rounds", [])) > 1:
+        if ratio and r.get("ratio_range"):
             ratio += " ({:.2f}-{:.2f})".format(*r["ratio_range"])
         print(f"{r['system']:<18}{r['import_s']:>9.2f}{r['load_s']:>8.2f}{r['first_s']:>9.2f}"
               f"{r['warm_s']:>9.2f}{r['best_s']:>8.2f}{r['peak_rss_bytes'] / 1e9:>8.2f}"
@@ -588,30 +588,29 @@ def merge_rounds(rounds):
     range across rounds."""
     merged = []
     for row in rounds[0]:
-        same = [r for rows in rounds for r in rows
-                if (r["system"], r["size"]) == (row["system"], row["size"]) and "error" not in r]
-        if len(same) < len(rounds):  # a failed round: keep its error
-            merged.append(next(r for rows in rounds for r in rows
-                               if (r["system"], r["size"]) == (row["system"], row["size"])
-                               and "error" in r))
+        key = (row["system"], row["size"])
+        runs = [r for rows in rounds for r in rows if (r["system"], r["size"]) == key]
+        failed = [r for r in runs if "error" in r]
+        if failed:  # a failed round: keep its error
+            merged.append(failed[0])
             continue
-        out = dict(same[-1])
-        out["warm_all_s"] = [t for r in same for t in r["warm_all_s"]]
+        out = dict(runs[-1])
+        out["warm_all_s"] = [t for r in runs for t in r["warm_all_s"]]
         out["warm_s"] = statistics.median(out["warm_all_s"])
         out["best_s"] = min(out["warm_all_s"])
         for k in ("import_s", "load_s", "first_s"):
-            out[k] = statistics.median(r[k] for r in same)
+            out[k] = statistics.median(r[k] for r in runs)
         for k in ("peak_rss_bytes", "load_peak_bytes", "call_peak_bytes", "loaded_rss_bytes",
                   "after_rss_bytes"):
-            vals = [r[k] for r in same if r.get(k) is not None]
+            vals = [r[k] for r in runs if r.get(k) is not None]
             out[k] = max(vals) if vals else None
         for k in ("ratio", "roofline_fraction", "roofline_best"):
-            vals = [r[k] for r in same if r.get(k) is not None]
+            vals = [r[k] for r in runs if r.get(k) is not None]
             out[k] = statistics.median(vals) if vals else None
-        ratios = [r["ratio"] for r in same if r.get("ratio") is not None]
-        out["ratio_range"] = [min(ratios), max(ratios)] if ratios else None
+            if k == "ratio":
+                out["ratio_range"] = [min(vals), max(vals)] if vals else None
         out["rounds"] = [{k: r.get(k) for k in ("warm_s", "ratio", "roofline_fraction",
-                                                  "peak_rss_bytes")} for r in same]
+                                                  "peak_rss_bytes")} for r in runs]
         merged.append(out)
     return merged
 
