@@ -208,11 +208,11 @@ def _add_model_commands(sub):
                        "zero, distil a model into a few-step one (lcm) or its VAE decoder "
                        "into a tiny one (tiny-decoder), or fine-tune a model you have (unet "
                        "--base, lora)")
-    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder", "lcm",
+    t.add_argument("part", choices=["clip", "vae", "unet", "prior", "decoder", "lcm", "dmd",
                                     "tiny-decoder", "lora"])
     _add_finetune_args(t)
-    t.add_argument("--teacher", default=None, help="lcm: the model to distil (a name, folder "
-                   "or file; default <out>/model); tiny-decoder: the model whose VAE to "
+    t.add_argument("--teacher", default=None, help="lcm, dmd: the model to distil (a name, "
+                   "folder or file; default <out>/model); tiny-decoder: the model whose VAE to "
                    "distil (default <out>/vae)")
     t.add_argument("--data", default=None, help="'shapes' or a folder of captioned images")
     t.add_argument("--recipe", default=None, help="a TOML recipe (see recipes/)")
@@ -280,8 +280,8 @@ def _add_model_commands(sub):
 
 def _add_finetune_args(t):
     t.add_argument("--base", default=None, help="lora, unet: the Stable Diffusion model to "
-                   "fine-tune (a bundled name, a model folder or a single file); it is never "
-                   "written")
+                   "fine-tune (a bundled name, a model folder or a single file); dmd: the "
+                   "few-step student (default <out>/model-lcm); it is never written")
     t.add_argument("--size", type=int, default=None, help="the training images' side in "
                    "pixels (default: the recipe's, else 64)")
     t.add_argument("--rank", type=int, default=None, help="lora: the UNet's LoRA rank "

@@ -75,6 +75,9 @@ class TrainConfig:
     # sample), sampled by tcd
     segments: tuple[int, ...] = ()
     eta: float = 0.0                # a multistep student's default tcd eta (TCD's gamma)
+    # dmd (distribution matching, train/dmd.py; teacher, guidance_range, solver_steps,
+    # segments and eta as above; base: the student, default <out>/model-lcm)
+    fake_updates: int = 2           # the fake score network's updates per student update
     # fine-tuning a pretrained model (lora; unet from it instead of from zero): its schedule
     # and prediction type are the base's, and the base is never written
     base: str = ""                  # any model the loader opens (name, folder, file)
@@ -88,7 +91,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.part not in PARTS:
             raise ValueError(f"part {self.part!r} is not one of {tuple(PARTS)}")
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "fake_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         betas = self.adam_betas
@@ -141,8 +144,8 @@ class TrainConfig:
                              "predict from")
 
     def _check_finetuning(self):
-        if self.base and self.part not in ("unet", "lora"):
-            raise ValueError(f"base is for the unet and lora parts, not {self.part!r}")
+        if self.base and self.part not in ("unet", "lora", "dmd"):
+            raise ValueError(f"base is for the unet, lora and dmd parts, not {self.part!r}")
         for name, low in (("lora_rank", 1), ("lora_text_encoder_rank", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -1,5 +1,6 @@
 """The trainable parts, by name: the one table the config and the loop read."""
 from .clip import ClipPart
+from .dmd import DmdPart
 from .lcm import LcmPart
 from .lora import LoraPart
 from .tiny_decoder import TinyDecoderPart
@@ -8,8 +9,8 @@ from .unet import UnetPart
 from .vae import VaePart
 
 PARTS = {"clip": ClipPart, "vae": VaePart, "unet": UnetPart, "prior": PriorPart,
-         "decoder": DecoderPart, "lcm": LcmPart, "tiny-decoder": TinyDecoderPart,
-         "lora": LoraPart}
+         "decoder": DecoderPart, "lcm": LcmPart, "dmd": DmdPart,
+         "tiny-decoder": TinyDecoderPart, "lora": LoraPart}
 
 
 def get_part(name):
