@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy a trained shapes run into the package as the bundled models (float16 storage), with
 # their eval reports: RUN/model -> weights/shapes and, if trained, RUN/model-unclip ->
-# weights/shapes-unclip and RUN/model-lcm -> weights/shapes-lcm. A weight file whose tensors and metadata are unchanged keeps its
+# weights/shapes-unclip and RUN/model-dmd (else RUN/model-lcm) -> weights/shapes-lcm. A weight file whose tensors and metadata are unchanged keeps its
 # bytes (safetensors writes metadata in a random order), and shapes-unclip's CLIP, VAE and
 # tiny decoder, when they are the shapes model's, get that file's bytes, so git stores each
 # blob once.
@@ -25,9 +25,10 @@ def same(a, b):
 
 
 run, weights = Path(sys.argv[1]), Path("nanodiffusion/weights")
+few = "model-dmd" if (run / "model-dmd" / "model.json").exists() else "model-lcm"
 for src, name, save in ((run / "model", "shapes", save_pipeline),
                         (run / "model-unclip", "shapes-unclip", save_unclip_pipeline),
-                        (run / "model-lcm", "shapes-lcm", save_pipeline)):
+                        (run / few, "shapes-lcm", save_pipeline)):
     if not (src / "model.json").exists():
         continue
     dest = weights / name
@@ -46,7 +47,8 @@ for part in ("clip", "vae", "tiny_decoder"):
         shutil.copyfile(a, b)
         print(f"shapes-unclip's {part} is the shapes model's")
 PY
-for pair in "model:shapes" "model-unclip:shapes-unclip" "model-lcm:shapes-lcm"; do
+few=model-lcm; if [ -f "$RUN/model-dmd/model.json" ]; then few=model-dmd; fi
+for pair in "model:shapes" "model-unclip:shapes-unclip" "$few:shapes-lcm"; do
     src=${pair%%:*}; dest=nanodiffusion/weights/${pair##*:}
     if [ -f "$RUN/$src/report.json" ]; then cp "$RUN/$src/report.json" "$dest/report.json"; fi
     if [ -d "$dest" ]; then du -sh "$dest"; fi

@@ -83,7 +83,7 @@ def test_dmd_trains_the_student_and_its_folder_generates(tmp_path, monkeypatch):
     image = out.generate("a red circle", seed=1, steps=2, width=32, height=32)[0]
     assert image.size == (32, 32)
     meta = json.loads((folder / "model.json").read_text())
-    assert meta["name"].endswith("-dmd")
+    assert meta["name"] == student.ours.name
 
 
 def test_dmd_refuses_a_student_without_a_guidance_embedding(tmp_path):

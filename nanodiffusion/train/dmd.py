@@ -202,9 +202,9 @@ def tcd_step(schedule, x0, eps, nxt, eta, z):
 
 
 def assemble_model(cfg, pipe):
-    """<out>/model-dmd: the student's model folder with the fine-tuned UNet."""
+    """<out>/model-dmd: the student's model folder (its name too) with the fine-tuned UNet."""
     pipe = pipe or load_student(cfg, "cpu")
     save_folder(cfg.out_path("model-dmd"), unet=cfg.run_dir / "unet.safetensors", vae=pipe.vae,
                 clip=pipe.clip, text_encoder=None if pipe.clip is not None else
                 pipe.text_encoder, tokenizer=pipe.tokenizer, schedule=pipe.schedule_config,
-                defaults=pipe.defaults, name=f"{pipe.name}-dmd", tiny_decoder=pipe.tiny_decoder)
+                defaults=pipe.defaults, name=pipe.name, tiny_decoder=pipe.tiny_decoder)
