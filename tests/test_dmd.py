@@ -98,3 +98,21 @@ def test_dmd_needs_the_step_counts_it_learns(tmp_path):
     with pytest.raises(ValueError, match="needs segments"):
         train(_cfg(tmp_path, plain.folder, student.folder, steps=1, segments=[], eta=0.0),
               progress=False)
+
+
+def test_a_resumed_run_updates_the_student_on_the_same_steps(tmp_path):
+    """Stopped after an odd number of steps and resumed, the run ends with the weights of an
+    unbroken one: the steps that update the student follow the loop's step, not a count of
+    calls since the start (which made the resumed run's first step skip the student)."""
+    teacher = tiny_sd.build(tmp_path / "teacher")
+    student = tiny_sd.build(tmp_path / "student", time_cond_proj_dim=16)
+
+    def run(name, *steps):
+        for n in steps:
+            train(_cfg(tmp_path / name, teacher.folder, student.folder, steps=n, warmup=1,
+                       min_lr_ratio=1.0, ckpt_every=1), progress=False)
+        return checkpoint.load_state(tmp_path / name / "run" / "dmd" / "state.pt")["model"]
+
+    whole, resumed = run("whole", 4), run("resumed", 3, 4)
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k

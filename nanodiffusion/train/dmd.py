@@ -88,7 +88,6 @@ class DmdPart:
                   "student_pipe": student, "teacher": teacher.unet, "vae": teacher.vae,
                   "text": teacher.text_encoder, "clip": teacher.clip,
                   "tokenizer": teacher.tokenizer, "schedule": schedule, "cache": {},
-                  "calls": 0,
                   "timesteps": [consistency_timesteps(T, n, cfg.solver_steps)
                                 for n in cfg.segments]}
         return model, frozen
@@ -102,8 +101,7 @@ class DmdPart:
         schedule, kind = frozen["schedule"], frozen["pipe"].schedule_config.prediction_type
         enc, captions = batch
         device, B = enc["mean"].device, len(captions)
-        frozen["calls"] += 1
-        learns = frozen["calls"] % cfg.fake_updates == 0
+        learns = (frozen["step"] + 1) % cfg.fake_updates == 0  # the loop's step: resumable
         lo, hi = cfg.guidance_range
         guidance = lo + (hi - lo) * rand(gens, device)
         w_emb = guidance_embedding(guidance - 1, student.config.time_cond_proj_dim).to(device)
@@ -114,7 +112,7 @@ class DmdPart:
             return x0_and_noise(schedule, net(x, t, **kw), x, t, kind)
 
         # the student's inputs at the call each sample learns, from its earlier calls
-        x = randn(gens, enc["mean"].shape[1:], device)  # pure noise: the first call's input
+        x = randn(gens, enc["mean"].shape[1:], device)  # noise: the first call's input (VP)
         pick = (rand(gens, device) * len(cfg.segments)).long().clamp(max=len(cfg.segments) - 1)
         calls = torch.tensor([len(frozen["timesteps"][p]) for p in pick.tolist()])
         k = (rand(gens, device) * calls).long().clamp(max=calls - 1)

@@ -209,6 +209,7 @@ def _loop(cfg, part, model, frozen, ema, opt, start, rank, world, device, progre
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
+            frozen["step"] = step  # a part may read it (dmd: which steps update the student)
             loss_sum, metrics, stopping = _accumulate(cfg, part, model, frozen, step, rank,
                                                       world, micro, device, stop)
             _check_finite("loss", loss_sum, step)
