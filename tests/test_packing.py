@@ -174,8 +174,10 @@ def _no_packing(monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_pipeline_packs_and_images_are_unchanged(monkeypatch, bf16, dtype):
     """A pipeline's UNet and VAE decoder stay packed from one call to the next (not the VAE
-    encoder), and its images are the ones it makes unpacked, bit for bit, in bfloat16 and
-    float32."""
+    encoder), and its images are the ones it makes unpacked: bit for bit in bfloat16; in
+    float32 within one level on at most 0.1% of the bytes (on an AMD Zen 4, oneDNN's dense and
+    packed kernels round the shapes VAE's 64-channel 3x3 convolutions at batch 1 differently,
+    by up to 6e-6: one level in one byte of the image)."""
     pipe = bf16 if dtype == "bfloat16" else nanodiffusion.load("shapes")
     a = pipe.generate(PROMPT, seed=4, steps=5, n=2)
     assert len(_packed(pipe.unet)) == len(_convs(pipe.unet))
@@ -186,10 +188,19 @@ def test_pipeline_packs_and_images_are_unchanged(monkeypatch, bf16, dtype):
     packing.unpack(pipe.vae)
     with monkeypatch.context() as m:
         _no_packing(m)
-        assert [x.tobytes() for x in a] == [x.tobytes() for x in
-                                           pipe.generate(PROMPT, seed=4, steps=5, n=2)]
-        assert b[0].tobytes() == pipe.generate(PROMPT, seed=4, steps=2)[0].tobytes()
+        _same_image(a, pipe.generate(PROMPT, seed=4, steps=5, n=2), dtype)
+        _same_image(b, pipe.generate(PROMPT, seed=4, steps=2), dtype)
         assert not _packed(pipe.unet) and not _packed(pipe.vae)
+
+
+def _same_image(packed, dense, dtype):
+    for p, d in zip(packed, dense, strict=True):
+        p, d = (torch.frombuffer(bytearray(x.tobytes()), dtype=torch.uint8).int() for x in (p, d))
+        if dtype == "bfloat16":
+            assert torch.equal(p, d)
+        else:
+            apart = (p - d).abs()
+            assert apart.max() <= 1 and (apart > 0).float().mean() <= 1e-3, apart.max()
 
 
 def test_lora_fused_into_a_packed_unet(monkeypatch, tmp_path, bf16):
