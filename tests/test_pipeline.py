@@ -268,8 +268,8 @@ def test_images_carry_the_settings_the_pipeline_resolved(sd, init_image):
         (2, 5.0, d.sampler, d.width, d.height)
     assert isinstance(s.guidance, float) and f"Seed: {s.seed}," in images[0].info["parameters"]
     again = small(pipe, seed=s.seed, steps=2, guidance=5, sampler=d.sampler, width=d.width,
-                  height=d.height)
-    assert again[0].tobytes() == images[0].tobytes()
+                  height=d.height)  # one image, not two: another batch size for the kernels
+    tiny_sd.assert_float32_rounding_apart(again[:1], images[:1])
     s = pipe.img2img(PROMPT, init_image, seed=1, steps=2)[0].info["settings"]
     assert (s.seed, s.steps, s.width, s.height) == (1, 2, W, H)  # the init image's size
 
