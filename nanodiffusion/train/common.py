@@ -14,6 +14,7 @@ import torch
 from ..data import shapes
 from ..data.folder import ImageFolderDataset
 from ..formats import checkpoint
+from ..formats.ours import save_folder
 
 
 def source(cfg):
@@ -109,3 +110,12 @@ def save_ema(model, ema, path):
         checkpoint.save_model(model, path)
     finally:
         model.load_state_dict(live, strict=True)
+
+
+def save_with_unet(pipe, folder, unet):
+    """`pipe`'s model folder (parts, schedule, defaults, name) written to `folder` with the
+    UNet file `unet` in place of its own: a fine-tuned UNet assembled with its model."""
+    save_folder(folder, unet=unet, vae=pipe.vae, clip=pipe.clip,
+                text_encoder=None if pipe.clip is not None else pipe.text_encoder,
+                tokenizer=pipe.tokenizer, schedule=pipe.schedule_config,
+                defaults=pipe.defaults, name=pipe.name, tiny_decoder=pipe.tiny_decoder)

@@ -21,16 +21,17 @@ image the noise leads to (shapes at 2 steps: two objects drawn as three, or merg
 
 export() writes the student alone to <run>/unet.safetensors and assembles <out>/model-dmd: the
 student's model folder (VAE, text encoder, schedule, defaults) with the new UNet."""
+import copy
+
 import torch
 from torch import nn
 
 from ..diffusion import NoiseSchedule, add_noise, training_targets, x0_and_noise
 from ..formats import checkpoint
-from ..formats.ours import save_folder
 from ..models.layers import guidance_embedding
 from ..pipelines.images import make_grid
 from ..samplers import consistency_timesteps
-from .common import rand, randn, source
+from .common import rand, randn, save_with_unet, source
 from .lcm import load_teacher
 from .unet import SAMPLE_PROMPTS, UnetPart, frozen_text
 
@@ -78,9 +79,9 @@ class DmdPart:
             raise ValueError("the teacher and the student predict different things "
                              f"({teacher.schedule_config.prediction_type} and "
                              f"{student.schedule_config.prediction_type})")
+        fake = copy.deepcopy(teacher.unet).requires_grad_(True).train()
         for m in (teacher.unet, teacher.vae, teacher.text_encoder):
             m.requires_grad_(False)
-        fake = load_teacher(cfg, device).unet.requires_grad_(True).train()
         model = DmdPair(student.unet.requires_grad_(True).train(), fake)
         schedule = NoiseSchedule(student.schedule_config)
         T = schedule.num_train_timesteps
@@ -201,8 +202,5 @@ def tcd_step(schedule, x0, eps, nxt, eta, z):
 
 def assemble_model(cfg, pipe):
     """<out>/model-dmd: the student's model folder (its name too) with the fine-tuned UNet."""
-    pipe = pipe or load_student(cfg, "cpu")
-    save_folder(cfg.out_path("model-dmd"), unet=cfg.run_dir / "unet.safetensors", vae=pipe.vae,
-                clip=pipe.clip, text_encoder=None if pipe.clip is not None else
-                pipe.text_encoder, tokenizer=pipe.tokenizer, schedule=pipe.schedule_config,
-                defaults=pipe.defaults, name=pipe.name, tiny_decoder=pipe.tiny_decoder)
+    save_with_unet(pipe or load_student(cfg, "cpu"), cfg.out_path("model-dmd"),
+                   cfg.run_dir / "unet.safetensors")

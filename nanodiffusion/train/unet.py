@@ -15,7 +15,7 @@ from ..models.unet import SHAPES, UNet
 from ..pipelines.images import make_grid
 from ..pipelines.sd import Defaults, Pipeline
 from .common import (check_fixed, folder_captions, images_and_captions, load_base, override,
-                     rand, randn, save_ema, source)
+                     rand, randn, save_ema, save_with_unet, source)
 
 SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a large green star",
                   "a yellow triangle at the top", "a pink circle above a cyan square",
@@ -222,11 +222,8 @@ def assemble_model(cfg):
     """Gather the parts of this run into one model folder: <out>/model; with a base, the
     fine-tuned UNet and the base's other parts, schedule and defaults."""
     if cfg.base:
-        pipe = load_base(cfg, "cpu", "train unet --base")
-        save_folder(cfg.out_path("model"), unet=cfg.run_dir / "unet.safetensors", vae=pipe.vae,
-                    clip=pipe.clip, text_encoder=None if pipe.clip is not None else
-                    pipe.text_encoder, tokenizer=pipe.tokenizer, schedule=pipe.schedule_config,
-                    defaults=pipe.defaults, name=pipe.name, tiny_decoder=pipe.tiny_decoder)
+        save_with_unet(load_base(cfg, "cpu", "train unet --base"), cfg.out_path("model"),
+                       cfg.run_dir / "unet.safetensors")
         return
     save_folder(cfg.out_path("model"), unet=cfg.run_dir / "unet.safetensors",
                 vae=cfg.out_path("vae") / "vae.safetensors",
