@@ -34,12 +34,6 @@ def test_the_simulated_calls_take_the_tcd_samplers_step(t, nxt, eta):
     torch.testing.assert_close(ours / a[nxt] ** 0.5, seen[0], atol=1e-5, rtol=1e-5)
 
 
-def _fixed_indices(cfg, step, chunk, rank, world):
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    first = (chunk * world + rank) * micro
-    return list(range(first, first + micro))
-
-
 def _cfg(tmp_path, teacher, student, **kw):
     return TrainConfig(**{**dict(
         part="dmd", out=str(tmp_path / "run"), teacher=str(teacher), base=str(student),
@@ -56,7 +50,7 @@ def test_dmd_trains_the_student_and_its_folder_generates(tmp_path, monkeypatch):
     teacher = tiny_sd.build(tmp_path / "teacher")
     student = tiny_sd.build(tmp_path / "student", time_cond_proj_dim=16)
     before = {k: v.clone() for k, v in student.ours.unet.state_dict().items()}
-    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)  # one batch, the same draws
+    monkeypatch.setattr(T, "chunk_indices", tiny_sd.fixed_indices)  # one batch, the same draws
     monkeypatch.setattr(T, "sample_generators", lambda cfg, step, indices: [
         torch.Generator().manual_seed(int(i)) for i in indices])
     records = train(_cfg(tmp_path, teacher.folder, student.folder), progress=False)

@@ -106,12 +106,6 @@ def test_lcm_model_round_trips_through_our_exports(lcm_sd, tmp_path, fmt):
 
 # ---------------------------------------------------------------- distillation
 
-def _fixed_indices(cfg, step, chunk, rank, world):
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    first = (chunk * world + rank) * micro
-    return list(range(first, first + micro))
-
-
 def test_distillation_loss_falls_and_the_model_folder_generates(lcm_sd, tmp_path,
                                                                monkeypatch):
     """A tiny plain SD distilled for 40 steps on one fixed batch: the consistency loss falls,
@@ -120,7 +114,7 @@ def test_distillation_loss_falls_and_the_model_folder_generates(lcm_sd, tmp_path
     teacher = tmp_path / "teacher"
     plain = tiny_sd.build(tmp_path / "plain")
     nanodiffusion.formats.ours.save_pipeline(plain.ours, teacher)
-    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)
+    monkeypatch.setattr(T, "chunk_indices", tiny_sd.fixed_indices)
     cfg = TrainConfig(part="lcm", out=str(tmp_path / "run"), teacher=str(teacher),
                       image_size=32, steps=40, batch_size=8, lr=1e-3, warmup=2, log_every=1,
                       ckpt_every=1000, sample_every=0, ema_decay=0.95, solver_steps=10,
@@ -286,7 +280,7 @@ def test_multistep_distillation_falls_and_its_folder_samples_tcd_at_its_eta(lcm_
 
     teacher = tmp_path / "teacher"
     nanodiffusion.formats.ours.save_pipeline(tiny_sd.build(tmp_path / "plain").ours, teacher)
-    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)
+    monkeypatch.setattr(T, "chunk_indices", tiny_sd.fixed_indices)
     cfg = TrainConfig(part="lcm", out=str(tmp_path / "run"), teacher=str(teacher),
                       image_size=32, steps=40, batch_size=8, lr=1e-3, warmup=2, log_every=1,
                       ckpt_every=1000, sample_every=0, ema_decay=0.95, solver_steps=10,

@@ -4,6 +4,7 @@ whenever the model has one, vae_decoder="tiny" for the final images and their PN
 a model folder that carries one, and the tiny-decoder training part on tiny models."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -147,11 +148,6 @@ def _tiny_run(out, steps=30, **kw):
     return TrainConfig(**values)
 
 
-def _fixed_indices(cfg, step, chunk, rank, world):
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    return list(range((chunk * world + rank) * micro, (chunk * world + rank + 1) * micro))
-
-
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
     """A run folder whose vae part is a random tiny VAE (factor 2) and whose assembled model
@@ -168,7 +164,7 @@ def test_the_distillation_loss_falls_and_the_decoder_ships(vae_run, tmp_path, mo
     pipe = tiny_sd.build(tmp_path / "sd").ours
     pipe.vae = vae.eval()
     save_pipeline(pipe, out / "model")
-    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)
+    monkeypatch.setattr(T, "chunk_indices", tiny_sd.fixed_indices)
     records = train(_tiny_run(out), progress=False)
     losses = [r["loss"] for r in records]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
@@ -187,3 +183,72 @@ def test_the_student_must_upsample_as_the_vae_does(vae_run):
         train(_tiny_run(out, steps=1, model={"decoder_blocks": [1, 1, 1]}), progress=False)
     with pytest.raises(ValueError, match="latent_channels"):
         train(_tiny_run(out, steps=1, model={"latent_channels": 8}), progress=False)
+
+
+def test_generated_samples_are_the_models_own_latents_and_their_vae_images(vae_run, tmp_path):
+    """generated_share 0.5: every second sample is the run's model's own sample (generate's
+    output_type="latent" for data sample g's caption, seed g, generated_steps cycled), its
+    target the VAE's image of it in 8 bits; the others are the data's, as without it."""
+    from nanodiffusion.train.tiny_decoder import TinyDecoderPart
+    vae, out = vae_run[1], tmp_path / "run"  # a run of its own: it trains twice below
+    checkpoint.save_model(vae, out / "vae" / "vae.safetensors")
+    pipe = tiny_sd.build(tmp_path / "sd").ours
+    pipe.vae = vae.eval()
+    save_pipeline(pipe, out / "model")
+    cpu = torch.device("cpu")
+    cfg = _tiny_run(out, generated_share=0.5, generated_pool=3, generated_steps=[2, 3])
+    _, frozen = TinyDecoderPart.build(cfg, cpu)
+    batch = TinyDecoderPart.batch(cfg, frozen, list(range(8)), cpu)
+    plain_cfg = _tiny_run(out)
+    _, plain = TinyDecoderPart.build(plain_cfg, cpu)
+    data = TinyDecoderPart.batch(plain_cfg, plain, [0, 2, 4, 6], cpu)
+    for k in ("mean", "logvar", "target"):
+        assert torch.equal(batch[k][0::2], data[k])
+    model, sf = load(out / "model"), vae.config.scaling_factor
+    for i, g, steps in ((1, 0, 2), (3, 1, 3), (5, 2, 2)):
+        caption = frozen["source"](g)[1]
+        z = model.generate(caption, seed=g, steps=steps, width=32, height=32,
+                           output_type="latent")
+        torch.testing.assert_close(batch["mean"][i] * sf, z[0], rtol=0, atol=1e-6)
+        assert torch.isneginf(batch["logvar"][i]).all()
+        with torch.no_grad():
+            image = vae.decode(batch["mean"][i][None]).clamp(-1, 1)[0]
+        assert torch.equal(batch["target"][i], ((image + 1) * 127.5).round().to(torch.uint8))
+    assert torch.equal(batch["mean"][7], batch["mean"][1])  # g = 3 % 3: the pool's first again
+    assert not torch.equal(batch["mean"][3], batch["mean"][1])
+    elsewhere = tmp_path / "elsewhere"
+    save_pipeline(pipe, elsewhere)
+    before = (elsewhere / "model.json").read_text()
+    for teacher in (out / "model", elsewhere):  # the run's own folder gets it; others never
+        records = train(_tiny_run(out, steps=3, generated_share=0.5, generated_pool=3,
+                                  teacher=str(teacher)), progress=False)
+        assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+        shutil.rmtree(out / "tiny-decoder")  # the next one from zero, not resumed
+    assert json.loads((out / "model" / "model.json").read_text())["files"]["tiny_decoder"]
+    assert load(out / "model").tiny_decoder is not None
+    assert (elsewhere / "model.json").read_text() == before
+    assert not (elsewhere / "tiny_decoder.safetensors").exists()
+
+
+def test_generated_samples_need_a_model_that_generates(vae_run):
+    out, _ = vae_run
+    with pytest.raises(ValueError, match=r"vae.safetensors is a VAE file, which generates"):
+        train(_tiny_run(out, steps=1, generated_share=0.5,
+                        teacher=str(out / "vae" / "vae.safetensors")), progress=False)
+    with pytest.raises(ValueError, match="generated_share is for the tiny-decoder part"):
+        TrainConfig(part="unet", generated_share=0.5)
+    with pytest.raises(ValueError, match=r"generated_share must be in \[0, 1\), got 1.0"):
+        _tiny_run(out, generated_share=1.0)
+
+
+def test_output_type_latent_gives_the_latents_the_images_are_decoded_from(tmp_path):
+    pipe = tiny_sd.build(tmp_path / "sd").ours
+    kw = dict(seed=SEED, steps=2, width=W, height=H, n=2)
+    z = pipe.generate(PROMPT, output_type="latent", **kw)
+    assert z.shape == (2, 4, H // pipe.vae_factor, W // pipe.vae_factor)
+    images = pipe.generate(PROMPT, **kw)
+    for got, want in zip(pipe.decode_latents(z), images, strict=True):
+        assert got.tobytes() == want.tobytes()
+    with pytest.raises(InputError, match=r"output_type must be one of \('pil', 'latent'\), "
+                                         r"got 'png'"):
+        pipe.generate(PROMPT, output_type="png", **kw)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tiny_sd
 from nanodiffusion.formats import checkpoint
 from nanodiffusion.train import loop as T
 from nanodiffusion.train import TrainConfig, load_recipe, train
@@ -38,13 +39,6 @@ def tiny(part, out, **kw):
                   model=MODELS[part])
     values.update(kw)
     return TrainConfig(**values)
-
-
-def _fixed_indices(cfg, step, chunk, rank, world):
-    """The same samples at every step (a batch the model can overfit); noise still varies."""
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    first = (chunk * world + rank) * micro
-    return list(range(first, first + micro))
 
 
 def _state(run, part):
@@ -73,7 +67,7 @@ def shapes_run(tmp_path_factory):
                 "vae": dict(lr=3e-3, ema_decay=0.9),
                 "unet": dict(lr=3e-3)}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "chunk_indices", _fixed_indices)
+        mp.setattr(T, "chunk_indices", tiny_sd.fixed_indices)
         for part in ("clip", "vae", "unet"):
             records[part] = train(tiny(part, out, steps=30, batch_size=8, **settings[part]),
                                   progress=False)
@@ -426,7 +420,7 @@ def test_cpu_bf16_autocast_is_opt_in_and_trains(shapes_run, tmp_path, monkeypatc
     """autocast=None keeps a CPU run in float32; autocast=True runs the forward pass in
     bfloat16 there (the losses differ, and stay close) and the weights stay float32."""
     out, _ = shapes_run
-    monkeypatch.setattr(T, "chunk_indices", _fixed_indices)
+    monkeypatch.setattr(T, "chunk_indices", tiny_sd.fixed_indices)
     logs = {}
     for name, autocast in (("fp32", None), ("bf16", True)):
         _copy_frozen(out, tmp_path / name)

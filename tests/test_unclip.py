@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny_sd
 from nanodiffusion.train import loop as T
 from nanodiffusion.train import unclip as train_unclip
 from nanodiffusion.formats.ours import save_unclip_pipeline
@@ -29,12 +30,6 @@ FAST = dict(steps=2, prior_steps=2)  # sampling settings of the pipeline tests
 SIZE = 32
 
 
-def _fixed_indices(cfg, step, chunk, rank, world):
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    first = (chunk * world + rank) * micro
-    return list(range(first, first + micro))
-
-
 def _fixed_generators(cfg, step, indices):
     """Step 0's draws (noise, timesteps, dropout) at every step: the loss of a fixed problem
     must fall steadily, where fresh timesteps make a 30-step loss curve too noisy to judge."""
@@ -49,7 +44,7 @@ def unclip_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("unclip")
     records = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "chunk_indices", _fixed_indices)
+        mp.setattr(T, "chunk_indices", tiny_sd.fixed_indices)
         mp.setattr(T, "sample_generators", _fixed_generators)
         mp.setattr(train_unclip, "STATS_SAMPLES", 32)
         for part in ("clip", "vae", "prior", "decoder"):

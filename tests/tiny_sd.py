@@ -100,6 +100,14 @@ def as_array(images):
     return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
 
 
+def fixed_indices(cfg, step, chunk, rank, world):
+    """The loop's chunk_indices with the same samples at every step (a batch a model can
+    overfit; noise and timesteps still vary): monkeypatch it over train.loop.chunk_indices."""
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    first = (chunk * world + rank) * micro
+    return list(range(first, first + micro))
+
+
 def assert_float32_rounding_apart(got, want):
     """Two float32 runs of the same images whose convolutions ran on oneDNN's packed and dense
     kernels: bit for bit on the Intel machines measured, but on an AMD Zen 4 the two round some

@@ -112,8 +112,9 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
     def generate(self, prompt, negative_prompt="", seed=None, steps=None, guidance=None,
                  sampler=None, width=None, height=None, n=1, callback=None, preview=False,
                  eta=None, best_of=1, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
-                 prompt_syntax=True, deepcache=None, tome=None):
-        """txt2img: a list of `n` PIL images. best_of > 1 keeps, for each image, the best of
+                 prompt_syntax=True, deepcache=None, tome=None, output_type="pil"):
+        """txt2img: a list of `n` PIL images (output_type "latent": the final latents, (n, C,
+        h, w) float32 scaled as the UNet sees them, undecoded, as diffusers' output_type). best_of > 1 keeps, for each image, the best of
         `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`.
         guidance_rescale (0..1): diffusers' option of that name (diffusion.cfg_denoiser), for
         v-prediction models on zero-terminal-SNR schedules whose guided images over-saturate.
@@ -128,13 +129,16 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         req = Request(seed=seed, steps=steps, guidance=guidance, sampler=sampler, n=n, eta=eta,
                       guidance_rescale=guidance_rescale, callback=callback, preview=preview,
                       vae_decoder=vae_decoder, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
-                      deepcache=deepcache, tome=tome)
+                      deepcache=deepcache, tome=tome, output_type=output_type)
 
         def run(seed):
             return self._run(prompt, negative_prompt, replace(req, seed=seed),
                              size=(width, height))
         if best_of == 1:
             return run(seed)
+        if output_type != "pil":
+            raise InputError(f"best_of {best_of} ranks images: output_type must be 'pil', "
+                             f"got {output_type!r}")
         words = plain_text(prompt) if prompt_syntax else prompt  # what CLIP ranks them by
         return best_of_n(self, run, words, seed, n, best_of)
 
@@ -229,6 +233,8 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
             latents = self._sample(plan, denoiser, noise, init_latents, gen,
                                    self._wrap_callback(req.callback, req.preview), post_step,
                                    cond)
+        if req.output_type == "latent":
+            return latents
         return self._tagged(latents, s, req, negative, loras, embeddings,
                             strength if init is not None else None)
 

@@ -7,10 +7,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import InputError
 from ..pnginfo import format_parameters
 from .checks import check_eta, check_guidance, check_int, check_sampler, check_size
 from .deepcache import check_deepcache
 from .tome import check_tome
+
+OUTPUT_TYPES = ("pil", "latent")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Request:
     prompt_syntax: bool = True
     deepcache: int | None = None  # DeepCache's interval N (deepcache.py); None or 1: off
     tome: float | None = None  # token merging's ratio (tome.py); None or 0: off
+    output_type: str = "pil"  # "latent": the final latents, undecoded (diffusers' name)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def resolve(defaults, request, width, height, factor):
     check_sampler(sampler)
     check_deepcache(r.deepcache)
     check_tome(r.tome)
+    if r.output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {r.output_type!r}")
     return Settings(seed, steps, float(guidance), sampler, width, height, eta)
 
 

@@ -78,6 +78,11 @@ class TrainConfig:
     # dmd (distribution matching, train/dmd.py; teacher, guidance_range, solver_steps,
     # segments and eta as above; base: the student, default <out>/model-lcm)
     fake_updates: int = 2           # the fake score network's updates per student update
+    # tiny-decoder (train/tiny_decoder.py): the share of samples that are the model's own
+    # generated latents, how many distinct ones, and the step counts they are sampled with
+    generated_share: float = 0.0
+    generated_pool: int = 2000
+    generated_steps: tuple[int, ...] = ()  # cycled; empty: the model's default
     # fine-tuning a pretrained model (lora; unet from it instead of from zero): its schedule
     # and prediction type are the base's, and the base is never written
     base: str = ""                  # any model the loader opens (name, folder, file)
@@ -136,6 +141,18 @@ class TrainConfig:
         if self.swap_negatives and self.data != "shapes":
             raise ValueError(f"swap_negatives needs data = 'shapes' (it redraws the scene), "
                              f"got data = {self.data!r}")
+        if not 0.0 <= self.generated_share < 1.0:
+            raise ValueError(f"generated_share must be in [0, 1), got {self.generated_share}")
+        if self.generated_share and self.part != "tiny-decoder":
+            raise ValueError(f"generated_share is for the tiny-decoder part, not {self.part!r}")
+        if self.generated_pool < 1:
+            raise ValueError(f"generated_pool must be >= 1, got {self.generated_pool}")
+        gs = self.generated_steps
+        if not isinstance(gs, (list, tuple)) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000 for n in gs):
+            raise ValueError(f"generated_steps must be a list of step counts in [1, 1000], "
+                             f"got {gs!r}")
+        self.generated_steps = tuple(gs)
         if self.latent_pool < 0:
             raise ValueError(f"latent_pool must be >= 0 (0: no pool), got {self.latent_pool}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":

@@ -13,11 +13,20 @@ conditional GAN with a little MSE (and LPIPS from TAESD 1.1; madebyollin/taesd i
 neither is cheap on a CPU, and flat shapes on white have no texture to make up, so this part
 distils alone.
 
+A model's own samples can be further from the VAE's posteriors than a tiny decoder bridges (the
+distribution-matched shapes-lcm's are: 2 dB less from the decoder trained on data latents
+alone). With generated_share s, that share of the samples (sample i where floor((i + 1) s) >
+floor(i s)) are instead latents the model generates (`teacher`, else the run's <out>/model) at
+its defaults, one of generated_steps (cycled; empty: the model's default) for the caption of
+data sample g = floor(i s) % generated_pool, seed g: those are what its pipeline decodes. Their
+targets are the VAE decoder's images of them, made with them once and kept like the data's.
+
 export() writes <run>/tiny_decoder.safetensors and, when the teacher is the run's own VAE,
-adds it to the model folders this run assembled (<out>/model, model-unclip, model-lcm: train
-this part after them), whose pipelines then preview with it and decode with it on
-vae_decoder="tiny"."""
+adds it to the model folders this run assembled (<out>/model, model-unclip, model-lcm,
+model-dmd: train this part after them), or to the teacher when it is one of them, whose
+pipelines then preview with it and decode with it on vae_decoder="tiny"."""
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +39,7 @@ from .common import check_fixed, override, save_ema, source
 from .unet import encoded_batch, latents_of
 
 FILE = "tiny_decoder.safetensors"
-ASSEMBLED = ("model", "model-unclip", "model-lcm")  # the run's model folders (same VAE)
+ASSEMBLED = ("model", "model-unclip", "model-lcm", "model-dmd")  # a run's model folders
 
 
 def teacher_vae(cfg, device):
@@ -66,6 +75,48 @@ def student_config(cfg, vae):
     return c
 
 
+def is_generated(cfg, i):
+    """Whether sample `i` is one of the model's generated latents (generated_share)."""
+    s = cfg.generated_share
+    return s > 0 and math.floor((i + 1) * s) > math.floor(i * s)
+
+
+def generator(cfg, device):
+    """The model whose samples join the data (generated_share): the teacher, else the run's
+    assembled <out>/model."""
+    from ..loading import load_pipeline
+
+    where = cfg.teacher or cfg.out_path("model")
+    if not cfg.teacher and not (where / "model.json").exists():
+        raise FileNotFoundError(f"generated_share {cfg.generated_share}: {where} not found; "
+                                f"assemble the run's model first (train the unet part), or "
+                                f"name the model whose samples to decode with --teacher")
+    if str(where).endswith(".safetensors") and \
+            checkpoint.read_metadata(where).get("class") == "VAE":
+        raise ValueError(f"generated_share {cfg.generated_share}: --teacher {where} is a VAE "
+                         f"file, which generates nothing; name a whole model")
+    return load_pipeline(where, device=device)
+
+
+def generated(cfg, frozen, g):
+    """Generated sample g: {"mean": its latents unscaled, "logvar": -inf (no posterior noise),
+    "target": the VAE decoder's image of them in 8 bits}, made once and kept."""
+    cache = frozen.setdefault("generated", {})
+    if g not in cache:
+        pipe, vae = frozen["generator"], frozen["vae"]
+        steps = cfg.generated_steps[g % len(cfg.generated_steps)] if cfg.generated_steps \
+            else None
+        caption = frozen["source"](g)[1]
+        z = pipe.generate(caption, seed=g, steps=steps, width=cfg.image_size,
+                          height=cfg.image_size, output_type="latent")  # (1, C, h, w)
+        mean = (z / vae.config.scaling_factor).to(next(vae.parameters()).device)
+        with torch.no_grad():
+            full = vae.decode(mean).clamp(-1, 1)
+        cache[g] = {"mean": mean[0], "logvar": torch.full_like(mean[0], -math.inf),
+                    "target": ((full[0] + 1) * 127.5).round().to(torch.uint8)}
+    return cache[g]
+
+
 def teacher_outputs(vae):
     """encode() for encoded_batch: the VAE posterior's mean and log-variance, and the VAE
     decoder's image of the mean in 8 bits (B, 3, H, W) uint8, as a pipeline would save it."""
@@ -82,17 +133,47 @@ def _scaled(tiny, z):
     return z / tiny.config.scaling_factor + tiny.config.shift_factor
 
 
+def attached_folders(cfg):
+    """The model folders the trained decoder joins: this run's assembled ones when it distils
+    the run's VAE; the teacher when it is one of them (e.g. --teacher <out>/model-dmd); none
+    for a teacher from elsewhere, which is never written."""
+    if not cfg.teacher:
+        folders = [cfg.out_path(name) for name in ASSEMBLED]
+    else:
+        own = {cfg.out_path(name).resolve() for name in ASSEMBLED}
+        folders = [Path(cfg.teacher)] if Path(cfg.teacher).resolve() in own else []
+    return [f for f in folders if (f / "model.json").exists()]
+
+
 class TinyDecoderPart:
     @staticmethod
     def build(cfg, device):
         vae = teacher_vae(cfg, device).float().requires_grad_(False)
         vae = vae.eval().to(memory_format=torch.contiguous_format)
         model = TAESD(student_config(cfg, vae)).to(device)
-        return model, {"source": source(cfg)[0], "vae": vae}
+        frozen = {"source": source(cfg)[0], "vae": vae}
+        if cfg.generated_share:
+            frozen["generator"] = generator(cfg, device)
+        return model, frozen
 
     @staticmethod
     def batch(cfg, frozen, indices, device):
-        return encoded_batch(cfg, frozen, indices, teacher_outputs(frozen["vae"]), device)[0]
+        """The samples' {"mean", "logvar", "target"}: data samples through the VAE (kept in
+        the latent pool), generated ones (generated_share) from the model."""
+        data = [i for i in indices if not is_generated(cfg, i)]
+        if len(data) == len(indices):
+            return encoded_batch(cfg, frozen, indices, teacher_outputs(frozen["vae"]), device)[0]
+        enc = encoded_batch(cfg, frozen, data, teacher_outputs(frozen["vae"]), device)[0] \
+            if data else {}
+        items, row = [], 0
+        for i in indices:
+            if is_generated(cfg, i):
+                g = math.floor(i * cfg.generated_share) % cfg.generated_pool
+                items.append(generated(cfg, frozen, g))
+            else:
+                items.append({k: v[row] for k, v in enc.items()})
+                row += 1
+        return {k: torch.stack([item[k] for item in items]).to(device) for k in items[0]}
 
     @staticmethod
     def loss(cfg, model, frozen, enc, gens):
@@ -110,11 +191,8 @@ class TinyDecoderPart:
     def export(cfg, model, ema):
         path = cfg.run_dir / FILE
         save_ema(model, ema, path)
-        if cfg.teacher:
-            return
-        for name in ASSEMBLED:
-            if (cfg.out_path(name) / "model.json").exists():
-                attach_to_folder(cfg.out_path(name), path)
+        for folder in attached_folders(cfg):
+            attach_to_folder(folder, path)
 
     @staticmethod
     def sample(cfg, model, frozen, path):
