@@ -201,7 +201,7 @@ def test_generated_samples_are_the_models_own_latents_and_their_vae_images(vae_r
     batch = TinyDecoderPart.batch(cfg, frozen, list(range(8)), cpu)
     plain_cfg = _tiny_run(out)
     _, plain = TinyDecoderPart.build(plain_cfg, cpu)
-    data = TinyDecoderPart.batch(plain_cfg, plain, [0, 2, 4, 6], cpu)
+    data = TinyDecoderPart.batch(plain_cfg, plain, [0, 1, 2, 3], cpu)  # numbered apart
     for k in ("mean", "logvar", "target"):
         assert torch.equal(batch[k][0::2], data[k])
     model, sf = load(out / "model"), vae.config.scaling_factor

@@ -20,6 +20,8 @@ floor(i s)) are instead latents the model generates (`teacher`, else the run's <
 its defaults, one of generated_steps (cycled; empty: the model's default) for the caption of
 data sample g = floor(i s) % generated_pool, seed g: those are what its pipeline decodes. Their
 targets are the VAE decoder's images of them, made with them once and kept like the data's.
+The other samples are data samples i - floor((i + 1) s): the data's own numbering, so that the
+latent pool keeps its size.
 
 export() writes <run>/tiny_decoder.safetensors and, when the teacher is the run's own VAE,
 adds it to the model folders this run assembled (<out>/model, model-unclip, model-lcm,
@@ -160,7 +162,8 @@ class TinyDecoderPart:
     def batch(cfg, frozen, indices, device):
         """The samples' {"mean", "logvar", "target"}: data samples through the VAE (kept in
         the latent pool), generated ones (generated_share) from the model."""
-        data = [i for i in indices if not is_generated(cfg, i)]
+        share = cfg.generated_share  # data samples are numbered among themselves:
+        data = [i - math.floor((i + 1) * share) for i in indices if not is_generated(cfg, i)]
         if len(data) == len(indices):
             return encoded_batch(cfg, frozen, indices, teacher_outputs(frozen["vae"]), device)[0]
         enc = encoded_batch(cfg, frozen, data, teacher_outputs(frozen["vae"]), device)[0] \
@@ -168,7 +171,7 @@ class TinyDecoderPart:
         items, row = [], 0
         for i in indices:
             if is_generated(cfg, i):
-                g = math.floor(i * cfg.generated_share) % cfg.generated_pool
+                g = math.floor(i * share) % cfg.generated_pool
                 items.append(generated(cfg, frozen, g))
             else:
                 items.append({k: v[row] for k, v in enc.items()})
