@@ -16,9 +16,9 @@ shapes: the bundled shapes model at its defaults (15 dpmpp-2m steps, CFG batch 2
 whole generate() calls, exact and at each --interval, and one UNet call full against shallow.
 sd: the Stable Diffusion 1.5 UNet with random weights (as bench_sd.py builds it) at --size px,
 CFG batch 2, branch 0: one UNet call full against shallow, with their FLOPs (torch's
-FlopCounterMode) and the speed-up those FLOPs allow at each interval, and the whole 20-step
-euler loop (the UNet calls and the sampler; no text encoder, no VAE) exact and at each
-interval. Runs are interleaved (a, b, c, a, b, c, ...) so that drifts of the machine's speed
+FlopCounterMode) and the speed-up those FLOPs allow at each interval, and the whole euler
+loop of --steps (20) steps (the UNet calls and the sampler; no text encoder, no VAE) exact and
+at each interval, and with --tome R each of those with token merging at R too. Runs are interleaved (a, b, c, a, b, c, ...) so that drifts of the machine's speed
 fall on all alike; medians. Not a test: nothing here gates CI.
 """
 import argparse
@@ -30,6 +30,7 @@ import torch
 from nanodiffusion import samplers
 from nanodiffusion.diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from nanodiffusion.pipelines.deepcache import CachedUNet
+from nanodiffusion.pipelines.tome import merging
 
 PROMPTS = [f"a {c} star above a pink square" for c in ("red", "blue", "green")]
 
@@ -118,22 +119,28 @@ def bench_sd(args):
     x = torch.randn(2, 4, h, h, generator=g)
     print_calls(model, x, torch.tensor([500.0, 500.0]), {"context": ctx}, args.repeats,
                 args.interval)
-    plan = samplers.plan("euler", NoiseSchedule(ScheduleConfig()), 20)
+    plan = samplers.plan("euler", NoiseSchedule(ScheduleConfig()), args.steps)
     noise = torch.randn(1, 4, h, h, generator=g)
 
-    def loop(n):
-        fn = model if n is None else CachedUNet(model, n)
+    def loop(n, ratio):
+        unet = model if n is None else CachedUNet(model, n)
+        tome = merging(ratio)
+
+        def fn(x, t, **cond):
+            return unet(x, t, **cond, **({} if tome is None else {"tome": tome}))
         den = cfg_denoiser(Denoiser(fn, plan.schedule, quantize_t=plan.quantize_t), 7.5)
         return samplers.run(plan, den, noise, cond={"context": ctx})
-    runs = [None] + args.interval
-    times = interleaved([lambda n=n: loop(n) for n in runs], args.loop_repeats, warmup=0,
+    runs = [(n, None) for n in [None, *args.interval]]
+    if args.tome:
+        runs += [(n, args.tome) for n in [None, *args.interval]]
+    times = interleaved([lambda r=r: loop(*r) for r in runs], args.loop_repeats, warmup=0,
                         cpu=True)
-    print(f"whole 20-step euler loop, CFG 7.5 (batch 2), {args.size} px, "
+    print(f"whole {args.steps}-step euler loop, CFG 7.5 (batch 2), {args.size} px, "
           f"median of {args.loop_repeats}, wall and CPU seconds:")
     (w0, c0) = times[0]
-    for n, (w, c) in zip(runs, times):
-        print(f"  {'exact' if n is None else f'interval {n}':<12}{w:8.2f} s {w0 / w:5.2f}x"
-              f"{c:10.2f} s CPU {c0 / c:5.2f}x")
+    for (n, r), (w, c) in zip(runs, times):
+        name = ("exact" if n is None else f"interval {n}") + (f" + tome {r}" if r else "")
+        print(f"  {name:<22}{w:8.2f} s {w0 / w:5.2f}x{c:10.2f} s CPU {c0 / c:5.2f}x")
 
 
 def main():
@@ -143,9 +150,12 @@ def main():
     ap.add_argument("--interval", type=int, action="append", default=None,
                     help="DeepCache intervals to time (default 2, 3, 5)")
     ap.add_argument("--repeats", type=int, default=None, help="(default: shapes 20, sd 3)")
-    ap.add_argument("--loop-repeats", type=int, default=1, help="sd: the 20-step loops")
+    ap.add_argument("--loop-repeats", type=int, default=1, help="sd: the loops (--steps)")
     ap.add_argument("--size", type=int, default=256, help="sd: image side in pixels")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=20, help="sd: the loops' euler steps")
+    ap.add_argument("--tome", type=float, default=None,
+                    help="sd: also time each loop with token merging at this ratio")
     args = ap.parse_args()
     args.interval = args.interval or [2, 3, 5]
     args.repeats = args.repeats or (20 if args.model == "shapes" else 3)
