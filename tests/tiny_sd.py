@@ -111,12 +111,14 @@ def fixed_indices(cfg, step, chunk, rank, world):
 def assert_float32_rounding_apart(got, want):
     """Two float32 runs of the same images whose convolutions ran on oneDNN's packed and dense
     kernels: bit for bit on the Intel machines measured, but on an AMD Zen 4 the two round some
-    small convolutions differently (up to 6e-6, models/packing.py): at most one level apart, on
-    at most 0.1% of the bytes."""
+    small convolutions differently (up to 6e-6, models/packing.py), and which kernel a call gets
+    can depend on the calls before it: at most one level apart, on at most 1% of the bytes (a
+    fresh-clone CI saw 4 of a 32x32 image's 3,072, 0.13%; a wrong setting moves most bytes by
+    more than one level)."""
     for g, w in zip(got, want, strict=True):
         g, w = (np.asarray(im, dtype=np.int16) for im in (g, w))
         apart = np.abs(g - w)
-        assert apart.max() <= 1 and (apart > 0).mean() <= 1e-3, (apart.max(), (apart > 0).mean())
+        assert apart.max() <= 1 and (apart > 0).mean() <= 1e-2, (apart.max(), (apart > 0).mean())
 
 
 def assert_close_images(got, want, latents=None, tol=2 / 255):
