@@ -96,7 +96,8 @@ def generator(cfg, device):
     if str(where).endswith(".safetensors") and \
             checkpoint.read_metadata(where).get("class") == "VAE":
         raise ValueError(f"generated_share {cfg.generated_share}: --teacher {where} is a VAE "
-                         f"file, which generates nothing; name a whole model")
+                         f"file, which generates nothing; name a whole model, or set "
+                         f"generated_share = 0 in the recipe to distil on data latents alone")
     return load_pipeline(where, device=device)
 
 
