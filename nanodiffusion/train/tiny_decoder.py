@@ -44,9 +44,9 @@ FILE = "tiny_decoder.safetensors"
 ASSEMBLED = ("model", "model-unclip", "model-lcm", "model-dmd")  # a run's model folders
 
 
-def teacher_vae(cfg, device):
-    """The VAE to distil: `teacher`'s (one of our VAE files, or any model the loader opens),
-    else the run's."""
+def teacher_vae(cfg, device, pipe=None):
+    """The VAE to distil: `teacher`'s (one of our VAE files, or any model the loader opens;
+    `pipe`: that model, already loaded), else the run's."""
     if not cfg.teacher:
         path = cfg.out_path("vae") / "vae.safetensors"
         if not path.exists():
@@ -59,7 +59,7 @@ def teacher_vae(cfg, device):
     if cfg.teacher.endswith(".safetensors") and \
             checkpoint.read_metadata(cfg.teacher).get("class") == "VAE":
         return checkpoint.load_model(cfg.teacher, device=device)
-    return load_pipeline(cfg.teacher, device=device).vae
+    return (pipe or load_pipeline(cfg.teacher, device=device)).vae
 
 
 def student_config(cfg, vae):
@@ -151,12 +151,14 @@ def attached_folders(cfg):
 class TinyDecoderPart:
     @staticmethod
     def build(cfg, device):
-        vae = teacher_vae(cfg, device).float().requires_grad_(False)
-        vae = vae.eval().to(memory_format=torch.contiguous_format)
+        # a model teacher loaded once: its generate() of latents never runs its VAE
+        gen = generator(cfg, device) if cfg.generated_share else None
+        vae = teacher_vae(cfg, device, gen if cfg.teacher else None)
+        vae = vae.float().requires_grad_(False).eval().to(memory_format=torch.contiguous_format)
         model = TAESD(student_config(cfg, vae)).to(device)
         frozen = {"source": source(cfg)[0], "vae": vae}
-        if cfg.generated_share:
-            frozen["generator"] = generator(cfg, device)
+        if gen is not None:
+            frozen["generator"] = gen
         return model, frozen
 
     @staticmethod
@@ -165,10 +167,10 @@ class TinyDecoderPart:
         the latent pool), generated ones (generated_share) from the model."""
         share = cfg.generated_share  # data samples are numbered among themselves:
         data = [i - math.floor((i + 1) * share) for i in indices if not is_generated(cfg, i)]
-        if len(data) == len(indices):
-            return encoded_batch(cfg, frozen, indices, teacher_outputs(frozen["vae"]), device)[0]
         enc = encoded_batch(cfg, frozen, data, teacher_outputs(frozen["vae"]), device)[0] \
             if data else {}
+        if len(data) == len(indices):
+            return enc
         items, row = [], 0
         for i in indices:
             if is_generated(cfg, i):
