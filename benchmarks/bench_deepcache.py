@@ -18,8 +18,9 @@ sd: the Stable Diffusion 1.5 UNet with random weights (as bench_sd.py builds it)
 CFG batch 2, branch 0: one UNet call full against shallow, with their FLOPs (torch's
 FlopCounterMode) and the speed-up those FLOPs allow at each interval, and the whole euler
 loop of --steps (20) steps (the UNet calls and the sampler; no text encoder, no VAE) exact and
-at each interval, and with --tome R each of those with token merging at R too. Runs are interleaved (a, b, c, a, b, c, ...) so that drifts of the machine's speed
-fall on all alike; medians. Not a test: nothing here gates CI.
+at each interval, and with --tome R each of those with token merging at R too. Runs are
+interleaved (a, b, c, a, b, c, ...) so that drifts of the machine's speed fall on all alike;
+medians. Not a test: nothing here gates CI.
 """
 import argparse
 import statistics

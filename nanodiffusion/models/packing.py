@@ -13,7 +13,8 @@ input, as pipelines give the UNet, the same results bit for bit, but for float32
 on an AMD Zen 4 the shapes VAE's 64-channel 3x3 convolutions at batch 1 round differently, by up
 to 6e-6; a contiguous float32 input's dense kernel rounds differently, ~4e-6 of the scale of an
 SD 1.5 UNet call's output; a packed weight also serves inputs of other sizes). The dense weight
-is let go (and its memory given back to the system: glibc would keep it in its heap), so memory does not grow.
+is let go (and its memory given back to the system: glibc would keep it in its heap), so memory
+does not grow.
 
 A packed convolution turns back into a plain one, its dense weight restored in its layout,
 whenever anything asks for its weight (`conv.weight`: LoRA fusing, low memory's files), calls

@@ -114,8 +114,9 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
                  eta=None, best_of=1, guidance_rescale=0.0, vae_decoder="full", clip_skip=1,
                  prompt_syntax=True, deepcache=None, tome=None, output_type="pil"):
         """txt2img: a list of `n` PIL images (output_type "latent": the final latents, (n, C,
-        h, w) float32 scaled as the UNet sees them, undecoded, as diffusers' output_type). best_of > 1 keeps, for each image, the best of
-        `best_of` candidates under CLIP (see best_of_n for their seeds); it needs `clip`.
+        h, w) float32 scaled as the UNet sees them, undecoded, as diffusers' output_type).
+        best_of > 1 keeps, for each image, the best of `best_of` candidates under CLIP (see
+        best_of_n for their seeds); it needs `clip`.
         guidance_rescale (0..1): diffusers' option of that name (diffusion.cfg_denoiser), for
         v-prediction models on zero-terminal-SNR schedules whose guided images over-saturate.
         vae_decoder "tiny": the final images from the tiny decoder (decoders.py).
