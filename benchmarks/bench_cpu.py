@@ -23,7 +23,8 @@ call s, warm s (the median of --repeats calls), best s (the fastest of them: on 
 (then, apart: the resident size once loaded, the load's peak, the calls' peak, the resident
 size after them), "vs diffusers" (the warm time of the system's diffusers baseline, same
 dtype, over its own: above 1x is faster), roofline (the fraction of the machine's roofline
-reached: the work's FLOPs / the matmul peak of the dtype it computes in, over the warm time;
+reached: the work's FLOPs / the matmul peak of the dtype it computes in (the faster of torch.mm
+and oneDNN's product: machine_peaks), over the warm time;
 "at best": over the best time; ours float32 runs the wide 3x3 convolutions as Winograd's
 F(4x4, 3x3), 4x fewer multiply-adds than counted, so its fraction can pass the direct
 kernels'), and max |diff| to diffusers float32 in 1/255 steps. Every
@@ -212,8 +213,12 @@ def _peak(make, shapes, slow=0.5):
 
 
 def machine_peaks(quick):
-    """GFLOP/s of torch.mm (n x n) and of a 3x3 convolution (batch 2, C -> C channels, 32 x 32,
-    NCHW) per dtype, at the thread count set, at the largest shape tried (_peak)."""
+    """GFLOP/s of an n x n matrix product and of a 3x3 convolution (batch 2, C -> C channels,
+    32 x 32, NCHW) per dtype, at the thread count set, at the largest shape tried (_peak). The
+    product is the faster of torch.mm and oneDNN's (torch.ops.mkldnn._linear_pointwise), both
+    kept ("matmul_mm", "matmul_onednn"): torch.mm's float32 is MKL's sgemm, which runs AVX2
+    code on AMD CPUs (a 2-core AMD EPYC with AVX-512: 191 GFLOP/s against oneDNN's 431), so it
+    would put the roofline at half the hardware's."""
     import torch
     import torch.nn.functional as F
 
@@ -227,18 +232,35 @@ def machine_peaks(quick):
             return (lambda: torch.mm(a, b)), 2 * n ** 3
         return make
 
+    def onednn(dt):  # a @ b.T on oneDNN's kernel (float32: not MKL's, models/packing.py)
+        def make(n):
+            a, b = (torch.randn(n, n, generator=g).to(dt) for _ in range(2))
+            return (lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")), \
+                2 * n ** 3
+        return make
+
     def conv(dt):
         def make(c):
             x = torch.randn(2, c, hw, hw, generator=g).to(dt)
             w = (torch.randn(c, c, 3, 3, generator=g) * 0.05).to(dt)
             return (lambda: F.conv2d(x, w, padding=1)), 2 * 2 * c * c * 9 * hw * hw
         return make
-    out = {"matmul": {}, "conv3x3": {}, "matmul_shape": {}, "conv3x3_shape": {}}
+    out = {"matmul": {}, "conv3x3": {}, "matmul_shape": {}, "conv3x3_shape": {},
+           "matmul_mm": {}, "matmul_onednn": {}}
     with torch.no_grad():
         for name in DTYPES:
             dt = getattr(torch, name)
-            out["matmul"][name], n = _peak(matmul(dt), ns)
+            out["matmul_mm"][name], n = _peak(matmul(dt), ns)
             out["matmul_shape"][name] = f"{n}x{n}"
+            try:
+                out["matmul_onednn"][name], m = _peak(onednn(dt), ns)
+            except RuntimeError:  # no oneDNN kernel for this dtype here
+                out["matmul_onednn"][name], m = None, None
+            if out["matmul_onednn"][name] and out["matmul_onednn"][name] > out["matmul_mm"][name]:
+                out["matmul"][name], out["matmul_shape"][name] = \
+                    out["matmul_onednn"][name], f"{m}x{m} oneDNN"
+            else:
+                out["matmul"][name] = out["matmul_mm"][name]
             out["conv3x3"][name], c = _peak(conv(dt), cs)
             out["conv3x3_shape"][name] = f"2x{c}x{hw}x{hw}, {c} -> {c}"
     out["tried"] = {"matmul n": ns, "conv3x3 C": cs}
@@ -541,6 +563,9 @@ def print_machine(probe):
         cells = [f"{peaks[op][d]:.1f} ({peaks[op + '_shape'][d].split(',')[0]})"
                  for d in DTYPES]
         print(f"{label:<36}" + "".join(f"{c:>22}" for c in cells))
+    for op, label in (("matmul_mm", "  of which torch.mm"), ("matmul_onednn", "  and oneDNN's")):
+        if op in peaks:  # a probe from before both were kept has neither
+            print(f"{label:<36}" + "".join(f"{_fmt(peaks[op][d], '.1f'):>22}" for d in DTYPES))
 
 
 def print_size(size, rows, probe, args):

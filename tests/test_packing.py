@@ -230,3 +230,47 @@ def test_low_memory_packs_long_loops_only(monkeypatch, bf16):
         img = low.generate(PROMPT, seed=2, steps=steps)[0]
         assert img.tobytes() == bf16.generate(PROMPT, seed=2, steps=steps)[0].tobytes()
     assert counts == [True, False] and not _packed(low.unet)
+
+
+def _linears(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_float32_linears_run_on_onednn_and_images_stay_within_rounding():
+    """A float32 pipeline's linear layers (UNet, text encoder, VAE) are OneDNNLinear and its
+    calls reach oneDNN's product; its images are those of torch's own linear within float32
+    rounding (tiny_sd.assert_float32_rounding_apart)."""
+    pipe = nanodiffusion.load("shapes")
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        assert _linears(part) and all(type(m) is packing.OneDNNLinear for m in _linears(part))
+    with torch.profiler.profile() as prof:
+        fast = pipe.generate(PROMPT, seed=3, steps=3, n=2)
+    assert "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        for m in _linears(part):
+            m.__class__ = torch.nn.Linear
+    pipe._prompt_cache.clear()
+    tiny_sd.assert_float32_rounding_apart(fast, pipe.generate(PROMPT, seed=3, steps=3, n=2))
+
+
+def test_onednn_linear_keeps_nn_linear_where_it_should():
+    """OneDNNLinear: float32 without gradients within rounding of nn.Linear; with gradients,
+    in bfloat16 and below ONEDNN_LINEAR_MIN_MACS it is nn.Linear's own call, bit for bit, and
+    gradients flow as they do there."""
+    torch.manual_seed(0)
+    fast, plain = packing.OneDNNLinear(96, 160), torch.nn.Linear(96, 160)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 40, 96)  # 3 x 40 x 96 x 160 multiply-adds: over the floor
+    assert x.numel() * 160 >= packing.ONEDNN_LINEAR_MIN_MACS
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+        small = x[:1, :2]
+        assert torch.equal(fast(small), plain(small))
+        assert torch.equal(fast.to(torch.bfloat16)(x.bfloat16()),
+                           plain.to(torch.bfloat16)(x.bfloat16()))
+    fast.float(), plain.float()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fast(xa), plain(xb)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward(), yb.square().sum().backward()
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(fast.weight.grad, plain.weight.grad)

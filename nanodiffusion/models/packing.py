@@ -98,7 +98,8 @@ def cpu_input(x, dtype=None):
 
 # Linear layers are not packed: torch.ops.mkldnn's packed linear was 1.3-1.7x faster on SD
 # 1.5's products alone but did not give the dense results bit for bit (2-3 bfloat16 ulps on a
-# UNet call's output), and gained 2-4% of a call.
+# UNet call's output), and gained 2-4% of a call. Their float32 products run on oneDNN's dense
+# kernel, though (OneDNNLinear, below).
 def _packable(m):
     w = m._parameters.get("weight") if type(m) in (nn.Conv2d, winograd.Conv2d) else None
     return (w is not None and w.dtype in PACKED_DTYPES and w.device.type == "cpu"
@@ -147,3 +148,42 @@ def packed_weights(module, enabled=True):
         yield pack(module) if enabled else 0
     finally:
         unpack(module)
+
+
+# A float32 product smaller than this many multiply-adds stays with torch's own kernel: oneDNN's
+# call costs ~12 us more (8 x 128 -> 128: 8 us against 21 us; 128 x 128 -> 128 ties).
+ONEDNN_LINEAR_MIN_MACS = 2 ** 19
+
+
+class OneDNNLinear(nn.Linear):
+    """An nn.Linear whose float32 CPU calls without gradients run on oneDNN's matrix product
+    (torch.ops.mkldnn._linear_pointwise on the dense weight) instead of torch's default, MKL's
+    sgemm, which on AMD CPUs runs its AVX2 code: on a 2-core AMD EPYC with AVX-512, SD 1.5's
+    products at 120-200 GFLOP/s against oneDNN's 390-450 (torch.mm 2048^3: 191 against 431).
+    Nothing else changes: the weight stays the dense parameter (LoRA fusing, low memory's files
+    and state dicts see a plain Linear), and other dtypes, devices, gradients and products under
+    ONEDNN_LINEAR_MIN_MACS take nn.Linear's own path. The results are float32 rounding apart
+    from it (~1e-6 relative)."""
+
+    def forward(self, x):
+        if (x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() * self.out_features >= ONEDNN_LINEAR_MIN_MACS
+                and not (torch.is_grad_enabled()
+                         and (x.requires_grad or self.weight.requires_grad))):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
+
+
+def onednn_linears(*modules):
+    """The plain nn.Linear layers of `modules` (None skipped) made OneDNNLinear, for inference
+    (pipelines call it on every part they run); nothing where this torch lacks the op. -> how
+    many there are."""
+    if not (available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return 0
+    n = 0
+    for module in modules:
+        for m in module.modules() if module is not None else ():
+            if type(m) is nn.Linear:
+                m.__class__ = OneDNNLinear
+            n += type(m) is OneDNNLinear
+    return n

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import Attention, norm_silu, residual
+from .packing import onednn_linears
 from .winograd import Conv2d
 
 
@@ -265,8 +266,11 @@ def for_inference(vae):
     oneDNN convolves without reordering them and the activations (the decoder's full-size
     ones dominate its time) stay channels-last too. Same results within float rounding; a
     256 px decode on 2 CPU threads went from diffusers' speed to 1.19x it (benchmarks/
-    bench_sd.py). Training keeps the default layout."""
-    return vae.eval().to(memory_format=torch.channels_last)
+    bench_sd.py). Training keeps the default layout. Its float32 linear layers (the middle
+    block's attention) run on oneDNN (packing.OneDNNLinear)."""
+    vae = vae.eval().to(memory_format=torch.channels_last)
+    onednn_linears(vae)
+    return vae
 
 
 def _tile_starts(n, tile, overlap):

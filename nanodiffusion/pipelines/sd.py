@@ -17,7 +17,7 @@ from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..models.layers import guidance_embedding
-from ..models.packing import cpu_input, pack, packed_weights
+from ..models.packing import cpu_input, onednn_linears, pack, packed_weights
 from ..models.unet import for_inference as unet_for_inference
 from ..models.unet import relayouts as unet_relayouts
 from ..models.vae import for_inference as vae_for_inference
@@ -59,6 +59,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         with resident(unet) if unet_relayouts(unet) else contextlib.nullcontext():
             self.unet = unet_for_inference(unet)
         self.text_encoder = text_encoder.eval()
+        onednn_linears(text_encoder, clip)  # the UNet's and the VAE's: their for_inference
         with resident(vae):
             self.vae = vae_for_inference(vae)
         self.tokenizer, self.schedule_config = tokenizer, schedule

@@ -17,6 +17,7 @@ from .. import samplers
 from ..data.shapes import enumerate_captions
 from ..diffusion import PRIOR_SCHEDULE, Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
+from ..models.packing import onednn_linears
 from ..models.vae import for_inference as vae_for_inference
 from ..prompts import escape, plain_text
 from .checks import check_guidance, check_int, check_sampler
@@ -85,6 +86,7 @@ class UnCLIPPipeline:
         # passes the prompt, the image-only tasks (variations, edits, interpolation) ""
         self.decoder_text = decoder_text
         self.vae, self.clip, self.tokenizer = vae_for_inference(vae), clip.eval(), tokenizer
+        onednn_linears(prior, decoder, clip)  # the VAE's: its for_inference
         self.schedule_config, self.prior_schedule = schedule, prior_schedule
         self.schedule = NoiseSchedule(schedule)
         self.defaults = defaults or UnCLIPDefaults()
