@@ -557,15 +557,15 @@ def print_machine(probe):
           f"{' '.join(missing) or '-'}); torch {cpu['torch']} ({cpu['capability']}), "
           f"{probe['threads']} threads")
     tried = peaks["tried"]
-    print(f"{'peak GFLOP/s (at the shape)':<36}" + "".join(f"{d:>22}" for d in DTYPES))
+    print(f"{'peak GFLOP/s (at the shape)':<38}" + "".join(f"{d:>26}" for d in DTYPES))
     for op, label in (("matmul", f"matmul n x n, n in {tried['matmul n']}"),
                       ("conv3x3", f"conv 3x3 32x32, C in {tried['conv3x3 C']}")):
         cells = [f"{peaks[op][d]:.1f} ({peaks[op + '_shape'][d].split(',')[0]})"
                  for d in DTYPES]
-        print(f"{label:<36}" + "".join(f"{c:>22}" for c in cells))
-    for op, label in (("matmul_mm", "  of which torch.mm"), ("matmul_onednn", "  and oneDNN's")):
+        print(f"{label:<38}" + "".join(f"{c:>26}" for c in cells))
+    for op, label in (("matmul_mm", "  matmul: torch.mm"), ("matmul_onednn", "  matmul: oneDNN")):
         if op in peaks:  # a probe from before both were kept has neither
-            print(f"{label:<36}" + "".join(f"{_fmt(peaks[op][d], '.1f'):>22}" for d in DTYPES))
+            print(f"{label:<38}" + "".join(f"{_fmt(peaks[op][d], '.1f'):>26}" for d in DTYPES))
 
 
 def print_size(size, rows, probe, args):

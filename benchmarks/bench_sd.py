@@ -1,6 +1,10 @@
 """Time the Stable Diffusion 1.5 architecture (random weights) against diffusers, same weights,
 same inputs, same process: a UNet step with classifier-free guidance (batch 2), the CLIP text
-encoder (2 x 77 tokens) and a VAE decode. Prints medians and ratios (diffusers / ours).
+encoder (2 x 77 tokens) and a VAE decode. Ours runs as the pipelines run it (for_inference,
+float32 linears on oneDNN, the UNet's and the VAE decoder's convolutions packed, channels-last
+input on the CPU). Prints medians, ratios (diffusers / ours), each part's FLOPs (counted on
+diffusers' call) and, on the CPU, our GFLOP/s and its fraction of the machine's matmul peak in
+that dtype (bench_cpu.machine_peaks: the faster of torch.mm and oneDNN's product).
 
     .venv/bin/python benchmarks/bench_sd.py --size 256 --repeats 3
 
@@ -60,10 +64,24 @@ def build_pairs():
     return [m.eval() for m in (ours_unet, ref_unet, ours_vae, ref_vae, ours_text, ref_text)]
 
 
+def _flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
 @torch.no_grad()
 def run(size, repeats, device, dtype):
+    from nanodiffusion.models import unet
+    from nanodiffusion.models.packing import cpu_input, onednn_linears, pack
+
     mods = [m.to(device=device, dtype=dtype) for m in build_pairs()]
     ours_unet, ref_unet, ours_vae, ref_vae, ours_text, ref_text = mods
+    ours_unet = unet.for_inference(ours_unet)  # after the cast: its layout follows the dtype
+    onednn_linears(ours_text)  # the UNet's and the VAE's: their for_inference
+    pack(ours_unet), pack(ours_vae.decoder)  # as Pipeline.unet_loop and _decode do
     h = size // 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, h, h, generator=g).to(device, dtype)
@@ -71,20 +89,31 @@ def run(size, repeats, device, dtype):
     ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
     ids = torch.randint(0, 49407, (2, 77), generator=g).to(device)
     z = torch.randn(1, 4, h, h, generator=g).to(device, dtype)
+    xo, zo = cpu_input(x), cpu_input(z)  # the pipelines' one rule for these inputs
     rows = [
-        ("unet step, CFG batch 2", lambda: ours_unet(x, t, ctx),
+        ("unet step, CFG batch 2", lambda: ours_unet(xo, t, ctx),
          lambda: ref_unet(x, t, ctx).sample),
         ("text encoder 2x77", lambda: ours_text(ids)[0],
          lambda: ref_text(ids).last_hidden_state),
-        (f"vae decode {size}px", lambda: ours_vae.decode(z), lambda: ref_vae.decode(z).sample),
+        (f"vae decode {size}px", lambda: ours_vae.decode(zo), lambda: ref_vae.decode(z).sample),
     ]
+    peak = None
+    if device.type == "cpu":
+        from bench_cpu import machine_peaks
+
+        peak = machine_peaks(quick=False)["matmul"][str(dtype).removeprefix("torch.")]
+        print(f"matmul peak {peak:.1f} GFLOP/s ({dtype}, the faster of torch.mm and oneDNN)")
     print(f"torch {torch.__version__}, {device}, {dtype}, threads {torch.get_num_threads()}, "
           f"{size}px, median of {repeats}, interleaved")
-    print(f"{'part':<26}{'ours s':>10}{'diffusers s':>13}{'ratio':>8}{'max |diff|':>12}")
+    print(f"{'part':<26}{'ours s':>10}{'diffusers s':>13}{'ratio':>8}{'GFLOP':>8}"
+          f"{'ours GFLOP/s':>14}{'roofline':>10}{'max |diff|':>12}")
     for name, ours, ref in rows:
         diff = (ours().float() - ref().float()).abs().max().item()
+        work = _flops(ref) / 1e9
         a, b = _median_times([ours, ref], repeats, device)
-        print(f"{name:<26}{a:>10.4f}{b:>13.4f}{b / a:>8.2f}{diff:>12.2e}")
+        roof = "-" if peak is None else f"{work / a / peak:.0%}"
+        print(f"{name:<26}{a:>10.4f}{b:>13.4f}{b / a:>8.2f}{work:>8.0f}{work / a:>14.0f}"
+              f"{roof:>10}{diff:>12.2e}")
 
 
 def main():
