@@ -122,3 +122,20 @@ def test_pipelines_run_it_and_low_memory_still_gives_the_default_bytes(everywher
     c = nanodiffusion.load("shapes").generate(PROMPT, seed=3, steps=5)[0]
     diff = (torch.tensor(list(a.tobytes())) - torch.tensor(list(c.tobytes()))).abs()
     assert diff.max() <= 2
+
+
+def test_the_products_run_on_onednn_and_equal_bmm():
+    """The 36 products of the transformed tiles and filter (winograd.products) are torch.bmm's
+    within float32 rounding, and a convolution's run on oneDNN's kernel (torch.bmm's float32 is
+    MKL's, which runs AVX2 code on AMD CPUs)."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(36, 50, 24, generator=g)
+    u = winograd.filter_transform(torch.randn(16, 24, 3, 3, generator=g))
+    assert u.shape == (36, 24, 16)
+    torch.testing.assert_close(winograd.products(v, u), torch.bmm(v, u), rtol=1e-5, atol=1e-5)
+    x, w = torch.randn(1, 24, 12, 12, generator=g), torch.randn(16, 24, 3, 3, generator=g)
+    with torch.profiler.profile() as prof:
+        got = winograd.conv3x3(x, w)
+    keys = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_linear_pointwise" in keys and "aten::bmm" not in keys
+    assert _relative_error(got, x, w, None) < 5e-6
