@@ -226,18 +226,14 @@ def machine_peaks(quick):
         ((512, 1024, 2048), (64, 128, 320), 32)
     g = torch.Generator().manual_seed(0)
 
-    def matmul(dt):
+    def matmul(dt, mm=torch.mm):
         def make(n):
             a, b = (torch.randn(n, n, generator=g).to(dt) for _ in range(2))
-            return (lambda: torch.mm(a, b)), 2 * n ** 3
+            return (lambda: mm(a, b)), 2 * n ** 3
         return make
 
-    def onednn(dt):  # a @ b.T on oneDNN's kernel (float32: not MKL's, models/packing.py)
-        def make(n):
-            a, b = (torch.randn(n, n, generator=g).to(dt) for _ in range(2))
-            return (lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")), \
-                2 * n ** 3
-        return make
+    def onednn(a, b):  # a @ b.T on oneDNN's kernel (float32: not MKL's, models/packing.py)
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
     def conv(dt):
         def make(c):
@@ -253,7 +249,7 @@ def machine_peaks(quick):
             out["matmul_mm"][name], n = _peak(matmul(dt), ns)
             out["matmul_shape"][name] = f"{n}x{n}"
             try:
-                out["matmul_onednn"][name], m = _peak(onednn(dt), ns)
+                out["matmul_onednn"][name], m = _peak(matmul(dt, onednn), ns)
             except RuntimeError:  # no oneDNN kernel for this dtype here
                 out["matmul_onednn"][name], m = None, None
             if out["matmul_onednn"][name] and out["matmul_onednn"][name] > out["matmul_mm"][name]:

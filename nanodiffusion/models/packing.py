@@ -168,8 +168,7 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x):
         if (x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.numel() * self.out_features >= ONEDNN_LINEAR_MIN_MACS
-                and not (torch.is_grad_enabled()
-                         and (x.requires_grad or self.weight.requires_grad))):
+                and not winograd.needs_grad(self, x)):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)
 
@@ -178,7 +177,7 @@ def onednn_linears(*modules):
     """The plain nn.Linear layers of `modules` (None skipped) made OneDNNLinear, for inference
     (pipelines call it on every part they run); nothing where this torch lacks the op. -> how
     many there are."""
-    if not (available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if winograd.onednn_product() is None:
         return 0
     n = 0
     for module in modules:

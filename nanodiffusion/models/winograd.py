@@ -96,9 +96,9 @@ def filter_transform(weight):
     return _mm(_kron()[2], weight.float().reshape(k * c, R * R).T).view(A * A, k, c).transpose(1, 2)
 
 
-def _onednn():
-    """oneDNN's matrix product, torch.ops.mkldnn._linear_pointwise, or None where this torch
-    lacks it."""
+def onednn_product():
+    """oneDNN's matrix product, torch.ops.mkldnn._linear_pointwise (x @ w.T + b), or None where
+    this torch lacks it: the one check, for these products and packing.OneDNNLinear."""
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     return op if op is not None and torch.backends.mkldnn.is_available() else None
 
@@ -106,7 +106,7 @@ def _onednn():
 def _mm(a, b):
     """a @ b (a small transform matrix times long operands) on oneDNN where this torch has it
     (as `products`: on the 2-core AMD EPYC 2x faster than MKL's, the same values here)."""
-    op = _onednn()
+    op = onednn_product()
     return a @ b if op is None else op(a, b.T, None, "none", [], "")
 
 
@@ -117,7 +117,7 @@ def products(v, u):
     AMD EPYC with AVX-512 these products ran 1.4-2x faster on oneDNN: 320 channels, 64 tiles
     5.0 -> 2.5 ms; 512 channels, 1024 tiles 119 -> 73 ms). The same products within float32
     rounding."""
-    op = _onednn()
+    op = onednn_product()
     if op is None:
         return torch.bmm(v, u)
     w = u.transpose(1, 2)  # (A², K, C): filter_transform's own layout, no copy
@@ -170,6 +170,7 @@ class Conv2d(nn.Conv2d):
 
 
 def needs_grad(conv, x):
-    """Whether a call of `conv` on `x` is to be differentiated (the direct kernel then)."""
+    """Whether a call of `conv` (or any layer with a weight: packing.OneDNNLinear) on `x` is to
+    be differentiated (the direct kernel then)."""
     return torch.is_grad_enabled() and (x.requires_grad
                                         or conv._parameters["weight"].requires_grad)
