@@ -44,3 +44,67 @@ def test_norm_silu_and_residual_in_place_only_without_gradients():
     out = residual(xg, norm_silu(gn, xg) * hg)
     out.sum().backward()
     assert xg.grad is not None and torch.equal(hg, h)
+
+
+def _ops(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.key for e in prof.key_averages()}
+
+
+def test_blocked_attention_is_torch_attention_within_rounding():
+    """Inference over >= BLOCKED_MIN_KEYS keys on the CPU runs layers.blocked_attention (float32
+    scores on oneDNN's product, a block of queries at a time: more queries than a block here,
+    and cross-attention with T != S). Its error against float64 is the kernel's or near it, in
+    float32 and bfloat16; a mask or gradients keep torch's kernel."""
+    import torch.nn.functional as F
+
+    from nanodiffusion.models import layers
+    torch.manual_seed(0)
+    S = layers.BLOCKED_MIN_KEYS + 76
+    T = layers.BLOCKED_SCORES // S + 300  # two blocks of queries
+    q, k, v = torch.randn(2, 3, T, 24) * 2, torch.randn(2, 3, S, 24) * 2, torch.randn(2, 3, S, 24)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        a, b, c = q.to(dtype), k.to(dtype), v.to(dtype)
+        with torch.no_grad():
+            out, ops = _ops(lambda: layers.attention(a, b, c))
+        kernel = F.scaled_dot_product_attention(a, b, c)
+        assert out.dtype == dtype and out.shape == kernel.shape
+        assert "aten::_softmax" in ops and not any("scaled_dot_product" in o for o in ops)
+        err, kernel_err = (out.double() - ref).abs(), (kernel.double() - ref).abs()
+        assert err.max() <= max(tol, kernel_err.max()) and err.mean() <= kernel_err.mean() * 1.5
+        # the caller's transpose back to (B, T, nh, hs) is a free view
+        assert out.transpose(1, 2).is_contiguous()
+    # fewer keys, a mask, or gradients: torch's kernel
+    with torch.no_grad():
+        _, ops = _ops(lambda: layers.attention(q[:, :, :10], k[:, :, :layers.BLOCKED_MIN_KEYS - 1],
+                                               v[:, :, :layers.BLOCKED_MIN_KEYS - 1]))
+        assert "aten::_softmax" not in ops
+        mask = torch.zeros(T, S, dtype=torch.bool)
+        mask[:, :5] = True
+        _, ops = _ops(lambda: layers.attention(q, k, v, mask))
+        assert "aten::_softmax" not in ops
+    qg = q.clone().requires_grad_()
+    out, ops = _ops(lambda: layers.attention(qg, k, v))
+    assert "aten::_softmax" not in ops
+    out.sum().backward()
+    assert qg.grad is not None
+
+
+def test_attention_module_takes_the_blocked_path_at_inference():
+    """An SD-sized self-attention (1024 tokens, 320 wide, 8 heads) through the module: the
+    blocked path under no_grad, and the same output as torch's kernel within float32 rounding."""
+    from nanodiffusion.models import layers
+    torch.manual_seed(0)
+    attn = Attention(320, num_heads=8).eval()
+    x = torch.randn(1, 1024, 320)
+    with torch.no_grad():
+        out, ops = _ops(lambda: attn(x))
+        old, layers.BLOCKED_MIN_KEYS = layers.BLOCKED_MIN_KEYS, 10**9
+        try:
+            ref, ref_ops = _ops(lambda: attn(x))
+        finally:
+            layers.BLOCKED_MIN_KEYS = old
+    assert "aten::_softmax" in ops and "aten::_softmax" not in ref_ops
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import winograd
+
 
 def norm_silu(norm, x):
     """SiLU(norm(x)), the SiLU in place where no gradient is recorded: norm's output is fresh,
@@ -20,6 +22,48 @@ def norm_silu(norm, x):
 def residual(x, h):
     """x + h, added into `h` (a block's fresh output) where no gradient is recorded."""
     return h.add_(x) if not torch.is_grad_enabled() and h.shape == x.shape else x + h
+
+
+BLOCKED_MIN_KEYS = 1024  # below this many keys torch's kernel is as fast (256 tokens: 1.2 vs 1.6 ms)
+BLOCKED_SCORES = 1 << 21  # float32 scores a block holds (8 MB); 4x that ran 1.2-2x slower
+
+
+def attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values,
+    -> (B, nh, T, hs) in q's dtype: F.scaled_dot_product_attention, or `blocked_attention` for
+    inference on the CPU over at least BLOCKED_MIN_KEYS keys without a mask."""
+    op = winograd.onednn_product()
+    if (op is None or mask is not None or q.device.type != "cpu" or k.shape[2] < BLOCKED_MIN_KEYS
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return blocked_attention(q, k, v, op)
+
+
+def blocked_attention(q, k, v, op):
+    """The attention of `attention`, a head and a block of queries at a time, with float32
+    scores, softmax and products on oneDNN's matrix product `op` (winograd.onednn_product).
+
+    torch's CPU kernel (flash attention) runs SD 1.5's 40-wide heads at 135-150 GFLOP/s in
+    float32 and bfloat16 alike; here a block's scores are whole rows, so the softmax is exact in
+    one pass, and the products run at oneDNN's float32 speed. On a 2-core AMD EPYC (Zen 4), 16
+    heads of 4096 tokens x 40: 281 -> 173 ms in bfloat16, 278 -> 184 ms in float32, with the
+    kernel's error or less against float64 (bfloat16 mean 8.2e-4 against 8.6e-4). The output is
+    laid out (B, T, nh, hs), so the caller's transpose back to tokens is free."""
+    B, nh, T, hs = q.shape
+    S = k.shape[2]
+    out = q.new_empty(B, T, nh, hs).transpose(1, 2)
+    rows = min(T, max(256, BLOCKED_SCORES // S))
+    scale = hs ** -0.5
+    for b in range(B):
+        for h in range(nh):
+            qh = q[b, h].float() * scale  # (T, hs), a fresh contiguous copy
+            kh = k[b, h].float().contiguous()  # (S, hs): the product's "weight"
+            vt = v[b, h].float().t().contiguous()  # (hs, S)
+            for i in range(0, T, rows):
+                s = op(qh[i:i + rows], kh, None, "none", [], "")  # (rows, S) scores
+                torch.ops.aten._softmax.out(s, -1, False, out=s)  # in place: no new 8 MB
+                out[b, h, i:i + rows] = op(s, vt, None, "none", [], "")
+    return out
 
 
 class Attention(nn.Module):
@@ -51,8 +95,7 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = attention(q, k, v, mask).to(dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.to_out[0](y)
 
 
