@@ -283,12 +283,33 @@ def cpu_info():
     return info
 
 
+def flop_counter():
+    """torch's FlopCounterMode, silent, that also counts the two products its table lacks:
+    torch's CPU attention kernel (`_scaled_dot_product_flash_attention_for_cpu`, as
+    sdpa_flop_count counts any attention: 4 x B x heads x T x S x hs; without it an SD 1.5 UNet
+    call at 512 px counted 1354 GFLOP, 252 short of its work) and oneDNN's matrix product
+    (`mkldnn::_linear_pointwise`, x @ w.T: our float32 linears and blocked attention). The
+    one counter of the benchmarks."""
+    import math
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(q, k, v, *args, out_shape=None, **kwargs):  # shapes, as registered
+        return sdpa_flop_count(q, k, v)
+
+    def onednn_product(x, w, *args, out_shape=None, **kwargs):
+        return 2 * math.prod(x) * w[0]
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+        torch.ops.mkldnn._linear_pointwise: onednn_product})
+
+
 def count_flops(folder, sizes, steps):
     """FLOPs per size of one txt2img: `steps` UNet calls of batch 2 (CFG), the text encoder on
     2 x 77 tokens, one VAE decode; our modules built on the meta device from the folder's
     configs (FlopCounterMode counts by shapes, so nothing is computed)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from nanodiffusion.formats import diffusers_config as dc
     from nanodiffusion.models.clip import CLIPTextModel
@@ -304,7 +325,7 @@ def count_flops(folder, sizes, steps):
         unet, vae, text = UNet(ucfg), VAE(vcfg), CLIPTextModel(tcfg)
 
     def flops(fn, *shapes_and_dtypes):
-        with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.device("meta"), torch.no_grad(), flop_counter() as fc:
             fn(*[torch.zeros(s, dtype=d) for s, d in shapes_and_dtypes])
         return fc.get_total_flops()
     text_f = flops(text, ((2, 77), torch.long))

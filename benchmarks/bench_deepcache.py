@@ -62,9 +62,9 @@ def unet_calls(unet, x, t, cond):
 
 
 def flops(fn):
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench_cpu import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 

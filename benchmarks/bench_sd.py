@@ -3,8 +3,9 @@ same inputs, same process: a UNet step with classifier-free guidance (batch 2), 
 encoder (2 x 77 tokens) and a VAE decode. Ours runs as the pipelines run it (for_inference,
 float32 linears on oneDNN, the UNet's and the VAE decoder's convolutions packed, channels-last
 input on the CPU). Prints medians, ratios (diffusers / ours), each part's FLOPs (counted on
-diffusers' call) and, on the CPU, our GFLOP/s and its fraction of the machine's matmul peak in
-that dtype (bench_cpu.machine_peaks: the faster of torch.mm and oneDNN's product).
+diffusers' call by bench_cpu.flop_counter, attention's products included) and, on the CPU, our
+GFLOP/s and its fraction of the machine's matmul peak in that dtype (bench_cpu.machine_peaks:
+the faster of torch.mm and oneDNN's product).
 
     .venv/bin/python benchmarks/bench_sd.py --size 256 --repeats 3
 
@@ -65,9 +66,9 @@ def build_pairs():
 
 
 def _flops(fn):
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench_cpu import flop_counter
 
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         fn()
     return fc.get_total_flops()
 

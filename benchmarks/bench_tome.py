@@ -6,7 +6,7 @@
 
 The Stable Diffusion 1.5 UNet with random weights (as bench_deepcache.py builds it) at --size
 px, CFG batch 2: one UNet call exact and at each --ratio, with the FLOPs of the self-attention
-products at the finest level (which torch's FlopCounterMode does not see on CPU) and its time;
+products at the finest level and its time;
 then the whole 20-step euler loop (the UNet calls and the sampler; no text encoder, no VAE)
 exact, at each ratio, and each ratio with DeepCache at --deepcache N (the two approximate paths
 together). Runs are interleaved so that drifts of the machine's speed fall on all alike;
@@ -66,9 +66,9 @@ def main():
     base = flops(calls[0])
     times = interleaved(calls, args.repeats, cpu=True)
     print(f"one UNet call, batch 2, latents (4, {h}, {h}), median of {args.repeats}:")
-    print(f"  ({base / 1e9:.1f} GFLOP without attention's products, which torch's counter "
-          f"misses on CPU; the self-attention products at the finest level, counted here: "
-          f"4 B N_q N_k C per transformer)")
+    print(f"  ({base / 1e9:.1f} GFLOP as our exact call computes them: float32's wide "
+          f"convolutions as Winograd's products; of them, the self-attention products at the "
+          f"finest level: 4 B N_q N_k C per transformer)")
     for r, (w, c) in zip(ratios, times):
         print(f"  {label(r):<12}{w:8.3f} s {times[0][0] / w:5.2f}x {c:8.3f} s CPU "
               f"{times[0][1] / c:5.2f}x   self-attention {attention_flops(model, h, r) / 1e9:6.1f}"
