@@ -108,3 +108,39 @@ def test_attention_module_takes_the_blocked_path_at_inference():
             layers.BLOCKED_MIN_KEYS = old
     assert "aten::_softmax" in ops and "aten::_softmax" not in ref_ops
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_geglu_at_inference_is_two_products_and_in_place_gelu():
+    """Without gradients GEGLU runs its halves as two products, GELU and the product in place
+    (no out-of-place gelu or mul), with the one-product path's values; a hooked layer (LoRA
+    training's) keeps its hook."""
+    from nanodiffusion.models.layers import GEGLU
+    from nanodiffusion.models.packing import onednn_linears
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for onednn in (False, True):
+            g = GEGLU(64, 96).to(dtype)
+            if onednn:
+                assert onednn_linears(g) == 1
+            x = torch.randn(2, 300, 64, dtype=dtype)
+            ref = g(x)  # gradients on: the one product, out of place
+            assert ref.requires_grad
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                out = g(x)
+            names = [e.name for e in prof.events()]
+            assert "aten::gelu_" in names and "aten::mul_" in names, names
+            assert "aten::gelu" not in names and "aten::mul" not in names, names
+            assert out.shape == (2, 300, 96) and out.dtype == dtype and out.is_contiguous()
+            scale = ref.detach().float().abs().max()
+            assert (out.float() - ref.detach().float()).abs().max() <= tol * scale
+
+    g = GEGLU(16, 8)
+    x = torch.randn(3, 16)
+    plain = g(x).detach()
+    g.proj.register_forward_hook(lambda m, args, out: out + 1.0)
+    with torch.no_grad():
+        hooked = g(x)
+    h, gate = g.proj(x).chunk(2, dim=-1)
+    assert torch.allclose(hooked, h * torch.nn.functional.gelu(gate))
+    assert not torch.allclose(hooked, plain)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import winograd
+from . import packing, winograd
 
 
 def norm_silu(norm, x):
@@ -100,15 +100,30 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Gated GELU projection (diffusers `GEGLU`): one linear gives value and gate halves."""
+    """Gated GELU projection (diffusers `GEGLU`): one linear gives value and gate halves.
+
+    Without gradients each half is its own product (the rows of the weight are its halves, no
+    copy), GELU runs in place on the gate and the value is multiplied in place: one new
+    tensor of the output's size, where the one product, its GELU and the product made three of
+    twice, half and half that size (SD 1.5 at 512 px in float32: 84, 42 and 42 MB per call,
+    each paged in anew). A layer with hooks on it (LoRA training's) keeps the one product."""
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        proj = self.proj
+        if (torch.is_grad_enabled() or type(proj) not in (nn.Linear, packing.OneDNNLinear)
+                or proj._forward_hooks or proj._forward_pre_hooks):
+            h, gate = proj(x).chunk(2, dim=-1)
+            return h * F.gelu(gate)
+        n = proj.out_features // 2
+        product = proj.product if type(proj) is packing.OneDNNLinear else F.linear
+        w, b = proj.weight, proj.bias
+        gate = product(x, w[n:], None if b is None else b[n:])
+        h = product(x, w[:n], None if b is None else b[:n])
+        return h.mul_(torch.ops.aten.gelu_(gate))
 
 
 class FeedForward(nn.Module):

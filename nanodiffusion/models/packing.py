@@ -31,6 +31,7 @@ the CPU, or a torch without the mkldnn ops."""
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..malloc import trim
@@ -166,11 +167,15 @@ class OneDNNLinear(nn.Linear):
     from it (~1e-6 relative)."""
 
     def forward(self, x):
+        return self.product(x, self.weight, self.bias)
+
+    def product(self, x, weight, bias):
+        """x @ weight.T + bias by this layer's rule (layers.GEGLU passes halves of the weight)."""
         if (x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() * self.out_features >= ONEDNN_LINEAR_MIN_MACS
+                and x.numel() * weight.shape[0] >= ONEDNN_LINEAR_MIN_MACS
                 and not winograd.needs_grad(self, x)):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
 
 
 def onednn_linears(*modules):
