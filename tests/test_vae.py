@@ -75,9 +75,14 @@ def test_sliced_attention_equals_unsliced():
     ours, _ = _pair((16, 32), 1)
     z = torch.randn(1, 4, 9, 7)  # 63 tokens: chunks of 16 leave a ragged last chunk
     full = ours.decode(z)
+    calls = {"to_q": 0, "to_k": 0, "to_v": 0}
     for attn in (ours.decoder.mid_block.attentions[0], ours.encoder.mid_block.attentions[0]):
         attn.chunk_size = 16
+    for name in calls:  # the keys and values are projected once, the queries per chunk
+        getattr(ours.decoder.mid_block.attentions[0], name).register_forward_hook(
+            lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
     assert _maxdiff(ours.decode(z), full) < 1e-6
+    assert calls == {"to_q": 4, "to_k": 1, "to_v": 1}
     x = torch.rand(1, 3, 18, 14) * 2 - 1
     sliced = ours.encode(x).mean
     for attn in (ours.decoder.mid_block.attentions[0], ours.encoder.mid_block.attentions[0]):

@@ -87,11 +87,16 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, mask=None):
         context = x if context is None else context
-        B, T, C = x.shape
+        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context), mask)
+
+    def attend(self, q, k, v, mask=None):
+        """The heads' attention of projected (B, T, C) queries over (B, S, C) keys and values,
+        then to_out: forward after its projections."""
+        B, T, C = q.shape
         nh = self.num_heads
-        q = self.to_q(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.to_k(context).view(B, -1, nh, C // nh).transpose(1, 2)  # (B, nh, S, hs)
-        v = self.to_v(context).view(B, -1, nh, C // nh).transpose(1, 2)  # (B, nh, S, hs)
+        q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, -1, nh, C // nh).transpose(1, 2)  # (B, nh, S, hs)
+        v = v.view(B, -1, nh, C // nh).transpose(1, 2)  # (B, nh, S, hs)
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()

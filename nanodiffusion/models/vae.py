@@ -78,9 +78,10 @@ class Upsample(nn.Module):
 class VAEAttention(Attention):
     """Single-head self-attention over the H*W positions, with its own GroupNorm and residual.
 
-    Above `chunk_size` tokens the queries are processed in chunks of that many against all keys,
-    so a 1024 px decode (16384 tokens) never holds the full T x T score matrix. Each query row
-    of softmax(q k^T) v depends on that row alone, so the result equals the unsliced one.
+    Above `chunk_size` tokens the queries are processed in chunks of that many against all keys
+    (projected once), so a 1024 px decode (16384 tokens) never holds the full T x T score matrix
+    on torch's kernel. Each query row of softmax(q k^T) v depends on that row alone, so the
+    result equals the unsliced one.
     """
 
     def __init__(self, channels, groups, chunk_size=4096):
@@ -96,10 +97,9 @@ class VAEAttention(Attention):
         if H * W <= self.chunk_size:
             y = super().forward(h)
         else:
-            chunks = []
-            for i in range(0, H * W, self.chunk_size):
-                chunks.append(super().forward(h[:, i:i + self.chunk_size], context=h))
-            y = torch.cat(chunks, dim=1)  # (B, T, C)
+            k, v = self.to_k(h), self.to_v(h)
+            y = torch.cat([self.attend(self.to_q(h[:, i:i + self.chunk_size]), k, v)
+                           for i in range(0, H * W, self.chunk_size)], dim=1)  # (B, T, C)
         return x + y.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
