@@ -14,10 +14,10 @@ The fidelity of each interval (the bundled model's judged accuracy on the eval s
 
 shapes: the bundled shapes model at its defaults (15 dpmpp-2m steps, CFG batch 2, 64 px):
 whole generate() calls, exact and at each --interval, and one UNet call full against shallow.
-sd: the Stable Diffusion 1.5 UNet with random weights (as bench_sd.py builds it) at --size px,
-CFG batch 2, branch 0: one UNet call full against shallow, with their FLOPs (torch's
-FlopCounterMode) and the speed-up those FLOPs allow at each interval, and the whole euler
-loop of --steps (20) steps (the UNet calls and the sampler; no text encoder, no VAE) exact and
+sd: the Stable Diffusion 1.5 UNet with random weights as the pipelines run it (for_inference,
+its convolutions packed: pipeline_unet) at --size px, CFG batch 2, branch 0: one UNet call
+full against shallow, with their FLOPs (bench_cpu.flop_counter) and the speed-up those FLOPs
+allow at each interval, and the whole euler loop of --steps (20) steps (the UNet calls and the sampler; no text encoder, no VAE) exact and
 at each interval, and with --tome R each of those with token merging at R too. Runs are
 interleaved (a, b, c, a, b, c, ...) so that drifts of the machine's speed fall on all alike;
 medians. Not a test: nothing here gates CI.
@@ -111,13 +111,26 @@ def sd_unet():
     return unet.UNet(unet.SD15).eval()
 
 
+def pipeline_unet():
+    """sd_unet as the pipelines run it: for_inference (float32 linears on oneDNN), its
+    convolutions packed (Pipeline.unet_loop); give it packing.cpu_input's layout."""
+    from nanodiffusion.models.packing import pack
+    from nanodiffusion.models.unet import for_inference
+
+    model = for_inference(sd_unet())
+    pack(model)
+    return model
+
+
 @torch.no_grad()
 def bench_sd(args):
-    model = sd_unet()
+    from nanodiffusion.models.packing import cpu_input
+
+    model = pipeline_unet()
     h = args.size // 8
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(2, 77, 768, generator=g)
-    x = torch.randn(2, 4, h, h, generator=g)
+    x = cpu_input(torch.randn(2, 4, h, h, generator=g))
     print_calls(model, x, torch.tensor([500.0, 500.0]), {"context": ctx}, args.repeats,
                 args.interval)
     plan = samplers.plan("euler", NoiseSchedule(ScheduleConfig()), args.steps)
@@ -128,7 +141,7 @@ def bench_sd(args):
         tome = merging(ratio)
 
         def fn(x, t, **cond):
-            return unet(x, t, **cond, **({} if tome is None else {"tome": tome}))
+            return unet(cpu_input(x), t, **cond, **({} if tome is None else {"tome": tome}))
         den = cfg_denoiser(Denoiser(fn, plan.schedule, quantize_t=plan.quantize_t), 7.5)
         return samplers.run(plan, den, noise, cond={"context": ctx})
     runs = [(n, None) for n in [None, *args.interval]]

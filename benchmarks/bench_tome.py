@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/bench_tome.py --size 256 --repeats 5 --threads 2
     .venv/bin/python benchmarks/bench_tome.py --size 512 --repeats 3 --loop-repeats 1 --threads 2
 
-The Stable Diffusion 1.5 UNet with random weights (as bench_deepcache.py builds it) at --size
-px, CFG batch 2: one UNet call exact and at each --ratio, with the FLOPs of the self-attention
-products at the finest level and its time;
+The Stable Diffusion 1.5 UNet with random weights, as the pipelines run it (bench_deepcache.py's
+pipeline_unet: for_inference, packed), at --size px, CFG batch 2: one UNet call exact and at
+each --ratio, with the FLOPs of the self-attention products at the finest level and its time;
 then the whole 20-step euler loop (the UNet calls and the sampler; no text encoder, no VAE)
 exact, at each ratio, and each ratio with DeepCache at --deepcache N (the two approximate paths
 together). Runs are interleaved so that drifts of the machine's speed fall on all alike;
@@ -15,10 +15,11 @@ medians, wall and CPU seconds. Not a test: nothing here gates CI.
 import argparse
 
 import torch
-from bench_deepcache import flops, interleaved, sd_unet
+from bench_deepcache import flops, interleaved, pipeline_unet
 
 from nanodiffusion import samplers
 from nanodiffusion.diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from nanodiffusion.models.packing import cpu_input
 from nanodiffusion.pipelines.deepcache import CachedUNet
 from nanodiffusion.pipelines.tome import merging
 
@@ -55,11 +56,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, interleaved runs")
-    model = sd_unet()
+    model = pipeline_unet()
     h = args.size // 8
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(2, 77, 768, generator=g)
-    x = torch.randn(2, 4, h, h, generator=g)
+    x = cpu_input(torch.randn(2, 4, h, h, generator=g))
     t = torch.tensor([500.0, 500.0])
 
     calls = [lambda r=r: model(x, t, context=ctx, tome=merging(r)) for r in ratios]
@@ -82,7 +83,10 @@ def main():
     def loop(ratio, deepcache):
         unet = model if not deepcache else CachedUNet(model, deepcache)
         tome = merging(ratio)
-        fn = unet if tome is None else (lambda x, t, **c: unet(x, t, **c, tome=tome))
+        extra = {} if tome is None else {"tome": tome}
+
+        def fn(x, t, **c):
+            return unet(cpu_input(x), t, **c, **extra)
         den = cfg_denoiser(Denoiser(fn, plan.schedule, quantize_t=plan.quantize_t), 7.5)
         return samplers.run(plan, den, noise, cond={"context": ctx})
     runs = [(r, None) for r in ratios]
