@@ -17,8 +17,9 @@ whole generate() calls, exact and at each --interval, and one UNet call full aga
 sd: the Stable Diffusion 1.5 UNet with random weights as the pipelines run it (for_inference,
 its convolutions packed: pipeline_unet) at --size px, CFG batch 2, branch 0: one UNet call
 full against shallow, with their FLOPs (bench_cpu.flop_counter) and the speed-up those FLOPs
-allow at each interval, and the whole euler loop of --steps (20) steps (the UNet calls and the sampler; no text encoder, no VAE) exact and
-at each interval, and with --tome R each of those with token merging at R too. Runs are
+allow at each interval, and the whole euler loop of --steps (20) steps (the UNet calls and the
+sampler; no text encoder, no VAE) exact and at each interval, and with --tome R each of those
+with token merging at R too. Runs are
 interleaved (a, b, c, a, b, c, ...) so that drifts of the machine's speed fall on all alike;
 medians. Not a test: nothing here gates CI.
 """
@@ -122,6 +123,22 @@ def pipeline_unet():
     return model
 
 
+def euler_loop(model, plan, noise, ctx, interval=None, ratio=None):
+    """The euler loop of `plan` from `noise` with CFG 7.5 on the pipeline-ready UNet `model`,
+    with DeepCache at `interval` and token merging at `ratio` where they are given, its
+    latents in packing.cpu_input's layout as the pipelines give them."""
+    from nanodiffusion.models.packing import cpu_input
+
+    unet = CachedUNet(model, interval) if interval else model
+    tome = merging(ratio)
+    extra = {} if tome is None else {"tome": tome}
+
+    def fn(x, t, **cond):
+        return unet(cpu_input(x), t, **cond, **extra)
+    den = cfg_denoiser(Denoiser(fn, plan.schedule, quantize_t=plan.quantize_t), 7.5)
+    return samplers.run(plan, den, noise, cond={"context": ctx})
+
+
 @torch.no_grad()
 def bench_sd(args):
     from nanodiffusion.models.packing import cpu_input
@@ -136,19 +153,11 @@ def bench_sd(args):
     plan = samplers.plan("euler", NoiseSchedule(ScheduleConfig()), args.steps)
     noise = torch.randn(1, 4, h, h, generator=g)
 
-    def loop(n, ratio):
-        unet = model if n is None else CachedUNet(model, n)
-        tome = merging(ratio)
-
-        def fn(x, t, **cond):
-            return unet(cpu_input(x), t, **cond, **({} if tome is None else {"tome": tome}))
-        den = cfg_denoiser(Denoiser(fn, plan.schedule, quantize_t=plan.quantize_t), 7.5)
-        return samplers.run(plan, den, noise, cond={"context": ctx})
     runs = [(n, None) for n in [None, *args.interval]]
     if args.tome:
         runs += [(n, args.tome) for n in [None, *args.interval]]
-    times = interleaved([lambda r=r: loop(*r) for r in runs], args.loop_repeats, warmup=0,
-                        cpu=True)
+    times = interleaved([lambda n=n, r=r: euler_loop(model, plan, noise, ctx, n, r)
+                         for n, r in runs], args.loop_repeats, warmup=0, cpu=True)
     print(f"whole {args.steps}-step euler loop, CFG 7.5 (batch 2), {args.size} px, "
           f"median of {args.loop_repeats}, wall and CPU seconds:")
     (w0, c0) = times[0]

@@ -15,12 +15,11 @@ medians, wall and CPU seconds. Not a test: nothing here gates CI.
 import argparse
 
 import torch
-from bench_deepcache import flops, interleaved, pipeline_unet
+from bench_deepcache import euler_loop, flops, interleaved, pipeline_unet
 
 from nanodiffusion import samplers
-from nanodiffusion.diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
+from nanodiffusion.diffusion import NoiseSchedule, ScheduleConfig
 from nanodiffusion.models.packing import cpu_input
-from nanodiffusion.pipelines.deepcache import CachedUNet
 from nanodiffusion.pipelines.tome import merging
 
 
@@ -80,20 +79,11 @@ def main():
     plan = samplers.plan("euler", NoiseSchedule(ScheduleConfig()), 20)
     noise = torch.randn(1, 4, h, h, generator=g)
 
-    def loop(ratio, deepcache):
-        unet = model if not deepcache else CachedUNet(model, deepcache)
-        tome = merging(ratio)
-        extra = {} if tome is None else {"tome": tome}
-
-        def fn(x, t, **c):
-            return unet(cpu_input(x), t, **c, **extra)
-        den = cfg_denoiser(Denoiser(fn, plan.schedule, quantize_t=plan.quantize_t), 7.5)
-        return samplers.run(plan, den, noise, cond={"context": ctx})
     runs = [(r, None) for r in ratios]
     if args.deepcache:
         runs += [(r, args.deepcache) for r in ratios]
-    times = interleaved([lambda r=r, d=d: loop(r, d) for r, d in runs], args.loop_repeats,
-                        warmup=0, cpu=True)
+    times = interleaved([lambda r=r, d=d: euler_loop(model, plan, noise, ctx, d, r)
+                         for r, d in runs], args.loop_repeats, warmup=0, cpu=True)
     print(f"whole 20-step euler loop, CFG 7.5 (batch 2), {args.size} px, median of "
           f"{args.loop_repeats}, wall and CPU seconds:")
     w0, c0 = times[0]
