@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import packing, winograd
+from . import fused_attention, packing, winograd
 
 
 def norm_silu(norm, x):
@@ -30,11 +30,15 @@ BLOCKED_SCORES = 1 << 21  # float32 scores a block holds (8 MB); 4x that ran 1.2
 
 def attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values,
-    -> (B, nh, T, hs) in q's dtype: F.scaled_dot_product_attention, or `blocked_attention` for
-    inference on the CPU over at least BLOCKED_MIN_KEYS keys without a mask."""
+    -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask: bfloat16 on the
+    fused kernel (fused_attention) where it runs, else `blocked_attention` over at least
+    BLOCKED_MIN_KEYS keys; everywhere else F.scaled_dot_product_attention."""
+    inference = mask is None and q.device.type == "cpu" and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    if inference and fused_attention.supports(q, k, v):
+        return fused_attention.attention(q, k, v)
     op = winograd.onednn_product()
-    if (op is None or mask is not None or q.device.type != "cpu" or k.shape[2] < BLOCKED_MIN_KEYS
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+    if not inference or op is None or k.shape[2] < BLOCKED_MIN_KEYS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return blocked_attention(q, k, v, op)
 

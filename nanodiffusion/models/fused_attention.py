@@ -1,0 +1,120 @@
+"""Fused bfloat16 attention for CPUs with AVX512-BF16: fused_attention.cpp, built with g++ at its
+first use and kept in the user's cache (one file per source and compiler flags).
+
+`available()` says whether it runs here: x86 Linux with avx512_bf16, a C++ compiler, and
+NANODIFFUSION_FUSED_ATTENTION not set to 0. Where it does not, `layers.attention` keeps its other
+paths; a build that fails warns once with the compiler's message and is not tried again in that
+process. `attention(q, k, v)` is the kernel's one call.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused_attention.cpp")
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw",
+         "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+ENV = "NANODIFFUSION_FUSED_ATTENTION"
+
+_lib = None
+_tried = False
+
+
+def cpu_has_avx512_bf16():
+    """Whether /proc/cpuinfo lists avx512_bf16 (Linux; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nanodiffusion" / "kernels"
+
+
+def _build():
+    """The library's path, built if the cache lacks it (written under a temporary name, then
+    renamed, so a concurrent or killed build never leaves a half-written library)."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + FLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / f"fused_attention-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{r.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library():
+    """The loaded kernel library, or None where it does not run here (see the module's text)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux") \
+            or not cpu_has_avx512_bf16():
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"fused bfloat16 attention not built, the slower path runs: {e}")
+        return None
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.nd_attention_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p,
+                                      ctypes.c_float, ctypes.c_int]
+    lib.nd_attention_bf16.restype = ctypes.c_int
+    _lib = lib
+    return _lib
+
+
+def available():
+    return library() is not None
+
+
+def supports(q, k, v):
+    """Whether `attention` takes these (B, nh, T, hs) tensors: bfloat16 on the CPU, each head's
+    vectors contiguous, one batch, head count and width, at least one key; the kernel available."""
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and all(t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v))
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
+            and q.shape[3] == k.shape[3] == v.shape[3] and available())
+
+
+def _strides(t):
+    return (ctypes.c_int64 * 3)(*t.stride()[:3])
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(hs)) v of bfloat16 (B, nh, T, hs) queries and (B, nh, S, hs) keys
+    and values, in torch.get_num_threads() threads; -> (B, nh, T, hs) bfloat16, laid out
+    (B, T, nh, hs) so that the caller's transpose back to tokens is free."""
+    B, nh, T, hs = q.shape
+    S = k.shape[2]
+    out = q.new_empty(B, T, nh, hs).transpose(1, 2)
+    library().nd_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                B, nh, T, S, hs, _strides(q), _strides(k), _strides(v),
+                                _strides(out), hs ** -0.5, torch.get_num_threads())
+    return out
