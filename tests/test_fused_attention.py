@@ -1,6 +1,6 @@
-"""The fused bfloat16 attention kernel (models/fused_attention.cpp): built here where the CPU
-has AVX512-BF16 and a compiler is found, the same values as torch's kernel within its own
-rounding, and the path layers.attention takes for bfloat16 at inference."""
+"""The fused attention kernel (models/fused_attention.cpp): built here where the CPU has
+AVX512-BF16 and a compiler is found, the same values as torch's kernel within its own rounding
+in bfloat16 and float32, and the path layers.attention takes at inference."""
 import shutil
 import subprocess
 import sys
@@ -12,9 +12,9 @@ from nanodiffusion.models import fused_attention, layers
 from nanodiffusion.models.layers import Attention
 
 
-def _heads(B, n, nh, hs, scale=1.0):
-    """(B, nh, n, hs) bfloat16 views of (B, n, nh * hs) tokens, as Attention makes them."""
-    return (torch.randn(B, n, nh * hs) * scale).bfloat16().view(B, n, nh, hs).transpose(1, 2)
+def _heads(B, n, nh, hs, scale=1.0, dtype=torch.bfloat16):
+    """(B, nh, n, hs) views of (B, n, nh * hs) tokens, as Attention makes them."""
+    return (torch.randn(B, n, nh * hs) * scale).to(dtype).view(B, n, nh, hs).transpose(1, 2)
 
 
 def test_built_wherever_the_cpu_and_a_compiler_allow():
@@ -40,27 +40,36 @@ def test_fused_attention_is_torch_attention_within_its_rounding():
         assert not (fused_attention.cpu_has_avx512_bf16() and shutil.which("g++"))
         return
     torch.manual_seed(0)
-    for B, T, S, nh, hs in ((2, 300, 300, 3, 40), (1, 77, 1001, 2, 64), (2, 9, 77, 2, 160),
-                            (1, 33, 5, 1, 5), (1, 1, 1, 1, 8)):
-        q, k, v = _heads(B, T, nh, hs, 2), _heads(B, S, nh, hs, 2), _heads(B, S, nh, hs)
-        assert fused_attention.supports(q, k, v)
-        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-        out = fused_attention.attention(q, k, v)
-        kernel = F.scaled_dot_product_attention(q, k, v)
-        assert out.dtype == torch.bfloat16 and out.shape == (B, nh, T, hs)
-        assert out.transpose(1, 2).is_contiguous()
-        err, kernel_err = (out.double() - ref).abs(), (kernel.double() - ref).abs()
-        assert err.max() <= max(2e-2, 1.5 * kernel_err.max()), (B, T, S, nh, hs)
-        assert err.mean() <= 1.2 * kernel_err.mean(), (B, T, S, nh, hs)
-    # float32, a mask, gradients: not the fused kernel's
+    shapes = ((2, 300, 300, 3, 40), (1, 77, 1001, 2, 64), (2, 9, 77, 2, 160), (1, 33, 5, 1, 5),
+              (1, 1, 1, 1, 8))
+    # float32: within a few times float32's rounding of torch's error (1e-7 of the output here)
+    for dtype, max_floor, mean_factor in ((torch.bfloat16, 2e-2, 1.2), (torch.float32, 2e-6, 3)):
+        for B, T, S, nh, hs in shapes:
+            q, k, v = (_heads(B, T, nh, hs, 2, dtype), _heads(B, S, nh, hs, 2, dtype),
+                       _heads(B, S, nh, hs, 1, dtype))
+            assert fused_attention.supports(q, k, v)
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+            out = fused_attention.attention(q, k, v)
+            kernel = F.scaled_dot_product_attention(q, k, v)
+            assert out.dtype == dtype and out.shape == (B, nh, T, hs)
+            assert out.transpose(1, 2).is_contiguous()
+            err, kernel_err = (out.double() - ref).abs(), (kernel.double() - ref).abs()
+            where = (dtype, B, T, S, nh, hs)
+            assert err.max() <= max(max_floor, 1.5 * kernel_err.max()), where
+            assert err.mean() <= mean_factor * kernel_err.mean(), where
+    # float16, heads wider than MAX_WIDTH, keys of another batch size: not the kernel's
     q = _heads(1, 4, 1, 8)
-    assert not fused_attention.supports(q.float(), q.float(), q.float())
+    assert not fused_attention.supports(q.half(), q.half(), q.half())
+    wide = _heads(1, 4, 1, fused_attention.MAX_WIDTH + 1)
+    assert not fused_attention.supports(wide, wide, wide)
+    k = _heads(2, 4, 1, 8)
+    assert not fused_attention.supports(q, k, k)
 
 
-def test_layers_attention_runs_bfloat16_inference_on_the_fused_kernel():
+def test_layers_attention_runs_inference_on_the_fused_kernel():
     """An SD-sized self-attention module in bfloat16 under no_grad takes the fused kernel (no
     softmax or attention op of torch's runs) where it is available, and gives torch's values
-    within bfloat16 rounding; with gradients it is torch's kernel."""
+    within bfloat16 rounding; with gradients it is torch's kernel. A mask keeps torch's too."""
     torch.manual_seed(0)
     attn = Attention(320, num_heads=8).eval().bfloat16()
     x = torch.randn(1, 1024, 320).bfloat16()
@@ -81,3 +90,9 @@ def test_layers_attention_runs_bfloat16_inference_on_the_fused_kernel():
         attn(xg).float().sum().backward()
     assert any("scaled_dot_product" in e.key for e in prof.key_averages())
     assert xg.grad is not None
+    q = _heads(1, 16, 2, 8)
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = layers.attention(q, q, q, mask)
+    assert any("scaled_dot_product" in e.key for e in prof.key_averages())
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=mask))

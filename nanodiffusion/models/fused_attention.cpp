@@ -1,24 +1,27 @@
-// Fused attention for the CPU: softmax(q k^T * scale) v over bfloat16 heads, with the products'
-// sums, the scores and the softmax in float32, one head and a few query rows at a time, so no
-// score ever leaves the core's caches. Built by fused_attention.py with g++ for CPUs with
-// AVX512-BF16 (vdpbf16ps: two bfloat16 products summed into a float32 lane) and loaded with
-// ctypes: plain C++, no torch headers, its own threads.
+// Fused attention for the CPU: softmax(q k^T * scale) v over bfloat16 or float32 heads, with the
+// products' sums, the scores and the softmax in float32, one head and a few query rows at a
+// time, so no score ever leaves the core's caches. Built by fused_attention.py with g++ for CPUs
+// with AVX512-BF16 (vdpbf16ps: two bfloat16 products summed into a float32 lane; float32 uses
+// AVX-512's fused multiply-add) and loaded with ctypes: plain C++, no torch headers. Its threads
+// are OpenMP's: the library links libgomp.so.1, which in a torch process is torch's own (the
+// same soname), so the kernel runs on torch's thread pool, never beside it.
 //
-// Per head, keys and values are first packed for vdpbf16ps, which multiplies pairs:
-//   kp[d2][s][2] = k[s][2 d2 .. 2 d2 + 1]   (scores: q's pair broadcast, 16 keys a vector)
-//   vp[s2][d][2] = v[2 s2 .. 2 s2 + 1][d]   (output: p's pair broadcast, 16 dims a vector)
+// Per head, keys and values are first packed so that each product step multiplies P elements
+// (P = 2 for bfloat16's pairs, 1 for float32) into 16 float32 lanes:
+//   kp[d2][s][P] = k[s][P d2 .. P d2 + P - 1]  (scores: q's P elements broadcast, 16 keys a vector)
+//   vp[s2][d][P] = v[P s2 .. P s2 + P - 1][d]  (output: p's P elements broadcast, 16 dims a vector)
 // zero-padded to SP keys (a multiple of NK) and HP dims (a multiple of 16). Then for each MR
-// query rows: scores (MR x SP, float32, in L2), each row's max, p = exp(scores - max) rounded
-// to bfloat16 as torch's kernel rounds it before its second product, the row sums in float32,
-// and the output's product, divided by the sums.
+// query rows: scores (MR x SP, float32, in L2), each row's max, p = exp(scores - max) (in
+// bfloat16 rounded as torch's kernel rounds it before its second product), the row sums in
+// float32, and the output's product, divided by the sums.
 #include <immintrin.h>
-#include <pthread.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -46,64 +49,95 @@ inline __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-inline __m512 bcast_pair(const bf16* p) {
+// 32 bits at p (one bfloat16 pair or one float32) in every lane
+inline __m512 bcast32(const void* p) {
     int32_t w;
     std::memcpy(&w, p, 4);
     return _mm512_castsi512_ps(_mm512_set1_epi32(w));
 }
 
-inline __m512 dp(__m512 acc, __m512 a, __m512 b) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-}
+// What differs between the element types: P elements per lane and step, the step's product,
+// and how float32 values are stored as elements (16 at a time, or the first n under a mask).
+template <typename E> struct Ops;
 
-struct Args {
-    const bf16 *q, *k, *v;
-    bf16* out;
+template <> struct Ops<bf16> {
+    static constexpr int P = 2;
+    static __m512 dot(__m512 acc, __m512 a, __m512 b) {
+        return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+    }
+    // stores x rounded to bfloat16; returns the rounded values (what the products will see)
+    static __m512 store(bf16* p, __m512 x) {
+        __m256bh r = _mm512_cvtneps_pbh(x);
+        _mm256_storeu_si256((__m256i*)p, (__m256i)r);
+        return _mm512_cvtpbh_ps(r);
+    }
+    static void store_n(bf16* p, __m512 x, int n) {
+        _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+};
+
+template <> struct Ops<float> {
+    static constexpr int P = 1;
+    static __m512 dot(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+    static __m512 store(float* p, __m512 x) {
+        _mm512_storeu_ps(p, x);
+        return x;
+    }
+    static void store_n(float* p, __m512 x, int n) {
+        _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), x);
+    }
+};
+
+template <typename E> struct Args {
+    const E *q, *k, *v;
+    E* out;
     int64_t B, H, T, S, D;
     int64_t qs[3], ks[3], vs[3], os[3];  // strides (elements) of batch, head, token
     float scale;
     int threads;
-    // derived
-    int D2, HP, SP;
-    bf16 *kp, *vp;  // packed keys and values, per head
+    int D2, HP, SP;  // steps of P over the width, the padded width and key count
+    E *kp, *vp;      // packed keys and values, per head
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> next_pack{0};
-    std::atomic<int> packed{0};
 };
 
-void pack_head(Args& a, int64_t bh) {
+template <typename E> void pack_head(Args<E>& a, int64_t bh) {
+    constexpr int P = Ops<E>::P;
     const int64_t b = bh / a.H, h = bh % a.H;
-    const bf16* k = a.k + b * a.ks[0] + h * a.ks[1];
-    const bf16* v = a.v + b * a.vs[0] + h * a.vs[1];
-    bf16* kp = a.kp + bh * (int64_t)a.D2 * a.SP * 2;
-    bf16* vp = a.vp + bh * (int64_t)a.SP * a.HP;
-    std::memset(kp, 0, sizeof(bf16) * a.D2 * a.SP * 2);
-    std::memset(vp, 0, sizeof(bf16) * a.SP * a.HP);
+    const E* k = a.k + b * a.ks[0] + h * a.ks[1];
+    const E* v = a.v + b * a.vs[0] + h * a.vs[1];
+    E* kp = a.kp + bh * (int64_t)a.D2 * a.SP * P;
+    E* vp = a.vp + bh * (int64_t)a.SP * a.HP;
+    std::memset(kp, 0, sizeof(E) * a.D2 * a.SP * P);
+    std::memset(vp, 0, sizeof(E) * a.SP * a.HP);
     for (int64_t s = 0; s < a.S; ++s) {
-        const bf16* ks = k + s * a.ks[2];
-        const bf16* vs = v + s * a.vs[2];
+        const E* ks = k + s * a.ks[2];
+        const E* vs = v + s * a.vs[2];
         for (int d = 0; d < a.D; ++d) {
-            kp[((int64_t)(d >> 1) * a.SP + s) * 2 + (d & 1)] = ks[d];
-            vp[((s >> 1) * a.HP + d) * 2 + (s & 1)] = vs[d];
+            kp[((int64_t)(d / P) * a.SP + s) * P + d % P] = ks[d];
+            vp[((s / P) * a.HP + d) * P + s % P] = vs[d];
         }
     }
 }
 
-// Scores of MR rows (qpair: MR x D2 pairs) against keys [j, j + NK), into sc (MR x SP).
-inline void scores_block(const Args& a, const bf16* qrows, const bf16* kp, float* sc, int j,
+// Scores of MR query rows (q: MR x D2 x P) against keys [j, j + NK), into sc (MR x SP); keys
+// past S (padding) get -inf. vmax: the rows' running maxima, lane by lane.
+template <typename E>
+inline void scores_block(const Args<E>& a, const E* q, const E* kp, float* sc, int j,
                          __m512* vmax) {
+    constexpr int P = Ops<E>::P;
     __m512 acc[MR][2];
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int d2 = 0; d2 < a.D2; ++d2) {
-        const bf16* kk = kp + ((int64_t)d2 * a.SP + j) * 2;
-        __m512 k0 = _mm512_loadu_ps(kk), k1 = _mm512_loadu_ps(kk + 32);
+        const E* kk = kp + ((int64_t)d2 * a.SP + j) * P;
+        __m512 k0 = _mm512_loadu_ps(kk), k1 = _mm512_loadu_ps(kk + 16 * P);
         for (int r = 0; r < MR; ++r) {
-            __m512 qq = bcast_pair(qrows + (r * a.D2 + d2) * 2);
-            acc[r][0] = dp(acc[r][0], qq, k0);
-            acc[r][1] = dp(acc[r][1], qq, k1);
+            __m512 qq = bcast32(q + (r * a.D2 + d2) * P);
+            acc[r][0] = Ops<E>::dot(acc[r][0], qq, k0);
+            acc[r][1] = Ops<E>::dot(acc[r][1], qq, k1);
         }
     }
-    const int valid = (int)(a.S - j);  // keys past S are padding: -inf
+    const int valid = (int)(a.S - j);
     __mmask16 m0 = valid >= 16 ? 0xFFFF : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
     __mmask16 m1 = valid >= 32 ? 0xFFFF : (__mmask16)((1u << (valid > 16 ? valid - 16 : 0)) - 1);
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
@@ -116,20 +150,21 @@ inline void scores_block(const Args& a, const bf16* qrows, const bf16* kp, float
     }
 }
 
-// out (MR rows x W*16 dims from d0) = p (MR x SP bf16) @ v, divided by the rows' sums.
-template <int W>
-inline void output_block(const Args& a, const bf16* p, const bf16* vp, const float* inv,
+// o (MR rows x W*16 dims from d0, float32) = p (MR x SP) @ v, times the rows' 1 / sums.
+template <typename E, int W>
+inline void output_block(const Args<E>& a, const E* p, const E* vp, const float* inv,
                          float* o, int d0) {
+    constexpr int P = Ops<E>::P;
     __m512 acc[MR][W];
     for (int r = 0; r < MR; ++r)
         for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
-    for (int s2 = 0; s2 < a.SP / 2; ++s2) {
+    for (int s2 = 0; s2 < a.SP / P; ++s2) {
         __m512 vv[W];
         for (int w = 0; w < W; ++w)
-            vv[w] = _mm512_loadu_ps(vp + ((int64_t)s2 * a.HP + d0 + 16 * w) * 2);
+            vv[w] = _mm512_loadu_ps(vp + ((int64_t)s2 * a.HP + d0 + 16 * w) * P);
         for (int r = 0; r < MR; ++r) {
-            __m512 pp = bcast_pair(p + (int64_t)r * a.SP + 2 * s2);
-            for (int w = 0; w < W; ++w) acc[r][w] = dp(acc[r][w], pp, vv[w]);
+            __m512 pp = bcast32(p + (int64_t)r * a.SP + P * s2);
+            for (int w = 0; w < W; ++w) acc[r][w] = Ops<E>::dot(acc[r][w], pp, vv[w]);
         }
     }
     for (int r = 0; r < MR; ++r)
@@ -138,84 +173,77 @@ inline void output_block(const Args& a, const bf16* p, const bf16* vp, const flo
                              _mm512_mul_ps(acc[r][w], _mm512_set1_ps(inv[r])));
 }
 
-struct Scratch {
+template <typename E> struct Scratch {
     std::vector<float> sc;  // MR x SP scores
-    std::vector<bf16> p;    // MR x SP probabilities
-    std::vector<bf16> q;    // MR x D2 x 2 query pairs
+    std::vector<E> p;       // MR x SP probabilities
+    std::vector<E> q;       // MR x D2 x P queries
     std::vector<float> o;   // MR x HP outputs
 };
 
-void rows(Args& a, Scratch& w, int64_t bh, int64_t t0) {
+// The outputs of MR query rows from t0 of head bh (fewer at the end: zero rows compute, unstored).
+template <typename E> void rows(Args<E>& a, Scratch<E>& w, int64_t bh, int64_t t0) {
+    constexpr int P = Ops<E>::P;
     const int64_t b = bh / a.H, h = bh % a.H;
-    const bf16* kp = a.kp + bh * (int64_t)a.D2 * a.SP * 2;
-    const bf16* vp = a.vp + bh * (int64_t)a.SP * a.HP;
+    const E* kp = a.kp + bh * (int64_t)a.D2 * a.SP * P;
+    const E* vp = a.vp + bh * (int64_t)a.SP * a.HP;
     const int n = (int)(a.T - t0 < MR ? a.T - t0 : MR);
-    std::fill(w.q.begin(), w.q.end(), (bf16)0);
+    std::fill(w.q.begin(), w.q.end(), (E)0);
     for (int r = 0; r < n; ++r)
-        std::memcpy(&w.q[(int64_t)r * a.D2 * 2], a.q + b * a.qs[0] + h * a.qs[1] + (t0 + r) * a.qs[2],
-                    sizeof(bf16) * a.D);
+        std::memcpy(&w.q[(int64_t)r * a.D2 * P],
+                    a.q + b * a.qs[0] + h * a.qs[1] + (t0 + r) * a.qs[2], sizeof(E) * a.D);
     __m512 vmax[MR];
     for (int r = 0; r < MR; ++r) vmax[r] = _mm512_set1_ps(-INFINITY);
     for (int j = 0; j < a.SP; j += NK) scores_block(a, w.q.data(), kp, w.sc.data(), j, vmax);
-    // softmax: exp2((s - max) * scale * log2 e), rounded to bfloat16; the sums in float32
+    // softmax: exp2((s - max) * scale * log2 e) stored as elements; the sums in float32
     const float c = a.scale * 1.4426950408889634f;
+    const __m512 cc = _mm512_set1_ps(c);
     float inv[MR];
     for (int r = 0; r < MR; ++r) {
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[r]) * c);
-        const __m512 cc = _mm512_set1_ps(c);
         __m512 sum = _mm512_setzero_ps();
-        float* sr = w.sc.data() + (int64_t)r * a.SP;
-        bf16* pr = w.p.data() + (int64_t)r * a.SP;
-        for (int j = 0; j < a.SP; j += 16) {
-            __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), cc, m));
-            __m256bh pb = _mm512_cvtneps_pbh(e);
-            sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(pb));
-            _mm256_storeu_si256((__m256i*)(pr + j), (__m256i)pb);
-        }
+        const float* sr = w.sc.data() + (int64_t)r * a.SP;
+        E* pr = w.p.data() + (int64_t)r * a.SP;
+        for (int j = 0; j < a.SP; j += 16)
+            sum = _mm512_add_ps(sum, Ops<E>::store(pr + j, exp2_ps(_mm512_fmsub_ps(
+                                                                _mm512_loadu_ps(sr + j), cc, m))));
         inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
     }
     int d0 = 0;
-    for (; d0 + 48 <= a.HP; d0 += 48) output_block<3>(a, w.p.data(), vp, inv, w.o.data(), d0);
-    if (a.HP - d0 == 32) output_block<2>(a, w.p.data(), vp, inv, w.o.data(), d0);
-    if (a.HP - d0 == 16) output_block<1>(a, w.p.data(), vp, inv, w.o.data(), d0);
-    const __mmask16 tail = (__mmask16)((1u << (a.D % 16)) - 1);
+    for (; d0 + 48 <= a.HP; d0 += 48) output_block<E, 3>(a, w.p.data(), vp, inv, w.o.data(), d0);
+    if (a.HP - d0 == 32) output_block<E, 2>(a, w.p.data(), vp, inv, w.o.data(), d0);
+    if (a.HP - d0 == 16) output_block<E, 1>(a, w.p.data(), vp, inv, w.o.data(), d0);
     for (int r = 0; r < n; ++r) {
-        bf16* o = a.out + b * a.os[0] + h * a.os[1] + (t0 + r) * a.os[2];
+        E* o = a.out + b * a.os[0] + h * a.os[1] + (t0 + r) * a.os[2];
         const float* src = w.o.data() + r * a.HP;
         int d = 0;
-        for (; d + 16 <= a.D; d += 16)
-            _mm256_storeu_si256((__m256i*)(o + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
-        if (d < a.D)
-            _mm256_mask_storeu_epi16(o + d, tail, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
+        for (; d + 16 <= a.D; d += 16) Ops<E>::store(o + d, _mm512_loadu_ps(src + d));
+        if (d < a.D) Ops<E>::store_n(o + d, _mm512_loadu_ps(src + d), (int)(a.D - d));
     }
 }
 
-void* worker(void* arg) {
-    Args& a = *static_cast<Args*>(arg);
+// One thread's share, inside the parallel region: heads to pack, then (once every head is
+// packed) blocks of rows, each taken from a shared counter.
+template <typename E> void worker(Args<E>& a) {
     const int64_t heads = a.B * a.H;
-    for (int64_t i; (i = a.next_pack.fetch_add(1)) < heads;) {
-        pack_head(a, i);
-        a.packed.fetch_add(1);
-    }
-    while (a.packed.load() < heads) {
-    }  // every head packed before any rows run
-    Scratch w;
+    for (int64_t i; (i = a.next_pack.fetch_add(1)) < heads;) pack_head(a, i);
+#pragma omp barrier
+    constexpr int P = Ops<E>::P;
+    Scratch<E> w;
     w.sc.resize((size_t)MR * a.SP);
     w.p.resize((size_t)MR * a.SP);
-    w.q.resize((size_t)MR * a.D2 * 2);
+    w.q.resize((size_t)MR * a.D2 * P);
     w.o.resize((size_t)MR * a.HP);
     const int64_t blocks = (a.T + MR - 1) / MR;
-    for (int64_t i; (i = a.next.fetch_add(1)) < heads * blocks;) rows(a, w, i / blocks, i % blocks * MR);
-    return nullptr;
+    for (int64_t i; (i = a.next.fetch_add(1)) < heads * blocks;)
+        rows(a, w, i / blocks, i % blocks * MR);
 }
 
-}  // namespace
-
-extern "C" int nd_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out,
-                                 int64_t B, int64_t H, int64_t T, int64_t S, int64_t D,
-                                 const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                                 const int64_t* os, float scale, int threads) {
-    Args a;
+template <typename E>
+int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_t T, int64_t S,
+        int64_t D, const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* os,
+        float scale, int threads) {
+    constexpr int P = Ops<E>::P;
+    Args<E> a;
     a.q = q; a.k = k; a.v = v; a.out = out;
     a.B = B; a.H = H; a.T = T; a.S = S; a.D = D;
     for (int i = 0; i < 3; ++i) {
@@ -223,19 +251,31 @@ extern "C" int nd_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf
     }
     a.scale = scale;
     a.threads = threads < 1 ? 1 : threads;
-    a.D2 = (int)((D + 1) / 2);
+    a.D2 = (int)((D + P - 1) / P);
     a.HP = round_up((int)D, 16);
     a.SP = round_up((int)S, NK);
-    std::vector<bf16> kp((size_t)B * H * a.D2 * a.SP * 2), vp((size_t)B * H * a.SP * a.HP);
-    a.kp = kp.data();
-    a.vp = vp.data();
-    std::vector<pthread_t> tids(a.threads - 1);
-    int started = 0;
-    for (auto& t : tids) {
-        if (pthread_create(&t, nullptr, worker, &a) != 0) break;
-        ++started;
-    }
-    worker(&a);
-    for (int i = 0; i < started; ++i) pthread_join(tids[i], nullptr);
+    std::unique_ptr<E[]> kp(new E[(size_t)B * H * a.D2 * a.SP * P]);
+    std::unique_ptr<E[]> vp(new E[(size_t)B * H * a.SP * a.HP]);
+    a.kp = kp.get();
+    a.vp = vp.get();
+#pragma omp parallel num_threads(a.threads)
+    worker<E>(a);
     return 0;
+}
+
+}  // namespace
+
+// q, k, v, out: (B, H, T or S, D) with the given strides of their first three dimensions
+extern "C" int nd_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out,
+                                 int64_t B, int64_t H, int64_t T, int64_t S, int64_t D,
+                                 const int64_t* qs, const int64_t* ks, const int64_t* vs,
+                                 const int64_t* os, float scale, int threads) {
+    return run<bf16>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, threads);
+}
+
+extern "C" int nd_attention_f32(const float* q, const float* k, const float* v, float* out,
+                                int64_t B, int64_t H, int64_t T, int64_t S, int64_t D,
+                                const int64_t* qs, const int64_t* ks, const int64_t* vs,
+                                const int64_t* os, float scale, int threads) {
+    return run<float>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, threads);
 }

@@ -1,8 +1,9 @@
-"""Fused bfloat16 attention for CPUs with AVX512-BF16: fused_attention.cpp, built with g++ at its
-first use and kept in the user's cache (one file per source and compiler flags).
+"""Fused attention for CPUs with AVX512-BF16, bfloat16 and float32: fused_attention.cpp, built
+with g++ at its first use and kept in the user's cache (one file per source and compiler flags).
 
-`available()` says whether it runs here: x86 Linux with avx512_bf16, a C++ compiler, and
-NANODIFFUSION_FUSED_ATTENTION not set to 0. Where it does not, `layers.attention` keeps its other
+`available()` says whether it runs here: x86 Linux with avx512_bf16 (the float32 kernel needs
+only AVX-512, but one rule is simpler and every such CPU has AVX-512), a C++ compiler with
+OpenMP, and NANODIFFUSION_FUSED_ATTENTION not set to 0. Where it does not, `layers.attention` keeps its other
 paths; a build that fails warns once with the compiler's message and is not tried again in that
 process. `attention(q, k, v)` is the kernel's one call.
 """
@@ -19,9 +20,14 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("fused_attention.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bw",
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw",
          "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 ENV = "NANODIFFUSION_FUSED_ATTENTION"
+# Widest head taken: every query block reads its head's keys and values whole, which stay in
+# the core's L2 for transformer heads (SD 1.5's 40-160 wide, SD 2's 64) but not for the VAE's
+# one 512-wide head (4096 tokens float32 on a 2-core Zen 5: 1278 ms here, 887 blocked).
+MAX_WIDTH = 160
+FUNCTIONS = {torch.bfloat16: "nd_attention_bf16", torch.float32: "nd_attention_f32"}
 
 _lib = None
 _tried = False
@@ -80,12 +86,13 @@ def library():
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError) as e:
-        warnings.warn(f"fused bfloat16 attention not built, the slower path runs: {e}")
+        warnings.warn(f"fused attention not built, the slower path runs: {e}")
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.nd_attention_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p,
-                                      ctypes.c_float, ctypes.c_int]
-    lib.nd_attention_bf16.restype = ctypes.c_int
+    for fn in FUNCTIONS.values():
+        getattr(lib, fn).argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p,
+                                     ctypes.c_float, ctypes.c_int]
+        getattr(lib, fn).restype = ctypes.c_int
     _lib = lib
     return _lib
 
@@ -95,12 +102,13 @@ def available():
 
 
 def supports(q, k, v):
-    """Whether `attention` takes these (B, nh, T, hs) tensors: bfloat16 on the CPU, each head's
-    vectors contiguous, one batch, head count and width, at least one key; the kernel available."""
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+    """Whether `attention` takes these (B, nh, T, hs) tensors: bfloat16 or float32 on the CPU,
+    each head's vectors contiguous, one batch, head count and width (at most MAX_WIDTH), at
+    least one key; the kernel available."""
+    return (q.dtype == k.dtype == v.dtype and q.dtype in FUNCTIONS and q.device.type == "cpu"
             and all(t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v))
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
-            and q.shape[3] == k.shape[3] == v.shape[3] and available())
+            and q.shape[3] == k.shape[3] == v.shape[3] <= MAX_WIDTH and available())
 
 
 def _strides(t):
@@ -108,13 +116,13 @@ def _strides(t):
 
 
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(hs)) v of bfloat16 (B, nh, T, hs) queries and (B, nh, S, hs) keys
-    and values, in torch.get_num_threads() threads; -> (B, nh, T, hs) bfloat16, laid out
-    (B, T, nh, hs) so that the caller's transpose back to tokens is free."""
+    """softmax(q k^T / sqrt(hs)) v of (B, nh, T, hs) queries and (B, nh, S, hs) keys and values
+    (as `supports` takes them), in torch.get_num_threads() threads; -> (B, nh, T, hs) in their
+    dtype, laid out (B, T, nh, hs) so that the caller's transpose back to tokens is free."""
     B, nh, T, hs = q.shape
     S = k.shape[2]
     out = q.new_empty(B, T, nh, hs).transpose(1, 2)
-    library().nd_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                B, nh, T, S, hs, _strides(q), _strides(k), _strides(v),
-                                _strides(out), hs ** -0.5, torch.get_num_threads())
+    fn = getattr(library(), FUNCTIONS[q.dtype])
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, nh, T, S, hs, _strides(q),
+       _strides(k), _strides(v), _strides(out), hs ** -0.5, torch.get_num_threads())
     return out

@@ -30,9 +30,9 @@ BLOCKED_SCORES = 1 << 21  # float32 scores a block holds (8 MB); 4x that ran 1.2
 
 def attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values,
-    -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask: bfloat16 on the
-    fused kernel (fused_attention) where it runs, else `blocked_attention` over at least
-    BLOCKED_MIN_KEYS keys; everywhere else F.scaled_dot_product_attention."""
+    -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask: the fused kernel
+    (fused_attention) where it runs and takes these heads, else `blocked_attention` over at
+    least BLOCKED_MIN_KEYS keys; everywhere else F.scaled_dot_product_attention."""
     inference = mask is None and q.device.type == "cpu" and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     if inference and fused_attention.supports(q, k, v):
