@@ -288,12 +288,15 @@ def flop_counter():
     torch's CPU attention kernel (`_scaled_dot_product_flash_attention_for_cpu`, as
     sdpa_flop_count counts any attention: 4 x B x heads x T x S x hs; without it an SD 1.5 UNet
     call at 512 px counted 1354 GFLOP, 252 short of its work) and oneDNN's matrix product
-    (`mkldnn::_linear_pointwise`, x @ w.T: our float32 linears and blocked attention). The
-    one counter of the benchmarks."""
+    (`mkldnn::_linear_pointwise`, x @ w.T: our float32 linears and blocked attention); and our
+    fused attention kernel (`nanodiffusion::fused_attention`) as torch's. The one counter of
+    the benchmarks."""
     import math
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from nanodiffusion.models import fused_attention  # noqa: F401 (registers its op)
 
     def cpu_attention(q, k, v, *args, out_shape=None, **kwargs):  # shapes, as registered
         return sdpa_flop_count(q, k, v)
@@ -302,6 +305,7 @@ def flop_counter():
         return 2 * math.prod(x) * w[0]
     return FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+        torch.ops.nanodiffusion.fused_attention: cpu_attention,
         torch.ops.mkldnn._linear_pointwise: onednn_product})
 
 
