@@ -69,7 +69,8 @@ def test_fused_attention_is_torch_attention_within_its_rounding():
 def test_layers_attention_runs_inference_on_the_fused_kernel():
     """An SD-sized self-attention module in bfloat16 under no_grad takes the fused kernel (no
     softmax or attention op of torch's runs) where it is available, and gives torch's values
-    within bfloat16 rounding; with gradients it is torch's kernel. A mask keeps torch's too."""
+    within bfloat16 rounding; with gradients it is torch's kernel. float32 takes it over long
+    key sequences only; a mask keeps torch's kernel."""
     torch.manual_seed(0)
     attn = Attention(320, num_heads=8).eval().bfloat16()
     x = torch.randn(1, 1024, 320).bfloat16()
@@ -90,6 +91,13 @@ def test_layers_attention_runs_inference_on_the_fused_kernel():
         attn(xg).float().sum().backward()
     assert any("scaled_dot_product" in e.key for e in prof.key_averages())
     assert xg.grad is not None
+    # float32: the fused kernel over at least BLOCKED_MIN_KEYS keys, torch's kernel below
+    for n, fused in ((layers.BLOCKED_MIN_KEYS, fused_attention.available()), (64, False)):
+        q = _heads(1, n, 2, 40, 1, torch.float32)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            layers.attention(q, q, q)
+        keys = {e.key for e in prof.key_averages()}
+        assert ("nanodiffusion::fused_attention" in keys) == fused, (n, keys)
     q = _heads(1, 16, 2, 8)
     mask = torch.ones(16, 16, dtype=torch.bool).tril()
     with torch.no_grad(), torch.profiler.profile() as prof:

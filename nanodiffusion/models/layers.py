@@ -30,15 +30,18 @@ BLOCKED_SCORES = 1 << 21  # float32 scores a block holds (8 MB); 4x that ran 1.2
 
 def attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values,
-    -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask: the fused kernel
-    (fused_attention) where it runs and takes these heads, else `blocked_attention` over at
-    least BLOCKED_MIN_KEYS keys; everywhere else F.scaled_dot_product_attention."""
+    -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask, where the fused
+    kernel (fused_attention) runs and takes these heads: bfloat16 on it, and float32 over at
+    least BLOCKED_MIN_KEYS keys (below, float32 keeps torch's kernel and its exact pixels);
+    else `blocked_attention` over at least BLOCKED_MIN_KEYS keys; everywhere else
+    F.scaled_dot_product_attention."""
     inference = mask is None and q.device.type == "cpu" and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    if inference and fused_attention.supports(q, k, v):
+    long = k.shape[2] >= BLOCKED_MIN_KEYS
+    if inference and (long or q.dtype == torch.bfloat16) and fused_attention.supports(q, k, v):
         return fused_attention.attention(q, k, v)
     op = winograd.onednn_product()
-    if not inference or op is None or k.shape[2] < BLOCKED_MIN_KEYS:
+    if not inference or op is None or not long:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return blocked_attention(q, k, v, op)
 
