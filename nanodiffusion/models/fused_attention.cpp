@@ -94,6 +94,7 @@ template <typename E> struct Args {
     int64_t B, H, T, S, D;
     int64_t qs[3], ks[3], vs[3], os[3];  // strides (elements) of batch, head, token
     float scale;
+    int causal;  // key s is masked for query t where s > t (torch's is_causal)
     int threads;
     int D2, HP, SP;  // steps of P over the width, the padded width and key count
     E *kp, *vp;      // packed keys and values, per head
@@ -120,10 +121,11 @@ template <typename E> void pack_head(Args<E>& a, int64_t bh) {
     }
 }
 
-// Scores of MR query rows (q: MR x D2 x P) against keys [j, j + NK), into sc (MR x SP); keys
-// past S (padding) get -inf. vmax: the rows' running maxima, lane by lane.
+// Scores of MR query rows from t0 (q: MR x D2 x P) against keys [j, j + NK), into sc
+// (MR x SP); keys past S (padding), and when causal keys after the row's query, get -inf.
+// vmax: the rows' running maxima, lane by lane.
 template <typename E>
-inline void scores_block(const Args<E>& a, const E* q, const E* kp, float* sc, int j,
+inline void scores_block(const Args<E>& a, const E* q, const E* kp, float* sc, int j, int64_t t0,
                          __m512* vmax) {
     constexpr int P = Ops<E>::P;
     __m512 acc[MR][2];
@@ -141,9 +143,18 @@ inline void scores_block(const Args<E>& a, const E* q, const E* kp, float* sc, i
     __mmask16 m0 = valid >= 16 ? 0xFFFF : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
     __mmask16 m1 = valid >= 32 ? 0xFFFF : (__mmask16)((1u << (valid > 16 ? valid - 16 : 0)) - 1);
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(j),
+                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                            12, 13, 14, 15));
     for (int r = 0; r < MR; ++r) {
-        __m512 s0 = _mm512_mask_blend_ps(m0, ninf, acc[r][0]);
-        __m512 s1 = _mm512_mask_blend_ps(m1, ninf, acc[r][1]);
+        __mmask16 c0 = m0, c1 = m1;
+        if (a.causal && j + NK - 1 > t0 + r) {
+            const __m512i t = _mm512_set1_epi32((int)(t0 + r));
+            c0 &= _mm512_cmple_epi32_mask(keys, t);
+            c1 &= _mm512_cmple_epi32_mask(_mm512_add_epi32(keys, _mm512_set1_epi32(16)), t);
+        }
+        __m512 s0 = _mm512_mask_blend_ps(c0, ninf, acc[r][0]);
+        __m512 s1 = _mm512_mask_blend_ps(c1, ninf, acc[r][1]);
         _mm512_storeu_ps(sc + (int64_t)r * a.SP + j, s0);
         _mm512_storeu_ps(sc + (int64_t)r * a.SP + j + 16, s1);
         vmax[r] = _mm512_max_ps(vmax[r], _mm512_max_ps(s0, s1));
@@ -193,7 +204,7 @@ template <typename E> void rows(Args<E>& a, Scratch<E>& w, int64_t bh, int64_t t
                     a.q + b * a.qs[0] + h * a.qs[1] + (t0 + r) * a.qs[2], sizeof(E) * a.D);
     __m512 vmax[MR];
     for (int r = 0; r < MR; ++r) vmax[r] = _mm512_set1_ps(-INFINITY);
-    for (int j = 0; j < a.SP; j += NK) scores_block(a, w.q.data(), kp, w.sc.data(), j, vmax);
+    for (int j = 0; j < a.SP; j += NK) scores_block(a, w.q.data(), kp, w.sc.data(), j, t0, vmax);
     // softmax: exp2((s - max) * scale * log2 e) stored as elements; the sums in float32
     const float c = a.scale * 1.4426950408889634f;
     const __m512 cc = _mm512_set1_ps(c);
@@ -241,7 +252,7 @@ template <typename E> void worker(Args<E>& a) {
 template <typename E>
 int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_t T, int64_t S,
         int64_t D, const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* os,
-        float scale, int threads) {
+        float scale, int causal, int threads) {
     constexpr int P = Ops<E>::P;
     Args<E> a;
     a.q = q; a.k = k; a.v = v; a.out = out;
@@ -250,6 +261,7 @@ int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_
         a.qs[i] = qs[i]; a.ks[i] = ks[i]; a.vs[i] = vs[i]; a.os[i] = os[i];
     }
     a.scale = scale;
+    a.causal = causal;
     a.threads = threads < 1 ? 1 : threads;
     a.D2 = (int)((D + P - 1) / P);
     a.HP = round_up((int)D, 16);
@@ -269,13 +281,13 @@ int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_
 extern "C" int nd_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out,
                                  int64_t B, int64_t H, int64_t T, int64_t S, int64_t D,
                                  const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                                 const int64_t* os, float scale, int threads) {
-    return run<bf16>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, threads);
+                                 const int64_t* os, float scale, int causal, int threads) {
+    return run<bf16>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, causal, threads);
 }
 
 extern "C" int nd_attention_f32(const float* q, const float* k, const float* v, float* out,
                                 int64_t B, int64_t H, int64_t T, int64_t S, int64_t D,
                                 const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                                const int64_t* os, float scale, int threads) {
-    return run<float>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, threads);
+                                const int64_t* os, float scale, int causal, int threads) {
+    return run<float>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, causal, threads);
 }

@@ -91,7 +91,7 @@ def library():
     i64, p = ctypes.c_int64, ctypes.c_void_p
     for fn in FUNCTIONS.values():
         getattr(lib, fn).argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p,
-                                     ctypes.c_float, ctypes.c_int]
+                                     ctypes.c_float, ctypes.c_int, ctypes.c_int]
         getattr(lib, fn).restype = ctypes.c_int
     _lib = lib
     return _lib
@@ -116,9 +116,11 @@ def _strides(t):
 
 
 @torch.library.custom_op("nanodiffusion::fused_attention", mutates_args=(), device_types="cpu")
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs)) v of (B, nh, T, hs) queries and (B, nh, S, hs) keys and values
-    (as `supports` takes them), in torch.get_num_threads() threads; -> (B, nh, T, hs) in their
+    (as `supports` takes them; `causal`: query t sees keys 0..t only, torch's is_causal), in
+    torch.get_num_threads() threads; -> (B, nh, T, hs) in their
     dtype, laid out (B, T, nh, hs) so that the caller's transpose back to tokens is free. An op
     of torch's (torch.ops.nanodiffusion.fused_attention), so that FLOP counters and profilers
     see it."""
@@ -127,11 +129,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     out = q.new_empty(B, T, nh, hs).transpose(1, 2)
     fn = getattr(library(), FUNCTIONS[q.dtype])
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, nh, T, S, hs, _strides(q),
-       _strides(k), _strides(v), _strides(out), hs ** -0.5, torch.get_num_threads())
+       _strides(k), _strides(v), _strides(out), hs ** -0.5, int(causal),
+       torch.get_num_threads())
     return out
 
 
 @attention.register_fake
-def _(q, k, v):
+def _(q, k, v, causal=False):
     B, nh, T, hs = q.shape
     return q.new_empty(B, T, nh, hs).transpose(1, 2)

@@ -28,8 +28,9 @@ BLOCKED_MIN_KEYS = 1024  # below this many keys torch's kernel is as fast (256 t
 BLOCKED_SCORES = 1 << 21  # float32 scores a block holds (8 MB); 4x that ran 1.2-2x slower
 
 
-def attention(q, k, v, mask=None):
-    """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values,
+def attention(q, k, v, mask=None, causal=False):
+    """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values
+    (`causal`: query t sees keys 0..t only, as torch's is_causal),
     -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask, where the fused
     kernel (fused_attention) runs and takes these heads: bfloat16 on it, and float32 over at
     least BLOCKED_MIN_KEYS keys (below, float32 keeps torch's kernel and its exact pixels);
@@ -39,10 +40,10 @@ def attention(q, k, v, mask=None):
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     long = k.shape[2] >= BLOCKED_MIN_KEYS
     if inference and (long or q.dtype == torch.bfloat16) and fused_attention.supports(q, k, v):
-        return fused_attention.attention(q, k, v)
+        return fused_attention.attention(q, k, v, causal)
     op = winograd.onednn_product()
-    if not inference or op is None or not long:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if not inference or op is None or not long or causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return blocked_attention(q, k, v, op)
 
 
