@@ -3,9 +3,10 @@ with g++ at its first use and kept in the user's cache (one file per source and 
 
 `available()` says whether it runs here: x86 Linux with avx512_bf16 (the float32 kernel needs
 only AVX-512, but one rule is simpler and every such CPU has AVX-512), a C++ compiler with
-OpenMP, and NANODIFFUSION_FUSED_ATTENTION not set to 0. Where it does not, `layers.attention` keeps its other
-paths; a build that fails warns once with the compiler's message and is not tried again in that
-process. `attention(q, k, v)` is the kernel's one call.
+OpenMP, and NANODIFFUSION_FUSED_ATTENTION not set to 0. Where it does not, `layers.attention`
+keeps its other paths; a build that fails warns once with the compiler's message and is not
+tried again in that process. `supports(q, k, v)` says which heads it takes, and
+`attention(q, k, v, causal)` is the kernel's one call (layers.attention holds the rule of when).
 """
 import ctypes
 import hashlib
