@@ -100,6 +100,8 @@ template <typename E> struct Args {
     E *kp, *vp;      // packed keys and values, per head
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> next_pack{0};
+    E* keys(int64_t bh) const { return kp + bh * (int64_t)D2 * SP * Ops<E>::P; }
+    E* values(int64_t bh) const { return vp + bh * (int64_t)SP * HP; }
 };
 
 template <typename E> void pack_head(Args<E>& a, int64_t bh) {
@@ -107,8 +109,8 @@ template <typename E> void pack_head(Args<E>& a, int64_t bh) {
     const int64_t b = bh / a.H, h = bh % a.H;
     const E* k = a.k + b * a.ks[0] + h * a.ks[1];
     const E* v = a.v + b * a.vs[0] + h * a.vs[1];
-    E* kp = a.kp + bh * (int64_t)a.D2 * a.SP * P;
-    E* vp = a.vp + bh * (int64_t)a.SP * a.HP;
+    E* kp = a.keys(bh);
+    E* vp = a.values(bh);
     std::memset(kp, 0, sizeof(E) * a.D2 * a.SP * P);
     std::memset(vp, 0, sizeof(E) * a.SP * a.HP);
     for (int64_t s = 0; s < a.S; ++s) {
@@ -139,20 +141,17 @@ inline void scores_block(const Args<E>& a, const E* q, const E* kp, float* sc, i
             acc[r][1] = Ops<E>::dot(acc[r][1], qq, k1);
         }
     }
-    const int valid = (int)(a.S - j);
-    __mmask16 m0 = valid >= 16 ? 0xFFFF : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
-    __mmask16 m1 = valid >= 32 ? 0xFFFF : (__mmask16)((1u << (valid > 16 ? valid - 16 : 0)) - 1);
+    // one rule for both: a row sees the keys up to its last (S - 1, or its own query if causal)
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(j),
-                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                            12, 13, 14, 15));
+    const __m512i keys0 = _mm512_add_epi32(_mm512_set1_epi32(j),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                             12, 13, 14, 15));
+    const __m512i keys1 = _mm512_add_epi32(keys0, _mm512_set1_epi32(16));
     for (int r = 0; r < MR; ++r) {
-        __mmask16 c0 = m0, c1 = m1;
-        if (a.causal && j + NK - 1 > t0 + r) {
-            const __m512i t = _mm512_set1_epi32((int)(t0 + r));
-            c0 &= _mm512_cmple_epi32_mask(keys, t);
-            c1 &= _mm512_cmple_epi32_mask(_mm512_add_epi32(keys, _mm512_set1_epi32(16)), t);
-        }
+        const int64_t last = a.causal && t0 + r < a.S - 1 ? t0 + r : a.S - 1;
+        const __m512i t = _mm512_set1_epi32((int)last);
+        const __mmask16 c0 = _mm512_cmple_epi32_mask(keys0, t);
+        const __mmask16 c1 = _mm512_cmple_epi32_mask(keys1, t);
         __m512 s0 = _mm512_mask_blend_ps(c0, ninf, acc[r][0]);
         __m512 s1 = _mm512_mask_blend_ps(c1, ninf, acc[r][1]);
         _mm512_storeu_ps(sc + (int64_t)r * a.SP + j, s0);
@@ -195,8 +194,8 @@ template <typename E> struct Scratch {
 template <typename E> void rows(Args<E>& a, Scratch<E>& w, int64_t bh, int64_t t0) {
     constexpr int P = Ops<E>::P;
     const int64_t b = bh / a.H, h = bh % a.H;
-    const E* kp = a.kp + bh * (int64_t)a.D2 * a.SP * P;
-    const E* vp = a.vp + bh * (int64_t)a.SP * a.HP;
+    const E* kp = a.keys(bh);
+    const E* vp = a.values(bh);
     const int n = (int)(a.T - t0 < MR ? a.T - t0 : MR);
     std::fill(w.q.begin(), w.q.end(), (E)0);
     for (int r = 0; r < n; ++r)
