@@ -116,6 +116,12 @@ def _strides(t):
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
+def _output(q):
+    """The (B, nh, T, hs) output for q, laid out (B, T, nh, hs): the kernel's and its fake's."""
+    B, nh, T, hs = q.shape
+    return q.new_empty(B, T, nh, hs).transpose(1, 2)
+
+
 @torch.library.custom_op("nanodiffusion::fused_attention", mutates_args=(), device_types="cpu")
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               causal: bool = False) -> torch.Tensor:
@@ -127,7 +133,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     see it."""
     B, nh, T, hs = q.shape
     S = k.shape[2]
-    out = q.new_empty(B, T, nh, hs).transpose(1, 2)
+    out = _output(q)
     fn = getattr(library(), FUNCTIONS[q.dtype])
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, nh, T, S, hs, _strides(q),
        _strides(k), _strides(v), _strides(out), hs ** -0.5, int(causal),
@@ -137,5 +143,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @attention.register_fake
 def _(q, k, v, causal=False):
-    B, nh, T, hs = q.shape
-    return q.new_empty(B, T, nh, hs).transpose(1, 2)
+    return _output(q)
