@@ -62,3 +62,4 @@ def served(*args, timeout=60):
         log.seek(0)
         proc.log = log.read()
         log.close()
+        Path(log.name).unlink(missing_ok=True)

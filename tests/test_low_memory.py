@@ -178,6 +178,36 @@ def test_cli_and_serve_low_memory(tmp_path):
     assert np.array_equal(np.asarray(served_image.convert("RGB")), np.asarray(plain))
 
 
+def offload_files(folder):
+    return sorted(p.name for p in folder.glob("nanodiffusion-offload-*"))
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_the_weight_files_go_however_the_process_ends(tmp_path, monkeypatch, how):
+    """A process killed outright (the OOM killer) and a server stopped by SIGTERM (uvicorn
+    re-raises it after its shutdown, past atexit) leave no weight file in $TMPDIR."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    if how == "SIGKILL":
+        code = ("import os, signal, nanodiffusion\n"
+                "p = nanodiffusion.load('shapes', low_memory=True)\n"
+                "p.generate('a red circle', steps=2)\n"
+                "os.kill(os.getpid(), signal.SIGKILL)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == -9, r.stderr
+    else:
+        with served("--low-memory") as (url, _):
+            r = httpx.post(f"{url}/sdapi/v1/txt2img", timeout=120, json={
+                "prompt": PROMPT, "steps": 2, "width": 64, "height": 64})
+            assert r.status_code == 200, r.text
+    assert offload_files(tmp_path) == []
+
+
 def test_batched_requests_in_low_memory(pair):
     """The server's batches (pipelines/batch.py) run the UNet loaded for their loop too."""
     from nanodiffusion.pipelines.batch import generate_batch

@@ -25,7 +25,11 @@ it is: no copy to write it or to read it back in its layout). It is written when
 goes to disk, and again only after its weights were changed in place (LoRA fusing sets `dirty`
 on the DiskWeights that `resident` yields) or laid out anew (the UNet and the VAE are made
 channels-last once, when the pipeline is built). The files are temporary (tempfile's folder:
-$TMPDIR, where /tmp is a RAM disk), and removed with their modules.
+$TMPDIR, where /tmp is often a RAM disk). On Linux a file's name is removed as soon as it is
+written and the part keeps an open descriptor (read back through /proc/self/fd), so the space
+comes back however the process ends: a server stopped by SIGTERM (uvicorn re-raises it after its
+shutdown, past atexit) or killed (SIGKILL, the OOM killer) leaves nothing behind. Elsewhere the
+file is removed with its module or at exit.
 """
 import contextlib
 import os
@@ -52,10 +56,8 @@ class DiskWeights:
     read once), in the layouts (strides) they had when they were last let go."""
 
     def __init__(self, module):
-        fd, path = tempfile.mkstemp(prefix="nanodiffusion-offload-", suffix=".safetensors")
-        os.close(fd)
-        self.path, self.depth, self.dirty = Path(path), 0, True
-        weakref.finalize(self, self.path.unlink, missing_ok=True)
+        self.file, self.depth, self.dirty = _File(), 0, True
+        weakref.finalize(self, self.file.close)
         self.slots = {}  # full name -> (owning module, attribute, is a parameter)
         for kind, named in ((True, module.named_parameters()), (False, module.named_buffers())):
             for name, _ in named:
@@ -82,8 +84,8 @@ class DiskWeights:
         if layouts != self.layouts:  # new, or laid out anew (the VAE made channels-last)
             self.layouts, self.dirty = layouts, True
         if self.dirty:  # each tensor in its memory order: the bytes as they are, no copy
-            save_file({k: self._get(*s).permute(self.layouts[k][1]).contiguous()
-                       for k, s in self.slots.items()}, str(self.path))
+            self.file.write({k: self._get(*s).permute(self.layouts[k][1]).contiguous()
+                             for k, s in self.slots.items()})
             self.dirty = False
         for s in self.slots.values():
             t = self._get(*s)
@@ -91,7 +93,7 @@ class DiskWeights:
         _trim()
 
     def _load(self):
-        tensors = read_safetensors(self.path)
+        tensors = read_safetensors(self.file.path)
         for k, s in self.slots.items():
             strides, order = self.layouts[k]
             t = tensors.pop(k).permute(sorted(range(len(order)), key=order.__getitem__))
@@ -111,6 +113,43 @@ class DiskWeights:
             self.depth -= 1
             if self.depth == 0:
                 self._release()
+
+
+class _File:
+    """A temporary safetensors file that nothing outlives: `write` puts tensors in a new file
+    and, where /proc/self/fd exists (Linux), removes its name at once and keeps a descriptor;
+    `path` reads it back; `close` lets it go (the file too, where it still has a name)."""
+
+    def __init__(self):
+        self.fd, self.name = None, None
+
+    @property
+    def path(self):
+        return self.name or f"/proc/self/fd/{self.fd}"
+
+    def write(self, tensors):
+        fd, name = tempfile.mkstemp(prefix="nanodiffusion-offload-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(tensors, name)
+            fd = os.open(name, os.O_RDONLY)
+        except BaseException:
+            os.unlink(name)
+            raise
+        self.close()
+        if os.path.exists(f"/proc/self/fd/{fd}"):
+            os.unlink(name)
+            self.fd = fd
+        else:
+            os.close(fd)
+            self.name = name
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+        if self.name is not None:
+            Path(self.name).unlink(missing_ok=True)
+        self.fd, self.name = None, None
 
 
 def to_disk(module):
