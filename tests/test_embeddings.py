@@ -102,7 +102,9 @@ def assert_matches(pipe, prompt, negative, ref):
                    generator=torch.Generator("cpu").manual_seed(SEED)).images
     with tiny_sd.latents_of(pipe.vae) as got_latents:
         got = ours(pipe, prompt, negative)
-    tiny_sd.assert_close_images(got, want, (got_latents, want_latents), tol=0.5 / 255)
+    # ours are bytes, diffusers' floats: its rounding alone is up to 0.5/255, and a pixel on a
+    # rounding edge moves past it with float noise far below the latents' 2e-5 bound
+    tiny_sd.assert_close_images(got, want, (got_latents, want_latents), tol=0.51 / 255)
     return want
 
 

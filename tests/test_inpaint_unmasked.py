@@ -35,7 +35,8 @@ def test_blend_keeps_the_known_latents_and_matches_diffusers(case, tmp_path):
     with tiny_sd.latents_of(pipe.vae) as seen:
         got = pipe.inpaint(PROMPT, image, mask, seed=SEED)
     gen = torch.Generator().manual_seed(SEED)  # the first draw: the image's posterior sample
-    init = pipe._encode(from_pil(image), gen)
+    with torch.no_grad():  # as inpaint runs it (the same attention kernel)
+        init = pipe._encode(from_pil(image), gen)
     final = seen[0] * pipe.vae.config.scaling_factor
     keep = torch.nn.functional.interpolate(torch.from_numpy(outside).float()[None, None],
                                            size=final.shape[-2:]) > 0.5  # nearest, diffusers'

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import nanodiffusion
+import tiny_sd
 from front_door import run_cli, served
 from nanodiffusion.pipelines import offload
 
@@ -100,19 +101,23 @@ def test_large_latents_are_decoded_in_tiles(monkeypatch, pair):
 
 
 def test_the_parts_are_on_disk_between_calls_and_the_images_are_the_same(pair):
+    """The same images, to float32 rounding: the default's VAE decoder runs on weights packed
+    for oneDNN (models/packing.py), the low-memory one's on the weights read back, and on some
+    CPUs (AMD Zen) the two kernels round a few values differently
+    (tiny_sd.assert_float32_rounding_apart)."""
     plain, low = pair
     assert low.low_memory and not plain.low_memory
     assert held(low.text_encoder) == 0 and held(low.vae) == 0 and held(low.unet) == 0
     assert held(plain.unet) > 0
     a = plain.generate(PROMPT, seed=3, n=2)
     b = low.generate(PROMPT, seed=3, n=2)
-    assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
+    tiny_sd.assert_float32_rounding_apart(a, b)
     assert held(low.text_encoder) == 0 and held(low.vae) == 0 and held(low.unet) == 0
     mask = Image.new("L", a[0].size, 0)
     mask.paste(255, (0, 0, a[0].size[0] // 2, a[0].size[1]))
     for call in (lambda p: p.img2img("a green star", a[0], strength=0.6, seed=4),
                  lambda p: p.inpaint("a green star", a[0], mask, seed=5)):
-        assert call(plain)[0].tobytes() == call(low)[0].tobytes()
+        tiny_sd.assert_float32_rounding_apart(call(plain), call(low))
     assert held(low.text_encoder) == 0 and held(low.vae) == 0
 
 

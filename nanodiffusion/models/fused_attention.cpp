@@ -28,6 +28,7 @@ namespace {
 
 constexpr int MR = 8;   // query rows at a time
 constexpr int NK = 32;  // keys per step of the scores' product (two vectors)
+constexpr int KC = 64;  // keys per partial sum of the output product
 
 typedef uint16_t bf16;
 
@@ -165,22 +166,32 @@ template <typename E, int W>
 inline void output_block(const Args<E>& a, const E* p, const E* vp, const float* inv,
                          float* o, int d0) {
     constexpr int P = Ops<E>::P;
-    __m512 acc[MR][W];
+    __m512 sum[MR][W], acc[MR][W];
     for (int r = 0; r < MR; ++r)
-        for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
-    for (int s2 = 0; s2 < a.SP / P; ++s2) {
-        __m512 vv[W];
-        for (int w = 0; w < W; ++w)
-            vv[w] = _mm512_loadu_ps(vp + ((int64_t)s2 * a.HP + d0 + 16 * w) * P);
-        for (int r = 0; r < MR; ++r) {
-            __m512 pp = bcast32(p + (int64_t)r * a.SP + P * s2);
-            for (int w = 0; w < W; ++w) acc[r][w] = Ops<E>::dot(acc[r][w], pp, vv[w]);
+        for (int w = 0; w < W; ++w) sum[r][w] = _mm512_setzero_ps();
+    // in chunks of KC keys summed apart, then added up: the rounding error grows with KC and
+    // S / KC, not with S as one running sum's does
+    const int steps = a.SP / P;
+    for (int c0 = 0; c0 < steps; c0 += KC / P) {
+        const int c1 = c0 + KC / P < steps ? c0 + KC / P : steps;
+        for (int r = 0; r < MR; ++r)
+            for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
+        for (int s2 = c0; s2 < c1; ++s2) {
+            __m512 vv[W];
+            for (int w = 0; w < W; ++w)
+                vv[w] = _mm512_loadu_ps(vp + ((int64_t)s2 * a.HP + d0 + 16 * w) * P);
+            for (int r = 0; r < MR; ++r) {
+                __m512 pp = bcast32(p + (int64_t)r * a.SP + P * s2);
+                for (int w = 0; w < W; ++w) acc[r][w] = Ops<E>::dot(acc[r][w], pp, vv[w]);
+            }
         }
+        for (int r = 0; r < MR; ++r)
+            for (int w = 0; w < W; ++w) sum[r][w] = _mm512_add_ps(sum[r][w], acc[r][w]);
     }
     for (int r = 0; r < MR; ++r)
         for (int w = 0; w < W; ++w)
             _mm512_storeu_ps(o + r * a.HP + d0 + 16 * w,
-                             _mm512_mul_ps(acc[r][w], _mm512_set1_ps(inv[r])));
+                             _mm512_mul_ps(sum[r][w], _mm512_set1_ps(inv[r])));
 }
 
 template <typename E> struct Scratch {

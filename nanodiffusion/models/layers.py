@@ -32,14 +32,12 @@ def attention(q, k, v, mask=None, causal=False):
     """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values
     (`causal`: query t sees keys 0..t only, as torch's is_causal),
     -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask, where the fused
-    kernel (fused_attention) runs and takes these heads: bfloat16 on it, and float32 over at
-    least BLOCKED_MIN_KEYS keys (below, float32 keeps torch's kernel and its exact pixels);
-    else `blocked_attention` over at least BLOCKED_MIN_KEYS keys; everywhere else
-    F.scaled_dot_product_attention."""
+    kernel (fused_attention) runs and takes these heads: on it; else `blocked_attention` over
+    at least BLOCKED_MIN_KEYS keys; everywhere else F.scaled_dot_product_attention."""
     inference = mask is None and q.device.type == "cpu" and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     long = k.shape[2] >= BLOCKED_MIN_KEYS
-    if inference and (long or q.dtype == torch.bfloat16) and fused_attention.supports(q, k, v):
+    if inference and fused_attention.supports(q, k, v):
         return fused_attention.attention(q, k, v, causal)
     op = winograd.onednn_product()
     if not inference or op is None or not long or causal:
