@@ -1,16 +1,20 @@
 // Fused attention for the CPU: softmax(q k^T * scale) v over bfloat16 or float32 heads, with the
 // products' sums, the scores and the softmax in float32, one head and a few query rows at a
-// time, so no score ever leaves the core's caches. Built by fused_attention.py with g++ for CPUs
-// with AVX512-BF16 (vdpbf16ps: two bfloat16 products summed into a float32 lane; float32 uses
-// AVX-512's fused multiply-add) and loaded with ctypes: plain C++, no torch headers. Its threads
-// are OpenMP's: the library links libgomp.so.1, which in a torch process is torch's own (the
-// same soname), so the kernel runs on torch's thread pool, never beside it.
+// time, so no score ever leaves the core's caches. Built by fused_attention.py with g++ for one
+// of two instruction sets: AVX512-BF16 (bfloat16 and float32: vdpbf16ps sums two bfloat16
+// products into a float32 lane) or AVX-512 alone (float32), and loaded with ctypes: plain C++,
+// no torch headers. Its threads are OpenMP's: the library links libgomp.so.1, which in a torch
+// process is torch's own (the same soname), so the kernel runs on torch's thread pool, never
+// beside it.
 //
-// Per head, keys and values are first packed so that each product step multiplies P elements
-// (P = 2 for bfloat16's pairs, 1 for float32) into 16 float32 lanes:
-//   kp[d2][s][P] = k[s][P d2 .. P d2 + P - 1]  (scores: q's P elements broadcast, 16 keys a vector)
-//   vp[s2][d][P] = v[P s2 .. P s2 + P - 1][d]  (output: p's P elements broadcast, 16 dims a vector)
-// zero-padded to SP keys (a multiple of NK) and HP dims (a multiple of 16). Then for each MR
+// The code is written over a float32 vector of L lanes (`vf`, AVX-512's 16) and the few
+// operations below it (an AVX2 build of 8 lanes, 6 rows at a time, ran 138-161 GFLOP/s in
+// float32 on a Zen 5 limited to AVX2, about torch's kernel there: not taken). Per head, keys
+// and values are first packed so that each product step multiplies P elements (P = 2 for
+// bfloat16's pairs, 1 for float32) into L lanes:
+//   kp[d2][s][P] = k[s][P d2 .. P d2 + P - 1]  (scores: q's P elements broadcast, L keys a vector)
+//   vp[s2][d][P] = v[P s2 .. P s2 + P - 1][d]  (output: p's P elements broadcast, L dims a vector)
+// zero-padded to SP keys (a multiple of NK) and HP dims (a multiple of L). Then for each MR
 // query rows: scores (MR x SP, float32, in L2), each row's max, p = exp(scores - max) (in
 // bfloat16 rounded as torch's kernel rounds it before its second product), the row sums in
 // float32, and the output's product, divided by the sums.
@@ -26,9 +30,44 @@
 
 namespace {
 
-constexpr int MR = 8;   // query rows at a time
-constexpr int NK = 32;  // keys per step of the scores' product (two vectors)
-constexpr int KC = 64;  // keys per partial sum of the output product
+#if defined(__AVX512F__)
+typedef __m512 vf;
+constexpr int L = 16;     // float32 lanes of a vector
+constexpr int MR = 8;     // query rows at a time
+constexpr int WMAX = 3;   // output vectors per row at a time
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
+inline void vstore_n(float* p, vf x, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), x);
+}
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vfmsub(vf a, vf b, vf c) { return _mm512_fmsub_ps(a, b, c); }
+inline float vsum(vf x) { return _mm512_reduce_add_ps(x); }
+inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
+inline vf vround(vf x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p 2^n
+inline vf vbcast32(int32_t w) { return _mm512_castsi512_ps(_mm512_set1_epi32(w)); }
+// x where key j + lane <= last, else -inf
+inline vf vkeep(vf x, int j, int last) {
+    const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_setr_epi32(
+        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    return _mm512_mask_blend_ps(_mm512_cmple_epi32_mask(keys, _mm512_set1_epi32(last)),
+                                _mm512_set1_ps(-INFINITY), x);
+}
+#else
+#error "fused_attention.cpp needs AVX-512"
+#endif
+
+constexpr int NK = 2 * L;  // keys per step of the scores' product (two vectors)
+constexpr int KC = 64;     // keys per partial sum of the output product
 
 typedef uint16_t bf16;
 
@@ -36,57 +75,55 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // 2^x for x <= 0 (x >= -126 after clamping), float32-accurate: 2^round(x) times a degree-6
 // polynomial of 2^f on f in [-0.5, 0.5] (Taylor series of exp(f ln 2); error below 2e-7).
-inline __m512 exp2_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+inline vf exp2_ps(vf x) {
+    x = vmax(x, vset1(-126.0f));
+    vf n = vround(x);
+    vf f = vmul(vsub(x, n), vset1(0.6931471805599453f));
+    vf p = vset1(1.0f / 720);
+    p = vfmadd(p, f, vset1(1.0f / 120));
+    p = vfmadd(p, f, vset1(1.0f / 24));
+    p = vfmadd(p, f, vset1(1.0f / 6));
+    p = vfmadd(p, f, vset1(0.5f));
+    p = vfmadd(p, f, vset1(1.0f));
+    p = vfmadd(p, f, vset1(1.0f));
+    return vscale2(p, n);
 }
 
 // 32 bits at p (one bfloat16 pair or one float32) in every lane
-inline __m512 bcast32(const void* p) {
+inline vf bcast32(const void* p) {
     int32_t w;
     std::memcpy(&w, p, 4);
-    return _mm512_castsi512_ps(_mm512_set1_epi32(w));
+    return vbcast32(w);
 }
 
 // What differs between the element types: P elements per lane and step, the step's product,
-// and how float32 values are stored as elements (16 at a time, or the first n under a mask).
+// and how float32 values are stored as elements (L at a time, or the first n).
 template <typename E> struct Ops;
 
+#if defined(__AVX512BF16__)
 template <> struct Ops<bf16> {
     static constexpr int P = 2;
-    static __m512 dot(__m512 acc, __m512 a, __m512 b) {
-        return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-    }
+    static vf dot(vf acc, vf a, vf b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
     // stores x rounded to bfloat16; returns the rounded values (what the products will see)
-    static __m512 store(bf16* p, __m512 x) {
+    static vf store(bf16* p, vf x) {
         __m256bh r = _mm512_cvtneps_pbh(x);
         _mm256_storeu_si256((__m256i*)p, (__m256i)r);
         return _mm512_cvtpbh_ps(r);
     }
-    static void store_n(bf16* p, __m512 x, int n) {
+    static void store_n(bf16* p, vf x, int n) {
         _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(x));
     }
 };
+#endif
 
 template <> struct Ops<float> {
     static constexpr int P = 1;
-    static __m512 dot(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
-    static __m512 store(float* p, __m512 x) {
-        _mm512_storeu_ps(p, x);
+    static vf dot(vf acc, vf a, vf b) { return vfmadd(a, b, acc); }
+    static vf store(float* p, vf x) {
+        vstore(p, x);
         return x;
     }
-    static void store_n(float* p, __m512 x, int n) {
-        _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), x);
-    }
+    static void store_n(float* p, vf x, int n) { vstore_n(p, x, n); }
 };
 
 template <typename E> struct Args {
@@ -126,72 +163,62 @@ template <typename E> void pack_head(Args<E>& a, int64_t bh) {
 
 // Scores of MR query rows from t0 (q: MR x D2 x P) against keys [j, j + NK), into sc
 // (MR x SP); keys past S (padding), and when causal keys after the row's query, get -inf.
-// vmax: the rows' running maxima, lane by lane.
+// vmx: the rows' running maxima, lane by lane.
 template <typename E>
 inline void scores_block(const Args<E>& a, const E* q, const E* kp, float* sc, int j, int64_t t0,
-                         __m512* vmax) {
+                         vf* vmx) {
     constexpr int P = Ops<E>::P;
-    __m512 acc[MR][2];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    vf acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vzero();
     for (int d2 = 0; d2 < a.D2; ++d2) {
         const E* kk = kp + ((int64_t)d2 * a.SP + j) * P;
-        __m512 k0 = _mm512_loadu_ps(kk), k1 = _mm512_loadu_ps(kk + 16 * P);
+        vf k0 = vload((const float*)kk), k1 = vload((const float*)(kk + L * P));
         for (int r = 0; r < MR; ++r) {
-            __m512 qq = bcast32(q + (r * a.D2 + d2) * P);
+            vf qq = bcast32(q + (r * a.D2 + d2) * P);
             acc[r][0] = Ops<E>::dot(acc[r][0], qq, k0);
             acc[r][1] = Ops<E>::dot(acc[r][1], qq, k1);
         }
     }
     // one rule for both: a row sees the keys up to its last (S - 1, or its own query if causal)
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    const __m512i keys0 = _mm512_add_epi32(_mm512_set1_epi32(j),
-                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                             12, 13, 14, 15));
-    const __m512i keys1 = _mm512_add_epi32(keys0, _mm512_set1_epi32(16));
     for (int r = 0; r < MR; ++r) {
-        const int64_t last = a.causal && t0 + r < a.S - 1 ? t0 + r : a.S - 1;
-        const __m512i t = _mm512_set1_epi32((int)last);
-        const __mmask16 c0 = _mm512_cmple_epi32_mask(keys0, t);
-        const __mmask16 c1 = _mm512_cmple_epi32_mask(keys1, t);
-        __m512 s0 = _mm512_mask_blend_ps(c0, ninf, acc[r][0]);
-        __m512 s1 = _mm512_mask_blend_ps(c1, ninf, acc[r][1]);
-        _mm512_storeu_ps(sc + (int64_t)r * a.SP + j, s0);
-        _mm512_storeu_ps(sc + (int64_t)r * a.SP + j + 16, s1);
-        vmax[r] = _mm512_max_ps(vmax[r], _mm512_max_ps(s0, s1));
+        const int last = (int)(a.causal && t0 + r < a.S - 1 ? t0 + r : a.S - 1);
+        vf s0 = vkeep(acc[r][0], j, last), s1 = vkeep(acc[r][1], j + L, last);
+        vstore(sc + (int64_t)r * a.SP + j, s0);
+        vstore(sc + (int64_t)r * a.SP + j + L, s1);
+        vmx[r] = vmax(vmx[r], vmax(s0, s1));
     }
 }
 
-// o (MR rows x W*16 dims from d0, float32) = p (MR x SP) @ v, times the rows' 1 / sums.
+// o (MR rows x W L dims from d0, float32) = p (MR x SP) @ v, times the rows' 1 / sums.
 template <typename E, int W>
 inline void output_block(const Args<E>& a, const E* p, const E* vp, const float* inv,
                          float* o, int d0) {
     constexpr int P = Ops<E>::P;
-    __m512 sum[MR][W], acc[MR][W];
+    vf sum[MR][W], acc[MR][W];
     for (int r = 0; r < MR; ++r)
-        for (int w = 0; w < W; ++w) sum[r][w] = _mm512_setzero_ps();
+        for (int w = 0; w < W; ++w) sum[r][w] = vzero();
     // in chunks of KC keys summed apart, then added up: the rounding error grows with KC and
     // S / KC, not with S as one running sum's does
     const int steps = a.SP / P;
     for (int c0 = 0; c0 < steps; c0 += KC / P) {
         const int c1 = c0 + KC / P < steps ? c0 + KC / P : steps;
         for (int r = 0; r < MR; ++r)
-            for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
+            for (int w = 0; w < W; ++w) acc[r][w] = vzero();
         for (int s2 = c0; s2 < c1; ++s2) {
-            __m512 vv[W];
+            vf vv[W];
             for (int w = 0; w < W; ++w)
-                vv[w] = _mm512_loadu_ps(vp + ((int64_t)s2 * a.HP + d0 + 16 * w) * P);
+                vv[w] = vload((const float*)(vp + ((int64_t)s2 * a.HP + d0 + L * w) * P));
             for (int r = 0; r < MR; ++r) {
-                __m512 pp = bcast32(p + (int64_t)r * a.SP + P * s2);
+                vf pp = bcast32(p + (int64_t)r * a.SP + P * s2);
                 for (int w = 0; w < W; ++w) acc[r][w] = Ops<E>::dot(acc[r][w], pp, vv[w]);
             }
         }
         for (int r = 0; r < MR; ++r)
-            for (int w = 0; w < W; ++w) sum[r][w] = _mm512_add_ps(sum[r][w], acc[r][w]);
+            for (int w = 0; w < W; ++w) sum[r][w] = vadd(sum[r][w], acc[r][w]);
     }
     for (int r = 0; r < MR; ++r)
         for (int w = 0; w < W; ++w)
-            _mm512_storeu_ps(o + r * a.HP + d0 + 16 * w,
-                             _mm512_mul_ps(sum[r][w], _mm512_set1_ps(inv[r])));
+            vstore(o + r * a.HP + d0 + L * w, vmul(sum[r][w], vset1(inv[r])));
 }
 
 template <typename E> struct Scratch {
@@ -212,33 +239,34 @@ template <typename E> void rows(Args<E>& a, Scratch<E>& w, int64_t bh, int64_t t
     for (int r = 0; r < n; ++r)
         std::memcpy(&w.q[(int64_t)r * a.D2 * P],
                     a.q + b * a.qs[0] + h * a.qs[1] + (t0 + r) * a.qs[2], sizeof(E) * a.D);
-    __m512 vmax[MR];
-    for (int r = 0; r < MR; ++r) vmax[r] = _mm512_set1_ps(-INFINITY);
-    for (int j = 0; j < a.SP; j += NK) scores_block(a, w.q.data(), kp, w.sc.data(), j, t0, vmax);
+    vf vmx[MR];
+    for (int r = 0; r < MR; ++r) vmx[r] = vset1(-INFINITY);
+    for (int j = 0; j < a.SP; j += NK) scores_block(a, w.q.data(), kp, w.sc.data(), j, t0, vmx);
     // softmax: exp2((s - max) * scale * log2 e) stored as elements; the sums in float32
     const float c = a.scale * 1.4426950408889634f;
-    const __m512 cc = _mm512_set1_ps(c);
+    const vf cc = vset1(c);
     float inv[MR];
     for (int r = 0; r < MR; ++r) {
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[r]) * c);
-        __m512 sum = _mm512_setzero_ps();
+        const vf m = vset1(vhmax(vmx[r]) * c);
+        vf sum = vzero();
         const float* sr = w.sc.data() + (int64_t)r * a.SP;
         E* pr = w.p.data() + (int64_t)r * a.SP;
-        for (int j = 0; j < a.SP; j += 16)
-            sum = _mm512_add_ps(sum, Ops<E>::store(pr + j, exp2_ps(_mm512_fmsub_ps(
-                                                                _mm512_loadu_ps(sr + j), cc, m))));
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        for (int j = 0; j < a.SP; j += L)
+            sum = vadd(sum, Ops<E>::store(pr + j, exp2_ps(vfmsub(vload(sr + j), cc, m))));
+        inv[r] = 1.0f / vsum(sum);
     }
+    // the output, WMAX vectors of dims at a time, then the rest
     int d0 = 0;
-    for (; d0 + 48 <= a.HP; d0 += 48) output_block<E, 3>(a, w.p.data(), vp, inv, w.o.data(), d0);
-    if (a.HP - d0 == 32) output_block<E, 2>(a, w.p.data(), vp, inv, w.o.data(), d0);
-    if (a.HP - d0 == 16) output_block<E, 1>(a, w.p.data(), vp, inv, w.o.data(), d0);
+    for (; d0 + WMAX * L <= a.HP; d0 += WMAX * L)
+        output_block<E, WMAX>(a, w.p.data(), vp, inv, w.o.data(), d0);
+    if (a.HP - d0 >= 2 * L) output_block<E, 2>(a, w.p.data(), vp, inv, w.o.data(), d0);
+    else if (a.HP - d0 == L) output_block<E, 1>(a, w.p.data(), vp, inv, w.o.data(), d0);
     for (int r = 0; r < n; ++r) {
         E* o = a.out + b * a.os[0] + h * a.os[1] + (t0 + r) * a.os[2];
         const float* src = w.o.data() + r * a.HP;
         int d = 0;
-        for (; d + 16 <= a.D; d += 16) Ops<E>::store(o + d, _mm512_loadu_ps(src + d));
-        if (d < a.D) Ops<E>::store_n(o + d, _mm512_loadu_ps(src + d), (int)(a.D - d));
+        for (; d + L <= a.D; d += L) Ops<E>::store(o + d, vload(src + d));
+        if (d < a.D) Ops<E>::store_n(o + d, vload(src + d), (int)(a.D - d));
     }
 }
 
@@ -274,7 +302,7 @@ int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_
     a.causal = causal;
     a.threads = threads < 1 ? 1 : threads;
     a.D2 = (int)((D + P - 1) / P);
-    a.HP = round_up((int)D, 16);
+    a.HP = round_up((int)D, L);
     a.SP = round_up((int)S, NK);
     std::unique_ptr<E[]> kp(new E[(size_t)B * H * a.D2 * a.SP * P]);
     std::unique_ptr<E[]> vp(new E[(size_t)B * H * a.SP * a.HP]);
@@ -288,12 +316,14 @@ int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_
 }  // namespace
 
 // q, k, v, out: (B, H, T or S, D) with the given strides of their first three dimensions
+#if defined(__AVX512BF16__)
 extern "C" int nd_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out,
                                  int64_t B, int64_t H, int64_t T, int64_t S, int64_t D,
                                  const int64_t* qs, const int64_t* ks, const int64_t* vs,
                                  const int64_t* os, float scale, int causal, int threads) {
     return run<bf16>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, causal, threads);
 }
+#endif
 
 extern "C" int nd_attention_f32(const float* q, const float* k, const float* v, float* out,
                                 int64_t B, int64_t H, int64_t T, int64_t S, int64_t D,

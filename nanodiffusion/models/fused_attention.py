@@ -1,14 +1,18 @@
-"""Fused attention for CPUs with AVX512-BF16, bfloat16 and float32: fused_attention.cpp, built
-with g++ at its first use and kept in the user's cache (one file per source and compiler flags).
+"""Fused attention for x86 CPUs: fused_attention.cpp, built with g++ at its first use for this
+CPU's instruction set and kept in the user's cache (one file per source and compiler flags).
 
-`available()` says whether it runs here: x86 Linux with avx512_bf16 (the float32 kernel needs
-only AVX-512, but one rule is simpler and every such CPU has AVX-512), a C++ compiler with
-OpenMP, and NANODIFFUSION_FUSED_ATTENTION not set to 0. Where it does not, `layers.attention`
-keeps its other paths; a build that fails warns once with the compiler's message and is not
-tried again in that process. `supports(q, k, v)` says which heads it takes, and
-`attention(q, k, v, causal)` is the kernel's one call (layers.attention holds the rule of when).
+Two builds (LEVELS): AVX512-BF16 (bfloat16 and float32: Zen 4 and later, Intel from Cooper
+Lake and Sapphire Rapids) and AVX-512 alone (float32: Intel's Skylake to Ice Lake servers); the
+best the CPU has (/proc/cpuinfo) runs. `available(dtype)` says whether it runs
+here for that dtype: x86 Linux with one of those, a C++ compiler with OpenMP, and
+NANODIFFUSION_FUSED_ATTENTION not set to 0 (set to a level's name, that build runs instead,
+where the CPU has it). Where it does not, `layers.attention` keeps its other paths; a build that
+fails warns once with the compiler's message and is not tried again in that process.
+`supports(q, k, v)` says which heads it takes, and `attention(q, k, v, causal)` is the kernel's
+one call (layers.attention holds the rule of when).
 """
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -21,8 +25,16 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("fused_attention.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw",
-         "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+# instruction set -> (the /proc/cpuinfo flags it needs, the compiler's, its dtypes), best first
+LEVELS = {
+    "avx512bf16": ((*_AVX512, "avx512_bf16"),
+                   ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                    "-mavx512bf16"], (torch.bfloat16, torch.float32)),
+    "avx512": (_AVX512, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+               (torch.float32,)),
+}
 ENV = "NANODIFFUSION_FUSED_ATTENTION"
 # Widest head taken: every query block reads its head's keys and values whole, which stay in
 # the core's L2 for transformer heads (SD 1.5's 40-160 wide, SD 2's 64) but not for the VAE's
@@ -30,20 +42,38 @@ ENV = "NANODIFFUSION_FUSED_ATTENTION"
 MAX_WIDTH = 160
 FUNCTIONS = {torch.bfloat16: "nd_attention_bf16", torch.float32: "nd_attention_f32"}
 
-_lib = None
-_tried = False
+_libs = {}  # level -> its loaded library, or None where its build failed
 
 
-def cpu_has_avx512_bf16():
-    """Whether /proc/cpuinfo lists avx512_bf16 (Linux; False elsewhere)."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags():
+    """The flags /proc/cpuinfo lists (Linux; empty elsewhere), read once."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "avx512_bf16" in line.split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_level():
+    """The best of LEVELS this CPU runs, or None."""
+    flags = cpu_flags()
+    return next((name for name, (need, _, _) in LEVELS.items() if flags.issuperset(need)), None)
+
+
+def level():
+    """The level that runs in this process: NANODIFFUSION_FUSED_ATTENTION's where it names one
+    the CPU has, else the CPU's best; None where the kernel does not run (see the module)."""
+    want = os.environ.get(ENV, "1")
+    if want == "0" or not sys.platform.startswith("linux"):
+        return None
+    best = cpu_level()
+    if want in LEVELS and best is not None and cpu_flags().issuperset(LEVELS[want][0]):
+        return want
+    return best
 
 
 def cache_dir():
@@ -51,21 +81,22 @@ def cache_dir():
     return Path(base) / "nanodiffusion" / "kernels"
 
 
-def _build():
-    """The library's path, built if the cache lacks it (written under a temporary name, then
-    renamed, so a concurrent or killed build never leaves a half-written library)."""
+def _build(lvl):
+    """The library of level `lvl`, built if the cache lacks it (written under a temporary name,
+    then renamed, so a concurrent or killed build never leaves a half-written library)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + FLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / f"fused_attention-{key}.so"
+    flags = FLAGS + LEVELS[lvl][1]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + flags).encode()).hexdigest()[:16]
+    out = cache_dir() / f"fused_attention-{lvl}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{r.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -75,41 +106,43 @@ def _build():
     return out
 
 
-def library():
-    """The loaded kernel library, or None where it does not run here (see the module's text)."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux") \
-            or not cpu_has_avx512_bf16():
+def library(lvl=None):
+    """The loaded kernel library of level `lvl` (one the CPU has; default: `level()`), or None
+    where it does not run here (see the module's text)."""
+    lvl = lvl or level()
+    if lvl is None:
         return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError) as e:
-        warnings.warn(f"fused attention not built, the slower path runs: {e}")
-        return None
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    for fn in FUNCTIONS.values():
-        getattr(lib, fn).argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p,
-                                     ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        getattr(lib, fn).restype = ctypes.c_int
-    _lib = lib
-    return _lib
+    if lvl not in _libs:
+        _libs[lvl] = None
+        try:
+            lib = ctypes.CDLL(str(_build(lvl)))
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"fused attention not built, the slower path runs: {e}")
+            return None
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        for dtype in LEVELS[lvl][2]:
+            fn = getattr(lib, FUNCTIONS[dtype])
+            fn.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, ctypes.c_float,
+                           ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        _libs[lvl] = lib
+    return _libs[lvl]
 
 
-def available():
-    return library() is not None
+def available(dtype=None):
+    """Whether the kernel runs here (for `dtype`, where given)."""
+    lvl = level()
+    return library(lvl) is not None and (dtype is None or dtype in LEVELS[lvl][2])
 
 
 def supports(q, k, v):
-    """Whether `attention` takes these (B, nh, T, hs) tensors: bfloat16 or float32 on the CPU,
-    each head's vectors contiguous, one batch, head count and width (at most MAX_WIDTH), at
-    least one key; the kernel available."""
+    """Whether `attention` takes these (B, nh, T, hs) tensors: on the CPU, in a dtype the
+    kernel has here (available), each head's vectors contiguous, one batch, head count and
+    width (at most MAX_WIDTH), at least one key."""
     return (q.dtype == k.dtype == v.dtype and q.dtype in FUNCTIONS and q.device.type == "cpu"
             and all(t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v))
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
-            and q.shape[3] == k.shape[3] == v.shape[3] <= MAX_WIDTH and available())
+            and q.shape[3] == k.shape[3] == v.shape[3] <= MAX_WIDTH and available(q.dtype))
 
 
 def _strides(t):
@@ -131,13 +164,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dtype, laid out (B, T, nh, hs) so that the caller's transpose back to tokens is free. An op
     of torch's (torch.ops.nanodiffusion.fused_attention), so that FLOP counters and profilers
     see it."""
+    return run(library(), q, k, v, causal)
+
+
+def run(lib, q, k, v, causal=False):
+    """`attention` on the kernel library `lib` (one of `library(level)`'s)."""
     B, nh, T, hs = q.shape
-    S = k.shape[2]
     out = _output(q)
-    fn = getattr(library(), FUNCTIONS[q.dtype])
-    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, nh, T, S, hs, _strides(q),
-       _strides(k), _strides(v), _strides(out), hs ** -0.5, int(causal),
-       torch.get_num_threads())
+    getattr(lib, FUNCTIONS[q.dtype])(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, nh, T, k.shape[2], hs,
+        _strides(q), _strides(k), _strides(v), _strides(out), hs ** -0.5, int(causal),
+        torch.get_num_threads())
     return out
 
 
