@@ -7,6 +7,7 @@ import errno
 import io
 import re
 import shlex
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,11 +125,15 @@ def test_images_are_kept_when_out_fails_after_generating(tmp_path, monkeypatch, 
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real(image, path)
     monkeypatch.setattr(pnginfo, "save_png", failing)
+    temp = tmp_path / "temp"  # the temporary folder's root here, not the real /tmp
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     rc = cli.main(["generate", "a red circle", "--steps", "2", "-n", "2",
                    "--out", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
     assert rc == 1 and "Read-only file system" in err
     rescue = Path(re.search(r"saved in (\S+) instead", err).group(1))
+    assert rescue.parent == temp
     saved = sorted(p.name for p in rescue.iterdir())
     assert saved == ["o-1.png", "o-2.png"]
     assert "Steps: 2" in real.__globals__["read_parameters"](rescue / "o-1.png")
