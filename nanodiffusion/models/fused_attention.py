@@ -27,13 +27,11 @@ import torch
 SOURCE = Path(__file__).with_name("fused_attention.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
-# instruction set -> (the /proc/cpuinfo flags it needs, the compiler's, its dtypes), best first
+# instruction set -> (the /proc/cpuinfo flags it needs, its dtypes), best first; each flag is
+# also the compiler's: avx512_bf16 -> -mavx512bf16 (_compiler_flags)
 LEVELS = {
-    "avx512bf16": ((*_AVX512, "avx512_bf16"),
-                   ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                    "-mavx512bf16"], (torch.bfloat16, torch.float32)),
-    "avx512": (_AVX512, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-               (torch.float32,)),
+    "avx512bf16": ((*_AVX512, "avx512_bf16"), (torch.bfloat16, torch.float32)),
+    "avx512": (_AVX512, (torch.float32,)),
 }
 ENV = "NANODIFFUSION_FUSED_ATTENTION"
 # Widest head taken: every query block reads its head's keys and values whole, which stay in
@@ -58,10 +56,10 @@ def cpu_flags():
     return frozenset()
 
 
-def cpu_level():
-    """The best of LEVELS this CPU runs, or None."""
-    flags = cpu_flags()
-    return next((name for name, (need, _, _) in LEVELS.items() if flags.issuperset(need)), None)
+@functools.lru_cache(maxsize=None)
+def cpu_levels():
+    """The LEVELS this CPU runs, best first (a tuple, found once)."""
+    return tuple(name for name, (need, _) in LEVELS.items() if cpu_flags().issuperset(need))
 
 
 def level():
@@ -70,10 +68,12 @@ def level():
     want = os.environ.get(ENV, "1")
     if want == "0" or not sys.platform.startswith("linux"):
         return None
-    best = cpu_level()
-    if want in LEVELS and best is not None and cpu_flags().issuperset(LEVELS[want][0]):
-        return want
-    return best
+    have = cpu_levels()
+    return want if want in have else next(iter(have), None)
+
+
+def _compiler_flags(lvl):
+    return FLAGS + ["-m" + flag.replace("_", "") for flag in LEVELS[lvl][0]]
 
 
 def cache_dir():
@@ -87,7 +87,7 @@ def _build(lvl):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
-    flags = FLAGS + LEVELS[lvl][1]
+    flags = _compiler_flags(lvl)
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"fused_attention-{lvl}-{key}.so"
     if out.exists():
@@ -120,7 +120,7 @@ def library(lvl=None):
             warnings.warn(f"fused attention not built, the slower path runs: {e}")
             return None
         i64, p = ctypes.c_int64, ctypes.c_void_p
-        for dtype in LEVELS[lvl][2]:
+        for dtype in LEVELS[lvl][1]:
             fn = getattr(lib, FUNCTIONS[dtype])
             fn.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, ctypes.c_float,
                            ctypes.c_int, ctypes.c_int]
@@ -132,7 +132,7 @@ def library(lvl=None):
 def available(dtype=None):
     """Whether the kernel runs here (for `dtype`, where given)."""
     lvl = level()
-    return library(lvl) is not None and (dtype is None or dtype in LEVELS[lvl][2])
+    return library(lvl) is not None and (dtype is None or dtype in LEVELS[lvl][1])
 
 
 def supports(q, k, v):
