@@ -38,7 +38,7 @@ def test_turned_off_by_its_environment_variable():
 def test_its_first_call_imports_no_compiler_stack():
     """The op is registered with torch's dispatcher directly: calling it does not import
     torch._dynamo / torch._inductor (torch.library.custom_op did at the first call: 822
-    modules, 1.0 s and their memory in every process)."""
+    modules, 1.0 s, where nothing had imported them yet)."""
     code = ("import sys, torch; from nanodiffusion.models import fused_attention as f; "
             "d = 'cpu' if f.available(torch.float32) else 'meta'; "
             "q = torch.randn(1, 2, 8, 16, device=d); f.attention(q, q, q); "

@@ -177,7 +177,7 @@ def run(lib, q, k, v, causal=False):
 
 # The op, registered with torch's dispatcher directly: its CPU kernel and, for FLOP counting on
 # meta tensors, its output's shape. (torch.library.custom_op imported torch._dynamo and
-# torch._inductor at the op's first call: 822 modules, 1.0 s, in every process.)
+# torch._inductor at the op's first call: 822 modules, 1.0 s, where nothing had yet.)
 _OPS = torch.library.Library("nanodiffusion", "DEF")
 _OPS.define("fused_attention(Tensor q, Tensor k, Tensor v, bool causal=False) -> Tensor")
 _OPS.impl("fused_attention", lambda q, k, v, causal=False: run(library(), q, k, v, causal),
