@@ -16,6 +16,8 @@ from nanodiffusion.models.unet import UNet, UNetConfig, for_inference
 pytestmark = pytest.mark.skipif(not packing.available(), reason="this torch has no oneDNN")
 
 PROMPT = "a red circle above a blue square"
+# bfloat16 packs only where this CPU's oneDNN takes it (not on AVX2-only CPUs: packing.packs)
+DTYPES = [d for d in (torch.bfloat16, torch.float32) if packing.packs(d)]
 CFG = UNetConfig(block_channels=(32, 64), layers_per_block=1, attention_levels=(False, True),
                  num_heads=(2, 2), context_dim=32, norm_groups=8)
 
@@ -31,8 +33,12 @@ def _inputs(dtype, seed=1):
     return x, torch.tensor([10, 500]), torch.randn(2, 7, 32, generator=g).to(dtype)
 
 
-def _call(unet, seed=1):
+def _call(unet, seed=1, channels_last=False):
+    """The UNet's output; `channels_last`: on a channels-last input, as pipelines give it (the
+    dense and packed float32 kernels then round alike)."""
     x, t, ctx = _inputs(unet.conv_out.bias.dtype, seed)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         return unet(x, t, context=ctx)
 
@@ -55,22 +61,39 @@ def _same_state(unet, before, layout=True):
         assert torch.equal(after[k], v) and (after[k].stride() == stride or not layout), k
 
 
-def test_packed_calls_equal_and_weights_come_back_as_they_were():
-    unet = _unet(torch.bfloat16)
-    before, want = _state(unet), _call(unet)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_calls_equal_and_weights_come_back_as_they_were(dtype):
+    unet = _unet(dtype)
+    before, want = _state(unet), _call(unet, channels_last=True)
     with packing.packed_weights(unet) as n:
         assert n == len(_convs(unet)) == len(_packed(unet)) > 0
-        got = [_call(unet), _call(unet)]
+        got = [_call(unet, channels_last=True), _call(unet, channels_last=True)]
         assert all(m._parameters["weight"].numel() == 0 for m in _convs(unet))  # let go
         assert _call(unet, seed=2).shape == want.shape
     assert all(torch.equal(g, want) for g in got)
     assert not _packed(unet)
     _same_state(unet, before)
-    assert torch.equal(_call(unet), want)
+    assert torch.equal(_call(unet, channels_last=True), want)
 
 
-def test_weights_come_back_when_the_block_fails():
+def test_bfloat16_packs_only_where_onednn_takes_it(monkeypatch):
+    """On a CPU whose oneDNN has no bfloat16 path (AVX2 only: AMD Zen 3, most desktop Intel
+    before Sapphire Rapids), its packed ops raise "bf16 path needs the cpu support ..."; there
+    nothing is packed and the UNet runs on torch's own bfloat16 kernels (a `--dtype bfloat16`
+    run crashed there). The rule is oneDNN's own answer (packs)."""
     unet = _unet(torch.bfloat16)
+    want = _call(unet)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not packing.packs(torch.bfloat16) and packing.packs(torch.float32)
+    with packing.packed_weights(unet) as n:
+        assert n == 0 and not _packed(unet)
+        assert torch.equal(_call(unet), want)
+    assert packing.pack(_unet(torch.float32)) == len(_convs(unet))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_come_back_when_the_block_fails(dtype):
+    unet = _unet(dtype)
     before = _state(unet)
     with pytest.raises(KeyboardInterrupt):
         with packing.packed_weights(unet):
@@ -80,11 +103,12 @@ def test_weights_come_back_when_the_block_fails():
     _same_state(unet, before)
 
 
-def test_what_asks_for_the_weights_gets_the_dense_ones():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_what_asks_for_the_weights_gets_the_dense_ones(dtype):
     """Packed for good (pack): the weight read, the state_dict, .to, a call with gradients
     and load_state_dict each see (and restore) the dense weights."""
-    unet = _unet(torch.bfloat16)
-    before, want = _state(unet), _call(unet)
+    unet = _unet(dtype)
+    before, want = _state(unet), _call(unet, channels_last=True)
     assert packing.pack(unet) == len(_convs(unet))
     _call(unet)
     _same_state(unet, before, layout=False)  # from the packed weights (they stay packed)
@@ -93,9 +117,9 @@ def test_what_asks_for_the_weights_gets_the_dense_ones():
     assert type(unet.conv_in) is winograd.Conv2d  # its own class back
     assert torch.equal(w, before["conv_in.weight"][0])
     assert len(_packed(unet)) == len(_convs(unet)) - 1
-    assert torch.equal(_call(unet), want)
+    assert torch.equal(_call(unet, channels_last=True), want)
 
-    x, t, ctx = _inputs(torch.bfloat16)  # a call with gradients (a LoRA training's)
+    x, t, ctx = _inputs(dtype)  # a call with gradients (a LoRA training's)
     x.requires_grad_(True)
     unet(x, t, context=ctx).float().sum().backward()
     assert x.grad is not None and not _packed(unet)
@@ -111,27 +135,21 @@ def test_what_asks_for_the_weights_gets_the_dense_ones():
     assert torch.equal(unet.conv_in.weight, before["conv_in.weight"][0].float())
 
 
-def _call_cl(unet):
-    x, t, ctx = _inputs(torch.float32)
-    with torch.no_grad():
-        return unet(x.contiguous(memory_format=torch.channels_last), t, context=ctx)
-
-
 def test_float32_packs_bit_for_bit_and_disabled_packs_nothing():
     """Float32 too, for a channels-last input as pipelines give it (a contiguous one only
     within rounding: the dense kernel for that layout rounds differently); its weights come
     back bit for bit. Float16 is not packed."""
     unet = _unet(torch.float32)
-    before, want, contiguous = _state(unet), _call_cl(unet), _call(unet)
+    before, want, contiguous = _state(unet), _call(unet, channels_last=True), _call(unet)
     with packing.packed_weights(unet) as n:
         assert n == len(_convs(unet)) == len(_packed(unet)) > 0
-        got = _call_cl(unet)
+        got = _call(unet, channels_last=True)
         assert all(m._parameters["weight"].numel() == 0 for m in _convs(unet))
         torch.testing.assert_close(_call(unet), contiguous, rtol=1e-5,
                                    atol=1e-5 * contiguous.abs().max().item())
     assert torch.equal(got, want)
     _same_state(unet, before)
-    assert torch.equal(_call_cl(unet), want)
+    assert torch.equal(_call(unet, channels_last=True), want)
     half = _unet(torch.float16)
     with packing.packed_weights(half) as n:
         assert n == 0 and not _packed(half)
@@ -181,8 +199,11 @@ def test_pipeline_packs_and_images_are_unchanged(monkeypatch, bf16, dtype):
     by up to 6e-6: one level in one byte of the image)."""
     pipe = bf16 if dtype == "bfloat16" else nanodiffusion.load("shapes")
     a = pipe.generate(PROMPT, seed=4, steps=5, n=2)
-    assert len(_packed(pipe.unet)) == len(_convs(pipe.unet))
-    assert len(_packed(pipe.vae.decoder)) == len(_convs(pipe.vae.decoder))
+    if packing.packs(getattr(torch, dtype)):
+        assert len(_packed(pipe.unet)) == len(_convs(pipe.unet))
+        assert len(_packed(pipe.vae.decoder)) == len(_convs(pipe.vae.decoder))
+    else:  # bfloat16 on an AVX2-only CPU: made on torch's own kernels
+        assert not _packed(pipe.unet) and not _packed(pipe.vae.decoder)
     assert not _packed(pipe.vae.encoder)
     b = pipe.generate(PROMPT, seed=4, steps=2)
     packing.unpack(pipe.unet)
@@ -201,18 +222,21 @@ def _same_image(packed, dense, dtype):
 
 
 def test_lora_fused_into_a_packed_unet(monkeypatch, tmp_path, bf16):
+    """(bfloat16, or float32 where this CPU packs no bfloat16.)"""
+    dtype = DTYPES[0]
+    pipe = bf16 if dtype == torch.bfloat16 else nanodiffusion.load("shapes")
     path = write_kohya(tmp_path / "locon.safetensors",
-                       random_layers(unet_targets(bf16.unet), seed=3, std=0.05))
-    bf16.generate(PROMPT, seed=1, steps=3)
-    assert _packed(bf16.unet)
-    bf16.load_lora(path, 0.8)
-    got = bf16.generate(PROMPT, seed=6, steps=4)[0]
-    bf16.unload_loras()
-    plain = nanodiffusion.load("shapes", dtype=torch.bfloat16)
+                       random_layers(unet_targets(pipe.unet), seed=3, std=0.05))
+    pipe.generate(PROMPT, seed=1, steps=3)
+    assert _packed(pipe.unet)
+    pipe.load_lora(path, 0.8)
+    got = pipe.generate(PROMPT, seed=6, steps=4)
+    pipe.unload_loras()
+    plain = nanodiffusion.load("shapes", dtype=dtype)
     _no_packing(monkeypatch)
     plain.load_lora(path, 0.8)
-    want = plain.generate(PROMPT, seed=6, steps=4)[0]
-    assert got.tobytes() == want.tobytes()
+    want = plain.generate(PROMPT, seed=6, steps=4)
+    _same_image(got, want, str(dtype).removeprefix("torch."))
 
 
 def test_low_memory_packs_long_loops_only(monkeypatch, bf16):

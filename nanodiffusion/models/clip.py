@@ -205,7 +205,10 @@ class CLIPVisionEmbeddings(nn.Module):
                              f"patch_size {cfg.patch_size}")
         self.image_size = cfg.image_size
         num_positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
-        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width ** -0.5)
+        self.class_embedding = nn.Parameter(torch.empty(cfg.width))
+        # an init, not an op: on the meta device (files.on_meta) an op such as randn(...) * s
+        # goes through torch's prims wrappers, which import torch._dynamo (~1 s, ~70 MB)
+        nn.init.normal_(self.class_embedding, std=cfg.width ** -0.5)
         self.patch_embedding = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size,
                                          stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(num_positions, cfg.width)

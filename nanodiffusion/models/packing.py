@@ -26,7 +26,7 @@ block only (low memory, whose parts go to disk after each run).
 A float32 call that Winograd's F(4x4, 3x3) is to run (models/winograd.py's rule, the one the
 plain layer asks too) runs it on the dense weight, which a packed weight gives back for it.
 
-Other dtypes are left as they are, and so is anything that is not a plain zero-padded Conv2d on
+Other dtypes are left as they are (bfloat16 too where this CPU's oneDNN lacks it: `packs`), and so is anything that is not a plain zero-padded Conv2d on
 the CPU, or a torch without the mkldnn ops."""
 import contextlib
 
@@ -85,7 +85,14 @@ class PackedConv2d(nn.Conv2d):
         _unpack(self)._load_from_state_dict(*args, **kwargs)
 
 
-PACKED_DTYPES = (torch.bfloat16, torch.float32)
+def packs(dtype):
+    """Whether this CPU's oneDNN takes `dtype`'s convolutions: float32 always, bfloat16 only
+    with AVX512-BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only CPU, such as AMD's Zen 3, raises
+    "bf16 path needs the cpu support ..." on the packed ops; torch's own bfloat16
+    convolution runs there)."""
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
 
 
 def cpu_input(x, dtype=None):
@@ -103,7 +110,7 @@ def cpu_input(x, dtype=None):
 # kernel, though (OneDNNLinear, below).
 def _packable(m):
     w = m._parameters.get("weight") if type(m) in (nn.Conv2d, winograd.Conv2d) else None
-    return (w is not None and w.dtype in PACKED_DTYPES and w.device.type == "cpu"
+    return (w is not None and packs(w.dtype) and w.device.type == "cpu"
             and w.numel() > 0 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
