@@ -139,3 +139,55 @@ def test_the_products_run_on_onednn_and_equal_bmm():
     keys = {e.key for e in prof.key_averages()}
     assert "mkldnn::_linear_pointwise" in keys and not keys & {"aten::bmm", "aten::mm"}
     assert _relative_error(got, x, w, None) < 5e-6
+
+
+class _Dtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtypes of the tensors each convolution and matrix product is called on."""
+
+    PRODUCTS = ("convolution", "addmm", "mm", "bmm", "linear", "_linear_pointwise",
+                "_convolution_pointwise", "mkldnn_convolution", "_slow_conv2d_forward")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.PRODUCTS:
+            self.seen.append((func.__name__, {a.dtype for a in args
+                                              if isinstance(a, torch.Tensor)}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bfloat16_computes_in_float32_where_onednn_has_none(monkeypatch):
+    """On a CPU whose oneDNN has no bfloat16 (AVX2 only: AMD Zen 3), torch's bfloat16
+    convolutions and products ran at 1-20 GFLOP/s (SD 1.5's UNet call at 256 px 17 s against
+    float32's 2.4 s, its VAE decode past 10 minutes). There a bfloat16 layer reads its weights
+    and input into float32, computes in float32 and rounds its output to bfloat16: every
+    product runs on float32 tensors, and the result is bfloat16 rounding of the exact one."""
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+    torch.manual_seed(0)
+    cases = [(winograd.Conv2d(256, 256, 3, padding=1), (1, 256, 32, 32)),  # Winograd's
+             (winograd.Conv2d(64, 32, 3, padding=1), (2, 64, 8, 8)),
+             (winograd.Conv2d(64, 32, 1), (2, 64, 8, 8)),
+             (winograd.Conv2d(32, 32, 3, stride=2, padding=1), (2, 32, 16, 16)),
+             (packing.OneDNNLinear(96, 160), (3, 40, 96)),
+             (packing.OneDNNLinear(8, 8), (1, 2, 8))]  # below ONEDNN_LINEAR_MIN_MACS
+    for layer, shape in cases:
+        layer = layer.bfloat16()
+        x = torch.randn(shape).bfloat16()
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # as pipelines give it
+        with torch.no_grad(), _Dtypes() as mode:
+            got = layer(x)
+        assert got.dtype == torch.bfloat16 and mode.seen, (layer, mode.seen)
+        assert all(d == {torch.float32} for _, d in mode.seen), (layer, mode.seen)
+        ref = (F.linear(x.double(), layer.weight.double(), layer.bias.double())
+               if x.dim() == 3 else F.conv2d(x.double(), layer.weight.double(),
+                                              layer.bias.double(), layer.stride, layer.padding))
+        err = (got.double() - ref).abs()
+        assert (err <= 2 ** -8 * ref.abs() + 1e-4 * ref.abs().max()).all(), layer
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: True)  # elsewhere: bfloat16
+    layer, x = cases[-2][0], torch.randn(3, 40, 96).bfloat16()
+    with torch.no_grad(), _Dtypes() as mode:
+        layer(x)
+    assert mode.seen and all(d == {torch.bfloat16} for _, d in mode.seen), mode.seen

@@ -91,7 +91,7 @@ def packs(dtype):
     "bf16 path needs the cpu support ..." on the packed ops; torch's own bfloat16
     convolution runs there)."""
     if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return winograd.onednn_bfloat16()
     return dtype == torch.float32
 
 
@@ -177,7 +177,11 @@ class OneDNNLinear(nn.Linear):
         return self.product(x, self.weight, self.bias)
 
     def product(self, x, weight, bias):
-        """x @ weight.T + bias by this layer's rule (layers.GEGLU passes halves of the weight)."""
+        """x @ weight.T + bias by this layer's rule (layers.GEGLU passes halves of the weight);
+        bfloat16 where oneDNN has none in float32 (winograd.computes_in_float32)."""
+        if winograd.computes_in_float32(x) and not winograd.needs_grad(self, x):
+            return self.product(x.float(), weight.float(),
+                                None if bias is None else bias.float()).to(x.dtype)
         if (x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.numel() * weight.shape[0] >= ONEDNN_LINEAR_MIN_MACS
                 and not winograd.needs_grad(self, x)):

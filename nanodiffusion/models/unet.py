@@ -60,7 +60,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         # a 1x1 conv matches the channel count of the skip path only where it changes
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb):
         h = self.conv1(norm_silu(self.norm1, x))  # (B, C, H, W)
@@ -102,7 +102,7 @@ class SpatialTransformer(nn.Module):
         self.linear = linear
         # LDM's Normalize() in the spatial transformer uses eps 1e-6, unlike the ResBlocks
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        proj = (lambda: nn.Linear(ch, ch)) if linear else (lambda: nn.Conv2d(ch, ch, 1))
+        proj = (lambda: nn.Linear(ch, ch)) if linear else (lambda: Conv2d(ch, ch, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(ch, num_heads, context_dim, upcast) for _ in range(depth)])
@@ -133,7 +133,7 @@ class Downsample(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)

@@ -46,7 +46,7 @@ class ResBlock(nn.Module):
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm2 = _norm(out_ch, groups)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x):
         h = self.conv1(norm_silu(self.norm1, x))
@@ -59,7 +59,7 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         # LDM pads (0,1,0,1) (right and bottom only) before the stride-2 conv
@@ -214,8 +214,8 @@ class VAE(nn.Module):
         L = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1)
-        self.post_quant_conv = nn.Conv2d(L, L, 1)
+        self.quant_conv = Conv2d(2 * L, 2 * L, 1)
+        self.post_quant_conv = Conv2d(L, L, 1)
 
     @property
     def downscale(self):

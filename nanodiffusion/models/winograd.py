@@ -158,15 +158,59 @@ def conv3x3(x, weight, bias=None):
     return out.permute(0, 3, 1, 2)
 
 
+@lru_cache(maxsize=None)
+def onednn_bfloat16():
+    """Whether this CPU's oneDNN computes bfloat16 (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT):
+    oneDNN's own answer, asked once. Where it does not (AVX2 only: AMD Zen 3, desktop Intel
+    before Sapphire Rapids) its bfloat16 ops raise and torch falls back to kernels of 1-20
+    GFLOP/s (`computes_in_float32`)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    return (ops is not None and torch.backends.mkldnn.is_available()
+            and bool(ops._is_mkldnn_bf16_supported()))
+
+
+def computes_in_float32(x):
+    """Whether a bfloat16 layer (Conv2d here, packing.OneDNNLinear) computes its call on `x` in
+    float32 (when it needs no gradient: needs_grad): bfloat16 on a CPU whose oneDNN has none
+    (onednn_bfloat16). Its
+    weights stay bfloat16 in memory and are read into float32 for the call, its input too, and
+    its output is rounded to bfloat16: the products of bfloat16 values are exact in float32, so
+    this is bfloat16 arithmetic summed in float32, as the bfloat16 kernels sum. On a 2-core AMD
+    EPYC (Zen 3), SD 1.5's UNet call at 256 px (batch 2): 17.2 s on torch's bfloat16 kernels,
+    float32 2.4 s."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not onednn_bfloat16()
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict) that runs as Winograd where `worth_it`
     says, without gradients: the UNet's and the VAE's stride-1 3x3 convolutions. Its packed
-    form (models/packing.py) makes the same choice, so packing changes no bits."""
+    form (models/packing.py) makes the same choice, so packing changes no bits. A bfloat16 call
+    where oneDNN has no bfloat16 computes in float32 (`computes_in_float32`); the UNet and the
+    VAE build all their convolutions from this class."""
 
     def forward(self, x):
-        if not needs_grad(self, x) and worth_it(self, x):
+        if needs_grad(self, x):
+            return super().forward(x)
+        if computes_in_float32(x):
+            b = None if self.bias is None else self.bias.float()
+            return self._float32(x.float(), self.weight.float(), b).to(x.dtype)
+        if worth_it(self, x):
             return conv3x3(x, self.weight, self.bias)
         return super().forward(x)
+
+    def _float32(self, x, w, b):
+        """The float32 call on float32 weights `w`, `b`: Winograd where worth_it says, else
+        oneDNN's direct kernel where this torch has it (torch's own float32 kernel for some
+        shapes is its slow im2col one: 1.4 s of such a UNet call), else F.conv2d."""
+        if worth_it(self, x):
+            return conv3x3(x, w, b)
+        ops = getattr(torch.ops, "mkldnn", None)
+        if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and onednn_product() is not None and hasattr(ops, "_convolution_pointwise")):
+            return ops._convolution_pointwise(
+                x.contiguous(memory_format=torch.channels_last), w, b, list(self.padding),
+                list(self.stride), list(self.dilation), self.groups, "none", [], "")
+        return self._conv_forward(x, w, b)
 
 
 def needs_grad(conv, x):
