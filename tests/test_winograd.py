@@ -170,6 +170,7 @@ def test_bfloat16_computes_in_float32_where_onednn_has_none(monkeypatch):
              (winograd.Conv2d(64, 32, 3, padding=1), (2, 64, 8, 8)),
              (winograd.Conv2d(64, 32, 1), (2, 64, 8, 8)),
              (winograd.Conv2d(32, 32, 3, stride=2, padding=1), (2, 32, 16, 16)),
+             (winograd.Conv2d(32, 16, 3, stride=2, padding=1), (2, 32, 7, 7)),  # im2col
              (packing.OneDNNLinear(96, 160), (3, 40, 96)),
              (packing.OneDNNLinear(8, 8), (1, 2, 8))]  # below ONEDNN_LINEAR_MIN_MACS
     for layer, shape in cases:

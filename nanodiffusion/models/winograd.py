@@ -24,6 +24,7 @@ transform included): 320 channels at 32x32 (batch 2) 1.7x, at 64x64 2.3x; 640 at
 512 at 64x64 1.3x, at 128x128 2.1x; 256 at 256x256 1.2x. Below the rule: 640 at 16x16 0.5x and
 1280 at 16x16 0.35x (the filter transform, 36 C K floats written at each call, costs more than
 the few tiles save); 128 channels at 256x256 0.6x (memory-bound transforms)"""
+import threading
 from fractions import Fraction
 from functools import lru_cache
 
@@ -181,6 +182,24 @@ def computes_in_float32(x):
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not onednn_bfloat16()
 
 
+_SCRATCH = threading.local()
+GEMM_MAX_SIDE = 8  # float32-computed convolutions on inputs this small run as im2col + product
+
+
+def float32_weight(w):
+    """`w` read into float32 (computes_in_float32), into a buffer this thread keeps for its next
+    call: a fresh tensor that large is mapped anew by glibc at every call and paged in (SD
+    1.5's 1280-channel 3x3 weight, 59 MB: 27 ms of page faults against ~3 ms of copying). The
+    buffer grows to the largest weight read (SD 1.5: 118 MB, the UNet's 2560 -> 1280 3x3); the
+    result is valid until this thread's next call."""
+    n = w.numel()
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n:
+        _SCRATCH.buf = None
+        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(w.shape).copy_(w)
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict) that runs as Winograd where `worth_it`
     says, without gradients: the UNet's and the VAE's stride-1 3x3 convolutions. Its packed
@@ -193,20 +212,34 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         if computes_in_float32(x):
             b = None if self.bias is None else self.bias.float()
-            return self._float32(x.float(), self.weight.float(), b).to(x.dtype)
+            return self._float32(x.float(), float32_weight(self.weight), b).to(x.dtype)
         if worth_it(self, x):
             return conv3x3(x, self.weight, self.bias)
         return super().forward(x)
 
     def _float32(self, x, w, b):
-        """The float32 call on float32 weights `w`, `b`: Winograd where worth_it says, else
-        oneDNN's direct kernel where this torch has it (torch's own float32 kernel for some
-        shapes is its slow im2col one: 1.4 s of such a UNet call), else F.conv2d."""
+        """The float32 call on float32 weights `w`, `b`: Winograd where worth_it says; on
+        inputs of at most GEMM_MAX_SIDE per side, im2col and one oneDNN product; else oneDNN's
+        direct kernel where this torch has it; else F.conv2d. oneDNN's direct kernel reorders
+        a dense weight at each call (a packed one is not kept here: it would be float32), which
+        on small inputs costs more than the convolution (SD 1.5's 1280-channel 3x3 at 4x4,
+        batch 2, 2 threads of a Zen 3: 100 ms direct, 38 as a product; at 16x16 and above the
+        direct kernel is as fast or faster); torch's own float32 kernel for some shapes is its
+        slow im2col one (1.4 s of a UNet call at 256 px)."""
         if worth_it(self, x):
             return conv3x3(x, w, b)
         ops = getattr(torch.ops, "mkldnn", None)
-        if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and onednn_product() is not None and hasattr(ops, "_convolution_pointwise")):
+        op = onednn_product()
+        plain = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if (plain and op is not None and self.groups == 1 and self.kernel_size != (1, 1)
+                and max(x.shape[-2:]) <= GEMM_MAX_SIDE):
+            n, k = x.shape[0], w.shape[0]
+            ho, wo = ((s + 2 * p - d * (r - 1) - 1) // st + 1 for s, p, d, r, st in zip(
+                x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride))
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            y = op(cols.transpose(1, 2), w.reshape(k, -1), b, "none", [], "")  # (n, L, k)
+            return y.view(n, ho, wo, k).permute(0, 3, 1, 2)  # channels-last
+        if plain and op is not None and hasattr(ops, "_convolution_pointwise"):
             return ops._convolution_pointwise(
                 x.contiguous(memory_format=torch.channels_last), w, b, list(self.padding),
                 list(self.stride), list(self.dilation), self.groups, "none", [], "")
