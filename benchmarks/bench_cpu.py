@@ -24,7 +24,8 @@ call s, warm s (the median of --repeats calls), best s (the fastest of them: on 
 size after them), "vs diffusers" (the warm time of the system's diffusers baseline, same
 dtype, over its own: above 1x is faster), roofline (the fraction of the machine's roofline
 reached: the work's FLOPs / the matmul peak of the dtype it computes in (the faster of torch.mm
-and oneDNN's product: machine_peaks), over the warm time;
+and oneDNN's product: machine_peaks; float32's where that is faster, as on CPUs without
+bfloat16 instructions), over the warm time;
 "at best": over the best time; ours float32 runs the wide 3x3 convolutions as Winograd's
 F(4x4, 3x3), 4x fewer multiply-adds than counted, so its fraction can pass the direct
 kernels'), and max |diff| to diffusers float32 in 1/255 steps. Every
@@ -554,7 +555,12 @@ def add_derived(rows, probe):
         system, size = SYSTEMS[r["system"]], r["size"]
         base = by.get((system.baseline, size))
         r["ratio"] = base["warm_s"] / r["warm_s"] if base else None
-        peak = probe.get("peaks", {}).get("matmul", {}).get(system.peak)
+        peaks = probe.get("peaks", {}).get("matmul", {})
+        # the faster of its dtype's peak and float32's: a CPU without bfloat16 instructions
+        # (AVX2 only: 1 GFLOP/s for torch.mm) computes ours' bfloat16 in float32
+        # (winograd.computes_in_float32), so float32's peak is its roofline there
+        peak = max((p for p in (peaks.get(system.peak), peaks.get("float32")) if p),
+                   default=None)
         work = probe.get("flops", {}).get(str(size), {}).get("total")
         r["roofline_s"] = work / (peak * 1e9) if peak and work else None
         r["roofline_fraction"] = r["roofline_s"] / r["warm_s"] if r["roofline_s"] else None

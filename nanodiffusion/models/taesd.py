@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .winograd import Conv2d
+
 
 @dataclass
 class TAESDConfig:
@@ -55,7 +57,9 @@ SHAPES = TAESDConfig(decoder_channels=16, encoder_blocks=(), decoder_blocks=(3, 
 
 
 def _conv(n_in, n_out, **kwargs):
-    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+    """A 3x3 convolution: winograd.Conv2d, nn.Conv2d's call but where a bfloat16 one computes in
+    float32 (AVX2-only CPUs: winograd.computes_in_float32); too narrow for Winograd itself."""
+    return Conv2d(n_in, n_out, 3, padding=1, **kwargs)
 
 
 class Block(nn.Module):
