@@ -26,8 +26,9 @@ block only (low memory, whose parts go to disk after each run).
 A float32 call that Winograd's F(4x4, 3x3) is to run (models/winograd.py's rule, the one the
 plain layer asks too) runs it on the dense weight, which a packed weight gives back for it.
 
-Other dtypes are left as they are (bfloat16 too where this CPU's oneDNN lacks it: `packs`), and so is anything that is not a plain zero-padded Conv2d on
-the CPU, or a torch without the mkldnn ops."""
+Other dtypes are left as they are (bfloat16 too where this CPU's oneDNN lacks it: `packs`), and
+so is anything that is not a plain zero-padded Conv2d on the CPU, or a torch without the mkldnn
+ops."""
 import contextlib
 
 import torch

@@ -173,12 +173,11 @@ def onednn_bfloat16():
 def computes_in_float32(x):
     """Whether a bfloat16 layer (Conv2d here, packing.OneDNNLinear) computes its call on `x` in
     float32 (when it needs no gradient: needs_grad): bfloat16 on a CPU whose oneDNN has none
-    (onednn_bfloat16). Its
-    weights stay bfloat16 in memory and are read into float32 for the call, its input too, and
-    its output is rounded to bfloat16: the products of bfloat16 values are exact in float32, so
-    this is bfloat16 arithmetic summed in float32, as the bfloat16 kernels sum. On a 2-core AMD
-    EPYC (Zen 3), SD 1.5's UNet call at 256 px (batch 2): 17.2 s on torch's bfloat16 kernels,
-    float32 2.4 s."""
+    (onednn_bfloat16). Its weights stay bfloat16 in memory and are read into float32 for the
+    call, its input too, and its output is rounded to bfloat16: the products of bfloat16 values
+    are exact in float32, so this is bfloat16 arithmetic summed in float32, as the bfloat16
+    kernels sum. On a 2-core AMD EPYC (Zen 3), SD 1.5's UNet call at 256 px (batch 2): 17.2 s
+    on torch's bfloat16 kernels, 3.7-4.1 s so, float32 2.4-2.8 s."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not onednn_bfloat16()
 
 
@@ -190,8 +189,8 @@ def float32_weight(w):
     """`w` read into float32 (computes_in_float32), into a buffer this thread keeps for its next
     call: a fresh tensor that large is mapped anew by glibc at every call and paged in (SD
     1.5's 1280-channel 3x3 weight, 59 MB: 27 ms of page faults against ~3 ms of copying). The
-    buffer grows to the largest weight read (SD 1.5: 118 MB, the UNet's 2560 -> 1280 3x3); the
-    result is valid until this thread's next call."""
+    buffer grows to the largest weight read (SD 1.5: 118 MB, the UNet's 2560 -> 1280 3x3) and
+    lives as long as its thread; the result is valid until this thread's next call."""
     n = w.numel()
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < n:
