@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import tiny_sd
 from nanodiffusion.formats import checkpoint
+from nanodiffusion.models import winograd
 from nanodiffusion.train import loop as T
 from nanodiffusion.train import TrainConfig, load_recipe, train
 from nanodiffusion.train.vae import VaePart
@@ -418,7 +419,9 @@ def test_pooled_text_unet_trains_and_its_folder_generates(shapes_run, tmp_path):
 
 def test_cpu_bf16_autocast_is_opt_in_and_trains(shapes_run, tmp_path, monkeypatch):
     """autocast=None keeps a CPU run in float32; autocast=True runs the forward pass in
-    bfloat16 there (the losses differ, and stay close) and the weights stay float32."""
+    bfloat16 there (the losses differ, and stay close) and the weights stay float32. (As on a
+    CPU with bfloat16 arithmetic: test_cpu_autocast_needs_bfloat16_arithmetic.)"""
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: True)
     out, _ = shapes_run
     monkeypatch.setattr(T, "chunk_indices", tiny_sd.fixed_indices)
     logs = {}
@@ -554,9 +557,10 @@ def test_bad_restarts_are_refused(restarts):
         TrainConfig(part="unet", steps=500, warmup=20, restarts=restarts)
 
 
-def test_cpu_autocast_takes_the_math_attention_kernel():
+def test_cpu_autocast_takes_the_math_attention_kernel(monkeypatch):
     """With bf16 autocast on a CPU the forward pass runs under the math attention kernel
     (flash's bf16 backward is the slow one there); without it, the default choice stays."""
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: True)
     dev = torch.device("cpu")
     with T._precision(TrainConfig(part="unet", autocast=True), dev):
         assert torch.is_autocast_enabled("cpu")
@@ -566,3 +570,17 @@ def test_cpu_autocast_takes_the_math_attention_kernel():
         assert not torch.is_autocast_enabled("cpu")
         assert torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_cpu_autocast_needs_bfloat16_arithmetic(tmp_path, monkeypatch, capsys):
+    """On a CPU without bfloat16 arithmetic (oneDNN has none: AVX2 only), autocast = true (the
+    shipped recipe's) trains in float32, with one note: torch's bfloat16 kernels there ran the
+    shapes UNet's step 21x slower than float32."""
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+    dev = torch.device("cpu")
+    with T._precision(TrainConfig(part="unet", autocast=True), dev):
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.backends.cuda.flash_sdp_enabled()
+    records = train(tiny("clip", tmp_path, steps=2, autocast=True), progress=False)
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert capsys.readouterr().err.count("no bfloat16 arithmetic") == 1

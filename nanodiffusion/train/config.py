@@ -41,7 +41,8 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     # bf16 autocast of the forward pass: None = on accelerators only; true on CPUs with
-    # native bf16 (AVX512-BF16, AMX). On a CPU it also takes attention's math kernel over the
+    # native bf16 (AVX512-BF16, AMX); ignored, with a note, on CPUs without bfloat16
+    # arithmetic (AVX2 only: loop._autocast). On a CPU it also takes attention's math kernel over the
     # flash one, whose bf16 backward is slow there. Forward + backward on this project's
     # 2-core CPU, float32 -> bf16: shapes UNet (batch 64, 2 threads) 1.12 -> 0.58 s, CLIP
     # (batch 128 + twins, 1 thread) 1.94 -> 1.18 s, VAE (batch 32, 1 thread) 1.03 -> 0.69 s
