@@ -32,6 +32,7 @@ def test_counts_onednn_products_and_blocked_attention(monkeypatch):
     q, k, v = torch.randn(1, 2, 300, 8), torch.randn(1, 2, S, 8), torch.randn(1, 2, S, 8)
     with monkeypatch.context() as m:
         m.setattr(layers.fused_attention, "supports", lambda *a: False)
+        m.setattr(layers, "blocked_here", lambda: True)
         assert count(lambda: layers.attention(q, k, v)) == 4 * 1 * 2 * 300 * S * 8
 
 

@@ -57,11 +57,12 @@ def test_blocked_attention_is_torch_attention_within_rounding(monkeypatch):
     scores on oneDNN's product, a block of queries at a time: more queries than a block here,
     and cross-attention with T != S). Its error against float64 is the kernel's or near it, in
     float32 and bfloat16 (where the fused kernel does not run: turned off here); a mask or
-    gradients keep torch's kernel."""
+    gradients keep torch's kernel, and so does a CPU where it loses (blocked_here: AVX2 only)."""
     import torch.nn.functional as F
 
     from nanodiffusion.models import layers
     monkeypatch.setattr(layers.fused_attention, "supports", lambda *a: False)
+    monkeypatch.setattr(layers, "blocked_here", lambda: True)
     torch.manual_seed(0)
     S = layers.BLOCKED_MIN_KEYS + 76
     T = layers.BLOCKED_SCORES // S + 300  # two blocks of queries
@@ -87,6 +88,11 @@ def test_blocked_attention_is_torch_attention_within_rounding(monkeypatch):
         mask[:, :5] = True
         _, ops = _ops(lambda: layers.attention(q, k, v, mask))
         assert "aten::_softmax" not in ops
+        with monkeypatch.context() as m:
+            m.setattr(layers, "blocked_here", lambda: False)
+            _, ops = _ops(lambda: layers.attention(q, k, v))
+            assert "aten::_softmax" not in ops
+            assert any("scaled_dot_product" in o for o in ops)
     qg = q.clone().requires_grad_()
     out, ops = _ops(lambda: layers.attention(qg, k, v))
     assert "aten::_softmax" not in ops
@@ -100,6 +106,7 @@ def test_attention_module_takes_the_blocked_path_at_inference(monkeypatch):
     same output as torch's kernel within float32 rounding."""
     from nanodiffusion.models import layers
     monkeypatch.setattr(layers.fused_attention, "supports", lambda *a: False)
+    monkeypatch.setattr(layers, "blocked_here", lambda: True)
     torch.manual_seed(0)
     attn = Attention(320, num_heads=8).eval()
     x = torch.randn(1, 1024, 320)

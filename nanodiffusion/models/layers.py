@@ -4,6 +4,7 @@ Parameter names follow diffusers (`to_q`, `to_k`, `to_v`, `to_out.0`, `ff.net.0.
 `time_embedding.linear_1`) so that published weights load with `strict=True`.
 """
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -28,19 +29,29 @@ BLOCKED_MIN_KEYS = 1024  # below this many keys torch's kernel is as fast (256 t
 BLOCKED_SCORES = 1 << 21  # float32 scores a block holds (8 MB); 4x that ran 1.2-2x slower
 
 
+@lru_cache(maxsize=None)
+def blocked_here():
+    """Whether `blocked_attention` beats torch's kernel on this CPU: where torch runs its
+    AVX-512 code (where it was measured to win: AMD Zen 4, below, and Intel with AMX). On an
+    AVX2-only AMD Zen 3 torch's kernel was the faster (2 threads, 2 x 8 heads: 4096 tokens x 40
+    481 against 645 ms in float32, 429 against 642 in bfloat16; 1024 x 80 48 against 59-66)."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
 def attention(q, k, v, mask=None, causal=False):
     """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs) queries and (B, nh, S, hs) keys/values
     (`causal`: query t sees keys 0..t only, as torch's is_causal),
     -> (B, nh, T, hs) in q's dtype. At inference on the CPU without a mask, where the fused
     kernel (fused_attention) runs and takes these heads: on it; else `blocked_attention` over
-    at least BLOCKED_MIN_KEYS keys; everywhere else F.scaled_dot_product_attention."""
+    at least BLOCKED_MIN_KEYS keys where it wins (blocked_here); everywhere else
+    F.scaled_dot_product_attention."""
     inference = mask is None and q.device.type == "cpu" and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     long = k.shape[2] >= BLOCKED_MIN_KEYS
     if inference and fused_attention.supports(q, k, v):
         return fused_attention.attention(q, k, v, causal)
     op = winograd.onednn_product()
-    if not inference or op is None or not long or causal:
+    if not inference or op is None or not long or causal or not blocked_here():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return blocked_attention(q, k, v, op)
 
