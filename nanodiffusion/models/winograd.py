@@ -194,7 +194,7 @@ def float32_weight(w):
     n = w.numel()
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < n:
-        _SCRATCH.buf = None
+        _SCRATCH.buf = buf = None  # the old buffer goes before the larger one is made
         buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
     return buf[:n].view(w.shape).copy_(w)
 
@@ -218,19 +218,17 @@ class Conv2d(nn.Conv2d):
 
     def _float32(self, x, w, b):
         """The float32 call on float32 weights `w`, `b`: Winograd where worth_it says; on
-        inputs of at most GEMM_MAX_SIDE per side, im2col and one oneDNN product; else oneDNN's
-        direct kernel where this torch has it; else F.conv2d. oneDNN's direct kernel reorders
-        a dense weight at each call (a packed one is not kept here: it would be float32), which
-        on small inputs costs more than the convolution (SD 1.5's 1280-channel 3x3 at 4x4,
-        batch 2, 2 threads of a Zen 3: 100 ms direct, 38 as a product; at 16x16 and above the
-        direct kernel is as fast or faster); torch's own float32 kernel for some shapes is its
-        slow im2col one (1.4 s of a UNet call at 256 px)."""
+        inputs of at most GEMM_MAX_SIDE per side, im2col and one oneDNN product; else the
+        direct call (F.conv2d: oneDNN's kernel). That kernel reorders a dense weight at each
+        call (a packed one is not kept here: it would be float32), which on small inputs costs
+        more than the convolution (SD 1.5's 1280-channel 3x3 at 4x4, batch 2, 2 threads of a
+        Zen 3: 100 ms direct, 38 as a product; at 16x16 and above the direct kernel is as fast
+        or faster)."""
         if worth_it(self, x):
             return conv3x3(x, w, b)
-        ops = getattr(torch.ops, "mkldnn", None)
         op = onednn_product()
-        plain = self.padding_mode == "zeros" and not isinstance(self.padding, str)
-        if (plain and op is not None and self.groups == 1 and self.kernel_size != (1, 1)
+        if (op is not None and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and self.groups == 1 and self.kernel_size != (1, 1)
                 and max(x.shape[-2:]) <= GEMM_MAX_SIDE):
             n, k = x.shape[0], w.shape[0]
             ho, wo = ((s + 2 * p - d * (r - 1) - 1) // st + 1 for s, p, d, r, st in zip(
@@ -238,10 +236,6 @@ class Conv2d(nn.Conv2d):
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
             y = op(cols.transpose(1, 2), w.reshape(k, -1), b, "none", [], "")  # (n, L, k)
             return y.view(n, ho, wo, k).permute(0, 3, 1, 2)  # channels-last
-        if plain and op is not None and hasattr(ops, "_convolution_pointwise"):
-            return ops._convolution_pointwise(
-                x.contiguous(memory_format=torch.channels_last), w, b, list(self.padding),
-                list(self.stride), list(self.dilation), self.groups, "none", [], "")
         return self._conv_forward(x, w, b)
 
 
