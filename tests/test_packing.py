@@ -79,11 +79,12 @@ def test_packed_calls_equal_and_weights_come_back_as_they_were(dtype):
 def test_bfloat16_packs_only_where_onednn_takes_it(monkeypatch):
     """On a CPU whose oneDNN has no bfloat16 path (AVX2 only: AMD Zen 3, most desktop Intel
     before Sapphire Rapids), its packed ops raise "bf16 path needs the cpu support ..."; there
-    nothing is packed and the UNet runs on torch's own bfloat16 kernels (a `--dtype bfloat16`
-    run crashed there). The rule is oneDNN's own answer (packs)."""
+    nothing is packed (a `--dtype bfloat16` run crashed there) and the UNet's calls are the
+    dense ones (computed in float32: winograd.computes_in_float32). The rule is oneDNN's own
+    answer (packs)."""
     unet = _unet(torch.bfloat16)
-    want = _call(unet)
     monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+    want = _call(unet)  # the dense call under the same rule, on any CPU
     assert not packing.packs(torch.bfloat16) and packing.packs(torch.float32)
     with packing.packed_weights(unet) as n:
         assert n == 0 and not _packed(unet)
