@@ -3,6 +3,8 @@ exact transforms, the direct convolution's results within float32 rounding at an
 and layout; one rule of where it runs; the plain, packed and low-memory paths making the same
 choice, so their images stay equal (bit for bit but for oneDNN's own packed-against-dense
 rounding on some CPUs: tiny_sd.assert_float32_rounding_apart)."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,31 +31,54 @@ def _relative_error(got, x, w, b):
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.mark.parametrize("n, c, k, h, w, bias, chunk", [
-    (2, 8, 5, 13, 10, False, None),   # sides not a multiple of 4
-    (1, 16, 16, 32, 32, True, None),
-    (2, 8, 3, 9, 7, True, 1),          # one tile row per chunk
-    (1, 3, 4, 1, 1, True, None),       # smaller than a tile
+@pytest.mark.parametrize("n, c, k, h, w, bias, chunk, block", [
+    (2, 8, 5, 13, 10, False, None, None),   # sides not a multiple of 4
+    (1, 16, 16, 32, 32, True, None, None),
+    (2, 8, 3, 9, 7, True, 1, None),          # one tile row per chunk
+    (1, 3, 4, 1, 1, True, None, None),       # smaller than a tile
+    (2, 8, 70, 9, 10, True, None, 16),       # fewer tiles than filters: filters in blocks
+    (1, 8, 64, 7, 5, False, None, 64),       # ... that fit one block
+    (2, 8, 20, 16, 16, True, None, 4),       # more tiles than filters: filters whole
 ])
-def test_conv3x3_is_the_direct_convolution(monkeypatch, n, c, k, h, w, bias, chunk):
+def test_conv3x3_is_the_direct_convolution(monkeypatch, n, c, k, h, w, bias, chunk, block):
+    """... at any size, chunk and layout; where its tiles (A² N T C floats) are fewer than its
+    transformed filters' (A² C K), all tiles are held and the filters transformed a block of
+    output channels at a time (at most SCRATCH_MAX bytes: SD 1.5's 1280-channel 3x3 at 32x32
+    held a 236 MB transformed filter), else the filters whole."""
     if chunk is not None:
         monkeypatch.setattr(winograd, "CHUNK", chunk)
+    if block is not None:
+        monkeypatch.setattr(winograd, "SCRATCH_MAX", 36 * c * 4 * block)
+    transformed = []
+    real = winograd.filter_transform
+    monkeypatch.setattr(winograd, "filter_transform",
+                        lambda wt: transformed.append(wt.shape[0]) or real(wt))
     g = torch.Generator().manual_seed(n * h + w)
     x = torch.randn(n, c, h, w, generator=g)
     wt, b = torch.randn(k, c, 3, 3, generator=g), torch.randn(k, generator=g) if bias else None
     for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        transformed.clear()
         got = winograd.conv3x3(inp, wt, b)
         assert got.shape == (n, k, h, w) and got.dtype == torch.float32
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert _relative_error(got, x, wt, b) < 5e-6
+        tiles = n * -(-h // 4) * -(-w // 4)
+        if block is None or tiles >= k:
+            assert transformed == [k]
+        else:
+            assert sum(transformed) == k and max(transformed) <= block, transformed
 
 
-def test_where_it_runs():
+def test_where_it_runs(monkeypatch):
     wide = torch.nn.Conv2d(256, 256, 3, padding=1)
     x = torch.zeros(1, 256, 32, 32)
     assert winograd.worth_it(wide, x)
     assert not winograd.worth_it(wide, x[..., :31, :])                        # too small
-    assert not winograd.worth_it(wide, x.bfloat16())                          # float32 only
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: True)
+    assert not winograd.worth_it(wide, x.bfloat16())           # float32 arithmetic only
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+    assert winograd.worth_it(wide, x.bfloat16())               # computed in float32 there
+    assert not winograd.worth_it(wide, x.half())
     assert not winograd.worth_it(torch.nn.Conv2d(255, 256, 3, padding=1), x[:, :255])
     for other in (dict(stride=2, padding=1), dict(padding=2, dilation=2),
                   dict(padding=1, groups=2), dict(padding=1, padding_mode="reflect"),
@@ -105,9 +130,9 @@ def test_pipelines_run_it_and_low_memory_still_gives_the_default_bytes(everywher
     calls = []
     real = winograd.conv3x3
 
-    def spy(x, weight, bias=None):
+    def spy(x, weight, bias=None, dtype=torch.float32):
         calls.append(x.shape)
-        return real(x, weight, bias)
+        return real(x, weight, bias, dtype)
 
     monkeypatch.setattr(winograd, "conv3x3", spy)
     pipe = nanodiffusion.load("shapes")
@@ -192,3 +217,41 @@ def test_bfloat16_computes_in_float32_where_onednn_has_none(monkeypatch):
     with torch.no_grad(), _Dtypes() as mode:
         layer(x)
     assert mode.seen and all(d == {torch.bfloat16} for _, d in mode.seen), mode.seen
+
+
+def test_float32_copies_of_bfloat16_weights_are_made_a_block_at_a_time(monkeypatch):
+    """Computed in float32, a bfloat16 layer reads its weight into float32 a block of output
+    channels at a time (winograd.in_float32: at most SCRATCH_MAX bytes, the size its thread's
+    buffer grows to; SD 1.5's 2560 -> 1280 3x3 held 118 MB), with the results of the whole
+    call: bfloat16 rounding of the same float32 sums, in the whole call's layout."""
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+    torch.manual_seed(0)
+    cases = [(winograd.Conv2d(64, 200, 3, padding=1), (2, 64, 16, 16)),  # direct
+             (winograd.Conv2d(64, 200, 3, padding=1), (2, 64, 4, 4)),    # im2col
+             (winograd.Conv2d(64, 200, 3, stride=2, padding=1), (1, 64, 9, 9)),
+             (winograd.Conv2d(576, 200, 1), (2, 576, 8, 8)),
+             (packing.OneDNNLinear(576, 200), (2, 40, 576))]
+    results = {}
+
+    def run(scratch):
+        monkeypatch.setattr(winograd, "SCRATCH_MAX", scratch)
+        for i, (layer, shape) in enumerate(cases):
+            layer = layer.bfloat16()
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(i)).bfloat16()
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                results.setdefault(scratch, []).append(layer(x))
+        results[scratch, "buffer"] = winograd._SCRATCH.buf.numel() * 4
+
+    for scratch in (1 << 30, 576 * 4 * 70):  # whole; blocks of 64 output channels (and 8)
+        t = threading.Thread(target=run, args=(scratch,))  # its own buffer
+        t.start()
+        t.join()
+    whole, blocks = results[1 << 30], results[576 * 4 * 70]
+    assert results[576 * 4 * 70, "buffer"] <= 576 * 4 * 70 < results[1 << 30, "buffer"]
+    for (layer, _), a, b in zip(cases, whole, blocks):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert a.shape == b.shape and a.stride() == b.stride()
+        err = (a.float() - b.float()).abs()
+        assert (err <= 2 ** -8 * a.float().abs() + 1e-6).all(), layer

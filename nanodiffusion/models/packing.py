@@ -181,8 +181,7 @@ class OneDNNLinear(nn.Linear):
         """x @ weight.T + bias by this layer's rule (layers.GEGLU passes halves of the weight);
         bfloat16 where oneDNN has none in float32 (winograd.computes_in_float32)."""
         if winograd.computes_in_float32(x) and not winograd.needs_grad(self, x):
-            return self.product(x.float(), winograd.float32_weight(weight),
-                                None if bias is None else bias.float()).to(x.dtype)
+            return winograd.in_float32(x, weight, bias, self.product, -1)
         if (x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.numel() * weight.shape[0] >= ONEDNN_LINEAR_MIN_MACS
                 and not winograd.needs_grad(self, x)):

@@ -10,20 +10,23 @@ matrix products over the channels: the work, on oneDNN: `products`), and brought
 That is 4x fewer multiply-adds, paid for with the transforms (memory-bound) and with rounding:
 the transformed values are sums of up to 36 terms with weights up to 8, so float32 results
 differ from the direct ones by ~1e-5 of the output's scale (the direct convolution's own
-rounding is ~1e-6). bfloat16 would lose too much; it is float32 only.
+rounding is ~1e-6). bfloat16 arithmetic would lose too much; the arithmetic is float32 only
+(bfloat16 layers on CPUs without bfloat16 arithmetic compute in float32: computes_in_float32).
 
 The transform matrices are the Toom-Cook ones at the points 0, 1, -1, 2, -2 and infinity,
 built exactly from fractions (`_matrices`). The filter transform is done at each call (a 3x3
-filter becomes 6x6: kept, it would be 4x the weights' memory), and the tiles in chunks of at
-most CHUNK bytes, so a call holds little more than its input and output.
+filter becomes 6x6: kept, it would be 4x the weights' memory). Of the transformed tiles and
+filters, the smaller are held whole and the others made a piece at a time (tiles in chunks of
+at most CHUNK bytes, filters in blocks of at most SCRATCH_MAX: `conv3x3`), so a call holds
+little more than its input and output.
 
 `worth_it(conv, x)` is the one rule of where it is used: stride 1, padding 1, no dilation or
-groups, float32 on the CPU, at least 256 channels in and out, and at least 32x32 outputs. Single
-convolutions against the packed direct one, 2 threads of an AMX Xeon (/tmp script, filter
-transform included): 320 channels at 32x32 (batch 2) 1.7x, at 64x64 2.3x; 640 at 32x32 1.3x;
-512 at 64x64 1.3x, at 128x128 2.1x; 256 at 256x256 1.2x. Below the rule: 640 at 16x16 0.5x and
-1280 at 16x16 0.35x (the filter transform, 36 C K floats written at each call, costs more than
-the few tiles save); 128 channels at 256x256 0.6x (memory-bound transforms)"""
+groups, float32 arithmetic on the CPU, at least 256 channels in and out, and at least 32x32
+outputs. Single convolutions against the packed direct one, 2 threads of an AMX Xeon (/tmp
+script, filter transform included): 320 channels at 32x32 (batch 2) 1.7x, at 64x64 2.3x; 640
+at 32x32 1.3x; 512 at 64x64 1.3x, at 128x128 2.1x; 256 at 256x256 1.2x. Below the rule: 640 at
+16x16 0.5x and 1280 at 16x16 0.35x (the filter transform, 36 C K floats written at each call,
+costs more than the few tiles save); 128 channels at 256x256 0.6x (memory-bound transforms)"""
 import threading
 from fractions import Fraction
 from functools import lru_cache
@@ -39,6 +42,10 @@ A = M + R - 1        # tile side: 6
 # 256 channels at 256x256 are chunks of 64 tiles)
 CHUNK = 16 << 20
 MIN_CHANNELS, MIN_SIDE = 256, 32
+# bytes of float32 weights (or transformed filters) a call holds at once where it can take
+# them a block of output channels at a time (output_blocks): conv3x3's filters when its tiles
+# are fewer, and the float32 copies of bfloat16 weights (float32_weight)
+SCRATCH_MAX = 32 << 20
 
 
 def _poly(roots):
@@ -85,7 +92,8 @@ def worth_it(conv, x):
     """Whether `conv` (an nn.Conv2d) on input `x` runs as Winograd here: see the module's doc."""
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+            and (x.dtype == torch.float32 or computes_in_float32(x))
+            and x.device.type == "cpu" and x.dim() == 4
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
             and min(x.shape[-2:]) >= MIN_SIDE)
 
@@ -128,34 +136,74 @@ def products(v, u):
     return out
 
 
-def conv3x3(x, weight, bias=None):
+def output_blocks(k, row_bytes, limit=None):
+    """Ranges (k0, k1) of `k` output channels, each of whose float32 rows of `row_bytes` take
+    at most `limit` bytes (SCRATCH_MAX), a multiple of 64 channels where a block holds that
+    many: one range where all fit."""
+    kc = max(1, (SCRATCH_MAX if limit is None else limit) // row_bytes)
+    if kc >= k:
+        return [(0, k)]
+    kc -= kc % 64 if kc >= 64 else 0
+    return [(k0, min(k, k0 + kc)) for k0 in range(0, k, kc)]
+
+
+def _tiles(xh, b, r0, r, h, w):
+    """The transformed 6x6 tiles (A², r tw, C) float32 of tile rows r0 ... r0 + r of image b of
+    the NHWC `xh` (any float dtype: read into float32 here)."""
+    c, tw = xh.shape[-1], -(-w // M)
+    # the chunk's input rows r0 M - 1 ... (r0 + r) M, zero outside the image
+    part = xh.new_zeros(r * M + 2, tw * M + 2, c, dtype=torch.float32)
+    lo, hi = max(r0 * M - 1, 0), min((r0 + r) * M + 1, h)
+    part[lo - (r0 * M - 1):hi - (r0 * M - 1), 1:w + 1] = xh[b, lo:hi]
+    s = part.stride()  # its 6x6 tiles, 4 apart: (A, A, r, tw, c)
+    tiles = part.as_strided((A, A, r, tw, c), (s[0], s[1], s[0] * M, s[1] * M, s[2]))
+    return _mm(_kron()[0], tiles.reshape(A * A, -1)).view(A * A, r * tw, c)
+
+
+def conv3x3(x, weight, bias=None, dtype=torch.float32):
     """The convolution of x (N, C, H, W) with weight (K, C, 3, 3), stride 1, zero padding 1,
-    as Winograd F(4x4, 3x3): (N, K, H, W) float32, channels-last. The input is padded and
-    tiled a chunk of tile rows at a time, so beyond its output a call holds ~4 CHUNKs."""
+    as Winograd F(4x4, 3x3): (N, K, H, W) in `dtype`, channels-last. The arithmetic is float32
+    whatever the dtypes of x and the weight (bfloat16 ones are read into float32 a piece at a
+    time, and a bfloat16 output rounded as each piece is written: computes_in_float32).
+    Of the transformed tiles (A² N T C floats) and the transformed filter (A² C K), the smaller
+    is held whole and the other made a piece at a time: tiles a chunk of at most CHUNK bytes of
+    tile rows, filters a block of output channels of at most SCRATCH_MAX. So beyond its input
+    and output a call holds ~4 CHUNKs or the tiles and ~2 SCRATCH_MAX: SD 1.5's 1280-channel
+    3x3 at 32x32 (a 512 px UNet's) held its whole 236 MB transformed filter, now 24 MB of tiles
+    and a 24 MB filter block."""
     n, c, h, w = x.shape
-    u = filter_transform(weight)
-    k = u.shape[-1]
-    kb, ka, _ = _kron()
+    k = weight.shape[0]
+    ka = _kron()[1]
     th, tw = -(-h // M), -(-w // M)  # tiles per side
-    xh = x.float().permute(0, 2, 3, 1)  # NHWC: a view of a channels-last x
-    out = torch.empty(n, th * M, tw * M, k, dtype=torch.float32)
-    rows = max(1, CHUNK // (A * A * tw * c * 4))  # tile rows per chunk
-    for b in range(n):
-        for r0 in range(0, th, rows):
-            r = min(rows, th - r0)
-            # the chunk's input rows r0 M - 1 ... (r0 + r) M, zero outside the image
-            part = xh.new_zeros(r * M + 2, tw * M + 2, c)
-            lo, hi = max(r0 * M - 1, 0), min((r0 + r) * M + 1, h)
-            part[lo - (r0 * M - 1):hi - (r0 * M - 1), 1:w + 1] = xh[b, lo:hi]
-            s = part.stride()  # its 6x6 tiles, 4 apart: (A, A, r, tw, c)
-            tiles = part.as_strided((A, A, r, tw, c), (s[0], s[1], s[0] * M, s[1] * M, s[2]))
-            v = _mm(kb, tiles.reshape(A * A, -1)).view(A * A, r * tw, c)
-            y = _mm(ka, products(v, u).view(A * A, -1)).view(M, M, r, tw, k)
-            out[b, r0 * M:(r0 + r) * M].view(r, M, tw, M, k).copy_(y.permute(2, 0, 3, 1, 4))
+    xh = x.permute(0, 2, 3, 1)  # NHWC: a view of a channels-last x
+    out = torch.empty(n, th * M, tw * M, k, dtype=dtype)
+    b32 = None if bias is None else bias.float()
+    blocks = output_blocks(k, A * A * c * 4)
+    whole_filter = len(blocks) == 1 or n * th * tw >= k  # the tiles take more than the filter
+    if whole_filter:
+        u = filter_transform(weight)
+        rows = max(1, CHUNK // (A * A * tw * c * 4))  # tile rows per chunk
+        for b in range(n):
+            for r0 in range(0, th, rows):
+                r = min(rows, th - r0)
+                y = _mm(ka, products(_tiles(xh, b, r0, r, h, w), u).view(A * A, -1))
+                y = y.view(M, M, r, tw, k)
+                if b32 is not None:
+                    y += b32
+                out[b, r0 * M:(r0 + r) * M].view(r, M, tw, M, k).copy_(y.permute(2, 0, 3, 1, 4))
+    else:  # all the tiles, the filter a block of output channels at a time
+        v = torch.empty(A * A, n, th * tw, c)
+        for b in range(n):
+            v[:, b] = _tiles(xh, b, 0, th, h, w)
+        v = v.view(A * A, n * th * tw, c)
+        for k0, k1 in blocks:
+            y = _mm(ka, products(v, filter_transform(weight[k0:k1])).view(A * A, -1))
+            y = y.view(M, M, n, th, tw, k1 - k0)
+            if b32 is not None:
+                y += b32[k0:k1]
+            out.view(n, th, M, tw, M, k)[..., k0:k1].copy_(y.permute(2, 3, 0, 4, 1, 5))
     if (th * M, tw * M) != (h, w):
         out = out[:, :h, :w].contiguous()
-    if bias is not None:
-        out += bias
     return out.permute(0, 3, 1, 2)
 
 
@@ -189,8 +237,9 @@ def float32_weight(w):
     """`w` read into float32 (computes_in_float32), into a buffer this thread keeps for its next
     call: a fresh tensor that large is mapped anew by glibc at every call and paged in (SD
     1.5's 1280-channel 3x3 weight, 59 MB: 27 ms of page faults against ~3 ms of copying). The
-    buffer grows to the largest weight read (SD 1.5: 118 MB, the UNet's 2560 -> 1280 3x3) and
-    lives as long as its thread; the result is valid until this thread's next call."""
+    buffer grows to the largest weight read, at most SCRATCH_MAX bytes where weights are read a
+    block at a time (in_float32), and lives as long as its thread; the result is valid until
+    this thread's next call."""
     n = w.numel()
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < n:
@@ -199,44 +248,77 @@ def float32_weight(w):
     return buf[:n].view(w.shape).copy_(w)
 
 
+def in_float32(x, weight, bias, call, dim, prepare=None):
+    """A bfloat16 layer's call computed in float32 (computes_in_float32): call(x, w, b) on `x`,
+    `weight` and `bias` read into float32, a block of the weight's output channels (its first
+    dimension) at a time (output_blocks: at most SCRATCH_MAX bytes of float32 weights), each
+    block's result rounded to x's dtype into its place along the output's dimension `dim`.
+    `prepare`, if given, makes what `call` takes of the float32 input, once for all blocks.
+    A block's products are those of the whole call's, so the blocks change no value; they keep
+    the float32 copies of SD 1.5's widest weights (the UNet's 2560 -> 1280 3x3, 118 MB; its
+    1280 -> 10240 feed-forward, 52 MB) out of memory."""
+    x32, k = x.float(), weight.shape[0]
+    if prepare is not None:
+        x32 = prepare(x32)
+    blocks = output_blocks(k, weight[0].numel() * 4)
+    out = None
+    for k0, k1 in blocks:
+        y = call(x32, float32_weight(weight[k0:k1]),
+                 None if bias is None else bias[k0:k1].float())
+        if len(blocks) == 1:
+            return y.to(x.dtype)
+        if out is None:
+            shape = list(y.shape)
+            shape[dim] = k
+            fmt = (torch.channels_last if y.dim() == 4
+                   and y.is_contiguous(memory_format=torch.channels_last)
+                   else torch.contiguous_format)
+            out = torch.empty(shape, dtype=x.dtype, memory_format=fmt)
+        out.narrow(dim, k0, k1 - k0).copy_(y)
+    return out
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict) that runs as Winograd where `worth_it`
     says, without gradients: the UNet's and the VAE's stride-1 3x3 convolutions. Its packed
     form (models/packing.py) makes the same choice, so packing changes no bits. A bfloat16 call
-    where oneDNN has no bfloat16 computes in float32 (`computes_in_float32`); the UNet and the
-    VAE build all their convolutions from this class."""
+    where oneDNN has no bfloat16 computes in float32 (`computes_in_float32`: Winograd's too,
+    where worth_it says); the UNet and the VAE build all their convolutions from this class."""
 
     def forward(self, x):
         if needs_grad(self, x):
             return super().forward(x)
-        if computes_in_float32(x):
-            b = None if self.bias is None else self.bias.float()
-            return self._float32(x.float(), float32_weight(self.weight), b).to(x.dtype)
         if worth_it(self, x):
-            return conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
-
-    def _float32(self, x, w, b):
-        """The float32 call on float32 weights `w`, `b`: Winograd where worth_it says; on
-        inputs of at most GEMM_MAX_SIDE per side, im2col and one oneDNN product; else the
-        direct call (F.conv2d: oneDNN's kernel). That kernel reorders a dense weight at each
-        call (a packed one is not kept here: it would be float32), which on small inputs costs
-        more than the convolution (SD 1.5's 1280-channel 3x3 at 4x4, batch 2, 2 threads of a
-        Zen 3: 100 ms direct, 38 as a product; at 16x16 and above the direct kernel is as fast
-        or faster)."""
-        if worth_it(self, x):
-            return conv3x3(x, w, b)
+            return conv3x3(x, self.weight, self.bias, dtype=x.dtype)
+        if not computes_in_float32(x):
+            return super().forward(x)
         op = onednn_product()
         if (op is not None and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and self.groups == 1 and self.kernel_size != (1, 1)
                 and max(x.shape[-2:]) <= GEMM_MAX_SIDE):
-            n, k = x.shape[0], w.shape[0]
-            ho, wo = ((s + 2 * p - d * (r - 1) - 1) // st + 1 for s, p, d, r, st in zip(
-                x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride))
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-            y = op(cols.transpose(1, 2), w.reshape(k, -1), b, "none", [], "")  # (n, L, k)
-            return y.view(n, ho, wo, k).permute(0, 3, 1, 2)  # channels-last
-        return self._conv_forward(x, w, b)
+            return in_float32(x, self.weight, self.bias, self._product, 1, self._columns)
+        return in_float32(x, self.weight, self.bias, self._conv_forward, 1)
+
+    # A call computed in float32 (computes_in_float32) that Winograd does not take runs the
+    # direct kernel (F.conv2d: oneDNN's) on float32 weights, but on inputs of at most
+    # GEMM_MAX_SIDE per side as im2col and one oneDNN product per block of output channels
+    # (_columns, then _product). The direct kernel reorders a dense weight at each call (a
+    # packed one is not kept here: it would be float32), which on small inputs costs more than
+    # the convolution (SD 1.5's 1280-channel 3x3 at 4x4, batch 2, 2 threads of a Zen 3: 100 ms
+    # direct, 38 as a product; at 16x16 and above the direct kernel is as fast or faster).
+    def _columns(self, x):
+        """x's im2col columns (N, L, C R R), contiguous, and the output's (N, Ho, Wo)."""
+        ho, wo = ((s + 2 * p - d * (r - 1) - 1) // st + 1 for s, p, d, r, st in zip(
+            x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride))
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        return cols.transpose(1, 2).contiguous(), (x.shape[0], ho, wo)
+
+    def _product(self, columns, w, b):
+        """The convolution of _columns' input with float32 weights `w`, `b`: channels-last."""
+        cols, (n, ho, wo) = columns
+        k = w.shape[0]
+        y = onednn_product()(cols, w.reshape(k, -1), b, "none", [], "")  # (n, L, k)
+        return y.view(n, ho, wo, k).permute(0, 3, 1, 2)
 
 
 def needs_grad(conv, x):
