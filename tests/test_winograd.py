@@ -255,3 +255,46 @@ def test_float32_copies_of_bfloat16_weights_are_made_a_block_at_a_time(monkeypat
         assert a.shape == b.shape and a.stride() == b.stride()
         err = (a.float() - b.float()).abs()
         assert (err <= 2 ** -8 * a.float().abs() + 1e-6).all(), layer
+
+
+def test_bfloat16_on_large_inputs_computes_in_float32_a_band_of_rows_at_a_time(monkeypatch):
+    """Computed in float32 on a large input, a stride-1 convolution reads its input into
+    float32 a band of output rows at a time (with the rows of padding each band needs: SD 1.5's
+    VAE decoder at 512 px held a 268 MB float32 copy of its 256-channel input beside the
+    bfloat16 one), and gives the whole call's results, in its layout."""
+    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+    torch.manual_seed(0)
+    cases = [winograd.Conv2d(16, 8, 3, padding=1), winograd.Conv2d(16, 8, 1),
+             winograd.Conv2d(16, 8, 3, padding=0), winograd.Conv2d(16, 8, (3, 5), padding=(2, 1))]
+    x = torch.randn(2, 16, 37, 21).bfloat16().contiguous(memory_format=torch.channels_last)
+    for layer in cases:
+        layer = layer.bfloat16()
+        with torch.no_grad():
+            whole = layer(x)  # 2 * 16 * 37 * 21 * 4 bytes: below 2 CHUNKs
+            monkeypatch.setattr(winograd, "CHUNK", 2 * 16 * 21 * 4 * 5)  # 5 rows a band
+            with _Dtypes() as mode, _Shapes() as shapes:
+                got = layer(x)
+            monkeypatch.undo()
+            monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+        assert len(shapes.seen) > 3 and max(s[2] for s in shapes.seen) <= 5 + 4, shapes.seen
+        assert all(d == {torch.float32} for _, d in mode.seen), mode.seen
+        assert got.dtype == torch.bfloat16 and got.shape == whole.shape
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        err = (got.float() - whole.float()).abs()
+        assert (err <= 2 ** -8 * whole.float().abs() + 1e-6).all(), layer
+        ref = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), 1, layer.padding)
+        assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-4 * ref.abs().max()).all()
+
+
+class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the input shapes of the convolutions run."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("convolution", "mkldnn_convolution",
+                                            "_slow_conv2d_forward", "_convolution_pointwise"):
+            self.seen.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))

@@ -297,6 +297,9 @@ class Conv2d(nn.Conv2d):
                 and self.groups == 1 and self.kernel_size != (1, 1)
                 and max(x.shape[-2:]) <= GEMM_MAX_SIDE):
             return in_float32(x, self.weight, self.bias, self._product, 1, self._columns)
+        if (self.stride == (1, 1) and self.dilation == (1, 1) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and x.numel() * 4 > 2 * CHUNK):
+            return self._in_bands(x)
         return in_float32(x, self.weight, self.bias, self._conv_forward, 1)
 
     # A call computed in float32 (computes_in_float32) that Winograd does not take runs the
@@ -312,6 +315,32 @@ class Conv2d(nn.Conv2d):
             x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride))
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         return cols.transpose(1, 2).contiguous(), (x.shape[0], ho, wo)
+
+    def _in_bands(self, x):
+        """A stride-1 call computed in float32 on a large input, a band of output rows at a
+        time: each band's input rows (and the rows of zero padding it needs) read into float32,
+        at most ~CHUNK bytes, and its output rounded into place as it is made. SD 1.5's VAE
+        decoder at 512 px in bfloat16 held its 256-channel 512x512 input in float32 (268 MB)
+        and the 128-channel output (134 MB) beside the bfloat16 ones."""
+        n, c, h, w = x.shape
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+        out = torch.empty(n, self.out_channels, ho, wo, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+        rows = max(1, CHUNK // (n * c * w * 4))  # output rows per band
+
+        def conv(band, wt, b):  # the rows' padding is in the band
+            return F.conv2d(band, wt, b, 1, (0, pw), 1, self.groups)
+        for o0 in range(0, ho, rows):
+            o1 = min(ho, o0 + rows)
+            i0, i1 = o0 - ph, o1 - ph + kh - 1  # the input rows it needs, zero outside
+            band = torch.empty(n, c, i1 - i0, w, memory_format=torch.channels_last)
+            lo, hi = max(i0, 0), min(i1, h)
+            band[:, :, :lo - i0].zero_()
+            band[:, :, hi - i0:].zero_()
+            band[:, :, lo - i0:hi - i0] = x[:, :, lo:hi]
+            out[:, :, o0:o1] = in_float32(band, self.weight, self.bias, conv, 1)
+        return out
 
     def _product(self, columns, w, b):
         """The convolution of _columns' input with float32 weights `w`, `b`: channels-last."""
