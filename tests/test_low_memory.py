@@ -237,37 +237,3 @@ def test_a_float32_low_memory_load_leaves_the_unet_on_disk(monkeypatch):
     loads.clear()
     low = nanodiffusion.load("shapes", low_memory=True, dtype=torch.bfloat16)
     assert vars(low.unet)[offload._ATTR] in loads
-
-
-def test_weights_are_read_with_blocks_mapped_apart_and_activations_use_the_heap(monkeypatch):
-    """Weights read from disk (a low-memory load, and each part's read before it runs) come in
-    blocks malloc maps apart, so letting them go gives their memory back; everything else runs
-    with blocks below malloc.HEAP_MAX taken from the heap (paged in once and reused: with every
-    block mapped apart for good, txt2img at 512 px took 1.3x longer). Nested contexts set the
-    thresholds once, and put them back when the outermost ends."""
-    from nanodiffusion import malloc
-    from nanodiffusion.formats import files
-
-    set_to, reads = [], []
-    monkeypatch.setattr(malloc, "_thresholds", lambda mmap, trim: set_to.append(mmap))
-    with malloc.blocks_apart():
-        with malloc.blocks_apart():
-            assert set_to == [malloc.MMAP_THRESHOLD]
-        assert set_to == [malloc.MMAP_THRESHOLD]
-    assert set_to == [malloc.MMAP_THRESHOLD, malloc.HEAP_MAX] and malloc._apart == 0
-    real = files.read_safetensors
-
-    def spy(*args, **kwargs):
-        reads.append(malloc._apart)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(files, "read_safetensors", spy)
-    monkeypatch.setattr(offload, "read_safetensors", spy)
-    pipe = nanodiffusion.load("shapes", low_memory=True)
-    depth = []
-    unet = pipe.unet.forward
-    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: depth.append(malloc._apart)
-                        or unet(*a, **k))
-    pipe.generate(PROMPT, seed=1, steps=2)
-    assert reads and all(d > 0 for d in reads), reads  # the load's and the parts' reads
-    assert depth and all(d == 0 for d in depth)        # the UNet's run: the heap
-    assert set_to[-1] == malloc.HEAP_MAX

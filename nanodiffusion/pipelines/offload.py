@@ -13,14 +13,11 @@ is the UNet's run; its activations are a small part (torch's CPU attention is ti
 - loading (`loading.load_pipeline(low_memory=True)`) puts each part on disk as soon as it is
   built, before the next part is read (`formats.files.on_build`): the parts are never all in
   memory, as they are when low memory is turned on after a load;
-- while weights are read (loading, and `resident`), glibc's malloc maps every block of
-  malloc.MMAP_THRESHOLD or more on its own, so that letting them go unmaps them; the
-  activations that come after take blocks below malloc.HEAP_MAX from its heap
-  (`malloc.blocks_apart`). By default glibc raises its threshold to the size of the largest
-  block freed (up to 32 MiB): weights freed into its heap stayed resident (0.4 GB of peak at
-  512 px). With every block mapped apart for good (as before) the activations were paged in
-  anew at each allocation: txt2img at 512 px in bfloat16 94-101 s, 74-78 s now, peak 2.28 /
-  2.30 GB (a 2-core Zen 3);
+- glibc's malloc maps every block of malloc.MMAP_THRESHOLD or more on its own and unmaps it
+  when it is freed (`malloc.malloc_returns_big_blocks`; for the whole process, once low memory
+  is on): by default it raises that threshold to the size of the largest block freed (up to
+  32 MiB), so after the weights are let go the activations would come from its heap, whose
+  freed pages stay resident; that cost 0.4 GB of peak at 512 px;
 - latents larger than TILE per side (above 512 px at SD's factor 8) are decoded in tiles.
 
 The file of a part holds each tensor's bytes in their memory order (a channels-last weight as
@@ -44,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..formats.files import on_build, read_safetensors
-from ..malloc import blocks_apart
+from ..malloc import malloc_returns_big_blocks
 from ..malloc import trim as _trim
 from ..models.packing import cpu_input, pack
 
@@ -96,10 +93,6 @@ class DiskWeights:
         _trim()
 
     def _load(self):
-        with blocks_apart():  # so that _release gives their memory back exactly
-            self._read()
-
-    def _read(self):
         tensors = read_safetensors(self.file.path)
         for k, s in self.slots.items():
             strides, order = self.layouts[k]
@@ -162,6 +155,7 @@ class _File:
 def to_disk(module):
     """Put `module`'s weights on disk until `to_memory` (a module already there stays)."""
     if vars(module).get(_ATTR) is None:
+        malloc_returns_big_blocks()
         vars(module)[_ATTR] = DiskWeights(module)
 
 
@@ -187,13 +181,8 @@ def resident(module):
 def built_to_disk():
     """A context in which every module a reader builds goes to disk at once (to_disk), before
     the reader reads the next part (low-memory loading: loading.load_pipeline)."""
-    return _both(blocks_apart(), on_build(to_disk))
-
-
-@contextlib.contextmanager
-def _both(a, b):
-    with a, b:
-        yield
+    malloc_returns_big_blocks()  # before the first part is read
+    return on_build(to_disk)
 
 
 class OffloadMixin:
