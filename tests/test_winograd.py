@@ -167,19 +167,26 @@ def test_the_products_run_on_onednn_and_equal_bmm():
 
 
 class _Dtypes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the dtypes of the tensors each convolution and matrix product is called on."""
+    """Records the dtypes of the tensors each convolution and matrix product is called on
+    (`seen`), and the shapes of the convolutions' inputs (`inputs`)."""
 
     PRODUCTS = ("convolution", "addmm", "mm", "bmm", "linear", "_linear_pointwise",
                 "_convolution_pointwise", "mkldnn_convolution", "_slow_conv2d_forward")
 
+    CONVOLUTIONS = ("convolution", "mkldnn_convolution", "_slow_conv2d_forward",
+                    "_convolution_pointwise")
+
     def __init__(self):
         super().__init__()
-        self.seen = []
+        self.seen, self.inputs = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.PRODUCTS:
+        name = func.__name__.split(".")[0]
+        if name in self.PRODUCTS:
             self.seen.append((func.__name__, {a.dtype for a in args
                                               if isinstance(a, torch.Tensor)}))
+        if name in self.CONVOLUTIONS:
+            self.inputs.append(tuple(args[0].shape))
         return func(*args, **(kwargs or {}))
 
 
@@ -272,11 +279,11 @@ def test_bfloat16_on_large_inputs_computes_in_float32_a_band_of_rows_at_a_time(m
         with torch.no_grad():
             whole = layer(x)  # 2 * 16 * 37 * 21 * 4 bytes: below 2 CHUNKs
             monkeypatch.setattr(winograd, "CHUNK", 2 * 16 * 21 * 4 * 5)  # 5 rows a band
-            with _Dtypes() as mode, _Shapes() as shapes:
+            with _Dtypes() as mode:
                 got = layer(x)
             monkeypatch.undo()
             monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
-        assert len(shapes.seen) > 3 and max(s[2] for s in shapes.seen) <= 5 + 4, shapes.seen
+        assert len(mode.inputs) > 3 and max(s[2] for s in mode.inputs) <= 5 + 4, mode.inputs
         assert all(d == {torch.float32} for _, d in mode.seen), mode.seen
         assert got.dtype == torch.bfloat16 and got.shape == whole.shape
         assert got.is_contiguous(memory_format=torch.channels_last)
@@ -284,17 +291,3 @@ def test_bfloat16_on_large_inputs_computes_in_float32_a_band_of_rows_at_a_time(m
         assert (err <= 2 ** -8 * whole.float().abs() + 1e-6).all(), layer
         ref = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), 1, layer.padding)
         assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-4 * ref.abs().max()).all()
-
-
-class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the input shapes of the convolutions run."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("convolution", "mkldnn_convolution",
-                                            "_slow_conv2d_forward", "_convolution_pointwise"):
-            self.seen.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))

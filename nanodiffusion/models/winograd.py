@@ -136,21 +136,22 @@ def products(v, u):
     return out
 
 
-def output_blocks(k, row_bytes, limit=None):
+def output_blocks(k, row_bytes):
     """Ranges (k0, k1) of `k` output channels, each of whose float32 rows of `row_bytes` take
-    at most `limit` bytes (SCRATCH_MAX), a multiple of 64 channels where a block holds that
-    many: one range where all fit."""
-    kc = max(1, (SCRATCH_MAX if limit is None else limit) // row_bytes)
+    at most SCRATCH_MAX bytes, a multiple of 64 channels where a block holds that many: one
+    range where all fit."""
+    kc = max(1, SCRATCH_MAX // row_bytes)
     if kc >= k:
         return [(0, k)]
     kc -= kc % 64 if kc >= 64 else 0
     return [(k0, min(k, k0 + kc)) for k0 in range(0, k, kc)]
 
 
-def _tiles(xh, b, r0, r, h, w):
+def _tiles(xh, b, r0, r):
     """The transformed 6x6 tiles (A², r tw, C) float32 of tile rows r0 ... r0 + r of image b of
     the NHWC `xh` (any float dtype: read into float32 here)."""
-    c, tw = xh.shape[-1], -(-w // M)
+    h, w, c = xh.shape[1:]
+    tw = -(-w // M)
     # the chunk's input rows r0 M - 1 ... (r0 + r) M, zero outside the image
     part = xh.new_zeros(r * M + 2, tw * M + 2, c, dtype=torch.float32)
     lo, hi = max(r0 * M - 1, 0), min((r0 + r) * M + 1, h)
@@ -186,7 +187,7 @@ def conv3x3(x, weight, bias=None, dtype=torch.float32):
         for b in range(n):
             for r0 in range(0, th, rows):
                 r = min(rows, th - r0)
-                y = _mm(ka, products(_tiles(xh, b, r0, r, h, w), u).view(A * A, -1))
+                y = _mm(ka, products(_tiles(xh, b, r0, r), u).view(A * A, -1))
                 y = y.view(M, M, r, tw, k)
                 if b32 is not None:
                     y += b32
@@ -194,7 +195,7 @@ def conv3x3(x, weight, bias=None, dtype=torch.float32):
     else:  # all the tiles, the filter a block of output channels at a time
         v = torch.empty(A * A, n, th * tw, c)
         for b in range(n):
-            v[:, b] = _tiles(xh, b, 0, th, h, w)
+            v[:, b] = _tiles(xh, b, 0, th)
         v = v.view(A * A, n * th * tw, c)
         for k0, k1 in blocks:
             y = _mm(ka, products(v, filter_transform(weight[k0:k1])).view(A * A, -1))
@@ -292,13 +293,12 @@ class Conv2d(nn.Conv2d):
             return conv3x3(x, self.weight, self.bias, dtype=x.dtype)
         if not computes_in_float32(x):
             return super().forward(x)
-        op = onednn_product()
-        if (op is not None and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and self.groups == 1 and self.kernel_size != (1, 1)
-                and max(x.shape[-2:]) <= GEMM_MAX_SIDE):
+        plain = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if (plain and onednn_product() is not None and self.groups == 1
+                and self.kernel_size != (1, 1) and max(x.shape[-2:]) <= GEMM_MAX_SIDE):
             return in_float32(x, self.weight, self.bias, self._product, 1, self._columns)
-        if (self.stride == (1, 1) and self.dilation == (1, 1) and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and x.numel() * 4 > 2 * CHUNK):
+        if (plain and self.stride == (1, 1) and self.dilation == (1, 1)
+                and x.numel() * 4 > 2 * CHUNK):
             return self._in_bands(x)
         return in_float32(x, self.weight, self.bias, self._conv_forward, 1)
 
