@@ -443,6 +443,10 @@ def child_run(args):
     """Load, a first call, --repeats warm calls; the image saved; one JSON line printed."""
     name, size = args.system[0], args.sizes[0]
     system = SYSTEMS[name]
+    if system.load.get("low_memory"):  # as the CLI's --low-memory: before torch's import
+        from nanodiffusion.malloc import torch_huge_pages
+
+        torch_huge_pages()
     if system.runner != "sdcpp":  # sd.cpp takes n_threads, and needs no torch in memory
         import torch
 

@@ -304,6 +304,10 @@ MODEL_COMMANDS = ("train", "eval", "export", "serve")
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if getattr(args, "low_memory", False):  # before torch is imported (malloc.py)
+        from .malloc import torch_huge_pages
+
+        torch_huge_pages()
     if args.command in MODEL_COMMANDS:
         from .cli_models import HANDLERS
     else:

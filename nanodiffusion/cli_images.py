@@ -16,7 +16,7 @@ def cmd_sample(args):
                          f"--best-of {best_of} (several candidates per image)")
     cli_io.check_out(args.out)
     pipe = _load(args.model, args.device, getattr(args, "pipeline", "sd"), args.dtype,
-                 args.prediction_type, args.tiny_decoder)
+                 args.prediction_type, args.tiny_decoder, args.low_memory)
     cli_lora.attach(pipe, args)
     cli_embeddings.attach(pipe, args)
     callback, frames = cli_io.progress(), None
@@ -41,10 +41,7 @@ def cmd_sample(args):
             raise ValueError("--deepcache is for Stable Diffusion models, not unCLIP ones")
         if args.tome is not None:
             raise ValueError("--tome is for Stable Diffusion models, not unCLIP ones")
-        if args.low_memory:
-            raise ValueError("--low-memory is for Stable Diffusion models, not unCLIP ones")
     else:
-        pipe.set_low_memory(args.low_memory)
         common.update(eta=args.eta, guidance_rescale=args.guidance_rescale,
                       vae_decoder=args.vae_decoder,
                       deepcache=args.deepcache, tome=args.tome)
@@ -95,11 +92,12 @@ def cmd_info(args):
 KINDS = {"sd": "a Stable Diffusion model", "unclip": "an unCLIP model"}
 
 
-def _load(model, device, kind=None, dtype="float32", prediction_type=None, tiny_decoder=None):
+def _load(model, device, kind=None, dtype="float32", prediction_type=None, tiny_decoder=None,
+          low_memory=False):
     """The model at `model` (None: the bundled default of `kind`); with `kind` ("sd" or
     "unclip"), a model of the other kind is refused before its weights are read.
     `prediction_type`: for single files, which do not record it; `tiny_decoder`: a path to
-    attach one from."""
+    attach one from; `low_memory`: loaded so (its parts never all in memory together)."""
     import torch
 
     from .loading import load_pipeline, model_kind
@@ -110,10 +108,12 @@ def _load(model, device, kind=None, dtype="float32", prediction_type=None, tiny_
         hint = " (model.json kind \"unclip\", as a training run's model-unclip folder)"
         raise ValueError(f"{model!r} is {KINDS[actual]}; this needs {KINDS[kind]}"
                          + (hint if kind == "unclip" else ""))
-    if dtype != "float32" and (actual or model_kind(model)) == "unclip":
-        raise ValueError(f"--dtype {dtype}: unCLIP models run in float32 only")
+    if (dtype != "float32" or low_memory) and (actual or model_kind(model)) == "unclip":
+        raise ValueError("--low-memory is for Stable Diffusion models, not unCLIP ones"
+                         if low_memory else f"--dtype {dtype}: unCLIP models run in float32 only")
     return load_pipeline(model, device=device, dtype=getattr(torch, dtype),
-                         prediction_type=prediction_type, tiny_decoder=tiny_decoder)
+                         prediction_type=prediction_type, tiny_decoder=tiny_decoder,
+                         low_memory=low_memory)
 
 
 def _unclip_kwargs(args):

@@ -101,7 +101,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         """list of str -> (token states (B, S, D), pooled states (B, D)), cached per prompt:
         A1111's syntax and chunks of the text encoder's window, S = chunks x window
         (prompts.py); clip_skip in A1111's numbering (1: the last layer)."""
-        with self.resident(self.text_encoder):  # low memory: read in for the time it runs
+        with self.running(self.text_encoder):  # low memory: read in for the time it runs
             return encode_cached(self._prompt_cache, self.text_encoder, self.tokenizer,
                                  prompts, clip_skip, prompt_syntax, self._vocabulary()[0])
 
@@ -293,7 +293,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
     def _encode(self, image, gen):
         """Init image (1, 3, H, W) -> scaled float32 latents, sampled from the posterior with
         `gen`."""
-        with self.resident(self.vae):
+        with self.running(self.vae):
             post = self.vae.encode(image.to(self._device, self._vae_dtype))
         return post.sample(gen).float() * self.vae.config.scaling_factor
 

@@ -133,10 +133,9 @@ class Registry:
                     raise ValueError(f"model {name!r} is no longer installed")
                 dtype = "float32" if self.kind(name) == "unclip" else self.dtype
                 single = {"prediction_type": self.prediction_type} if path.is_file() else {}
-                pipe = loading.load_pipeline(path, device=self.device,
+                low = self.low_memory and self.kind(name) != "unclip"  # never all in memory
+                pipe = loading.load_pipeline(path, device=self.device, low_memory=low,
                                              dtype=getattr(torch, dtype), **single)
-                if self.low_memory and self.kind(name) != "unclip":
-                    pipe.set_low_memory(True)
                 if self.models_dir is not None:  # A1111's layout: <models>/Lora
                     pipe.lora_dir = self.models_dir / "Lora"
                     pipe.embeddings_dir = self.models_dir / "embeddings"
