@@ -368,3 +368,31 @@ def test_the_cli_and_the_server_load_the_model_with_low_memory(tmp_path, monkeyp
     reg.pipe("shapes-unclip")  # unCLIP models: in memory, as before
     assert built == [{"unet": False}, {"decoder": True}]
 
+
+
+def test_the_parts_files_stay_off_a_ram_disk(tmp_path, monkeypatch):
+    """Where tempfile's folder is a RAM disk (tmpfs: /tmp on Debian 13, Fedora, Arch), a part
+    "on disk" would still take memory, and a 4 GB machine's /tmp holds 2 GB at most (SD 1.5's
+    parts in bfloat16 take 2.1 GB): the parts' files go to the user's cache folder instead."""
+    import tempfile
+
+    if not Path("/proc/self/mountinfo").exists():
+        pytest.skip("no mount table to read here: tempfile's folder is used as it is")
+    assert offload.filesystem_of("/proc/self") == "proc"  # the real mount table, read
+    ram, cache = tmp_path / "ram", tmp_path / "cache"
+    ram.mkdir()
+    real = offload.filesystem_of
+    monkeypatch.setattr(tempfile, "tempdir", str(ram))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setattr(offload, "filesystem_of",
+                        lambda p: "tmpfs" if str(p).startswith(str(ram)) else real(p))
+    dirs, mkstemp = [], tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp",
+                        lambda **kw: dirs.append(kw.get("dir")) or mkstemp(**kw))
+    low = nanodiffusion.load("shapes", low_memory=True)
+    assert low.generate(PROMPT, seed=1, steps=2)[0].size == (64, 64)
+    if real(cache) not in offload.RAM_FILESYSTEMS:
+        assert dirs and set(dirs) == {str(cache / "nanodiffusion" / "offload")}
+    monkeypatch.setattr(offload, "filesystem_of", real)
+    if real(ram) not in offload.RAM_FILESYSTEMS:  # on a disk: tempfile's folder, as before
+        assert offload.offload_dir() == str(ram)

@@ -30,8 +30,8 @@ The file of a part holds each tensor's bytes in their memory order (a channels-l
 it is: no copy to write it or to read it back in its layout). It is written when the part first
 goes to disk, and again only after its weights were changed in place (LoRA fusing sets `dirty`
 on the DiskWeights that `resident` yields) or laid out anew (the UNet and the VAE are made
-channels-last once, when the pipeline is built). The files are temporary (tempfile's folder:
-$TMPDIR, where /tmp is often a RAM disk). On Linux a file's name is removed as soon as it is
+channels-last once, when the pipeline is built). The files are temporary, in tempfile's folder
+($TMPDIR, /tmp) or, where that is a RAM disk, in the user's cache folder (`offload_dir`). On Linux a file's name is removed as soon as it is
 written and the part keeps an open descriptor (read back through /proc/self/fd), so the space
 comes back however the process ends: a server stopped by SIGTERM (uvicorn re-raises it after its
 shutdown, past atexit) or killed (SIGKILL, the OOM killer) leaves nothing behind. Elsewhere the
@@ -39,6 +39,7 @@ file is removed with its module or at exit.
 """
 import contextlib
 import os
+import re
 import tempfile
 import weakref
 from pathlib import Path
@@ -134,7 +135,8 @@ class _File:
         return self.name or f"/proc/self/fd/{self.fd}"
 
     def write(self, tensors):
-        fd, name = tempfile.mkstemp(prefix="nanodiffusion-offload-", suffix=".safetensors")
+        fd, name = tempfile.mkstemp(prefix="nanodiffusion-offload-", suffix=".safetensors",
+                                    dir=offload_dir())
         os.close(fd)
         try:
             save_file(tensors, name)
@@ -156,6 +158,44 @@ class _File:
         if self.name is not None:
             Path(self.name).unlink(missing_ok=True)
         self.fd, self.name = None, None
+
+
+RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def offload_dir():
+    """The folder of the parts' files: tempfile's ($TMPDIR, else /tmp), unless it is a RAM disk
+    (tmpfs: /tmp on Debian 13, Fedora, Arch), where a part "on disk" still takes memory, and
+    which on a 4 GB machine holds 2 GB at most (SD 1.5's parts in bfloat16 take 2.1 GB); then
+    the user's cache folder, $XDG_CACHE_HOME (else ~/.cache)/nanodiffusion/offload, where it
+    can be made and is not a RAM disk too."""
+    tmp = tempfile.gettempdir()
+    if filesystem_of(tmp) not in RAM_FILESYSTEMS:
+        return tmp
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = cache / "nanodiffusion" / "offload"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return tmp
+    return tmp if filesystem_of(cache) in RAM_FILESYSTEMS else str(cache)
+
+
+def filesystem_of(path):
+    """The type of the filesystem that holds `path` ("ext4", "tmpfs", ...), from Linux's
+    /proc/self/mountinfo (the deepest mount point above it); None where that is not readable."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    path, best, kind = os.path.realpath(path), None, None
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) >= len(best)) and rest:
+            best, kind = mount, rest.split()[0]
+    return kind
 
 
 def to_disk(module):
