@@ -198,6 +198,8 @@ def test_the_weight_files_go_however_the_process_ends(tmp_path, monkeypatch, how
     import httpx
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    cache = tmp_path / "cache"  # where they go if tmp_path is a RAM disk (offload_dir)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     if how == "SIGKILL":
         code = ("import os, signal, nanodiffusion\n"
                 "p = nanodiffusion.load('shapes', low_memory=True)\n"
@@ -212,6 +214,7 @@ def test_the_weight_files_go_however_the_process_ends(tmp_path, monkeypatch, how
                 "prompt": PROMPT, "steps": 2, "width": 64, "height": 64})
             assert r.status_code == 200, r.text
     assert offload_files(tmp_path) == []
+    assert offload_files(cache / "nanodiffusion" / "offload") == []
 
 
 def test_batched_requests_in_low_memory(pair):
