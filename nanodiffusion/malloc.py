@@ -9,7 +9,7 @@ import sys
 MMAP_THRESHOLD = 256 << 10  # bytes: blocks this large are mapped apart and unmapped when freed
 HEAP_LIMIT = 32 << 20  # bytes: the blocks below it come from the heap (blocks_from_heap): the
 #                        ceiling of glibc's own moving threshold on 64-bit systems
-_apart = False  # whether malloc_returns_big_blocks has fixed the threshold at MMAP_THRESHOLD
+_threshold = None  # the mmap threshold set here (MMAP_THRESHOLD, HEAP_LIMIT); None: glibc's own
 
 
 def _mallopt(param, value):
@@ -33,10 +33,16 @@ def malloc_returns_big_blocks():
     """glibc's mmap threshold fixed at MMAP_THRESHOLD for this process (a fixed one is never
     raised): every block that large is unmapped, its memory returned, as soon as it is freed.
     Nothing where the C library is not glibc."""
-    global _apart
+    global _threshold
     if _mallopt(-3, MMAP_THRESHOLD):  # M_MMAP_THRESHOLD
         _mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: a free heap top past it goes
-        _apart = True
+        _threshold = MMAP_THRESHOLD
+
+
+def mmap_threshold():
+    """The mmap threshold in force, as set here (MMAP_THRESHOLD, or HEAP_LIMIT inside
+    blocks_from_heap); None where it is glibc's own (or the C library is not glibc)."""
+    return _threshold
 
 
 @contextlib.contextmanager
@@ -48,14 +54,17 @@ def blocks_from_heap():
     the blocks are mapped apart again and the heap's free pages given back (trim). For the
     stretches of low memory whose peak is far below the process's (pipelines/offload.py).
     Nothing where the rule is not in force."""
-    if not _apart:
+    global _threshold
+    if _threshold != MMAP_THRESHOLD:  # glibc's own, or inside blocks_from_heap already
         yield
         return
     _mallopt(-3, HEAP_LIMIT)
+    _threshold = HEAP_LIMIT
     try:
         yield
     finally:
         _mallopt(-3, MMAP_THRESHOLD)
+        _threshold = MMAP_THRESHOLD
         trim()
 
 
