@@ -278,8 +278,14 @@ def _call(method, job, callback):
 def preview_png(pipe, denoised):
     """A small PNG (base64) of the first image's current estimate, decoded by the tiny decoder
     where the model has one (else the VAE's) every few steps rather than through
-    `preview=True`, which would decode all images every step."""
-    im = pipe.decode_latents(denoised[:1], preview_decoder(pipe))[0]
+    `preview=True`, which would decode all images every step. None for a model without a
+    tiny decoder that runs with low memory (serve --low-memory): its VAE would be read in
+    beside the UNet, the two parts low memory never holds together (SD 1.5 in bfloat16, 256
+    px: the server's peak 2.51 GiB with such previews)."""
+    decoder = preview_decoder(pipe)
+    if decoder == "full" and getattr(pipe, "low_memory", False):
+        return None
+    im = pipe.decode_latents(denoised[:1], decoder)[0]
     im.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
     buf = io.BytesIO()
     im.save(buf, format="PNG")
