@@ -12,21 +12,23 @@ HEAP_LIMIT = 32 << 20  # bytes: the blocks below it come from the heap (blocks_f
 _threshold = None  # the mmap threshold set here (MMAP_THRESHOLD, HEAP_LIMIT); None: glibc's own
 
 
-def _mallopt(param, value):
+def _glibc(function, *args):
+    """Call glibc's `function` (mallopt, malloc_trim) with `args`; whether it was there."""
     try:
-        ctypes.CDLL(None).mallopt(param, value)
+        getattr(ctypes.CDLL(None), function)(*args)
         return True
     except (OSError, AttributeError):  # not glibc
         return False
 
 
+def _mallopt(param, value):
+    return _glibc("mallopt", param, value)
+
+
 def trim():
     """Give the freed memory back to the system (glibc keeps freed blocks below its mmap
     threshold in its heap, where they still count in the process's resident size)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _glibc("malloc_trim", 0)
 
 
 def malloc_returns_big_blocks():

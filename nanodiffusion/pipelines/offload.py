@@ -30,12 +30,13 @@ The file of a part holds each tensor's bytes in their memory order (a channels-l
 it is: no copy to write it or to read it back in its layout). It is written when the part first
 goes to disk, and again only after its weights were changed in place (LoRA fusing sets `dirty`
 on the DiskWeights that `resident` yields) or laid out anew (the UNet and the VAE are made
-channels-last once, when the pipeline is built). The files are temporary, in tempfile's folder
-($TMPDIR, /tmp) or, where that is a RAM disk, in the user's cache folder (`offload_dir`). On Linux a file's name is removed as soon as it is
-written and the part keeps an open descriptor (read back through /proc/self/fd), so the space
-comes back however the process ends: a server stopped by SIGTERM (uvicorn re-raises it after its
-shutdown, past atexit) or killed (SIGKILL, the OOM killer) leaves nothing behind. Elsewhere the
-file is removed with its module or at exit.
+channels-last once, when the pipeline is built). The files are temporary, in tempfile's
+folder ($TMPDIR, /tmp) or, where that is a RAM disk, in the user's cache folder
+(`offload_dir`). On Linux a file's name is removed as soon as it is written and the part keeps
+an open descriptor (read back through /proc/self/fd), so the space comes back however the
+process ends: a server stopped by SIGTERM (uvicorn re-raises it after its shutdown, past
+atexit) or killed (SIGKILL, the OOM killer) leaves nothing behind. Elsewhere the file is
+removed with its module or at exit.
 """
 import contextlib
 import os
