@@ -2,6 +2,8 @@
 AutoencoderTiny as its VAE (its latent scaling included), previews from the tiny decoder
 whenever the model has one, vae_decoder="tiny" for the final images and their PNG parameters,
 a model folder that carries one, and the tiny-decoder training part on tiny models."""
+import base64
+import io
 import json
 import math
 import shutil
@@ -100,6 +102,37 @@ def test_previews_come_from_the_tiny_decoder(sd, with_tiny):
                    preview=True)
     full = plain.decode_latents(seen[0]["denoised"])
     assert [p.tobytes() for p in seen[0]["preview"]] == [p.tobytes() for p in full]
+
+
+@torch.no_grad()
+def test_server_previews_decode_the_latents_averaged_down_to_their_size(sd, with_tiny):
+    """The server's live previews (PREVIEW_SIDE px): the VAE decodes the latents averaged over
+    k x k blocks, the largest k that keeps its image at least that size (a 512 px SD image's
+    64 x 64 latents to 16 x 16: 1/16 of a whole decode), not the whole latents; the tiny
+    decoder, which costs little, decodes them whole."""
+    from nanodiffusion.server.jobs import PREVIEW_SIDE, preview_png
+
+    plain = load(sd.folder)
+    f = plain.vae_factor
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 150, 100)  # a 300 x 200 px image at f = 2, two of them
+    for pipe, decoder, shape in ((plain, plain.vae.decoder, (1, 4, 75, 50)),
+                                 (with_tiny, with_tiny.tiny_decoder.decoder, (1, 4, 150, 100))):
+        seen = []
+        hook = decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        try:
+            png = Image.open(io.BytesIO(base64.b64decode(preview_png(pipe, latents))))
+        finally:
+            hook.remove()
+        assert [tuple(s) for s in seen] == [shape]
+        assert max(png.size) == PREVIEW_SIDE and png.size[0] < png.size[1]
+    k = 150 * f // PREVIEW_SIDE
+    assert k == 2
+    z = torch.nn.functional.adaptive_avg_pool2d(latents[:1], (75, 50))
+    want = plain.decode_latents(z)[0]
+    want.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    got = Image.open(io.BytesIO(base64.b64decode(preview_png(plain, latents))))
+    assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_vae_decoder_is_checked(sd, with_tiny):

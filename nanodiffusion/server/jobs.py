@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import asdict
 
 from ..errors import InputError
-from ..pipelines.decoders import preview_decoder
+from ..pipelines.decoders import preview_decoder, small_preview
 from ..pipelines.batch import generate_batch
 from ..pipelines.sd import Interrupted, Pipeline
 from .batching import take_companions
@@ -276,17 +276,15 @@ def _call(method, job, callback):
 
 
 def preview_png(pipe, denoised):
-    """A small PNG (base64) of the first image's current estimate, decoded by the tiny decoder
-    where the model has one (else the VAE's) every few steps rather than through
-    `preview=True`, which would decode all images every step. None for a model without a
-    tiny decoder that runs with low memory (serve --low-memory): its VAE would be read in
-    beside the UNet, the two parts low memory never holds together (SD 1.5 in bfloat16, 256
-    px: the server's peak 2.51 GiB with such previews)."""
-    decoder = preview_decoder(pipe)
-    if decoder == "full" and getattr(pipe, "low_memory", False):
+    """A small PNG (base64) of the first image's current estimate (decoders.small_preview),
+    every few steps rather than through `preview=True`, which would decode all images whole
+    every step. None for a model without a tiny decoder that runs with low memory (serve
+    --low-memory): its VAE would be read in beside the UNet, the two parts low memory never
+    holds together (SD 1.5 in bfloat16, 256 px, 12 steps: the server's VmHWM 2,381,048 kB
+    with such previews, 2,160,824 without, and the job 87.0 s against 77.2)."""
+    if preview_decoder(pipe) == "full" and getattr(pipe, "low_memory", False):
         return None
-    im = pipe.decode_latents(denoised[:1], decoder)[0]
-    im.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    im = small_preview(pipe, denoised, PREVIEW_SIDE)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return b64(buf.getvalue())
