@@ -118,3 +118,45 @@ def test_sd_preset_param_count():
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in ref.parameters()) == 83_653_863
     ours.load_state_dict(ref.state_dict(), strict=True)
+
+
+@torch.no_grad()
+def test_activations_are_let_go_as_soon_as_they_are_used():
+    """At inference each activation goes as soon as its last use is done, so the decoder's
+    peak at 512 px holds no more of them than it must (SD 1.5 in bfloat16: 393 -> 328 MB above
+    the loaded model; float32 787-915 -> 655-779): a block's input is not held by the decoder
+    (or the encoder) while the block's later layers run, and a ResBlock's conv1 output is let
+    go once normalised, before conv2 runs."""
+    import weakref
+
+    vae = VAE(VAEConfig(block_channels=(16, 32, 32), layers_per_block=2, norm_groups=8)).eval()
+    alive = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            alive[name] = weakref.ref(out)
+        return hook
+
+    def check(name, key):
+        def hook(module, args):
+            alive[name] = alive[key]() is not None
+        return hook
+
+    up, last = vae.decoder.up_blocks[-2], vae.decoder.up_blocks[-1]
+    down, after = vae.encoder.down_blocks[0], vae.encoder.down_blocks[1]
+    rb = last.resnets[0]
+    hooks = [up.upsamplers[0].register_forward_hook(keep("upsampled")),
+             last.resnets[1].register_forward_pre_hook(check("decoder input held", "upsampled")),
+             down.downsamplers[0].register_forward_hook(keep("downsampled")),
+             after.resnets[1].register_forward_pre_hook(check("encoder input held",
+                                                               "downsampled")),
+             rb.conv1.register_forward_hook(keep("conv1")),
+             rb.conv2.register_forward_pre_hook(check("conv1 output held", "conv1"))]
+    try:
+        vae.decode(vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1).mode())
+    finally:
+        for h in hooks:
+            h.remove()
+    assert alive["decoder input held"] is False
+    assert alive["encoder input held"] is False
+    assert alive["conv1 output held"] is False
