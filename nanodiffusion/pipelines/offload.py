@@ -29,8 +29,9 @@ a call with neither, 62-63 s with both, against 54 s without low memory; peak 2.
 The file of a part holds each tensor's bytes in their memory order (a channels-last weight as
 it is: no copy to write it or to read it back in its layout). It is written when the part first
 goes to disk, and again only after its weights were changed in place (LoRA fusing sets `dirty`
-on the DiskWeights that `resident` yields) or laid out anew (the UNet and the VAE are made
-channels-last once, when the pipeline is built). The files are temporary, in tempfile's
+on the DiskWeights that `resident` yields) or laid out anew (a low-memory load lays the UNet
+and the VAE out for inference before they first go there: built_to_disk; a pipeline turned to
+low memory after a whole load has laid them out already). The files are temporary, in tempfile's
 folder ($TMPDIR, /tmp) or, where that is a RAM disk, in the user's cache folder
 (`offload_dir`). On Linux a file's name is removed as soon as it is written and the part keeps
 an open descriptor (read back through /proc/self/fd), so the space comes back however the
@@ -52,6 +53,10 @@ from ..formats.files import on_build, read_safetensors
 from ..malloc import blocks_from_heap, malloc_returns_big_blocks
 from ..malloc import trim as _trim
 from ..models.packing import cpu_input, pack
+from ..models.unet import UNet
+from ..models.unet import for_inference as unet_for_inference
+from ..models.vae import VAE
+from ..models.vae import for_inference as vae_for_inference
 
 PARTS = ("text_encoder", "unet", "vae")  # the pipeline's attributes (and Parts' modules)
 TILE, TILE_OVERLAP = 64, 16  # tiled decoding: latents per side above which, and the overlap
@@ -227,9 +232,26 @@ def resident(module):
 
 def built_to_disk():
     """A context in which every module a reader builds goes to disk at once (to_disk), before
-    the reader reads the next part (low-memory loading: loading.load_pipeline)."""
+    the reader reads the next part (low-memory loading: loading.load_pipeline), a UNet or a
+    VAE laid out for inference first (its for_inference: channels-last convolution weights
+    where that says), so that the pipeline need not read it back to lay it out and write it
+    again (laid_out). SD 1.5 in bfloat16 on a 2-core Zen 3: the load 13.5-13.8 -> 7.6-8.3 s."""
     malloc_returns_big_blocks()  # before the first part is read
-    return on_build(to_disk)
+    return on_build(lambda module: to_disk(_for_inference(module)))
+
+
+def _for_inference(module):
+    if isinstance(module, UNet):
+        return unet_for_inference(module)
+    return vae_for_inference(module) if isinstance(module, VAE) else module
+
+
+def laid_out(module):
+    """Whether `module`'s weights are on disk with their 4-D tensors channels-last, as its
+    for_inference lays them out (built_to_disk): that can then run without reading them."""
+    w = vars(module).get(_ATTR)
+    return w is not None and all(order == [0, 2, 3, 1] for _, order in w.layouts.values()
+                                 if len(order) == 4)
 
 
 class OffloadMixin:

@@ -29,7 +29,7 @@ from .deepcache import parameters as deepcache_parameters
 from .images import from_pil, mask_input, paste_unmasked, to_pil
 from .embeddings import EmbeddingMixin
 from .lora import LoraMixin
-from .offload import OffloadMixin, resident
+from .offload import OffloadMixin, laid_out, resident
 from .rerank import best_of_n
 from .settings import Defaults, Request, resolve, tag
 from .tome import merging
@@ -54,13 +54,14 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig,
                  defaults: Defaults = None, clip=None, name="model"):
-        # loaded with low memory, the parts are on disk already: each that is laid out for
-        # inference anew (channels-last) is read back for it, one at a time
-        with resident(unet) if unet_relayouts(unet) else contextlib.nullcontext():
+        # loaded with low memory, the parts are on disk already, laid out for inference
+        # (channels-last) before they went there; one that is not is read back for it
+        relayout = unet_relayouts(unet) and not laid_out(unet)
+        with resident(unet) if relayout else contextlib.nullcontext():
             self.unet = unet_for_inference(unet)
         self.text_encoder = text_encoder.eval()
         onednn_linears(text_encoder, clip)  # the UNet's and the VAE's: their for_inference
-        with resident(vae):
+        with resident(vae) if not laid_out(vae) else contextlib.nullcontext():
             self.vae = vae_for_inference(vae)
         self.tokenizer, self.schedule_config = tokenizer, schedule
         self.schedule = NoiseSchedule(schedule)
