@@ -50,8 +50,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x):
         # conv1's output is let go as soon as it is normalised: conv2 runs beside x, its
-        # normalised input and its output only (SD 1.5's decoder at 512 px: one 128-channel
-        # 512 x 512 activation fewer at its peak)
+        # normalised input and its output, not conv1's output too
         h = norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)))
         h = self.conv2(h)
         if self.conv_shortcut is not None:
