@@ -235,7 +235,7 @@ def built_to_disk():
     the reader reads the next part (low-memory loading: loading.load_pipeline), a UNet or a
     VAE laid out for inference first (its for_inference: channels-last convolution weights
     where that says), so that the pipeline need not read it back to lay it out and write it
-    again (laid_out). SD 1.5 in bfloat16 on a 2-core Zen 3: the load 13.5-13.8 -> 7.6-8.3 s."""
+    again. SD 1.5 in bfloat16 on a 2-core Zen 3: the load 13.5-13.8 -> 7.6-8.3 s."""
     malloc_returns_big_blocks()  # before the first part is read
     return on_build(lambda module: to_disk(_for_inference(module)))
 
@@ -244,14 +244,6 @@ def _for_inference(module):
     if isinstance(module, UNet):
         return unet_for_inference(module)
     return vae_for_inference(module) if isinstance(module, VAE) else module
-
-
-def laid_out(module):
-    """Whether `module`'s weights are on disk with their 4-D tensors channels-last, as its
-    for_inference lays them out (built_to_disk): that can then run without reading them."""
-    w = vars(module).get(_ATTR)
-    return w is not None and all(order == [0, 2, 3, 1] for _, order in w.layouts.values()
-                                 if len(order) == 4)
 
 
 class OffloadMixin:

@@ -19,7 +19,6 @@ from ..errors import InputError
 from ..models.layers import guidance_embedding
 from ..models.packing import cpu_input, onednn_linears, pack, packed_weights
 from ..models.unet import for_inference as unet_for_inference
-from ..models.unet import relayouts as unet_relayouts
 from ..models.vae import for_inference as vae_for_inference
 from ..prompts import encode_cached, escape, plain_text
 from .checks import check_int, check_size, check_strength
@@ -29,7 +28,7 @@ from .deepcache import parameters as deepcache_parameters
 from .images import from_pil, mask_input, paste_unmasked, to_pil
 from .embeddings import EmbeddingMixin
 from .lora import LoraMixin
-from .offload import OffloadMixin, laid_out, resident
+from .offload import OffloadMixin
 from .rerank import best_of_n
 from .settings import Defaults, Request, resolve, tag
 from .tome import merging
@@ -55,14 +54,11 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule: ScheduleConfig,
                  defaults: Defaults = None, clip=None, name="model"):
         # loaded with low memory, the parts are on disk already, laid out for inference
-        # (channels-last) before they went there; one that is not is read back for it
-        relayout = unet_relayouts(unet) and not laid_out(unet)
-        with resident(unet) if relayout else contextlib.nullcontext():
-            self.unet = unet_for_inference(unet)
+        # before they went there (offload.built_to_disk): for_inference moves no weight then
+        self.unet = unet_for_inference(unet)
         self.text_encoder = text_encoder.eval()
         onednn_linears(text_encoder, clip)  # the UNet's and the VAE's: their for_inference
-        with resident(vae) if not laid_out(vae) else contextlib.nullcontext():
-            self.vae = vae_for_inference(vae)
+        self.vae = vae_for_inference(vae)
         self.tokenizer, self.schedule_config = tokenizer, schedule
         self.schedule = NoiseSchedule(schedule)
         self.defaults = defaults or Defaults()
