@@ -208,6 +208,22 @@ def test_batch_and_guidance_batching(sd):
     assert len({im.tobytes() for im in images}) == 3
 
 
+def test_the_heap_is_given_back_after_the_loop_and_after_the_decode(sd, monkeypatch):
+    """glibc keeps freed blocks resident: the UNet loop's heap is given back before the
+    decode (which sets a call's peak), and the decode's before the call returns."""
+    import nanodiffusion.pipelines.sd as sd_module
+    events = []
+    monkeypatch.setattr(sd_module, "trim", lambda: events.append("trim"))
+    hooks = [sd.ours.unet.register_forward_pre_hook(lambda m, a: events.append("unet")),
+             sd.ours.vae.decoder.register_forward_pre_hook(lambda m, a: events.append("decode"))]
+    try:
+        small(sd.ours)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert events == ["unet", "unet", "trim", "decode", "trim"]
+
+
 def test_callback_sees_every_step_and_previews(sd):
     seen = []
     small(sd.ours, n=2, callback=seen.append)
