@@ -75,9 +75,10 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         more than four steps only (unpacking it costs about 3.5 calls' weight reorders).
         When the loop ends, the heap its activations left is given back (malloc.trim: glibc
         keeps freed blocks resident), so that the decode, which sets the call's peak, starts
-        from the loaded model: SD 1.5 at 512 px in bfloat16 on a 2-core Zen 3, the decode's
-        peak 3.24-3.25 -> 3.03-3.05 GB, for ~40 ms (low memory's UNet gives its memory back
-        as it goes to disk)."""
+        from the loaded model: SD 1.5 at 512 px in bfloat16 on a 2-core Zen 3 (3 processes of
+        2 calls each way), RSS before the decode 2.71-2.89 -> 2.45-2.47 GB and the call's peak
+        3.04-3.24 -> 2.94-3.12 GB (where the decode's blocks land in the heap moves it), for
+        ~40 ms (low memory's UNet gives its memory back as it goes to disk)."""
         with self.resident(self.unet):
             if self.low_memory:
                 with packed_weights(self.unet, len(plan.sigmas) - 1 > 4):
