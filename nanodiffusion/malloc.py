@@ -1,8 +1,10 @@
 """glibc's heap and the process's resident size (the rules of low memory, pipelines/offload.py,
 and of weight prepacking, models/packing.py, which let big tensors go and want their memory
-back). Each does nothing where the C library is not glibc."""
+back). Each does nothing where the C library is not glibc (the file mappings' rule: where the
+system is not Linux)."""
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
 
@@ -10,6 +12,9 @@ MMAP_THRESHOLD = 256 << 10  # bytes: blocks this large are mapped apart and unma
 HEAP_LIMIT = 32 << 20  # bytes: the blocks below it come from the heap (blocks_from_heap): the
 #                        ceiling of glibc's own moving threshold on 64-bit systems
 _threshold = None  # the mmap threshold set here (MMAP_THRESHOLD, HEAP_LIMIT); None: glibc's own
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4  # Linux's
+_mapped = {}  # first byte -> (past the last, clean): file_mapped's private file mappings
 
 
 def _glibc(function, *args):
@@ -79,3 +84,31 @@ def torch_huge_pages():
     before it imports torch); a value the user set is kept."""
     if sys.platform == "linux" and "torch" not in sys.modules:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def file_mapped(storage, clean):
+    """Register `storage`, a private mapping of a file (low memory's weights, offload._File),
+    until file_unmapped(storage): `clean()` says whether its pages are still the file's (none
+    written since it was mapped), so that let_go may drop them."""
+    _mapped[storage.data_ptr()] = (storage.data_ptr() + storage.nbytes(), clean)
+
+
+def file_unmapped(storage):
+    _mapped.pop(storage.data_ptr(), None)
+
+
+def let_go(t):
+    """Drop from the resident size the whole pages of `t`, a tensor being let go, where it lies
+    in a registered clean file mapping (file_mapped) that stays mapped for other tensors (a
+    packed convolution's dense weight: models/packing.py): the file keeps its bytes, and a
+    read of them faults them back in. Nothing for other tensors, or where the system is not
+    Linux (madvise(MADV_DONTNEED) on a private mapping discards written pages)."""
+    start = t.untyped_storage().data_ptr()
+    end, clean = _mapped.get(start, (0, None))
+    if sys.platform != "linux" or clean is None or not clean():
+        return
+    first = -(-t.data_ptr() // PAGE) * PAGE
+    last = (t.data_ptr() + t.numel() * t.element_size()) // PAGE * PAGE
+    if start <= first < last <= end:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
+                                  MADV_DONTNEED)

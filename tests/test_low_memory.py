@@ -4,6 +4,7 @@ and every image is the one the default makes: txt2img, img2img, inpainting, best
 text-encoder LoRA fused and taken off, through Python, the CLI and `serve --low-memory`; but for
 latents larger than offload.TILE per side, decoded in tiles."""
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,8 @@ def test_a_low_memory_load_writes_each_part_once(monkeypatch, dtype):
         return write(self, tensors)
 
     monkeypatch.setattr(offload._File, "write", spy)
-    monkeypatch.setattr(offload.DiskWeights, "_load", lambda self: (loads.append(self),
-                                                                     load(self))[1])
+    monkeypatch.setattr(offload.DiskWeights, "_load", lambda self, **kw: (
+        loads.append(self), load(self, **kw))[1])
     low = nanodiffusion.load("shapes", dtype=getattr(torch, dtype), low_memory=True)
     assert len(written) == len(set(written)), written  # each part's file once
     assert not {id(vars(getattr(low, k))[offload._ATTR]) for k in offload.PARTS} & {
@@ -101,6 +102,83 @@ def test_a_low_memory_load_writes_each_part_once(monkeypatch, dtype):
         with offload.resident(part):
             weight = part.get_submodule(conv).weight
             assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def mapping(addr):
+    """(file name, resident bytes) of this process's mapping that holds `addr`, or None."""
+    name = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(None, 5)
+        if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            name = (head[5] if len(head) > 5 else "") if lo <= addr < hi else None
+        elif name is not None and line.startswith("Rss:"):
+            return name, int(line.split()[1]) * 1024
+    return None
+
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
+
+
+@linux_only
+def test_a_part_runs_on_its_files_pages(pair):
+    """A part in memory is its file's pages, mapped (offload._File.read), not a copy of them:
+    the mapping goes when the part goes back to disk."""
+    low = pair[1]
+    with offload.resident(low.unet):
+        addr = low.unet.conv_in.weight.data_ptr()
+        assert "nanodiffusion-offload-" in mapping(addr)[0]
+    assert "nanodiffusion-offload-" not in (mapping(addr) or ("",))[0]
+
+
+@linux_only
+def test_a_packed_convolution_gives_its_files_pages_back(pair):
+    """With low memory the UNet is packed for loops of more than four steps: a packed
+    convolution lets its dense weight go, and with it that weight's pages of the part's
+    mapping (malloc.let_go), so the weights are not held twice while the UNet runs."""
+    from nanodiffusion.models.packing import PackedConv2d, available
+
+    if not available():
+        pytest.skip("this torch has no oneDNN convolution ops: nothing is packed")
+    low, seen = pair[1], []
+
+    def after_a_call(unet, *_):
+        disk = vars(unet)[offload._ATTR]
+        packed = [m for m in unet.modules() if type(m) is PackedConv2d and m._packed is not None]
+        dense = sum(m._dense[0].numel() * m._packed.dtype.itemsize for m in packed)
+        seen.append((mapping(disk.mapping.data_ptr())[1], disk.file.size, dense, len(packed)))
+
+    handle = low.unet.register_forward_hook(after_a_call)
+    try:
+        low.generate(PROMPT, seed=1, steps=6)
+    finally:
+        handle.remove()
+    resident, size, dense, n = seen[-1]
+    assert n > 0 and dense > size / 4, seen
+    assert resident <= size - dense + 2 * n * offload.PAGE, seen
+
+
+def test_weights_written_in_place_keep_their_pages():
+    """A weight changed in place (LoRA fusing, which sets `dirty`) lives in pages of its own,
+    copied from the file's: letting it go must not drop them, or anything still holding it
+    would read the file's old bytes."""
+    from nanodiffusion.models import packing
+
+    if not packing.available():
+        pytest.skip("this torch has no oneDNN convolution ops: nothing is packed")
+    low = nanodiffusion.load("shapes", low_memory=True)
+    with offload.resident(low.unet) as disk:
+        conv = max((m for m in low.unet.modules() if packing._packable(m)),
+                   key=lambda m: m.weight.numel())  # pages of its own
+        assert conv.weight.numel() * 4 > 4 * offload.PAGE
+        w = conv.weight.data
+        w.mul_(2)
+        disk.dirty = True
+        want = w.clone()
+        with packing.packed_weights(low.unet), torch.no_grad():
+            conv(torch.randn(1, conv.in_channels, 8, 8))  # packs it: the dense weight let go
+            assert conv._packed is not None
+        assert torch.equal(w, want)
 
 
 def test_best_of_in_low_memory(pair):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..malloc import trim
+from ..malloc import let_go, trim
 from . import winograd
 
 
@@ -63,6 +63,7 @@ class PackedConv2d(nn.Conv2d):
                 w, list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
             self._parameters["weight"].data = torch.empty(0, dtype=w.dtype)  # packed holds it
+            let_go(w)  # low memory's: its pages in its file's mapping
             del w
             trim()  # its memory back to the system (glibc would keep it in its heap)
         return torch.ops.mkldnn._convolution_pointwise(
