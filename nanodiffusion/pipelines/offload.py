@@ -2,8 +2,9 @@
 text encoder, the UNet and the VAE of a Stable Diffusion pipeline keep their weights in a file
 while they are not running, so that only one of them is in memory at a time: while the UNet
 denoises (most of a call's time) the others are on disk, and the UNet is while the VAE decodes.
-Each part is read back from the page cache when it runs (`resident(module)`) and let go after;
-prompts already encoded come from the prompt cache without the encoder. Images are the same as
+Each part is mapped back from its file when it runs (`resident(module)`: its weights are the
+page cache's pages, no copy made) and let go after; prompts already encoded come from the
+prompt cache without the encoder. Images are the same as
 without low memory, but for those whose latents are larger than TILE per side (`decode`).
 
 Where the memory goes (SD 1.5, bfloat16, 512 px; benchmarks/bench_cpu.py --system
@@ -34,7 +35,7 @@ and the VAE out for inference before they first go there: built_to_disk; a pipel
 low memory after a whole load has laid them out already). The files are temporary, in tempfile's
 folder ($TMPDIR, /tmp) or, where that is a RAM disk, in the user's cache folder
 (`offload_dir`). On Linux a file's name is removed as soon as it is written and the part keeps
-an open descriptor (read back through /proc/self/fd), so the space comes back however the
+an open descriptor (mapped back through /proc/self/fd), so the space comes back however the
 process ends: a server stopped by SIGTERM (uvicorn re-raises it after its shutdown, past
 atexit) or killed (SIGKILL, the OOM killer) leaves nothing behind. Elsewhere the file is
 removed with its module or at exit.
