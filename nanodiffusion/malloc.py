@@ -9,8 +9,12 @@ import os
 import sys
 
 MMAP_THRESHOLD = 256 << 10  # bytes: blocks this large are mapped apart and unmapped when freed
-HEAP_LIMIT = 32 << 20  # bytes: the blocks below it come from the heap (blocks_from_heap): the
-#                        ceiling of glibc's own moving threshold on 64-bit systems
+HEAP_LIMIT = 4 << 20  # bytes: the blocks below it come from the heap (blocks_from_heap); larger
+#   ones are mapped apart (with torch's huge pages where the CLI asked: torch_huge_pages). With
+#   low memory's mapped weights, at 32 MiB (glibc's own ceiling) the VAE decode's heap left free
+#   chunks that the next UNet run's small blocks spread over: SD 1.5, 512 px, bfloat16, a 2-core
+#   Zen 3, bench_cpu's warm call 59.8 s at 2.34 GB peak; 16 MiB 65.2 s at 2.33 GB; 4 MiB 73.4 s
+#   at 2.28 GB (the weights read, not mapped, at 32 MiB: 74.3 s at 2.28 GB)
 _threshold = None  # the mmap threshold set here (MMAP_THRESHOLD, HEAP_LIMIT); None: glibc's own
 PAGE = mmap.PAGESIZE
 MADV_DONTNEED = 4  # Linux's
@@ -57,7 +61,7 @@ def blocks_from_heap():
     """A context in which, where malloc_returns_big_blocks is in force, glibc takes the blocks
     below HEAP_LIMIT from its heap, where a freed block is reused with its pages, instead of
     mapping each apart (a mapping's pages are faulted in anew at every use: on a 2-core Zen 3
-    SD 1.5's VAE decode at 512 px in bfloat16 took 15 s so, 10 s from the heap). At its end
+    SD 1.5's VAE decode at 512 px in bfloat16 took 15 s so, 10 s from the heap below 32 MiB). At its end
     the blocks are mapped apart again and the heap's free pages given back (trim). For the
     stretches of low memory whose peak is far below the process's (pipelines/offload.py).
     Nothing where the rule is not in force."""
