@@ -61,7 +61,8 @@ def blocks_from_heap():
     """A context in which, where malloc_returns_big_blocks is in force, glibc takes the blocks
     below HEAP_LIMIT from its heap, where a freed block is reused with its pages, instead of
     mapping each apart (a mapping's pages are faulted in anew at every use: on a 2-core Zen 3
-    SD 1.5's VAE decode at 512 px in bfloat16 took 15 s so, 10 s from the heap below 32 MiB). At its end
+    SD 1.5's VAE decode at 512 px in bfloat16 took 15 s so, 10 s from the heap below 32 MiB;
+    HEAP_LIMIT says why it is lower now). At its end
     the blocks are mapped apart again and the heap's free pages given back (trim). For the
     stretches of low memory whose peak is far below the process's (pipelines/offload.py).
     Nothing where the rule is not in force."""
