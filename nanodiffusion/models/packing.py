@@ -58,17 +58,30 @@ class PackedConv2d(nn.Conv2d):
             w = self._parameters["weight"] if self._packed is None else self._packed.to_dense()
             return winograd.conv3x3(x, w, self.bias)
         if self._packed is None:  # for the input's shape: ~3x faster than for an unknown one
+            # oneDNN's reorder of a plain weight holds two copies beside it at once, of a
+            # channels-last one only the packed one: the weight goes channels-last first
+            self._put(self._parameters["weight"].data.contiguous(memory_format=torch.channels_last))
             w = self._parameters["weight"].data
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
                 w, list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
-            self._parameters["weight"].data = torch.empty(0, dtype=w.dtype)  # packed holds it
-            let_go(w)  # low memory's: its pages in its file's mapping
             del w
-            trim()  # its memory back to the system (glibc would keep it in its heap)
+            self._put(torch.empty(0, dtype=self._packed.dtype))  # the packed one holds it
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed, self.bias, list(self.padding), list(self.stride),
             list(self.dilation), self.groups, "none", [], "")
+
+    def _put(self, w):
+        """`w` the weight's data in place of the one held, which is let go at once (its
+        memory back to the system: glibc would keep it in its heap; low memory's: its pages
+        in its file's mapping dropped); nothing where `w` is that one."""
+        old = self._parameters["weight"].data
+        if w.data_ptr() == old.data_ptr():
+            return
+        self._parameters["weight"].data = w
+        let_go(old)
+        del old
+        trim()
 
     def __getattr__(self, name):
         if name == "weight":  # anyone who reads the weight gets the dense one
