@@ -2,8 +2,10 @@
 exports read back by diffusers and by us, our own folder format, and the errors of broken
 inputs. The reference is a tiny random diffusers pipeline (tiny_sd.py)."""
 import json
+import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
 import nanodiffusion  # noqa: E402
+from proc_maps import linux_only, mapping  # noqa: E402
 from nanodiffusion.formats import single_file  # noqa: E402
 from nanodiffusion.formats.diffusers import save_diffusers_folder  # noqa: E402
 from nanodiffusion.formats.ours import save_pipeline  # noqa: E402
@@ -41,6 +44,33 @@ def images(pipe):
 def assert_same(got, want, tol=1e-6):
     err = abs(got - want).max()
     assert err <= tol, f"max pixel difference {err * 255:.2f}/255"
+
+
+@linux_only
+@pytest.mark.parametrize("route", ["diffusers", "single-file"])
+def test_the_vae_encoder_stays_in_its_files_mapping_until_it_runs(sd, tmp_path, route):
+    """txt2img never runs the VAE's encoder: the readers leave its weights in their file's
+    private mapping (files.read_safetensors' `mapped`), not one page of them read (SD 1.5's:
+    137 MB in float32; diffusers leaves all its weights so); img2img lays the encoder out
+    (vae.for_encoding) and makes the same images as an encoder read into memory."""
+    if route == "diffusers":
+        source, file = sd.folder, sd.folder / "vae" / "diffusion_pytorch_model.safetensors"
+    else:
+        source = file = tmp_path / "tiny.safetensors"
+        save_single_file(sd.ours, file)
+    pipe, read = nanodiffusion.load(source), nanodiffusion.load(source)
+    for p in read.vae.encoder.parameters():
+        p.data = p.data.clone()
+    weight = pipe.vae.encoder.conv_in.weight
+    assert mapping(weight.data_ptr()) == (os.path.realpath(file), 0)
+    init = pipe.generate(**SETTINGS)[0]
+    assert mapping(weight.data_ptr()) == (os.path.realpath(file), 0)
+    kw = dict(prompt="a blue square", image=init, strength=0.5, seed=3, steps=4)
+    got, want = tiny_sd.as_array(pipe.img2img(**kw)), tiny_sd.as_array(read.img2img(**kw))
+    assert np.array_equal(got, want)
+    assert pipe.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    bf16 = nanodiffusion.load(source, dtype=torch.bfloat16)  # cast as read: its own memory
+    assert mapping(bf16.vae.encoder.conv_in.weight.data_ptr())[0] != os.path.realpath(file)
 
 
 # ---- single files ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from PIL import Image
 import nanodiffusion
 import tiny_sd
 from front_door import run_cli, served
+from proc_maps import linux_only, mapping
 from nanodiffusion.pipelines import offload
 
 PROMPT = "a red circle above a blue square"
@@ -104,20 +105,6 @@ def test_a_low_memory_load_writes_each_part_once(monkeypatch, dtype):
             assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-def mapping(addr):
-    """(file name, resident bytes) of this process's mapping that holds `addr`, or None."""
-    name = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(None, 5)
-        if head and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
-            lo, hi = (int(x, 16) for x in head[0].split("-"))
-            name = (head[5] if len(head) > 5 else "") if lo <= addr < hi else None
-        elif name is not None and line.startswith("Rss:"):
-            return name, int(line.split()[1]) * 1024
-    return None
-
-
-linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
 
 
 @linux_only

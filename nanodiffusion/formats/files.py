@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -26,11 +27,11 @@ def key_list(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def read_state_dict(path, dtype=None) -> dict:
+def read_state_dict(path, dtype=None, mapped=None) -> dict:
     """Tensors of a .safetensors file, or of a pickled .ckpt/.pt/.pth/.bin read with
     weights_only=True (no code runs; a file that needs code is refused); floating ones in
-    `dtype` if given."""
-    return read_checkpoint(path, dtype)[0]
+    `dtype` if given. `mapped`: see read_safetensors."""
+    return read_checkpoint(path, dtype, mapped)[0]
 
 
 # safetensors' dtype names -> torch's (the format: an 8-byte little-endian header length, a
@@ -45,12 +46,17 @@ def _cast(t, dtype):
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def read_safetensors(path, dtype=None) -> dict:
+def read_safetensors(path, dtype=None, mapped=None) -> dict:
     """The tensors of a .safetensors file, read tensor by tensor into memory of their own (no
-    file mapping, no second copy of the file): a tensor already in `dtype` (or with `dtype`
-    None) is the bytes read, any other floating one is cast as it is read, so the peak is the
-    result plus one tensor. Files holding other dtypes (float8, ...) go through safetensors'
-    own reader. A cut or malformed file is a ValueError naming `path`."""
+    second copy of the file): a tensor already in `dtype` (or with `dtype` None) is the bytes
+    read, any other floating one is cast as it is read, so the peak is the result plus one
+    tensor. `mapped`: a test of a tensor's name; those it passes that need no cast are not
+    read but views of one private mapping of the file (torch.UntypedStorage.from_file, not
+    shared: a write copies the page, never the file), whose pages are read when first
+    touched, so that a part that may never run (the VAE's encoder in txt2img:
+    ldm_keys.vae_encoder_key) takes no memory until it does (diffusers' weights all stay in
+    their files' mappings so). Files holding other dtypes (float8, ...) go through
+    safetensors' own reader. A cut or malformed file is a ValueError naming `path`."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -63,7 +69,7 @@ def read_safetensors(path, dtype=None) -> dict:
             header.pop("__metadata__", None)
             if any(v.get("dtype") not in SAFETENSORS_DTYPES for v in header.values()):
                 return {k: _cast(v, dtype) for k, v in load_file(str(path)).items()}
-            start, out = 8 + n, {}
+            start, out, whole = 8 + n, {}, None
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
                 src, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
                 begin, end = info["data_offsets"]
@@ -71,6 +77,14 @@ def read_safetensors(path, dtype=None) -> dict:
                 if end - begin != want or start + end > size:
                     raise ValueError(f"tensor {name!r}: data_offsets {begin}..{end} do not fit "
                                      f"its shape {shape} {info['dtype']} or the file's size")
+                if (mapped is not None and want and (start + begin) % src.itemsize == 0
+                        and (dtype in (None, src) or not src.is_floating_point)
+                        and mapped(name)):
+                    whole = _map(path, size) if whole is None else whole
+                    if whole:
+                        out[name] = torch.empty(0, dtype=src).set_(
+                            whole, (start + begin) // src.itemsize, shape)
+                        continue
                 f.seek(start + begin)
                 buf = torch.empty(want, dtype=torch.uint8)  # torch's allocator: aligned as
                 if f.readinto(buf.numpy()) != want:         # any tensor (the same kernels)
@@ -81,14 +95,27 @@ def read_safetensors(path, dtype=None) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def read_checkpoint(path, dtype=None) -> tuple[dict, int | None]:
+def _map(path, size):
+    """A private mapping of the file (its storage), or False where there is none: on Windows
+    a mapped file can be neither removed nor replaced (our exports replace the file they
+    write), and some file systems do not map."""
+    if os.name != "posix":
+        return False
+    try:
+        return torch.UntypedStorage.from_file(str(path), False, size)
+    except RuntimeError:
+        return False
+
+
+def read_checkpoint(path, dtype=None, mapped=None) -> tuple[dict, int | None]:
     """(tensors, global_step) of a weight file as read_state_dict reads it. global_step, the
     training step ldm's checkpoints record beside the weights (or a "global_step" tensor among
     them), is None where the file has none; it is taken out of the tensors. `dtype`: floating
-    tensors come back in it, each cast as it is read (read_safetensors)."""
+    tensors come back in it, each cast as it is read; `mapped`: tensors left in the file's
+    mapping (read_safetensors; a pickled file is read whole)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        sd = read_safetensors(path, dtype)
+        sd = read_safetensors(path, dtype, mapped)
         return sd, _global_step(sd.pop("global_step", None), path)
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown weight format (accepted: .safetensors, "

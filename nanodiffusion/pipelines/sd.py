@@ -20,6 +20,7 @@ from ..malloc import trim
 from ..models.layers import guidance_embedding
 from ..models.packing import cpu_input, onednn_linears, pack, packed_weights
 from ..models.unet import for_inference as unet_for_inference
+from ..models.vae import for_encoding
 from ..models.vae import for_inference as vae_for_inference
 from ..prompts import encode_cached, escape, plain_text
 from .checks import check_int, check_size, check_strength
@@ -303,7 +304,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         """Init image (1, 3, H, W) -> scaled float32 latents, sampled from the posterior with
         `gen`."""
         with self.running(self.vae):
-            post = self.vae.encode(image.to(self._device, self._vae_dtype))
+            post = for_encoding(self.vae).encode(image.to(self._device, self._vae_dtype))
         return post.sample(gen).float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
