@@ -111,7 +111,8 @@ class DiskWeights:
         """The weights back from the file, in the layouts they had: `mapped`, the file's pages
         themselves (a private mapping: `_File.read`); else copies of their own (to_memory)."""
         self.mapping, tensors = self.file.read()
-        file_mapped(self.mapping, lambda: not self.dirty)
+        if mapped:  # let_go may drop its pages while it is clean
+            file_mapped(self.mapping, lambda: not self.dirty)
         for k, s in self.slots.items():
             strides, order = self.layouts[k]
             t = tensors.pop(k).permute(sorted(range(len(order)), key=order.__getitem__))
