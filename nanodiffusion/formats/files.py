@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import json
 import math
+import mmap
 import os
 import pickle
 from pathlib import Path
@@ -51,9 +52,8 @@ def read_safetensors(path, dtype=None, mapped=None) -> dict:
     second copy of the file): a tensor already in `dtype` (or with `dtype` None) is the bytes
     read, any other floating one is cast as it is read, so the peak is the result plus one
     tensor. `mapped`: a test of a tensor's name; those it passes that need no cast are not
-    read but views of one private mapping of the file (torch.UntypedStorage.from_file, not
-    shared: a write copies the page, never the file), whose pages are read when first
-    touched, so that a part that may never run (the VAE's encoder in txt2img:
+    read but views of a private mapping of their pages of the file (`_mapped`), read when
+    first touched, so that a part that may never run (the VAE's encoder in txt2img:
     ldm_keys.vae_encoder_key) takes no memory until it does (diffusers' weights all stay in
     their files' mappings so). Files holding other dtypes (float8, ...) go through
     safetensors' own reader. A cut or malformed file is a ValueError naming `path`."""
@@ -69,7 +69,7 @@ def read_safetensors(path, dtype=None, mapped=None) -> dict:
             header.pop("__metadata__", None)
             if any(v.get("dtype") not in SAFETENSORS_DTYPES for v in header.values()):
                 return {k: _cast(v, dtype) for k, v in load_file(str(path)).items()}
-            start, out, whole = 8 + n, {}, None
+            start, out = 8 + n, {}
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
                 src, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
                 begin, end = info["data_offsets"]
@@ -80,10 +80,9 @@ def read_safetensors(path, dtype=None, mapped=None) -> dict:
                 if (mapped is not None and want and (start + begin) % src.itemsize == 0
                         and (dtype in (None, src) or not src.is_floating_point)
                         and mapped(name)):
-                    whole = _map(path, size) if whole is None else whole
-                    if whole:
-                        out[name] = torch.empty(0, dtype=src).set_(
-                            whole, (start + begin) // src.itemsize, shape)
+                    t = _mapped(f, start + begin, want, src, shape)
+                    if t is not None:
+                        out[name] = t
                         continue
                 f.seek(start + begin)
                 buf = torch.empty(want, dtype=torch.uint8)  # torch's allocator: aligned as
@@ -95,16 +94,22 @@ def read_safetensors(path, dtype=None, mapped=None) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def _map(path, size):
-    """A private mapping of the file (its storage), or False where there is none: on Windows
-    a mapped file can be neither removed nor replaced (our exports replace the file they
-    write), and some file systems do not map."""
+def _mapped(f, offset, nbytes, dtype, shape):
+    """The `nbytes` at `offset` of the open file `f` as a tensor of `dtype` and `shape` over a
+    private mapping of their own pages (mmap's ACCESS_COPY: a write copies the page, never the
+    file), unmapped when the last tensor over it goes, so that a part laid out anew (the VAE's
+    encoder at its first run) gives each tensor's pages back as it goes, not all at the end;
+    None where there is none: on Windows a mapped file can be neither removed nor replaced
+    (our exports replace the file they write), and some file systems do not map."""
     if os.name != "posix":
-        return False
+        return None
+    first = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
     try:
-        return torch.UntypedStorage.from_file(str(path), False, size)
-    except RuntimeError:
-        return False
+        m = mmap.mmap(f.fileno(), offset + nbytes - first, offset=first, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    return torch.frombuffer(m, dtype=dtype, count=nbytes // dtype.itemsize,
+                            offset=offset - first).view(shape)
 
 
 def read_checkpoint(path, dtype=None, mapped=None) -> tuple[dict, int | None]:
