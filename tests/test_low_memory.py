@@ -105,8 +105,6 @@ def test_a_low_memory_load_writes_each_part_once(monkeypatch, dtype):
             assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-
-
 @linux_only
 def test_a_part_runs_on_its_files_pages(pair):
     """A part in memory is its file's pages, mapped (offload._File.read), not a copy of them:
