@@ -21,6 +21,7 @@ from nanodiffusion.formats import single_file  # noqa: E402
 from nanodiffusion.formats.diffusers import save_diffusers_folder  # noqa: E402
 from nanodiffusion.formats.ours import save_pipeline  # noqa: E402
 from nanodiffusion.formats.single_file import save_single_file  # noqa: E402
+from nanodiffusion.models import packing  # noqa: E402
 
 SETTINGS = dict(prompt="a red circle", negative_prompt="green", seed=5, steps=4, n=2,
                 width=24, height=16, sampler="dpmpp-2m", guidance=7.5)
@@ -48,30 +49,49 @@ def assert_same(got, want, tol=1e-6):
 
 @linux_only
 @pytest.mark.parametrize("route", ["diffusers", "single-file"])
-def test_the_vae_encoder_stays_in_its_files_mapping_until_it_runs(sd, tmp_path, route):
-    """txt2img never runs the VAE's encoder: the readers leave its weights in their file's
-    private mapping (files.read_safetensors' `mapped`), not one page of them read (SD 1.5's:
-    137 MB in float32; diffusers leaves all its weights so); img2img lays the encoder out
-    (vae.for_encoding) and makes the same images as an encoder read into memory."""
+def test_weights_stay_in_their_files_mapping_until_used(sd, tmp_path, route):
+    """The readers leave every weight that needs no cast in its file's private mapping
+    (files.read_safetensors' `mapped`; diffusers' weights stay in their files' mappings so):
+    not a page read at load, no file descriptor held per tensor; a packed convolution copies
+    its weight out at its first call and its pages go; the VAE's encoder, which txt2img never
+    runs, stays unread until img2img lays it out (vae.for_encoding); the images are those of
+    weights read into memory."""
     if route == "diffusers":
-        source, file = sd.folder, sd.folder / "vae" / "diffusion_pytorch_model.safetensors"
+        files = {part: sd.folder / part / name for part, name in (
+            ("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
+            ("vae", "diffusion_pytorch_model.safetensors"))}
     else:
-        source = file = tmp_path / "tiny.safetensors"
-        save_single_file(sd.ours, file)
+        path = tmp_path / "tiny.safetensors"
+        save_single_file(sd.ours, path)
+        files = dict.fromkeys(("unet", "text_encoder", "vae"), path)
+    source = files["unet"].parent.parent if route == "diffusers" else files["unet"]
+    fds = len(os.listdir("/proc/self/fd"))
     pipe, read = nanodiffusion.load(source), nanodiffusion.load(source)
-    for p in read.vae.encoder.parameters():
-        p.data = p.data.clone()
-    where = pipe.vae.encoder.conv_in.weight.data_ptr()
-    assert mapping(where) == (os.path.realpath(file), 0)
-    init = pipe.generate(**SETTINGS)[0]
-    assert mapping(where) == (os.path.realpath(file), 0)
+    assert len(os.listdir("/proc/self/fd")) == fds  # (Python's mmap held one per tensor)
+    for part in (read.unet, read.text_encoder, read.vae):
+        for p in part.parameters():
+            p.data = p.data.clone()
+    conv = pipe.unet.up_blocks[0].resnets[0].conv1  # the largest, packed at its first call
+    weights = {"unet": conv.weight.data_ptr(),
+               "text_encoder": pipe.text_encoder.embeddings.token_embedding.weight.data_ptr(),
+               "vae": pipe.vae.encoder.down_blocks[1].resnets[0].conv2.weight.data_ptr()}
+    for part, where in weights.items():
+        assert mapping(where) == (os.path.realpath(files[part]), 0), part
+    first = pipe.generate(**SETTINGS)
+    assert np.array_equal(tiny_sd.as_array(first), tiny_sd.as_array(read.generate(**SETTINGS)))
+    init = first[0]
+    if packing.available():
+        assert (mapping(weights["unet"]) or ("",))[0] != os.path.realpath(files["unet"])
+    assert mapping(weights["vae"]) == (os.path.realpath(files["vae"]), 0)  # never run
     kw = dict(prompt="a blue square", image=init, strength=0.5, seed=3, steps=4)
     got, want = tiny_sd.as_array(pipe.img2img(**kw)), tiny_sd.as_array(read.img2img(**kw))
     assert np.array_equal(got, want)
-    assert pipe.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert (mapping(where) or ("",))[0] != os.path.realpath(file)  # laid out: its pages gone
+    encoder = pipe.vae.encoder.down_blocks[1].resnets[0].conv2.weight
+    assert encoder.is_contiguous(memory_format=torch.channels_last)
+    assert (mapping(weights["vae"]) or ("",))[0] != os.path.realpath(files["vae"])  # its pages gone
     bf16 = nanodiffusion.load(source, dtype=torch.bfloat16)  # cast as read: its own memory
-    assert mapping(bf16.vae.encoder.conv_in.weight.data_ptr())[0] != os.path.realpath(file)
+    assert mapping(bf16.unet.up_blocks[0].resnets[0].conv1.weight.data_ptr())[0] not in {
+        os.path.realpath(f) for f in files.values()}
 
 
 # ---- single files ---------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from .diffusers_config import (clip_text_config_from_transformers, clip_text_con
                                unet_config_from_diffusers, unet_config_to_diffusers,
                                vae_config_from_diffusers, vae_config_to_diffusers)
 from .files import build, read_state_dict
-from .ldm_keys import vae_encoder_key
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
@@ -61,7 +60,7 @@ def _read_json(path):
 def _weights(folder, dtype=None):
     for name in WEIGHT_NAMES:
         if (folder / name).exists():
-            return read_state_dict(folder / name, dtype, mapped=vae_encoder_key)
+            return read_state_dict(folder / name, dtype, mapped=True)
     raise ValueError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
 
 

@@ -4,6 +4,8 @@ dict into a module (`check_state_dict`; `build` around it), whose errors name th
 """
 import contextlib
 import contextvars
+import ctypes
+import functools
 import json
 import math
 import mmap
@@ -28,7 +30,7 @@ def key_list(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def read_state_dict(path, dtype=None, mapped=None) -> dict:
+def read_state_dict(path, dtype=None, mapped=False) -> dict:
     """Tensors of a .safetensors file, or of a pickled .ckpt/.pt/.pth/.bin read with
     weights_only=True (no code runs; a file that needs code is refused); floating ones in
     `dtype` if given. `mapped`: see read_safetensors."""
@@ -47,15 +49,16 @@ def _cast(t, dtype):
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def read_safetensors(path, dtype=None, mapped=None) -> dict:
+def read_safetensors(path, dtype=None, mapped=False) -> dict:
     """The tensors of a .safetensors file, read tensor by tensor into memory of their own (no
     second copy of the file): a tensor already in `dtype` (or with `dtype` None) is the bytes
     read, any other floating one is cast as it is read, so the peak is the result plus one
-    tensor. `mapped`: a test of a tensor's name; those it passes that need no cast are not
-    read but views of a private mapping of their pages of the file (`_mapped`), read when
-    first touched, so that a part that may never run (the VAE's encoder in txt2img:
-    ldm_keys.vae_encoder_key) takes no memory until it does (diffusers' weights all stay in
-    their files' mappings so). Files holding other dtypes (float8, ...) go through
+    tensor. `mapped`: the tensors that need no cast are not read but views of a private
+    mapping of their pages of the file (`_mapped`), read when first touched, as diffusers'
+    weights stay in their files' mappings: a model loads in a fraction of the time, a part that
+    may never run (the VAE's encoder in txt2img) takes no memory until it does, and a weight
+    laid out anew at its first use (a packed convolution's) is copied once, from the file's
+    pages, not read and then copied. Files holding other dtypes (float8, ...) go through
     safetensors' own reader. A cut or malformed file is a ValueError naming `path`."""
     path = Path(path)
     try:
@@ -77,9 +80,8 @@ def read_safetensors(path, dtype=None, mapped=None) -> dict:
                 if end - begin != want or start + end > size:
                     raise ValueError(f"tensor {name!r}: data_offsets {begin}..{end} do not fit "
                                      f"its shape {shape} {info['dtype']} or the file's size")
-                if (mapped is not None and want and (start + begin) % src.itemsize == 0
-                        and (dtype in (None, src) or not src.is_floating_point)
-                        and mapped(name)):
+                if (mapped and (start + begin) % src.itemsize == 0
+                        and (dtype in (None, src) or not src.is_floating_point)):
                     t = _mapped(f, start + begin, want, src, shape)
                     if t is not None:
                         out[name] = t
@@ -94,30 +96,61 @@ def read_safetensors(path, dtype=None, mapped=None) -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+class _Pages:
+    """A private mapping of a file's pages (_mapped), unmapped when the last tensor over it
+    goes: it rides on the buffer that torch.frombuffer holds."""
+
+    def __init__(self, addr, length):
+        self.addr, self.length = addr, length
+
+    def __del__(self):
+        _libc().munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.length))
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_int64)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return libc
+
+
 def _mapped(f, offset, nbytes, dtype, shape):
     """The `nbytes` at `offset` of the open file `f` as a tensor of `dtype` and `shape` over a
-    private mapping of their own pages (mmap's ACCESS_COPY: a write copies the page, never the
-    file), unmapped when the last tensor over it goes, so that a part laid out anew (the VAE's
-    encoder at its first run) gives each tensor's pages back as it goes, not all at the end;
-    None where there is none: on Windows a mapped file can be neither removed nor replaced
-    (our exports replace the file they write), and some file systems do not map."""
-    if os.name != "posix":
+    private mapping of their own pages (MAP_PRIVATE: a write copies the page, never the file),
+    unmapped when the last tensor over it goes, so that a weight laid out anew (a packed
+    convolution's at its first call, the VAE's encoder at its first run) gives its pages back as
+    it goes, not all at the end. mmap(2) itself, through ctypes: Python's mmap objects each hold
+    a duplicate of the file's descriptor, one per tensor (SD 1.5 has 1,130), past many systems'
+    limit of 1,024 open files. None where there is none: a tensor under a page (its mapping
+    would hold more than it), a system that is not POSIX (on Windows a mapped file can be
+    neither removed nor replaced, and our exports replace the file they write), a file system
+    that does not map."""
+    if os.name != "posix" or nbytes < mmap.PAGESIZE:
         return None
-    first = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    first = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    length = offset + nbytes - first
     try:
-        m = mmap.mmap(f.fileno(), offset + nbytes - first, offset=first, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError):
+        addr = _libc().mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE,
+                            f.fileno(), first)
+    except (OSError, AttributeError):  # no C library to ask
         return None
-    return torch.frombuffer(m, dtype=dtype, count=nbytes // dtype.itemsize,
+    if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
+        return None
+    pages = (ctypes.c_ubyte * length).from_address(addr)
+    pages.owner = _Pages(addr, length)  # torch.frombuffer holds `pages`, and so this
+    return torch.frombuffer(pages, dtype=dtype, count=nbytes // dtype.itemsize,
                             offset=offset - first).view(shape)
 
 
-def read_checkpoint(path, dtype=None, mapped=None) -> tuple[dict, int | None]:
+def read_checkpoint(path, dtype=None, mapped=False) -> tuple[dict, int | None]:
     """(tensors, global_step) of a weight file as read_state_dict reads it. global_step, the
     training step ldm's checkpoints record beside the weights (or a "global_step" tensor among
     them), is None where the file has none; it is taken out of the tensors. `dtype`: floating
-    tensors come back in it, each cast as it is read; `mapped`: tensors left in the file's
-    mapping (read_safetensors; a pickled file is read whole)."""
+    tensors come back in it, each cast as it is read; `mapped`: those that need no cast left in
+    the file's mapping (read_safetensors; a pickled file is read whole)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         sd = read_safetensors(path, dtype, mapped)

@@ -297,13 +297,6 @@ def unet_from_ldm(sd: dict, use_ema: bool) -> tuple[dict, set, bool]:
     return out, accounted, ema
 
 
-def vae_encoder_key(name: str) -> bool:
-    """Whether `name` is a tensor of a VAE's encoder (or its quant_conv), under diffusers' or
-    LDM's names, in a VAE's file or a whole checkpoint's (first_stage_model.): the part that
-    txt2img never runs, which readers leave in the file's mapping (files.read_safetensors)."""
-    return name.removeprefix(VAE_PREFIX).startswith(("encoder.", "quant_conv."))
-
-
 def vae_from_ldm(sd: dict) -> tuple[dict | None, set]:
     src = _strip(sd, VAE_PREFIX)
     if not src:

@@ -148,8 +148,9 @@ def read_single_file(path, device="cpu", dtype=torch.float32, prediction_type=No
     path = Path(path)
     meta = _metadata(path)
     record = _read_record(path, meta)
-    # each tensor in dtype as it is read, the VAE's encoder left in the file's mapping
-    sd, global_step = read_checkpoint(path, dtype, mapped=ldm_keys.vae_encoder_key)
+    # each tensor in dtype as it is read, or left in the file's mapping (none of the
+    # unused ones, EMA twins and the like, is ever read)
+    sd, global_step = read_checkpoint(path, dtype, mapped=True)
     try:
         parts = ldm_to_diffusers(sd, hints=hints or _read_hints(path, meta), configs=record)
     except ValueError as e:  # the conversion names keys and shapes; the file is named here

@@ -13,7 +13,7 @@ import torch
 from ..models.vae import VAE
 from .diffusers import read_vae_folder
 from .files import build, key_list, read_checkpoint
-from .ldm_keys import VAE_PREFIX, vae_encoder_key, vae_from_ldm
+from .ldm_keys import VAE_PREFIX, vae_from_ldm
 from .single_file import infer_vae_config
 
 # What VAE files carry beside the VAE, dropped as AUTOMATIC1111 drops them (sd_vae.py): the
@@ -34,7 +34,7 @@ def read_vae(path, hints, device="cpu", dtype=torch.float32):
         return read_vae_folder(path, device, dtype)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such VAE file or folder")
-    sd, _ = read_checkpoint(path, dtype, mapped=vae_encoder_key)  # as single_file reads
+    sd, _ = read_checkpoint(path, dtype, mapped=True)  # as single_file reads
     weights = vae_weights(sd, path)
     try:
         cfg = infer_vae_config(weights, hints)
