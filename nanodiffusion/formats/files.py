@@ -52,8 +52,8 @@ def _cast(t, dtype):
 def read_safetensors(path, dtype=None, mapped=False) -> dict:
     """The tensors of a .safetensors file, read tensor by tensor into memory of their own (no
     second copy of the file): a tensor already in `dtype` (or with `dtype` None) is the bytes
-    read, any other floating one is cast as it is read, so the peak is the result plus one
-    tensor. `mapped`: the tensors that need no cast are not read but views of a private
+    read, any other floating one is cast as it is read (from a mapping of its pages where
+    there is one: no buffer to fault in), so the peak is the result plus one tensor. `mapped`: the tensors that need no cast are not read but views of a private
     mapping of their pages of the file (`_mapped`), read when first touched, as diffusers'
     weights stay in their files' mappings: a model loads in a fraction of the time, a part that
     may never run (the VAE's encoder in txt2img) takes no memory until it does, and a weight
@@ -80,12 +80,13 @@ def read_safetensors(path, dtype=None, mapped=False) -> dict:
                 if end - begin != want or start + end > size:
                     raise ValueError(f"tensor {name!r}: data_offsets {begin}..{end} do not fit "
                                      f"its shape {shape} {info['dtype']} or the file's size")
-                if (mapped and (start + begin) % src.itemsize == 0
-                        and (dtype in (None, src) or not src.is_floating_point)):
+                cast = dtype not in (None, src) and src.is_floating_point
+                t = None
+                if (mapped or cast) and (start + begin) % src.itemsize == 0:
                     t = _mapped(f, start + begin, want, src, shape)
-                    if t is not None:
-                        out[name] = t
-                        continue
+                if t is not None:  # left mapped, or cast from the file's pages (no buffer)
+                    out[name] = t.to(dtype) if cast else t
+                    continue
                 f.seek(start + begin)
                 buf = torch.empty(want, dtype=torch.uint8)  # torch's allocator: aligned as
                 if f.readinto(buf.numpy()) != want:         # any tensor (the same kernels)
