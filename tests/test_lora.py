@@ -94,6 +94,7 @@ def test_lora_matches_diffusers(sd, files, kind, scale):
     images without the LoRA."""
     plain = ours(sd)
     want = diffusers_images(sd, files[kind], scale)
+    model_files = {p: p.read_bytes() for p in sd.folder.glob("*/*.safetensors")}
     name = sd.ours.load_lora(files[kind], scale)
     try:
         got = ours(sd)
@@ -102,6 +103,8 @@ def test_lora_matches_diffusers(sd, files, kind, scale):
     tiny_sd.assert_close_images(got, want)
     assert np.abs(plain - want).max() > 10 / 255, "the LoRA hardly changes the image"
     assert name == files[kind].stem
+    # fused into weights that lie in the model files' mappings: the files are as they were
+    assert model_files and all(p.read_bytes() == b for p, b in model_files.items())
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters: meant

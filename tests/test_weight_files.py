@@ -1,12 +1,15 @@
 """Reading weights (issue 23 item 2): our safetensors reader gives what safetensors' own does,
 casts each tensor to the dtype asked for as it reads it, and the module built from it holds
 those very tensors (no float32 detour, no second copy); cut or malformed files are named."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from nanodiffusion.formats.files import build, read_checkpoint, read_safetensors
 from nanodiffusion.models.vae import VAE, VAEConfig
+from proc_maps import linux_only, mapping
 
 TENSORS = {
     "f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2, 3).bfloat16(),
@@ -61,3 +64,32 @@ def test_the_built_module_holds_the_tensors_read(tmp_path, dtype):
     for k, v in model.state_dict().items():
         assert v.dtype == dtype and v.data_ptr() == sd[k].data_ptr(), k
         assert torch.equal(v, src.state_dict()[k].to(dtype)), k
+
+
+BIG = {"a_f32": torch.randn(64, 33), "b_f16": torch.randn(3000).half(), "c_small": torch.randn(5),
+       "d_bf16": torch.randn(4, 1000).bfloat16(), "e_i64": torch.arange(700)}
+
+
+@linux_only
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_tensors_over_a_page_are_mapped_or_cast_from_the_files_pages(tmp_path, dtype, mapped):
+    """`mapped`: a tensor over a page that needs no cast is a view of a private mapping of the
+    file (no file descriptor held for it); a write to it copies the page and leaves the file as
+    it was (LoRA fusing into a loaded model must never change the user's file); a cast one, and
+    any read without `mapped`, is memory of its own; the values are safetensors' either way."""
+    path = tmp_path / "big.safetensors"
+    save_file(BIG, str(path))
+    before, fds = path.read_bytes(), len(os.listdir("/proc/self/fd"))
+    ours = read_safetensors(path, dtype, mapped=mapped)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    for k, v in BIG.items():
+        want = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        assert ours[k].dtype == want.dtype and torch.equal(ours[k], want), k
+        in_file = (mapping(ours[k].data_ptr()) or ("",))[0] == os.path.realpath(path)
+        assert in_file == (mapped and k != "c_small" and ours[k].dtype == v.dtype), k
+        ours[k].add_(1) if ours[k].is_floating_point() else ours[k].mul_(2)
+    assert path.read_bytes() == before
+    where = ours["a_f32"].data_ptr()
+    del ours
+    assert (mapping(where) or ("",))[0] != os.path.realpath(path)  # unmapped with its last tensor

@@ -110,10 +110,13 @@ class _Pages:
 
 @functools.cache
 def _libc():
+    """The C library with mmap (glibc's mmap64 where there is one: its offset is 64-bit on
+    32-bit systems too) and munmap declared."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_int64)
+    libc.map = getattr(libc, "mmap64", None) or libc.mmap
+    libc.map.restype = ctypes.c_void_p
+    libc.map.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_int, ctypes.c_int64)
     libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
     return libc
 
@@ -134,8 +137,8 @@ def _mapped(f, offset, nbytes, dtype, shape):
     first = offset // mmap.PAGESIZE * mmap.PAGESIZE
     length = offset + nbytes - first
     try:
-        addr = _libc().mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE,
-                            f.fileno(), first)
+        addr = _libc().map(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE,
+                           f.fileno(), first)
     except (OSError, AttributeError):  # no C library to ask
         return None
     if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
