@@ -191,7 +191,7 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     cls, arg_types = table[meta["class"]]
     raw = json.loads(meta["config"])
     args = {k: config_from_dict(arg_types[k], raw[k]) for k in arg_types}
-    sd = read_state_dict(path, dtype)  # each tensor cast as it is read, held by the model
+    sd = read_state_dict(path, dtype, mapped=True)  # each cast as read, or left in the file
     with on_meta():  # no time spent on a random init that is overwritten
         model = cls(**args)
     check_state_dict(model, sd, str(path), dtype)
