@@ -190,6 +190,34 @@ def test_packing_holds_one_copy_beside_the_weight_at_most():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_new_input_size_lays_the_weight_out_again_once(capfd, dtype):
+    """oneDNN's layout of a weight depends on the input's size (a 1280-channel 3x3 weight on a
+    Zen 3: 32 output channels a block for 2x2 inputs, 24 for 8x8), and a convolution handed a
+    weight laid out for another size reorders it at every call (a UNet run at 128 px, then at
+    256, ran 5x slower at 256 px for good): at a new size the weight is laid out again, once,
+    so oneDNN's log (its verbose mode) shows no reorder in the calls after; the outputs are
+    the dense convolution's."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype)
+    sizes = (2, 2, 8, 8, 8, 2, 2)
+    xs = [torch.randn(2, 256, s, s).to(dtype).contiguous(memory_format=torch.channels_last)
+          for s in sizes]
+    with torch.no_grad():
+        want = [conv(x) for x in xs]
+        packing.pack(conv)
+        capfd.readouterr()
+        logs = []
+        for x in xs:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                got = conv(x)
+            logs.append(capfd.readouterr().out)
+            torch.testing.assert_close(got, want[len(logs) - 1], rtol=1e-5, atol=1e-5)
+    assert all(",convolution," in log for log in logs), "oneDNN's verbose mode logs nothing"
+    reorders = [log.count(",reorder,") for log in logs]
+    again = [i for i in range(1, len(sizes)) if sizes[i] == sizes[i - 1]]
+    assert [reorders[i] for i in again] == [0] * len(again), (sizes, reorders)
+
+
 def test_a_training_run_that_samples_trains_on_dense_weights(tmp_path, monkeypatch):
     """The loop's samples go through a pipeline, which packs the UNet it is given (float32
     too): the loop unpacks it after sampling, so the model it goes on training, its EMA and

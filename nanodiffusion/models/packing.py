@@ -49,7 +49,8 @@ def available():
 
 class PackedConv2d(nn.Conv2d):
     """A Conv2d inside `pack`: `_packed` is None until its first call, `_dense` the dense
-    weight's (shape, strides) to restore."""
+    weight's (shape, strides) to restore, `_packed_for` the input's height and width that
+    `_packed` was laid out for."""
 
     def forward(self, x):
         if winograd.needs_grad(self, x):
@@ -57,6 +58,15 @@ class PackedConv2d(nn.Conv2d):
         if winograd.worth_it(self, x):  # the dense weight, given back by the packed one's
             w = self._parameters["weight"] if self._packed is None else self._packed.to_dense()
             return winograd.conv3x3(x, w, self.bias)
+        if self._packed is not None and self._packed_for != tuple(x.shape[-2:]):
+            # oneDNN's layout for one size may not be its layout for another, and a call on
+            # a weight laid out for another reorders it at every call (SD 1.5's 1280-channel
+            # 3x3 convolutions on a Zen 3: packed for 2x2 inputs, 520 ms a call at 8x8
+            # against 22; packed for 8x8, 485 ms at 2x2 against 4.5), so the weight is laid
+            # out again for the new size, once: a UNet run at 128 px, then at 256, ran 5x
+            # slower at 256 px for good
+            self._put(self._packed.to_dense())  # plain, then channels-last, then packed
+            self._packed = None
         if self._packed is None:  # for the input's shape: ~3x faster than for an unknown one
             # oneDNN's reorder of a plain weight holds two copies beside it at once, of a
             # channels-last one only the packed one: the weight goes channels-last first
@@ -65,6 +75,7 @@ class PackedConv2d(nn.Conv2d):
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
                 w, list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(x.shape))
+            self._packed_for = tuple(x.shape[-2:])
             del w
             self._put(torch.empty(0, dtype=self._packed.dtype))  # the packed one holds it
         return torch.ops.mkldnn._convolution_pointwise(
@@ -137,7 +148,7 @@ def _unpack(m):
             m._parameters["weight"].data = torch.empty_strided(
                 shape, stride, dtype=m._packed.dtype).copy_(m._packed.to_dense())
     m.__class__ = m._plain
-    del m._packed, m._dense, m._plain
+    del m._packed, m._dense, m._plain, m._packed_for
     return m
 
 
@@ -151,6 +162,7 @@ def pack(module):
         if _packable(m):
             w = m._parameters["weight"]
             m._packed, m._dense, m._plain = None, (w.shape, w.stride()), type(m)
+            m._packed_for = None
             m.__class__ = PackedConv2d
     return sum(type(m) is PackedConv2d for m in module.modules())
 
