@@ -52,14 +52,15 @@ def _cast(t, dtype):
 def read_safetensors(path, dtype=None, mapped=False) -> dict:
     """The tensors of a .safetensors file, read tensor by tensor into memory of their own (no
     second copy of the file): a tensor already in `dtype` (or with `dtype` None) is the bytes
-    read, any other floating one is cast as it is read (from a mapping of its pages where
-    there is one: no buffer to fault in), so the peak is the result plus one tensor. `mapped`: the tensors that need no cast are not read but views of a private
-    mapping of their pages of the file (`_mapped`), read when first touched, as diffusers'
-    weights stay in their files' mappings: a model loads in a fraction of the time, a part that
-    may never run (the VAE's encoder in txt2img) takes no memory until it does, and a weight
-    laid out anew at its first use (a packed convolution's) is copied once, from the file's
-    pages, not read and then copied. Files holding other dtypes (float8, ...) go through
-    safetensors' own reader. A cut or malformed file is a ValueError naming `path`."""
+    read, any other floating one is cast as it is read (from a mapping of its pages where there
+    is one: no buffer to fault in), so the peak is the result plus one tensor. `mapped`: the
+    tensors that need no cast are not read but views of a private mapping of their pages of the
+    file (`_mapped`), read when first touched, as diffusers' weights stay in their files'
+    mappings: a model loads in a fraction of the time, a part that may never run (the VAE's
+    encoder in txt2img) takes no memory until it does, and a weight laid out anew at its first
+    use (a packed convolution's) is copied once, from the file's pages, not read and then
+    copied. Files holding other dtypes (float8, ...) go through safetensors' own reader. A cut
+    or malformed file is a ValueError naming `path`."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -99,13 +100,14 @@ def read_safetensors(path, dtype=None, mapped=False) -> dict:
 
 class _Pages:
     """A private mapping of a file's pages (_mapped), unmapped when the last tensor over it
-    goes: it rides on the buffer that torch.frombuffer holds."""
+    goes: it rides on the buffer that torch.frombuffer holds. It keeps munmap itself, as a
+    process's exit may clear this module's names before it goes."""
 
     def __init__(self, addr, length):
-        self.addr, self.length = addr, length
+        self.addr, self.length, self.munmap = addr, length, _libc().munmap
 
     def __del__(self):
-        _libc().munmap(ctypes.c_void_p(self.addr), ctypes.c_size_t(self.length))
+        self.munmap(self.addr, self.length)
 
 
 @functools.cache
