@@ -57,14 +57,13 @@ def test_weights_stay_in_their_files_mapping_until_used(sd, tmp_path, route):
     runs, stays unread until img2img lays it out (vae.for_encoding); the images are those of
     weights read into memory."""
     if route == "diffusers":
+        source = sd.folder
         files = {part: sd.folder / part / name for part, name in (
             ("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
             ("vae", "diffusion_pytorch_model.safetensors"))}
     else:
-        path = tmp_path / "tiny.safetensors"
-        save_single_file(sd.ours, path)
-        files = dict.fromkeys(("unet", "text_encoder", "vae"), path)
-    source = files["unet"].parent.parent if route == "diffusers" else files["unet"]
+        source = save_single_file(sd.ours, tmp_path / "tiny.safetensors")
+        files = dict.fromkeys(("unet", "text_encoder", "vae"), source)
     fds = len(os.listdir("/proc/self/fd"))
     pipe, read = nanodiffusion.load(source), nanodiffusion.load(source)
     assert len(os.listdir("/proc/self/fd")) == fds  # (Python's mmap held one per tensor)
