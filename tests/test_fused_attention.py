@@ -88,6 +88,29 @@ def test_fused_attention_is_torch_attention_within_its_rounding():
     assert not fused_attention.supports(q, k, k)
 
 
+def test_masked_and_far_keys_weigh_nothing():
+    """A key a causal query must not see, or one whose score is more than 126 powers of two
+    below the row's best, weighs exactly 0, as in torch's kernel: even a value near float's
+    max at such a key leaves the output alone. (The kernel's exp gave them 2^-126, so each such
+    key added about 4 to the output here; and in float32 its products with that weight were
+    subnormal numbers, which Intel's cores run by microcode: 5x slower causal heads.)"""
+    if not fused_attention.available():
+        return
+    for name in fused_attention.cpu_levels():
+        for dtype in fused_attention.LEVELS[name][1]:
+            T, hs = 9, 16
+            q = torch.zeros(1, 1, T, hs, dtype=dtype)
+            k = torch.zeros(1, 1, T, hs, dtype=dtype)
+            v = torch.ones(1, 1, T, hs, dtype=dtype)
+            v[0, 0, 1:] = 3e38  # every key but the first: masked for query 0
+            out = fused_attention.run(fused_attention.library(name), q, k, v, True)
+            assert out[0, 0, 0].tolist() == [1.0] * hs, (name, dtype, out[0, 0, 0])
+            # unmasked: key 0 scores 0, the others -1000 (exp underflows far below 2^-126)
+            q[0, 0, :, 0], k[0, 0, 1:, 0] = 1.0, -1000.0
+            out = fused_attention.run(fused_attention.library(name), q, k, v)
+            assert out[0, 0, :, 0].tolist() == [1.0] * T, (name, dtype, out[0, 0, :, 0])
+
+
 def _within_torch_rounding(lib, dtypes):
     shapes = ((2, 300, 300, 3, 40), (1, 77, 1001, 2, 64), (2, 9, 77, 2, 160), (1, 33, 5, 1, 5),
               (1, 1, 1, 1, 8), (1, 64, 4096, 2, 40))
@@ -100,7 +123,7 @@ def _within_torch_rounding(lib, dtypes):
         for B, T, S, nh, hs in shapes:
             q, k, v = (_heads(B, T, nh, hs, 2, dtype), _heads(B, S, nh, hs, 2, dtype),
                        _heads(B, S, nh, hs, 1, dtype))
-            assert fused_attention.supports(q, k, v)
+            assert fused_attention.supports(q, k, v) == fused_attention.available(dtype)
             ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
             out = fused_attention.run(lib, q, k, v)
             kernel = F.scaled_dot_product_attention(q, k, v)
@@ -121,6 +144,32 @@ def _within_torch_rounding(lib, dtypes):
             kernel_err = (kernel.double() - ref).abs()
             assert err.max() <= max(max_floor, max_factor * kernel_err.max()), (dtype, T)
             assert err.mean() <= max(mean_floor, mean_factor * kernel_err.mean()), (dtype, T)
+
+
+def test_bfloat16_heads_go_to_torchs_kernel_where_the_cpu_has_amx(monkeypatch):
+    """On a CPU with AMX torch's kernel runs bfloat16 on its tiles, 3x the fused kernel: there
+    bfloat16 heads, long ones too, take torch's kernel (neither the fused kernel nor
+    blocked_attention's products), float32 keeps the fused kernel where it runs, and
+    NANODIFFUSION_FUSED_ATTENTION naming the level brings bfloat16 back to it."""
+    monkeypatch.delenv("NANODIFFUSION_FUSED_ATTENTION", raising=False)
+    has_bf16 = "avx512bf16" in fused_attention.cpu_levels() and shutil.which("g++") is not None
+    monkeypatch.setattr(fused_attention, "amx", lambda: False)
+    assert fused_attention.available(torch.bfloat16) == has_bf16
+    monkeypatch.setattr(fused_attention, "amx", lambda: True)
+    assert not fused_attention.available(torch.bfloat16) and not layers.blocked_here()
+    assert fused_attention.available(torch.float32) == fused_attention.available()
+    for n, dtype in ((layers.BLOCKED_MIN_KEYS, torch.bfloat16), (77, torch.bfloat16),
+                     (layers.BLOCKED_MIN_KEYS, torch.float32)):
+        q = _heads(1, n, 2, 40, 1, dtype)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            layers.attention(q, q, q)
+        keys = {e.key for e in prof.key_averages()}
+        fused = "nanodiffusion::fused_attention" in keys
+        assert fused == (dtype == torch.float32 and fused_attention.available()), (n, dtype)
+        assert fused or "aten::_scaled_dot_product_flash_attention_for_cpu" in keys, keys
+    if has_bf16:
+        monkeypatch.setenv("NANODIFFUSION_FUSED_ATTENTION", "avx512bf16")
+        assert fused_attention.available(torch.bfloat16)
 
 
 def test_layers_attention_runs_inference_on_the_fused_kernel():

@@ -32,10 +32,14 @@ BLOCKED_SCORES = 1 << 21  # float32 scores a block holds (8 MB); 4x that ran 1.2
 @lru_cache(maxsize=None)
 def blocked_here():
     """Whether `blocked_attention` beats torch's kernel on this CPU: where torch runs its
-    AVX-512 code (where it was measured to win: AMD Zen 4, below, and Intel with AMX). On an
+    AVX-512 code (where it was measured to win: AMD Zen 4, below) on a CPU without AMX. On an
     AVX2-only AMD Zen 3 torch's kernel was the faster (2 threads, 2 x 8 heads: 4096 tokens x 40
-    481 against 645 ms in float32, 429 against 642 in bfloat16; 1024 x 80 48 against 59-66)."""
-    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+    481 against 645 ms in float32, 429 against 642 in bfloat16; 1024 x 80 48 against 59-66),
+    and so it was on an Intel Xeon with AMX, whose tiles it runs bfloat16 on (torch 2.13, 2
+    threads: 2 x 8 heads of 4096 x 40 82 against 245 ms bfloat16, 200 against 259 float32; the
+    VAE's one head of 4096 x 512 17 against 108 ms bfloat16, 92 against 118 float32)."""
+    return ("AVX512" in torch.backends.cpu.get_cpu_capability()
+            and not fused_attention.amx())
 
 
 def attention(q, k, v, mask=None, causal=False):
