@@ -338,10 +338,10 @@ def test_float32_linears_run_on_onednn_and_images_stay_within_rounding():
 
 
 def test_onednn_linear_keeps_nn_linear_where_it_should():
-    """OneDNNLinear: float32 without gradients within rounding of nn.Linear; with gradients,
-    in bfloat16 and below ONEDNN_LINEAR_MIN_MACS it is nn.Linear's own call, bit for bit, and
-    gradients flow as they do there (bfloat16 where oneDNN has none computes in float32:
-    test_winograd)."""
+    """OneDNNLinear: float32 without gradients within rounding of nn.Linear; with gradients and
+    below ONEDNN_LINEAR_MIN_MACS it is nn.Linear's own call, bit for bit, and gradients flow as
+    they do there; bfloat16 on oneDNN gives nn.Linear's values (whose bfloat16 product is
+    oneDNN's too), and where oneDNN has no bfloat16 it computes in float32: test_winograd."""
     torch.manual_seed(0)
     fast, plain = packing.OneDNNLinear(96, 160), torch.nn.Linear(96, 160)
     plain.load_state_dict(fast.state_dict())

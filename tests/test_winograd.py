@@ -230,7 +230,8 @@ def test_float32_copies_of_bfloat16_weights_are_made_a_block_at_a_time(monkeypat
     """Computed in float32, a bfloat16 layer reads its weight into float32 a block of output
     channels at a time (winograd.in_float32: at most SCRATCH_MAX bytes, the size its thread's
     buffer grows to; SD 1.5's 2560 -> 1280 3x3 held 118 MB), with the results of the whole
-    call: bfloat16 rounding of the same float32 sums, in the whole call's layout."""
+    call: bfloat16 rounding of the same float32 sums (to their last bits), in the whole call's
+    layout."""
     monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
     torch.manual_seed(0)
     cases = [(winograd.Conv2d(64, 200, 3, padding=1), (2, 64, 16, 16)),  # direct
@@ -260,8 +261,11 @@ def test_float32_copies_of_bfloat16_weights_are_made_a_block_at_a_time(monkeypat
     for (layer, _), a, b in zip(cases, whole, blocks):
         assert a.dtype == b.dtype == torch.bfloat16
         assert a.shape == b.shape and a.stride() == b.stride()
+        # one bfloat16 step at most: the float32 sums of a block may differ in their last bits
+        # from the whole call's where oneDNN picks another kernel for the narrower product (an
+        # Intel Xeon with AMX: 1.2e-4 at 0.03), and bfloat16's rounding may then step apart
         err = (a.float() - b.float()).abs()
-        assert (err <= 2 ** -8 * a.float().abs() + 1e-6).all(), layer
+        assert (err <= 2 ** -7 * a.float().abs() + 1e-6).all(), layer
 
 
 def test_bfloat16_on_large_inputs_computes_in_float32_a_band_of_rows_at_a_time(monkeypatch):

@@ -186,34 +186,60 @@ def packed_weights(module, enabled=True):
         unpack(module)
 
 
-# A float32 product smaller than this many multiply-adds stays with torch's own kernel: oneDNN's
-# call costs ~12 us more (8 x 128 -> 128: 8 us against 21 us; 128 x 128 -> 128 ties).
+# A product smaller than this many multiply-adds stays with torch's own kernel: oneDNN's call
+# costs ~12 us more (float32, 8 x 128 -> 128: 8 us against 21 us; 128 x 128 -> 128 ties).
 ONEDNN_LINEAR_MIN_MACS = 2 ** 19
+ONEDNN_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class OneDNNLinear(nn.Linear):
-    """An nn.Linear whose float32 CPU calls without gradients run on oneDNN's matrix product
-    (torch.ops.mkldnn._linear_pointwise on the dense weight) instead of torch's default, MKL's
-    sgemm, which on AMD CPUs runs its AVX2 code: on a 2-core AMD EPYC with AVX-512, SD 1.5's
-    products at 120-200 GFLOP/s against oneDNN's 390-450 (torch.mm 2048^3: 191 against 431).
+    """An nn.Linear whose float32 and bfloat16 CPU calls without gradients run on oneDNN's
+    matrix product (torch.ops.mkldnn._linear_pointwise on the dense weight), the bias added in
+    the product's epilogue, instead of torch's default:
+    - float32: MKL's sgemm, which on AMD CPUs runs its AVX2 code: on a 2-core AMD EPYC with
+      AVX-512, SD 1.5's products at 120-200 GFLOP/s against oneDNN's 390-450 (torch.mm
+      2048^3: 191 against 431);
+    - bfloat16: torch's addmm, which copies the bias into the output before its product (on
+      oneDNN too): a pass over the output (SD 1.5's 8192 x 1280 at 512 px: 2.8 ms of a 5.4 ms
+      product, 2-core Intel Xeon with AMX).
     Nothing else changes: the weight stays the dense parameter (LoRA fusing, low memory's files
     and state dicts see a plain Linear), and other dtypes, devices, gradients and products under
-    ONEDNN_LINEAR_MIN_MACS take nn.Linear's own path. The results are float32 rounding apart
-    from it (~1e-6 relative)."""
+    ONEDNN_LINEAR_MIN_MACS take nn.Linear's own path. The results are rounding apart from it
+    (float32 ~1e-6 relative; bfloat16 the output's rounding)."""
 
     def forward(self, x):
         return self.product(x, self.weight, self.bias)
+
+    def on_onednn(self, x, weight):
+        """Whether a call on `x` with `weight` (the layer's or a part of it) runs on oneDNN."""
+        return (x.dtype in ONEDNN_LINEAR_DTYPES and x.device.type == "cpu"
+                and x.numel() * weight.shape[0] >= ONEDNN_LINEAR_MIN_MACS
+                and not winograd.needs_grad(self, x) and not winograd.computes_in_float32(x))
 
     def product(self, x, weight, bias):
         """x @ weight.T + bias by this layer's rule (layers.GEGLU passes halves of the weight);
         bfloat16 where oneDNN has none in float32 (winograd.computes_in_float32)."""
         if winograd.computes_in_float32(x) and not winograd.needs_grad(self, x):
             return winograd.in_float32(x, weight, bias, self.product, -1)
-        if (x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() * weight.shape[0] >= ONEDNN_LINEAR_MIN_MACS
-                and not winograd.needs_grad(self, x)):
+        if self.on_onednn(x, weight):
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
+
+    def gated_gelu(self, x):
+        """h * GELU(gate) of x's product with this layer's two halves (h: the weight's first
+        rows, gate: the rest; layers.GEGLU's inference) in bfloat16 on oneDNN, the GELU in the
+        gate's product's epilogue and the multiply in h's: the float32 sums go through both
+        before the one rounding to bfloat16, and no pass over the output is left. None where the
+        call is not bfloat16 on oneDNN (on_onednn). SD 1.5's widest (8192 x 320 -> 2 x 1280, at
+        512 px), 2-core Intel Xeon with AMX: 23.0 -> 6.8 ms, the mean error against float64
+        9.1e-4 -> 6.1e-4. (float32 gained nothing there: its products' time is most of it.)"""
+        n = self.out_features // 2
+        w, b = self.weight, self.bias
+        if x.dtype != torch.bfloat16 or not self.on_onednn(x, w[n:]):
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        gate = op(x, w[n:], None if b is None else b[n:], "gelu", [], "none")
+        return op.binary(x, gate, w[:n], None if b is None else b[:n], "mul")
 
 
 def onednn_linears(*modules):
