@@ -134,7 +134,7 @@ def _within_torch_rounding(lib, dtypes):
             assert err.max() <= max(max_floor, max_factor * kernel_err.max()), where
             assert err.mean() <= max(mean_floor, mean_factor * kernel_err.mean()), where
         # causal (CLIP's text encoder): query t sees keys 0..t, as torch's is_causal
-        for T in (77, 5):
+        for T in (77, 5, 300):
             q, k, v = (_heads(2, T, 3, 64, 2, dtype), _heads(2, T, 3, 64, 2, dtype),
                        _heads(2, T, 3, 64, 1, dtype))
             ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
@@ -146,29 +146,31 @@ def _within_torch_rounding(lib, dtypes):
             assert err.mean() <= max(mean_floor, mean_factor * kernel_err.mean()), (dtype, T)
 
 
-def test_bfloat16_heads_go_to_torchs_kernel_where_the_cpu_has_amx(monkeypatch):
-    """On a CPU with AMX torch's kernel runs bfloat16 on its tiles, 3x the fused kernel: there
-    bfloat16 heads, long ones too, take torch's kernel (neither the fused kernel nor
-    blocked_attention's products), float32 keeps the fused kernel where it runs, and
-    NANODIFFUSION_FUSED_ATTENTION naming the level brings bfloat16 back to it."""
+def test_bfloat16_heads_on_a_cpu_with_amx(monkeypatch):
+    """On a CPU with AMX torch's kernel runs bfloat16 on its tiles, 3x the vector build: there
+    bfloat16 heads, long ones too, take the AMX build where it runs, else torch's kernel
+    (neither the vector build nor blocked_attention's products), while float32 keeps the fused
+    kernel; NANODIFFUSION_FUSED_ATTENTION naming the vector build brings bfloat16 back to it."""
     monkeypatch.delenv("NANODIFFUSION_FUSED_ATTENTION", raising=False)
-    has_bf16 = "avx512bf16" in fused_attention.cpu_levels() and shutil.which("g++") is not None
-    monkeypatch.setattr(fused_attention, "amx", lambda: False)
-    assert fused_attention.available(torch.bfloat16) == has_bf16
+    levels = fused_attention.cpu_levels() if shutil.which("g++") else ()
     monkeypatch.setattr(fused_attention, "amx", lambda: True)
-    assert not fused_attention.available(torch.bfloat16) and not layers.blocked_here()
-    assert fused_attention.available(torch.float32) == fused_attention.available()
-    for n, dtype in ((layers.BLOCKED_MIN_KEYS, torch.bfloat16), (77, torch.bfloat16),
-                     (layers.BLOCKED_MIN_KEYS, torch.float32)):
-        q = _heads(1, n, 2, 40, 1, dtype)
-        with torch.no_grad(), torch.profiler.profile() as prof:
-            layers.attention(q, q, q)
-        keys = {e.key for e in prof.key_averages()}
-        fused = "nanodiffusion::fused_attention" in keys
-        assert fused == (dtype == torch.float32 and fused_attention.available()), (n, dtype)
-        assert fused or "aten::_scaled_dot_product_flash_attention_for_cpu" in keys, keys
-    if has_bf16:
+    assert not layers.blocked_here()
+    for lvl in {"amx", "avx512bf16"} & set(levels):
+        monkeypatch.setattr(fused_attention, "level", lambda: lvl)
+        assert fused_attention.available(torch.bfloat16) == (lvl == "amx")
+        assert fused_attention.available(torch.float32)
+        for n, dtype in ((layers.BLOCKED_MIN_KEYS, torch.bfloat16), (77, torch.bfloat16),
+                         (layers.BLOCKED_MIN_KEYS, torch.float32)):
+            q = _heads(1, n, 2, 40, 1, dtype)
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                layers.attention(q, q, q)
+            keys = {e.key for e in prof.key_averages()}
+            fused = "nanodiffusion::fused_attention" in keys
+            assert fused == (dtype == torch.float32 or lvl == "amx"), (lvl, n, dtype)
+            assert fused or "aten::_scaled_dot_product_flash_attention_for_cpu" in keys, keys
+    if "avx512bf16" in levels:
         monkeypatch.setenv("NANODIFFUSION_FUSED_ATTENTION", "avx512bf16")
+        monkeypatch.setattr(fused_attention, "level", lambda: "avx512bf16")
         assert fused_attention.available(torch.bfloat16)
 
 

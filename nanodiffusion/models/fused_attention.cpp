@@ -20,13 +20,19 @@
 // float32, and the output's product, divided by the sums.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
+#if defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -77,6 +83,24 @@ constexpr int KC = 64;     // keys per partial sum of the output product
 typedef uint16_t bf16;
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// n elements on a 64-byte boundary (a cache line: a vector or tile row never straddles two)
+template <typename T> struct Buffer {
+    T* p = nullptr;
+    size_t n = 0;
+    Buffer() = default;
+    explicit Buffer(size_t count) { resize(count); }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    ~Buffer() { std::free(p); }
+    void resize(size_t count) {
+        std::free(p);
+        n = count;
+        p = static_cast<T*>(std::aligned_alloc(64, (sizeof(T) * count + 63) / 64 * 64));
+    }
+    T* data() const { return p; }
+    void fill(T x) { std::fill(p, p + n, x); }
+};
 
 // 2^x for x <= 0, float32-accurate: 2^round(x) times a degree-6 polynomial of 2^f on f in
 // [-0.5, 0.5] (Taylor series of exp(f ln 2); error below 2e-7); exactly 0 below -126, where
@@ -146,10 +170,11 @@ template <typename E> struct Args {
     int causal;  // key s is masked for query t where s > t (torch's is_causal)
     int threads;
     int D2, HP, SP;  // steps of P over the width, the padded width and key count
+    int KD2;         // steps of P a head's packed keys have room for (D2, or AMX's padding)
     E *kp, *vp;      // packed keys and values, per head
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> next_pack{0};
-    E* keys(int64_t bh) const { return kp + bh * (int64_t)D2 * SP * Ops<E>::P; }
+    E* keys(int64_t bh) const { return kp + bh * (int64_t)KD2 * SP * Ops<E>::P; }
     E* values(int64_t bh) const { return vp + bh * (int64_t)SP * HP; }
 };
 
@@ -298,6 +323,10 @@ template <typename E> void worker(Args<E>& a) {
         rows(a, w, i / blocks, i % blocks * MR);
 }
 
+#if defined(__AMX_BF16__)
+void amx_worker(Args<bf16>& a);
+#endif
+
 template <typename E>
 int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_t T, int64_t S,
         int64_t D, const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* os,
@@ -315,14 +344,291 @@ int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_
     a.D2 = (int)((D + P - 1) / P);
     a.HP = round_up((int)D, L);
     a.SP = round_up((int)S, NK);
-    std::unique_ptr<E[]> kp(new E[(size_t)B * H * a.D2 * a.SP * P]);
-    std::unique_ptr<E[]> vp(new E[(size_t)B * H * a.SP * a.HP]);
-    a.kp = kp.get();
-    a.vp = vp.get();
+    a.KD2 = a.D2;
+#if defined(__AMX_BF16__)
+    if (std::is_same<E, bf16>::value) a.KD2 = round_up(a.D2, 16);  // amx_pairs
+#endif
+    Buffer<E> kp((size_t)B * H * a.KD2 * a.SP * P);
+    Buffer<E> vp((size_t)B * H * a.SP * a.HP);
+    a.kp = kp.data();
+    a.vp = vp.data();
+#if defined(__AMX_BF16__)
+    if constexpr (std::is_same<E, bf16>::value) {
+#pragma omp parallel num_threads(a.threads)
+        amx_worker(a);
+        return 0;
+    }
+#endif
 #pragma omp parallel num_threads(a.threads)
     worker<E>(a);
     return 0;
 }
+
+#if defined(__AMX_BF16__)
+// bfloat16 on AMX's tiles (the "amx" build). The packed values serve as the tiles' B operand as
+// they are (a row of vp, a pair of keys x 16 dims, is 64 bytes: one tile row); the keys are
+// laid out in blocks of 16 keys with the dims padded to a multiple of 32 (amx_pack_head),
+// so that each B tile is 1 KB in one piece. MA query rows at a time, in four groups of a tile's
+// 16 rows, each B tile (keys or values, read from L2) serving all four: with 16 rows a time,
+// streaming a head's keys and values from L2 for each took most of the time. KA keys at a
+// time (what one core's L1 holds of scores and probabilities), as flash attention does:
+//   scores: each 16 x 16 key tile, 32 dims at a time;
+//   softmax: each row's running max; where a chunk raises it, the row's sum and output so
+//           far are scaled down by 2^(old - new); p = exp(scores - max) rounded to bfloat16;
+//   output: p (16 x 32 keys) times vp (16 key pairs x 16 dims), a tile of dims at a time,
+//           summed in float32 on the tiles over the chunk, then added to the row's float32
+//           output (the error grows with KA and S / KA, not with S).
+// Tiles do not rename: a tile loaded again waits for the product that reads it, so the A and B
+// operands alternate between two tiles each. Tiles: 0, 1, 6, 7 the row groups' float32
+// results (16 x 16); 2, 3 A (16 x 32 elements); 4, 5 B (16 pairs x 16).
+constexpr int MA = 64;   // query rows at a time: four tiles' rows
+constexpr int KA = 128;  // keys at a time
+// the scratch's row strides (floats, elements): 64 bytes past the chunk, so that a tile's 16
+// rows do not fall in one set of the L1 cache
+constexpr int SROW = KA + 16, PROW = KA + 32;
+
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+// the pairs of dims, padded to whole tiles (16 pairs)
+inline int amx_pairs(const Args<bf16>& a) { return a.KD2; }
+
+// Head bh's keys and values packed for the tiles: keys as SP / 16 blocks of (amx_pairs x 16
+// pairs), each pair the key's two dims (a.keys(bh): `run` leaves room for the padding); values
+// as vp (a pair of keys' dims interleaved, HP wide). Zero past the keys and the dims. Written
+// row by row with vector moves (pack_head's element by element took most of a 256-token head's
+// time).
+void amx_pack_head(Args<bf16>& a, int64_t bh) {
+    const int64_t b = bh / a.H, h = bh % a.H;
+    const int d2p = amx_pairs(a);
+    uint32_t* kb = reinterpret_cast<uint32_t*>(a.keys(bh));  // pairs
+    std::memset(kb, 0, sizeof(uint32_t) * (size_t)d2p * a.SP);
+    const bf16* k = a.k + b * a.ks[0] + h * a.ks[1];
+    for (int64_t s = 0; s < a.S; ++s) {
+        const bf16* src = k + s * a.ks[2];
+        uint32_t* dst = kb + (s / 16) * 16 * d2p + s % 16;
+        int d2 = 0;
+        for (; 2 * d2 + 1 < a.D; ++d2) {
+            uint32_t w;
+            std::memcpy(&w, src + 2 * d2, 4);
+            dst[16 * d2] = w;
+        }
+        if (2 * d2 < a.D) dst[16 * d2] = src[2 * d2];  // an odd width's last dim, paired with 0
+    }
+    const bf16* v = a.v + b * a.vs[0] + h * a.vs[1];
+    bf16* vp = a.values(bh);
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t s2 = 0; s2 < a.SP / 2; ++s2) {
+        bf16* dst = vp + s2 * a.HP * 2;
+        const bool r0 = 2 * s2 < a.S, r1 = 2 * s2 + 1 < a.S;
+        const bf16* v0 = v + 2 * s2 * a.vs[2];
+        const bf16* v1 = v0 + a.vs[2];
+        for (int d = 0; d < a.HP; d += 16) {
+            const int n = a.D - d < 16 ? (int)(a.D - d) : 16;
+            const __mmask16 m = n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+            const __m256i x = r0 && n > 0 ? _mm256_maskz_loadu_epi16(m, v0 + d) : zero;
+            const __m256i y = r1 && n > 0 ? _mm256_maskz_loadu_epi16(m, v1 + d) : zero;
+            const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
+            _mm256_storeu_si256((__m256i*)(dst + 2 * d), _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_storeu_si256((__m256i*)(dst + 2 * d + 16),
+                                _mm256_permute2x128_si256(lo, hi, 0x31));
+        }
+    }
+}
+
+// 2^x for x <= 0 (-inf too), well within bfloat16's rounding of it (what the products see):
+// 2^floor(x) (scalef's own rounding of x) times a degree-4 fit of 2^f on f = x - floor(x) in
+// [0, 1) (relative error 3.6e-6); 0 below -126, where the product is a subnormal or NaN
+inline vf exp2_bf16(vf x) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, vset1(-126.0f), _CMP_GE_OQ);
+    const vf f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    vf p = vset1(0.013683982893865134f);
+    p = vfmadd(p, f, vset1(0.051717735460124675f));
+    p = vfmadd(p, f, vset1(0.24162132266297892f));
+    p = vfmadd(p, f, vset1(0.6929695509319024f));
+    p = vfmadd(p, f, vset1(1.0000035971445642f));
+    return _mm512_maskz_scalef_ps(keep, p, x);
+}
+
+// tile t (one of 0, 1, 6, 7) += tile a (2 or 3) x tile b (4 or 5), the ids as constants
+#define AMX_DP(t, a, b) _tile_dpbf16ps(t, a, b)
+// the four row groups' products with B in tile `bt`, A from `q` (row group g at q + g * gs)
+#define AMX_GROUPS(bt, q, gs, stride)                                        \
+    do {                                                                     \
+        _tile_loadd(2, (q), (stride));                                       \
+        AMX_DP(0, 2, bt);                                                    \
+        _tile_loadd(3, (q) + (gs), (stride));                                \
+        AMX_DP(1, 3, bt);                                                    \
+        _tile_loadd(2, (q) + 2 * (gs), (stride));                            \
+        AMX_DP(6, 2, bt);                                                    \
+        _tile_loadd(3, (q) + 3 * (gs), (stride));                            \
+        AMX_DP(7, 3, bt);                                                    \
+    } while (0)
+
+inline void amx_zero() {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(6);
+    _tile_zero(7);
+}
+
+// the four row groups' results, (MA x 16) floats from `dst`, rows `stride` bytes apart
+inline void amx_store(float* dst, long stride) {
+    const long g = 16 * stride / 4;
+    _tile_stored(0, dst, stride);
+    _tile_stored(1, dst + g, stride);
+    _tile_stored(6, dst + 2 * g, stride);
+    _tile_stored(7, dst + 3 * g, stride);
+}
+
+// sc (MA x 16, row stride SROW) = the scores of MA rows (q: MA x amx_pairs) against the keys
+// [j, j + 16) (kp: amx_pack_head's)
+inline void amx_scores(const Args<bf16>& a, const bf16* q, const bf16* kp, float* sc, int j) {
+    const int d2p = amx_pairs(a);
+    const long qstride = 4L * d2p, gs = 32L * d2p;  // gs: a row group's elements
+    const bf16* kk = kp + (int64_t)(j / 16) * 32 * d2p;
+    amx_zero();
+    for (int c = 0; c < d2p / 16; ++c) {
+        if (c % 2 == 0) {
+            _tile_loadd(4, kk + 512 * c, 64);
+            AMX_GROUPS(4, q + 32 * c, gs, qstride);
+        } else {
+            _tile_loadd(5, kk + 512 * c, 64);
+            AMX_GROUPS(5, q + 32 * c, gs, qstride);
+        }
+    }
+    amx_store(sc, 4 * SROW);
+}
+
+// o[:, d0 : d0 + 16] += p (MA x the keys [s0, s1), row stride PROW) @ v
+inline void amx_output(const Args<bf16>& a, const bf16* p, const bf16* vp, float* o, float* tmp,
+                       int d0, int s0, int s1) {
+    const long vstride = 4L * a.HP, gs = 16L * PROW;
+    amx_zero();
+    for (int s = s0; s < s1; s += 32) {
+        const bf16* vv = vp + ((int64_t)(s / 2) * a.HP + d0) * 2;
+        if ((s - s0) % 64 == 0) {
+            _tile_loadd(4, vv, vstride);
+            AMX_GROUPS(4, p + (s - s0), gs, 2 * PROW);
+        } else {
+            _tile_loadd(5, vv, vstride);
+            AMX_GROUPS(5, p + (s - s0), gs, 2 * PROW);
+        }
+    }
+    amx_store(tmp, 64);
+    for (int r = 0; r < MA; ++r) {
+        float* dst = o + (int64_t)r * a.HP + d0;
+        vstore(dst, vadd(vload(dst), vload(tmp + r * 16)));
+    }
+}
+
+struct AmxScratch {
+    Buffer<float> sc;  // MA x SROW scores of a chunk
+    Buffer<bf16> p;    // MA x PROW probabilities of a chunk
+    Buffer<bf16> q;    // MA x amx_pairs x 2 queries
+    Buffer<float> o;   // MA x HP outputs, unnormalised
+    alignas(64) float tmp[MA * 16];
+};
+
+void amx_rows(Args<bf16>& a, AmxScratch& w, int64_t bh, int64_t t0) {
+    const int64_t b = bh / a.H, h = bh % a.H;
+    const bf16* kp = a.keys(bh);
+    const bf16* vp = a.values(bh);
+    const int n = (int)(a.T - t0 < MA ? a.T - t0 : MA);
+    w.q.fill(0);
+    for (int r = 0; r < n; ++r)
+        std::memcpy(w.q.data() + (int64_t)r * amx_pairs(a) * 2,
+                    a.q + b * a.qs[0] + h * a.qs[1] + (t0 + r) * a.qs[2], sizeof(bf16) * a.D);
+    w.o.fill(0.0f);
+    const float c = a.scale * 1.4426950408889634f;
+    const vf cc = vset1(c);
+    float mx[MA], sum[MA];
+    int last[MA], seen = 0;  // row r sees keys [0, last[r]]; seen: the last any row sees
+    for (int r = 0; r < MA; ++r) {
+        mx[r] = -INFINITY;
+        sum[r] = 0.0f;
+        last[r] = (int)(a.causal && t0 + r < a.S - 1 ? t0 + r : a.S - 1);
+        seen = last[r] > seen ? last[r] : seen;
+    }
+    for (int s0 = 0; s0 <= seen; s0 += KA) {
+        const int s1 = s0 + KA < a.SP ? s0 + KA : a.SP;  // a multiple of 32, as SP
+        for (int j = s0; j < s1; j += 16) amx_scores(a, w.q.data(), kp, w.sc.data() + (j - s0), j);
+        for (int r = 0; r < MA; ++r) {
+            float* sr = w.sc.data() + (int64_t)r * SROW;
+            bf16* pr = w.p.data() + (int64_t)r * PROW;
+            if (last[r] < s0) {  // no key of this chunk is seen: p = 0
+                std::memset(pr, 0, sizeof(bf16) * (s1 - s0));
+                continue;
+            }
+            // the vectors from `edge` on hold a key past last[r], up to `end`
+            const int edge = std::min(s1, (last[r] + 1) / L * L), end = std::min(s1, (last[r] + L) / L * L);
+            vf m = vset1(-INFINITY);
+            for (int k = s0; k < edge; k += L) m = vmax(m, vload(sr + (k - s0)));
+            if (edge < end) {
+                vf x = vkeep(vload(sr + (edge - s0)), edge, last[r]);
+                vstore(sr + (edge - s0), x);
+                m = vmax(m, x);
+            }
+            const float top = std::max(mx[r], vhmax(m));
+            if (top > mx[r]) {  // scale the row's sum and output so far to the new max
+                const float f = std::exp2((mx[r] - top) * c);
+                sum[r] *= f;
+                float* orow = w.o.data() + (int64_t)r * a.HP;
+                for (int d = 0; d < a.HP; d += L) vstore(orow + d, vmul(vload(orow + d), vset1(f)));
+                mx[r] = top;
+            }
+            const vf mm = vset1(mx[r] * c);
+            vf acc = vzero();
+            for (int k = s0; k < end; k += L) {  // summed before rounding, as torch's kernel
+                const vf e = exp2_bf16(vfmsub(vload(sr + (k - s0)), cc, mm));
+                _mm256_storeu_si256((__m256i*)(pr + (k - s0)), (__m256i)_mm512_cvtneps_pbh(e));
+                acc = vadd(acc, e);
+            }
+            std::memset(pr + (end - s0), 0, sizeof(bf16) * (s1 - end));
+            sum[r] += vsum(acc);
+        }
+        for (int d0 = 0; d0 < a.HP; d0 += 16)
+            amx_output(a, w.p.data(), vp, w.o.data(), w.tmp, d0, s0, s1);
+    }
+    for (int r = 0; r < n; ++r) {
+        bf16* o = a.out + b * a.os[0] + h * a.os[1] + (t0 + r) * a.os[2];
+        const float* src = w.o.data() + (int64_t)r * a.HP;
+        const vf iv = vset1(1.0f / sum[r]);
+        int d = 0;
+        for (; d + L <= a.D; d += L) Ops<bf16>::store(o + d, vmul(vload(src + d), iv));
+        if (d < a.D) Ops<bf16>::store_n(o + d, vmul(vload(src + d), iv), (int)(a.D - d));
+    }
+}
+
+void amx_worker(Args<bf16>& a) {
+    const int64_t heads = a.B * a.H;
+    for (int64_t i; (i = a.next_pack.fetch_add(1)) < heads;) amx_pack_head(a, i);
+#pragma omp barrier
+    AmxScratch w;
+    w.sc.resize((size_t)MA * SROW);
+    w.p.resize((size_t)MA * PROW);
+    w.q.resize((size_t)MA * amx_pairs(a) * 2);
+    w.o.resize((size_t)MA * a.HP);
+    configure_tiles();
+    const int64_t blocks = (a.T + MA - 1) / MA;
+    for (int64_t i; (i = a.next.fetch_add(1)) < heads * blocks;)
+        amx_rows(a, w, i / blocks, i % blocks * MA);
+    _tile_release();
+}
+#endif
 
 }  // namespace
 
@@ -334,6 +640,12 @@ extern "C" int nd_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf
                                  const int64_t* os, float scale, int causal, int threads) {
     return run<bf16>(q, k, v, out, B, H, T, S, D, qs, ks, vs, os, scale, causal, threads);
 }
+#endif
+
+#if defined(__AMX_BF16__)
+// Asks Linux for this process's use of AMX's tile data (arch_prctl ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), as oneDNN does before its AMX kernels: 0 where granted.
+extern "C" int nd_amx_init() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 0 : -1; }
 #endif
 
 extern "C" int nd_attention_f32(const float* q, const float* k, const float* v, float* out,

@@ -1,13 +1,14 @@
 """Fused attention for x86 CPUs: fused_attention.cpp, built with g++ at its first use for this
 CPU's instruction set and kept in the user's cache (one file per source and compiler flags).
 
-Two builds (LEVELS): AVX512-BF16 (bfloat16 and float32: Zen 4 and later, Intel from Cooper
-Lake and Sapphire Rapids) and AVX-512 alone (float32: Intel's Skylake to Ice Lake servers); the
+Three builds (LEVELS): AMX (bfloat16 on AMX's tiles, float32 as the next: Intel from Sapphire
+Rapids, where Linux grants the tiles), AVX512-BF16 (bfloat16 and float32: Zen 4 and later,
+Intel from Cooper Lake) and AVX-512 alone (float32: Intel's Skylake to Ice Lake servers); the
 best the CPU has (/proc/cpuinfo) runs. `available(dtype)` says whether it runs
 here for that dtype: x86 Linux with one of those, a C++ compiler with OpenMP, and
 NANODIFFUSION_FUSED_ATTENTION not set to 0 (set to a level's name, that build runs instead,
-where the CPU has it); bfloat16 not where the CPU has AMX (`dtypes`), unless that variable
-names the level. Where it does not, `layers.attention` keeps its other paths; a build that
+where the CPU has it); bfloat16 not where the CPU has AMX and the build is not AMX's
+(`dtypes`), unless that variable names the level. Where it does not, `layers.attention` keeps its other paths; a build that
 fails warns once with the compiler's message and is not tried again in that process.
 `supports(q, k, v)` says which heads it takes, and `attention(q, k, v, causal)` is the kernel's
 one call (layers.attention holds the rule of when).
@@ -29,8 +30,9 @@ SOURCE = Path(__file__).with_name("fused_attention.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 # instruction set -> (the /proc/cpuinfo flags it needs, its dtypes), best first; each flag is
-# also the compiler's: avx512_bf16 -> -mavx512bf16 (_compiler_flags)
+# also the compiler's: avx512_bf16 -> -mavx512bf16, amx_tile -> -mamx-tile (_compiler_flags)
 LEVELS = {
+    "amx": ((*_AVX512, "avx512_bf16", "amx_tile", "amx_bf16"), (torch.bfloat16, torch.float32)),
     "avx512bf16": ((*_AVX512, "avx512_bf16"), (torch.bfloat16, torch.float32)),
     "avx512": (_AVX512, (torch.float32,)),
 }
@@ -58,9 +60,25 @@ def cpu_flags():
 
 
 @functools.lru_cache(maxsize=None)
+def amx_permitted():
+    """Whether Linux lets this process use AMX's tile data: arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA), the request every AMX program makes first (oneDNN's too; kernels
+    before 5.16 have no such call, and there the tiles fault)."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(ctypes.c_long(158), ctypes.c_long(0x1023), ctypes.c_long(18)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_levels():
-    """The LEVELS this CPU runs, best first (a tuple, found once)."""
-    return tuple(name for name, (need, _) in LEVELS.items() if cpu_flags().issuperset(need))
+    """The LEVELS this CPU runs, best first (a tuple, found once): "amx" only where Linux
+    grants the tiles (amx_permitted)."""
+    return tuple(name for name, (need, _) in LEVELS.items() if cpu_flags().issuperset(need)
+                 and (name != "amx" or amx_permitted()))
 
 
 def level():
@@ -74,7 +92,8 @@ def level():
 
 
 def _compiler_flags(lvl):
-    return FLAGS + ["-m" + flag.replace("_", "") for flag in LEVELS[lvl][0]]
+    return FLAGS + ["-m" + (flag.replace("_", "-") if flag.startswith("amx_") else
+                            flag.replace("_", "")) for flag in LEVELS[lvl][0]]
 
 
 def cache_dir():
@@ -130,10 +149,6 @@ def library(lvl=None):
     return _libs[lvl]
 
 
-# Where the CPU has AMX, torch's own kernel runs bfloat16 heads on its tiles (oneDNN's brgemm)
-# and beats this one's vdpbf16ps 3x: 2 threads of an Intel Xeon with AMX, 2 x 8 heads, 1024
-# tokens x 40: 5.5 against 16.7 ms; 4096 x 40: 82 against 255 ms; CLIP's causal 77 x 64: 0.19
-# against 0.41 ms; cross-attention, 1024 x 77 keys: 1.4 against 1.9 ms. Float32 has no tiles.
 @functools.lru_cache(maxsize=None)
 def amx():
     """Whether the CPU has AMX's bfloat16 tiles (/proc/cpuinfo's amx_tile and amx_bf16)."""
@@ -142,11 +157,14 @@ def amx():
 
 def dtypes():
     """The dtypes the kernel takes in this process: its level's (none where it does not run),
-    less bfloat16 where the CPU has AMX, unless NANODIFFUSION_FUSED_ATTENTION names the level."""
+    less bfloat16 where the CPU has AMX but the level is not "amx" (torch's kernel runs on the
+    tiles there and beats the vector code 3x: 2 threads of an Intel Xeon with AMX, 2 x 8 heads,
+    1024 tokens x 40: 5.5 against 16.7 ms; 4096 x 40: 82 against 255 ms), unless
+    NANODIFFUSION_FUSED_ATTENTION names the level."""
     lvl = level()
     if lvl is None or library(lvl) is None:
         return ()
-    if os.environ.get(ENV) == lvl or not amx():
+    if lvl == "amx" or os.environ.get(ENV) == lvl or not amx():
         return LEVELS[lvl][1]
     return tuple(d for d in LEVELS[lvl][1] if d != torch.bfloat16)
 
