@@ -161,3 +161,26 @@ def test_geglu_at_inference_is_two_products_and_in_place_gelu():
     h, gate = g.proj(x).chunk(2, dim=-1)
     assert torch.allclose(hooked, h * torch.nn.functional.gelu(gate))
     assert not torch.allclose(hooked, plain)
+
+
+def test_upcast_attention_is_float32_for_float16_only(monkeypatch):
+    """`upcast` computes float16 heads in float32 (their range overflows); bfloat16 heads, with
+    float32's range, run as they are (the kernels sum in float32), within bfloat16 rounding of
+    the float32 attention; float32 stays float32."""
+    from nanodiffusion.models import layers
+    from nanodiffusion.models.layers import Attention
+
+    seen = []
+    real = layers.attention
+    monkeypatch.setattr(layers, "attention", lambda q, k, v, *a, **kw: (
+        seen.append(q.dtype), real(q, k, v, *a, **kw))[1])
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=1, qkv_bias=True, upcast=True).eval()
+    x = torch.randn(1, 300, 64)
+    with torch.no_grad():
+        ref = attn(x)
+        outs = {dt: attn.to(dt)(x.to(dt)) for dt in (torch.bfloat16, torch.float16)}
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]
+    for dt, out in outs.items():
+        assert out.dtype == dt
+        assert (out.float() - ref).abs().max() <= 0.03 * ref.abs().max(), dt
