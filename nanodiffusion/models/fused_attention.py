@@ -101,24 +101,25 @@ def cache_dir():
     return Path(base) / "nanodiffusion" / "kernels"
 
 
-def _build(lvl):
-    """The library of level `lvl`, built if the cache lacks it (written under a temporary name,
-    then renamed, so a concurrent or killed build never leaves a half-written library)."""
+def build(lvl, source=SOURCE):
+    """The library of `source` (a C++ file, fused_attention.cpp by default) for level `lvl`,
+    built if the cache lacks it (written under a temporary name, then renamed, so a concurrent
+    or killed build never leaves a half-written library)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
     flags = _compiler_flags(lvl)
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx] + flags).encode()).hexdigest()[:16]
-    out = cache_dir() / f"fused_attention-{lvl}-{key}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join([cxx] + flags).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{source.stem}-{lvl}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        r = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{r.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cxx} failed on {source.name}:\n{r.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -135,7 +136,7 @@ def library(lvl=None):
     if lvl not in _libs:
         _libs[lvl] = None
         try:
-            lib = ctypes.CDLL(str(_build(lvl)))
+            lib = ctypes.CDLL(str(build(lvl)))
         except (OSError, RuntimeError) as e:
             warnings.warn(f"fused attention not built, the slower path runs: {e}")
             return None

@@ -10,13 +10,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fused_attention, packing, winograd
+from . import fused_attention, fused_norm, packing, winograd
 
 
-def norm_silu(norm, x):
-    """SiLU(norm(x)), the SiLU in place where no gradient is recorded: norm's output is fresh,
-    and on a large activation a new tensor costs more in page faults than SiLU itself (a
-    128 x 512 x 512 bfloat16 one: 45 ms out of place, 17 ms in place, 2 threads)."""
+def norm_silu(norm, x, inplace=False):
+    """SiLU(norm(x)): on the fused kernel where it takes the call (fused_norm: a GroupNorm at
+    inference on a channels-last CPU activation), into x itself where `inplace` (the caller's x
+    is fresh and needed no more: its page faults spared); else torch's, the SiLU in place where
+    no gradient is recorded: norm's output is fresh, and on a large activation a new tensor
+    costs more in page faults than SiLU itself (a 128 x 512 x 512 bfloat16 one: 45 ms out of
+    place, 17 ms in place, 2 threads)."""
+    if fused_norm.supports(norm, x):
+        return fused_norm.group_norm(norm, x, silu=True, out=x if inplace else None)
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 

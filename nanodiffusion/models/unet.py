@@ -65,7 +65,7 @@ class ResBlock(nn.Module):
     def forward(self, x, temb):
         h = self.conv1(norm_silu(self.norm1, x))  # (B, C, H, W)
         h = h + self.time_emb_proj(temb)[:, :, None, None]
-        h = self.conv2(norm_silu(self.norm2, h))
+        h = self.conv2(norm_silu(self.norm2, h, inplace=True))  # h: fresh, needed no more
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return residual(skip, h)
 

@@ -51,7 +51,7 @@ class ResBlock(nn.Module):
     def forward(self, x):
         # conv1's output is let go as soon as it is normalised: conv2 runs beside x, its
         # normalised input and its output, not conv1's output too
-        h = norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)))
+        h = norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)), inplace=True)
         h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -191,7 +191,8 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             for layer in block.layers():
                 x = layer(x)
-        return self.conv_out(norm_silu(self.conv_norm_out, x))
+        return self.conv_out(norm_silu(self.conv_norm_out, x, inplace=True))  # x: the last
+        # layer's fresh output
 
 
 class DiagonalGaussian:

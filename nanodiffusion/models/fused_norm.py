@@ -1,0 +1,74 @@
+"""GroupNorm, with or without the SiLU after it, over channels-last CPU activations at inference:
+fused_norm.cpp, built with g++ for AVX-512 (fused_attention.build, the same cache) at its first
+use and loaded with ctypes. Two passes over the input where torch's GroupNorm and SiLU made five,
+and float32 sums throughout: SD 1.5's VAE decoder at 512 px (1 x 128 x 512 x 512, bfloat16,
+2-core Intel Xeon with AMX) 35.6 -> 30.8 ms with a new output, 11.9 ms into an existing one
+(the rest is the new output's page faults); against float64 a third less error than torch's
+(bfloat16 mean 7.1e-4 against 1.0e-3; float32 max 1.4e-6 against 1.5e-4).
+
+`group_norm(norm, x, silu, out)` is the one call; `supports(norm, x)` says which it takes: an
+nn.GroupNorm without gradients, on a float32 or bfloat16 CPU tensor (N, C, H, W) laid out
+channels-last, C a multiple of 16, where the CPU has AVX-512 (F, BW, DQ), a compiler is found and
+NANODIFFUSION_FUSED_NORM is not 0. Elsewhere layers.norm_silu keeps torch's.
+"""
+import ctypes
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import fused_attention
+
+SOURCE = Path(__file__).with_name("fused_norm.cpp")
+LEVEL = "avx512"  # fused_attention.LEVELS' flags it is built with
+ENV = "NANODIFFUSION_FUSED_NORM"
+FUNCTIONS = {torch.bfloat16: "nd_group_norm_bf16", torch.float32: "nd_group_norm_f32"}
+_lib = []  # [the loaded library, or None where its build failed], once tried
+
+
+def library():
+    """The loaded library, or None where it does not run here (see the module's text)."""
+    if os.environ.get(ENV, "1") == "0" or LEVEL not in fused_attention.cpu_levels():
+        return None
+    if not _lib:
+        _lib.append(None)
+        try:
+            lib = ctypes.CDLL(str(fused_attention.build(LEVEL, SOURCE)))
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"fused GroupNorm not built, torch's runs: {e}")
+            return None
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        for name in FUNCTIONS.values():
+            fn = getattr(lib, name)
+            fn.argtypes = [p, p, i64, i64, i64, i64, p, p, ctypes.c_float, ctypes.c_int,
+                           ctypes.c_int]
+            fn.restype = ctypes.c_int
+        _lib[0] = lib
+    return _lib[0]
+
+
+def supports(norm, x):
+    """Whether `group_norm` takes this call of `norm` on `x` (see the module's text)."""
+    return (type(norm) is nn.GroupNorm and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype in FUNCTIONS and x.shape[1] % 16 == 0
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight is not None
+                                                   and norm.weight.requires_grad))
+            and library() is not None)
+
+
+def group_norm(norm, x, silu=False, out=None):
+    """norm(x), then SiLU where `silu`, as `supports` takes them, into `out` (x itself may be
+    given: the caller's input is then overwritten) or a new channels-last tensor."""
+    N, C, H, W = x.shape
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+    w = None if norm.weight is None else norm.weight.detach().float().contiguous()
+    b = None if norm.bias is None else norm.bias.detach().float().contiguous()
+    getattr(library(), FUNCTIONS[x.dtype])(
+        x.data_ptr(), out.data_ptr(), N, H * W, C, norm.num_groups,
+        None if w is None else w.data_ptr(), None if b is None else b.data_ptr(), norm.eps,
+        int(silu), torch.get_num_threads())
+    return out

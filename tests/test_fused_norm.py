@@ -1,0 +1,128 @@
+"""The fused GroupNorm (+ SiLU) kernel (models/fused_norm.cpp): built where the CPU has AVX-512
+and a compiler is found, within float32 sums of float64 (less error than torch's), and the path
+layers.norm_silu takes at inference, in place where the caller allows it."""
+import shutil
+import subprocess
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanodiffusion.models import fused_attention, fused_norm, layers, vae
+from nanodiffusion.models.packing import cpu_input
+
+CL = torch.channels_last
+
+
+def test_built_wherever_the_cpu_and_a_compiler_allow():
+    expected = "avx512" in fused_attention.cpu_levels() and shutil.which("g++") is not None
+    assert (fused_norm.library() is not None) == expected
+
+
+def test_turned_off_by_its_environment_variable():
+    code = ("from nanodiffusion.models import fused_norm as f; import torch; "
+            "x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last); "
+            "print(f.library() is None, f.supports(torch.nn.GroupNorm(4, 16), x))")
+    env = {"NANODIFFUSION_FUSED_NORM": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
+def _reference(norm, x, silu):
+    w = None if norm.weight is None else norm.weight.double()
+    b = None if norm.bias is None else norm.bias.double()
+    y = F.group_norm(x.double(), norm.num_groups, w, b, norm.eps)
+    return F.silu(y) if silu else y
+
+
+def test_values_within_float32_sums_of_float64():
+    """Sizes off the kernel's blocks (HW not a multiple of its 256 rows, 3 groups of 16, two
+    samples), with and without SiLU, affine or not, into a new tensor or in place: the error
+    against float64 at most torch's own (bfloat16: its output's rounding; float32: ~1e-6)."""
+    if fused_norm.library() is None:
+        assert not ("avx512" in fused_attention.cpu_levels() and shutil.which("g++"))
+        return
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for N, C, H, G, affine in ((2, 48, 23, 3, True), (1, 128, 40, 32, True),
+                                   (2, 320, 8, 32, False), (1, 16, 2, 16, True)):
+            norm = nn.GroupNorm(G, C, eps=1e-6, affine=affine)
+            if affine:
+                norm.weight.data.normal_(), norm.bias.data.normal_()
+            norm = norm.to(dtype)
+            x = (torch.randn(N, C, H, H) * 3 + 1).to(dtype).contiguous(memory_format=CL)
+            for silu in (False, True):
+                with torch.no_grad():
+                    assert fused_norm.supports(norm, x)
+                    out = fused_norm.group_norm(norm, x, silu)
+                    ref = _reference(norm, x, silu)
+                    theirs = norm(x)
+                    theirs = F.silu(theirs) if silu else theirs
+                    inplace = x.clone(memory_format=CL)
+                    got = fused_norm.group_norm(norm, inplace, silu, out=inplace)
+                assert got.data_ptr() == inplace.data_ptr() and torch.equal(got, out)
+                assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
+                err, their_err = (out.double() - ref).abs(), (theirs.double() - ref).abs()
+                where = (dtype, N, C, H, G, affine, silu)
+                assert err.max() <= max(1.1 * their_err.max(), 4e-6), where
+                assert err.mean() <= max(1.1 * their_err.mean(), 1e-7), where
+
+
+def test_norm_silu_takes_it_at_inference_only():
+    """layers.norm_silu runs the kernel on a channels-last activation without gradients, and
+    torch's GroupNorm and SiLU with gradients, on NCHW, or with channels not a multiple of 16,
+    with the same values within rounding; `inplace` writes into the input."""
+    if fused_norm.library() is None:
+        return
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(8, 64)
+    x = torch.randn(2, 64, 12, 12).contiguous(memory_format=CL)
+    calls = []
+    real = fused_norm.group_norm
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    fused_norm.group_norm = spy
+    try:
+        with torch.no_grad():
+            fused = layers.norm_silu(norm, x)
+            assert len(calls) == 1
+            plain = layers.norm_silu(norm, x.contiguous())  # NCHW: torch's
+            odd = nn.GroupNorm(4, 40)
+            layers.norm_silu(odd, torch.randn(1, 40, 4, 4).contiguous(memory_format=CL))
+            assert len(calls) == 1
+            y = x.clone(memory_format=CL)
+            assert layers.norm_silu(norm, y, inplace=True).data_ptr() == y.data_ptr()
+            assert len(calls) == 2
+        xg = x.clone().requires_grad_()
+        layers.norm_silu(norm, xg).sum().backward()
+        assert len(calls) == 2 and xg.grad is not None
+    finally:
+        fused_norm.group_norm = real
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_decode_equals_torchs_norms_within_rounding(monkeypatch):
+    """A small VAE decoder (its ResBlocks normalise conv1's output in place, and its last
+    norm the last layer's) gives torch's GroupNorm's image within rounding, in float32 and
+    bfloat16."""
+    if fused_norm.library() is None:
+        return
+    torch.manual_seed(0)
+    cfg = vae.VAEConfig(block_channels=(32, 64), layers_per_block=1, norm_groups=16,
+                        latent_channels=4)
+    model = vae.for_inference(vae.VAE(cfg).eval())
+    z = torch.randn(1, 4, 12, 12)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        m = model.to(dtype)
+        zz = cpu_input(z.to(dtype))
+        with torch.no_grad():
+            fused = m.decode(zz).float()
+            monkeypatch.setattr(fused_norm, "library", lambda: None)
+            plain = m.decode(zz).float()
+            monkeypatch.undo()
+        assert (fused - plain).abs().max() <= tol, dtype
