@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -220,3 +221,29 @@ def test_layers_attention_runs_inference_on_the_fused_kernel():
         out = layers.attention(q, q, q, mask)
     assert any("scaled_dot_product" in e.key for e in prof.key_averages())
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
+
+
+def test_a_failed_build_falls_back_to_the_next_level(monkeypatch):
+    """Where the best build fails (an older g++ without AMX's flags), the next level the CPU
+    has runs, with one warning, and the failed build is not tried again."""
+    levels = fused_attention.cpu_levels() if shutil.which("g++") else ()
+    if len(levels) < 2:
+        return
+    monkeypatch.delenv("NANODIFFUSION_FUSED_ATTENTION", raising=False)
+    monkeypatch.setattr(fused_attention, "_libs", {})
+    real, tried = fused_attention.build, []
+
+    def build(lvl, source=fused_attention.SOURCE):
+        tried.append(lvl)
+        if lvl == levels[0]:
+            raise RuntimeError("g++: error: unrecognized command-line option")
+        return real(lvl, source)
+
+    monkeypatch.setattr(fused_attention, "build", build)
+    with pytest.warns(UserWarning, match="unrecognized"):
+        assert fused_attention.level() == levels[1]
+    assert fused_attention.level() == levels[1] and tried == list(levels[:2])
+    q = _heads(1, 64, 2, 40, 1, torch.float32)
+    out = fused_attention.attention(q, q, q)
+    ref = F.scaled_dot_product_attention(q.double(), q.double(), q.double())
+    assert (out.double() - ref).abs().max() < 1e-5

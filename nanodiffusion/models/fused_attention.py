@@ -83,12 +83,16 @@ def cpu_levels():
 
 def level():
     """The level that runs in this process: NANODIFFUSION_FUSED_ATTENTION's where it names one
-    the CPU has, else the CPU's best; None where the kernel does not run (see the module)."""
+    the CPU has, else the CPU's best whose build succeeds (an older g++ without AMX's flags
+    falls back to the vector build; each build is tried once); None where the kernel does not
+    run (see the module)."""
     want = os.environ.get(ENV, "1")
     if want == "0" or not sys.platform.startswith("linux"):
         return None
     have = cpu_levels()
-    return want if want in have else next(iter(have), None)
+    if want in have:
+        return want
+    return next((lvl for lvl in have if library(lvl) is not None), None)
 
 
 def _compiler_flags(lvl):
