@@ -376,8 +376,10 @@ int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_
 //   softmax: each row's running max; where a chunk raises it, the row's sum and output so
 //           far are scaled down by 2^(old - new); p = exp(scores - max) rounded to bfloat16;
 //   output: p (16 x 32 keys) times vp (16 key pairs x 16 dims), a tile of dims at a time,
-//           summed in float32 on the tiles over the chunk, then added to the row's float32
-//           output (the error grows with KA and S / KA, not with S).
+//           summed in float32 on the tiles, which load the rows' float32 output so far (as
+//           the softmax scaled it) and store it back: one running sum over the keys (its error
+//           against float64 measured the same as partial sums per chunk added up, and below
+//           torch's kernel's; storing each chunk's sums and adding them cost 7% more).
 // Tiles do not rename: a tile loaded again waits for the product that reads it, so the A and B
 // operands alternate between two tiles each. Tiles: 0, 1, 6, 7 the row groups' float32
 // results (16 x 16); 2, 3 A (16 x 32 elements); 4, 5 B (16 pairs x 16).
@@ -514,10 +516,15 @@ inline void amx_scores(const Args<bf16>& a, const bf16* q, const bf16* kp, float
 }
 
 // o[:, d0 : d0 + 16] += p (MA x the keys [s0, s1), row stride PROW) @ v
-inline void amx_output(const Args<bf16>& a, const bf16* p, const bf16* vp, float* o, float* tmp,
-                       int d0, int s0, int s1) {
-    const long vstride = 4L * a.HP, gs = 16L * PROW;
-    amx_zero();
+inline void amx_output(const Args<bf16>& a, const bf16* p, const bf16* vp, float* o, int d0,
+                       int s0, int s1) {
+    const long vstride = 4L * a.HP, gs = 16L * PROW, ostride = 4L * a.HP;
+    float* og = o + d0;
+    const long g = 16L * a.HP;
+    _tile_loadd(0, og, ostride);
+    _tile_loadd(1, og + g, ostride);
+    _tile_loadd(6, og + 2 * g, ostride);
+    _tile_loadd(7, og + 3 * g, ostride);
     for (int s = s0; s < s1; s += 32) {
         const bf16* vv = vp + ((int64_t)(s / 2) * a.HP + d0) * 2;
         if ((s - s0) % 64 == 0) {
@@ -528,11 +535,10 @@ inline void amx_output(const Args<bf16>& a, const bf16* p, const bf16* vp, float
             AMX_GROUPS(5, p + (s - s0), gs, 2 * PROW);
         }
     }
-    amx_store(tmp, 64);
-    for (int r = 0; r < MA; ++r) {
-        float* dst = o + (int64_t)r * a.HP + d0;
-        vstore(dst, vadd(vload(dst), vload(tmp + r * 16)));
-    }
+    _tile_stored(0, og, ostride);
+    _tile_stored(1, og + g, ostride);
+    _tile_stored(6, og + 2 * g, ostride);
+    _tile_stored(7, og + 3 * g, ostride);
 }
 
 struct AmxScratch {
@@ -540,7 +546,6 @@ struct AmxScratch {
     Buffer<bf16> p;    // MA x PROW probabilities of a chunk
     Buffer<bf16> q;    // MA x amx_pairs x 2 queries
     Buffer<float> o;   // MA x HP outputs, unnormalised
-    alignas(64) float tmp[MA * 16];
 };
 
 void amx_rows(Args<bf16>& a, AmxScratch& w, int64_t bh, int64_t t0) {
@@ -601,7 +606,7 @@ void amx_rows(Args<bf16>& a, AmxScratch& w, int64_t bh, int64_t t0) {
             sum[r] += vsum(acc);
         }
         for (int d0 = 0; d0 < a.HP; d0 += 16)
-            amx_output(a, w.p.data(), vp, w.o.data(), w.tmp, d0, s0, s1);
+            amx_output(a, w.p.data(), vp, w.o.data(), d0, s0, s1);
     }
     for (int r = 0; r < n; ++r) {
         bf16* o = a.out + b * a.os[0] + h * a.os[1] + (t0 + r) * a.os[2];
