@@ -362,3 +362,71 @@ def test_onednn_linear_keeps_nn_linear_where_it_should():
     assert torch.equal(ya, yb)
     ya.square().sum().backward(), yb.square().sum().backward()
     assert torch.equal(xa.grad, xb.grad) and torch.equal(fast.weight.grad, plain.weight.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_packed_convolution_adds_into_the_residual(dtype):
+    """PackedConv2d.add_into: other += conv(x) in other's own memory, within the output's
+    rounding of conv(x) + other (one rounding where there were two), for a 1x1 too, and the
+    same bits as packing.add_into on the unpacked layer (so packing changes no image); None,
+    other untouched, with gradients, with another dtype, layout or shape of other, and for a
+    float32 call Winograd runs. layers.conv_residual falls back to residual() there."""
+    import copy
+
+    from nanodiffusion.models import layers
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    for conv, shape in ((torch.nn.Conv2d(16, 32, 3, padding=1), (2, 16, 9, 7)),
+                        (torch.nn.Conv2d(16, 32, 1), (1, 16, 5, 5))):
+        conv = conv.to(dtype).to(memory_format=cl)
+        dense = copy.deepcopy(conv)
+        packing.pack(conv)
+        assert type(conv) is packing.PackedConv2d
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=cl)
+        other = torch.randn(shape[0], 32, *shape[2:]).to(dtype).contiguous(memory_format=cl)
+        with torch.no_grad():
+            want = conv(x).float() + other.float()
+            into = other.clone(memory_format=cl)
+            got = conv.add_into(x, into)
+            assert got is not None and got.data_ptr() == into.data_ptr()
+            assert torch.equal(packing.add_into(dense, x, other.clone(memory_format=cl)), got)
+            assert (got.float() - want).abs().max() <= tol * want.abs().max()
+            for bad in (other.contiguous(), other.to(torch.float16), other[:, :16]):
+                kept = bad.clone()
+                assert conv.add_into(x, bad) is None and torch.equal(bad, kept)
+            assert torch.equal(layers.conv_residual(conv, x, other.contiguous()).float(),
+                               (conv(x) + other).float())
+        xg = x.clone().requires_grad_()
+        assert conv.add_into(xg, other.clone(memory_format=cl)) is None
+    if dtype == torch.float32:  # a wide 3x3 at 32x32: Winograd's, not the packed kernel's
+        wide = torch.nn.Conv2d(256, 256, 3, padding=1).to(memory_format=cl)
+        packing.pack(wide)
+        x = torch.randn(1, 256, 32, 32).contiguous(memory_format=cl)
+        assert winograd.worth_it(wide, x)
+        with torch.no_grad():
+            assert wide.add_into(x, torch.zeros(1, 256, 32, 32).contiguous(memory_format=cl)) is None
+
+
+def test_vae_resblocks_add_their_residual_in_the_kernel(monkeypatch):
+    """A packed VAE decoder's ResBlocks add their residual in conv2's epilogue
+    (layers.conv_residual), with the image of the separate addition within rounding."""
+    from nanodiffusion.models import vae
+
+    torch.manual_seed(0)
+    cfg = vae.VAEConfig(block_channels=(32, 64), layers_per_block=1, norm_groups=16)
+    for dtype, tol in [(d, 1e-4 if d == torch.float32 else 0.05) for d in DTYPES]:
+        model = vae.for_inference(vae.VAE(cfg).eval()).to(dtype)
+        z = packing.cpu_input(torch.randn(1, 4, 12, 12).to(dtype))
+        calls = []
+        real = packing.PackedConv2d.add_into
+        monkeypatch.setattr(packing.PackedConv2d, "add_into",
+                            lambda self, x, o: calls.append(1) or real(self, x, o))
+        with torch.no_grad(), packing.packed_weights(model.decoder):
+            fused = model.decode(z).float()
+            assert len(calls) == 6  # the mid block's two ResBlocks, the two up blocks' two each
+            monkeypatch.setattr(packing.PackedConv2d, "add_into", lambda self, x, o: None)
+            apart = model.decode(z).float()
+        monkeypatch.undo()
+        assert (fused - apart).abs().max() <= tol, dtype

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Attention, norm_silu, residual
+from .layers import Attention, conv_residual, norm_silu
 from .packing import onednn_linears
 from .winograd import Conv2d
 
@@ -49,13 +49,14 @@ class ResBlock(nn.Module):
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x):
+        """At inference `x` may be overwritten with the output (conv_residual): the encoder's
+        and the decoder's layer loops and the middle block hold it no more."""
         # conv1's output is let go as soon as it is normalised: conv2 runs beside x, its
         # normalised input and its output, not conv1's output too
         h = norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)), inplace=True)
-        h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return residual(x, h)
+        return conv_residual(self.conv2, h, x)
 
 
 class Downsample(nn.Module):
