@@ -126,3 +126,25 @@ def test_vae_decode_equals_torchs_norms_within_rounding(monkeypatch):
             plain = m.decode(zz).float()
             monkeypatch.undo()
         assert (fused - plain).abs().max() <= tol, dtype
+
+
+def test_profilers_see_it_as_an_op():
+    """The kernel runs as torch ops (nanodiffusion::group_norm, and group_norm_ in place), so
+    torch.profiler names it; an `out` other than x itself is refused."""
+    if fused_norm.library() is None:
+        return
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=CL)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fused_norm.group_norm(norm, x, True)
+        fused_norm.group_norm(norm, x.clone(memory_format=CL), True, out=None)
+        y = x.clone(memory_format=CL)
+        fused_norm.group_norm(norm, y, True, out=y)
+    keys = [e.key for e in prof.key_averages()]
+    assert "nanodiffusion::group_norm" in keys and "nanodiffusion::group_norm_" in keys, keys
+    try:
+        fused_norm.group_norm(norm, x, True, out=torch.empty_like(x))
+    except ValueError as e:
+        assert "into x itself" in str(e)
+    else:
+        raise AssertionError("an out other than x was taken")

@@ -61,14 +61,40 @@ def supports(norm, x):
 
 def group_norm(norm, x, silu=False, out=None):
     """norm(x), then SiLU where `silu`, as `supports` takes them, into `out` (x itself may be
-    given: the caller's input is then overwritten) or a new channels-last tensor."""
-    N, C, H, W = x.shape
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.channels_last)
+    given: the caller's input is then overwritten) or a new channels-last tensor. It runs as an
+    op of torch's (torch.ops.nanodiffusion.group_norm, as fused_attention's), so that
+    profilers see it."""
     w = None if norm.weight is None else norm.weight.detach().float().contiguous()
     b = None if norm.bias is None else norm.bias.detach().float().contiguous()
+    if out is None:
+        return torch.ops.nanodiffusion.group_norm(x, w, b, norm.num_groups, norm.eps, silu)
+    if out.data_ptr() != x.data_ptr():
+        raise ValueError("group_norm writes into x itself or into a new tensor")
+    return torch.ops.nanodiffusion.group_norm_(x, w, b, norm.num_groups, norm.eps, silu)
+
+
+def _run(x, w, b, groups, eps, silu, out):
+    N, C, H, W = x.shape
     getattr(library(), FUNCTIONS[x.dtype])(
-        x.data_ptr(), out.data_ptr(), N, H * W, C, norm.num_groups,
-        None if w is None else w.data_ptr(), None if b is None else b.data_ptr(), norm.eps,
+        x.data_ptr(), out.data_ptr(), N, H * W, C, groups,
+        None if w is None else w.data_ptr(), None if b is None else b.data_ptr(), eps,
         int(silu), torch.get_num_threads())
     return out
+
+
+def _new(x):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+# The ops, registered with torch's dispatcher directly (fused_attention's library, defined there
+# first): a new output, and in place.
+_OPS = torch.library.Library("nanodiffusion", "FRAGMENT")
+_OPS.define("group_norm(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, "
+            "bool silu) -> Tensor")
+_OPS.define("group_norm_(Tensor(a!) x, Tensor? weight, Tensor? bias, int groups, float eps, "
+            "bool silu) -> Tensor(a!)")
+_OPS.impl("group_norm", lambda x, w, b, g, eps, silu: _run(x, w, b, g, eps, silu, _new(x)),
+          "CPU")
+_OPS.impl("group_norm_", lambda x, w, b, g, eps, silu: _run(x, w, b, g, eps, silu, x), "CPU")
+_OPS.impl("group_norm", lambda x, w, b, g, eps, silu: _new(x), "Meta")
+_OPS.impl("group_norm_", lambda x, w, b, g, eps, silu: x, "Meta")
