@@ -4,12 +4,13 @@ CPU's instruction set and kept in the user's cache (one file per source and comp
 Three builds (LEVELS): AMX (bfloat16 on AMX's tiles, float32 as the next: Intel from Sapphire
 Rapids, where Linux grants the tiles), AVX512-BF16 (bfloat16 and float32: Zen 4 and later,
 Intel from Cooper Lake) and AVX-512 alone (float32: Intel's Skylake to Ice Lake servers); the
-best the CPU has (/proc/cpuinfo) runs. `available(dtype)` says whether it runs
-here for that dtype: x86 Linux with one of those, a C++ compiler with OpenMP, and
+best the CPU has (/proc/cpuinfo) runs. `available(dtype)` says whether it runs here for that
+dtype: x86 Linux with one of those, a C++ compiler with OpenMP, and
 NANODIFFUSION_FUSED_ATTENTION not set to 0 (set to a level's name, that build runs instead,
 where the CPU has it); bfloat16 not where the CPU has AMX and the build is not AMX's
-(`dtypes`), unless that variable names the level. Where it does not, `layers.attention` keeps its other paths; a build that
-fails warns once with the compiler's message and is not tried again in that process.
+(`dtypes`), unless that variable names the level. Where it does not, `layers.attention` keeps
+its other paths. A build that fails warns once with the compiler's message and is not tried
+again in that process, and the next level the CPU has runs (`level`).
 `supports(q, k, v)` says which heads it takes, and `attention(q, k, v, causal)` is the kernel's
 one call (layers.attention holds the rule of when).
 """
