@@ -1,8 +1,9 @@
 // Fused attention for the CPU: softmax(q k^T * scale) v over bfloat16 or float32 heads, with the
 // products' sums, the scores and the softmax in float32, one head and a few query rows at a
 // time, so no score ever leaves the core's caches. Built by fused_attention.py with g++ for one
-// of two instruction sets: AVX512-BF16 (bfloat16 and float32: vdpbf16ps sums two bfloat16
-// products into a float32 lane) or AVX-512 alone (float32), and loaded with ctypes: plain C++,
+// of three instruction sets: AVX512-BF16 (bfloat16 and float32: vdpbf16ps sums two bfloat16
+// products into a float32 lane), AVX-512 alone (float32), or those and AMX (bfloat16 heads on
+// AMX's tiles: the "amx" section below), and loaded with ctypes: plain C++,
 // no torch headers. Its threads are OpenMP's: the library links libgomp.so.1, which in a torch
 // process is torch's own (the same soname), so the kernel runs on torch's thread pool, never
 // beside it.
