@@ -152,11 +152,7 @@ def _adds_into(conv, x, other):
     if (winograd.needs_grad(conv, x) or other.requires_grad or winograd.worth_it(conv, x)
             or winograd.computes_in_float32(x) or x.device.type != "cpu"):
         return False
-    n, _, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (conv.kernel_size, conv.stride, conv.padding,
-                                              conv.dilation)
-    shape = (n, conv.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-             (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    shape = (x.shape[0], conv.out_channels, *winograd.output_size(conv, x))
     return (other.dtype == x.dtype and tuple(other.shape) == shape
             and other.is_contiguous(memory_format=torch.channels_last))
 

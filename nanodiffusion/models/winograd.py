@@ -311,8 +311,7 @@ class Conv2d(nn.Conv2d):
     # direct, 38 as a product; at 16x16 and above the direct kernel is as fast or faster).
     def _columns(self, x):
         """x's im2col columns (N, L, C R R), contiguous, and the output's (N, Ho, Wo)."""
-        ho, wo = ((s + 2 * p - d * (r - 1) - 1) // st + 1 for s, p, d, r, st in zip(
-            x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride))
+        ho, wo = output_size(self, x)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         return cols.transpose(1, 2).contiguous(), (x.shape[0], ho, wo)
 
@@ -348,6 +347,13 @@ class Conv2d(nn.Conv2d):
         k = w.shape[0]
         y = onednn_product()(cols, w.reshape(k, -1), b, "none", [], "")  # (n, L, k)
         return y.view(n, ho, wo, k).permute(0, 3, 1, 2)
+
+
+def output_size(conv, x):
+    """The (height, width) of a Conv2d `conv`'s output on `x` (its padding, dilation, kernel
+    and stride: torch's formula)."""
+    return tuple((s + 2 * p - d * (r - 1) - 1) // st + 1 for s, p, d, r, st in zip(
+        x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride))
 
 
 def needs_grad(conv, x):
