@@ -44,7 +44,7 @@ ENV = "NANODIFFUSION_FUSED_ATTENTION"
 MAX_WIDTH = 160
 FUNCTIONS = {torch.bfloat16: "nd_attention_bf16", torch.float32: "nd_attention_f32"}
 
-_libs = {}  # level -> its loaded library, or None where its build failed
+_libs = {}  # (source, level) -> its loaded library, or None where its build failed
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,27 +132,37 @@ def build(lvl, source=SOURCE):
     return out
 
 
+def load(lvl, source, functions, argtypes, failed):
+    """The library of `source` for level `lvl`, built (`build`) and loaded once per process,
+    each of `functions` declared with `argtypes` and an int result; None where the build or the
+    load fails: one warning, `failed` and the error, and it is not tried again. The one loader
+    of this module's kernel and fused_norm's."""
+    key = (source, lvl)
+    if key not in _libs:
+        _libs[key] = None
+        try:
+            lib = ctypes.CDLL(str(build(lvl, source)))
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"{failed}: {e}")
+            return None
+        for name in functions:
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+        _libs[key] = lib
+    return _libs[key]
+
+
 def library(lvl=None):
     """The loaded kernel library of level `lvl` (one the CPU has; default: `level()`), or None
     where it does not run here (see the module's text)."""
     lvl = lvl or level()
     if lvl is None:
         return None
-    if lvl not in _libs:
-        _libs[lvl] = None
-        try:
-            lib = ctypes.CDLL(str(build(lvl)))
-        except (OSError, RuntimeError) as e:
-            warnings.warn(f"fused attention not built, the slower path runs: {e}")
-            return None
-        i64, p = ctypes.c_int64, ctypes.c_void_p
-        for dtype in LEVELS[lvl][1]:
-            fn = getattr(lib, FUNCTIONS[dtype])
-            fn.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, ctypes.c_float,
-                           ctypes.c_int, ctypes.c_int]
-            fn.restype = ctypes.c_int
-        _libs[lvl] = lib
-    return _libs[lvl]
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    return load(lvl, SOURCE, [FUNCTIONS[d] for d in LEVELS[lvl][1]],
+                [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, ctypes.c_float, ctypes.c_int,
+                 ctypes.c_int], "fused attention not built, the slower path runs")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,10 +1,11 @@
 """GroupNorm, with or without the SiLU after it, over channels-last CPU activations at inference:
-fused_norm.cpp, built with g++ for AVX-512 (fused_attention.build, the same cache) at its first
-use and loaded with ctypes. Two passes over the input where torch's GroupNorm and SiLU made five,
-and float32 sums throughout: SD 1.5's VAE decoder at 512 px (1 x 128 x 512 x 512, bfloat16,
-2-core Intel Xeon with AMX) 35.6 -> 30.8 ms with a new output, 11.9 ms into an existing one
-(the rest is the new output's page faults); against float64 a third less error than torch's
-(bfloat16 mean 7.1e-4 against 1.0e-3; float32 max 1.4e-6 against 1.5e-4).
+fused_norm.cpp, built with g++ for AVX-512 and loaded with ctypes at its first use
+(fused_attention.load: the same cache and loader). Two passes over the input where torch's
+GroupNorm and SiLU made five, and float32 sums throughout: SD 1.5's VAE decoder at 512 px
+(1 x 128 x 512 x 512, bfloat16, 2-core Intel Xeon with AMX) 35.6 -> 30.8 ms with a new output,
+11.9 ms into an existing one (the rest is the new output's page faults); against float64 a
+third less error than torch's (bfloat16 mean 7.1e-4 against 1.0e-3; float32 max 1.4e-6
+against 1.5e-4).
 
 `group_norm(norm, x, silu, out)` is the one call; `supports(norm, x)` says which it takes: an
 nn.GroupNorm without gradients, on a float32 or bfloat16 CPU tensor (N, C, H, W) laid out
@@ -13,7 +14,6 @@ NANODIFFUSION_FUSED_NORM is not 0. Elsewhere layers.norm_silu keeps torch's.
 """
 import ctypes
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,28 +25,17 @@ SOURCE = Path(__file__).with_name("fused_norm.cpp")
 LEVEL = "avx512"  # fused_attention.LEVELS' flags it is built with
 ENV = "NANODIFFUSION_FUSED_NORM"
 FUNCTIONS = {torch.bfloat16: "nd_group_norm_bf16", torch.float32: "nd_group_norm_f32"}
-_lib = []  # [the loaded library, or None where its build failed], once tried
 
 
 def library():
     """The loaded library, or None where it does not run here (see the module's text)."""
     if os.environ.get(ENV, "1") == "0" or LEVEL not in fused_attention.cpu_levels():
         return None
-    if not _lib:
-        _lib.append(None)
-        try:
-            lib = ctypes.CDLL(str(fused_attention.build(LEVEL, SOURCE)))
-        except (OSError, RuntimeError) as e:
-            warnings.warn(f"fused GroupNorm not built, torch's runs: {e}")
-            return None
-        i64, p = ctypes.c_int64, ctypes.c_void_p
-        for name in FUNCTIONS.values():
-            fn = getattr(lib, name)
-            fn.argtypes = [p, p, i64, i64, i64, i64, p, p, ctypes.c_float, ctypes.c_int,
-                           ctypes.c_int]
-            fn.restype = ctypes.c_int
-        _lib[0] = lib
-    return _lib[0]
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    return fused_attention.load(
+        LEVEL, SOURCE, FUNCTIONS.values(),
+        [p, p, i64, i64, i64, i64, p, p, ctypes.c_float, ctypes.c_int, ctypes.c_int],
+        "fused GroupNorm not built, torch's runs")
 
 
 def supports(norm, x):
