@@ -14,8 +14,8 @@ on an AMD Zen 4 the shapes VAE's 64-channel 3x3 convolutions at batch 1 round di
 to 6e-6; a contiguous float32 input's dense kernel rounds differently, ~4e-6 of the scale of an
 SD 1.5 UNet call's output). A call at another height and width lays the weight out again for
 it, once: oneDNN's layout depends on the size, and a weight laid out for another is reordered
-at every call (PackedConv2d.forward). The dense weight is let go (and its memory given back to the system: glibc would keep it in its heap), so memory
-does not grow.
+at every call (PackedConv2d._pack_for). The dense weight is let go (and its memory given back
+to the system: glibc would keep it in its heap), so memory does not grow.
 
 A packed convolution turns back into a plain one, its dense weight restored in its layout,
 whenever anything asks for its weight (`conv.weight`: LoRA fusing, low memory's files), calls
