@@ -52,7 +52,7 @@ class ResBlock(nn.Module):
         """At inference `x` may be overwritten with the output (conv_residual): the encoder's
         and the decoder's layer loops and the middle block hold it no more."""
         # conv1's output is normalised in place, and conv2 adds its output into x (or the
-        # shortcut's): conv2 runs beside x and its normalised input only
+        # shortcut's output): no tensor of conv2's own beside them
         h = norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)), inplace=True)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
