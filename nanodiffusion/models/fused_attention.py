@@ -43,6 +43,9 @@ ENV = "NANODIFFUSION_FUSED_ATTENTION"
 # one 512-wide head (4096 tokens float32 on a 2-core Zen 5: 1278 ms here, 887 blocked).
 MAX_WIDTH = 160
 FUNCTIONS = {torch.bfloat16: "nd_attention_bf16", torch.float32: "nd_attention_f32"}
+_i64, _p = ctypes.c_int64, ctypes.c_void_p
+ARGTYPES = [_p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, ctypes.c_float,
+            ctypes.c_int, ctypes.c_int]  # FUNCTIONS' (fused_attention.cpp's nd_attention_*)
 
 _libs = {}  # (source, level) -> its loaded library, or None where its build failed
 
@@ -159,10 +162,8 @@ def library(lvl=None):
     lvl = lvl or level()
     if lvl is None:
         return None
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    return load(lvl, SOURCE, [FUNCTIONS[d] for d in LEVELS[lvl][1]],
-                [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, ctypes.c_float, ctypes.c_int,
-                 ctypes.c_int], "fused attention not built, the slower path runs")
+    return load(lvl, SOURCE, [FUNCTIONS[d] for d in LEVELS[lvl][1]], ARGTYPES,
+                "fused attention not built, the slower path runs")
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,17 +25,17 @@ SOURCE = Path(__file__).with_name("fused_norm.cpp")
 LEVEL = "avx512"  # fused_attention.LEVELS' flags it is built with
 ENV = "NANODIFFUSION_FUSED_NORM"
 FUNCTIONS = {torch.bfloat16: "nd_group_norm_bf16", torch.float32: "nd_group_norm_f32"}
+_i64, _p = ctypes.c_int64, ctypes.c_void_p
+ARGTYPES = [_p, _p, _i64, _i64, _i64, _i64, _p, _p, ctypes.c_float, ctypes.c_int,
+            ctypes.c_int]  # FUNCTIONS' (fused_norm.cpp's nd_group_norm_*)
 
 
 def library():
     """The loaded library, or None where it does not run here (see the module's text)."""
     if os.environ.get(ENV, "1") == "0" or LEVEL not in fused_attention.cpu_levels():
         return None
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    return fused_attention.load(
-        LEVEL, SOURCE, FUNCTIONS.values(),
-        [p, p, i64, i64, i64, i64, p, p, ctypes.c_float, ctypes.c_int, ctypes.c_int],
-        "fused GroupNorm not built, torch's runs")
+    return fused_attention.load(LEVEL, SOURCE, FUNCTIONS.values(), ARGTYPES,
+                                "fused GroupNorm not built, torch's runs")
 
 
 def supports(norm, x):
