@@ -171,7 +171,8 @@ class _Dtypes(torch.utils._python_dispatch.TorchDispatchMode):
     (`seen`), and the shapes of the convolutions' inputs (`inputs`)."""
 
     PRODUCTS = ("convolution", "addmm", "mm", "bmm", "linear", "_linear_pointwise",
-                "_convolution_pointwise", "mkldnn_convolution", "_slow_conv2d_forward")
+                "_convolution_pointwise", "mkldnn_convolution", "_slow_conv2d_forward",
+                "small_linear")  # models/small_gemm.py's
 
     CONVOLUTIONS = ("convolution", "mkldnn_convolution", "_slow_conv2d_forward",
                     "_convolution_pointwise")

@@ -25,7 +25,10 @@ packed layout to the dense one, then to channels-last), and `packed_weights` pac
 block only (low memory, whose parts go to disk after each run).
 
 A float32 call that Winograd's F(4x4, 3x3) is to run (models/winograd.py's rule, the one the
-plain layer asks too) runs it on the dense weight, which a packed weight gives back for it.
+plain layer asks too) runs it on the dense weight, which a packed weight gives back for it; so
+does a bfloat16 call of few output pixels on an AMX CPU (models/small_gemm.py's rule, asked by
+the plain layer too), which reads the dense weight laid out channels-last: at SD 1.5's 4x4 and
+8x8 levels the weight's read from memory is the call's time, which that kernel makes faster.
 
 Other dtypes are left as they are (bfloat16 too where this CPU's oneDNN lacks it: `packs`), and
 so is anything that is not a plain zero-padded Conv2d on the CPU, or a torch without the mkldnn
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..malloc import let_go, trim
-from . import winograd
+from . import small_gemm, winograd
 
 
 def available():
@@ -59,6 +62,9 @@ class PackedConv2d(nn.Conv2d):
         if winograd.worth_it(self, x):  # the dense weight, given back by the packed one's
             w = self._parameters["weight"] if self._packed is None else self._packed.to_dense()
             return winograd.conv3x3(x, w, self.bias)
+        size = winograd.output_size(self, x)
+        if self._few_rows(x, size):
+            return small_gemm.conv2d(self, x, self._channels_last(), size)
         self._pack_for(x)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed, self.bias, list(self.padding), list(self.stride),
@@ -94,6 +100,24 @@ class PackedConv2d(nn.Conv2d):
             self._packed_for = tuple(x.shape[-2:])
             del w
             self._put(torch.empty(0, dtype=self._packed.dtype))  # the packed one holds it
+
+    def _few_rows(self, x, size):
+        """Whether this call runs on small_gemm's kernel, on the dense channels-last weight:
+        where the plain layer's would (winograd.Conv2d's rule; torch's nn.Conv2d has none), so
+        packing changes no bits."""
+        dtype = (self._parameters["weight"] if self._packed is None else self._packed).dtype
+        return self._plain is winograd.Conv2d and small_gemm.takes_conv(self, x, dtype, size)
+
+    def _channels_last(self):
+        """The dense weight, channels-last (a packed one given back, once: the call after at
+        another size packs it again, as `_pack_for` does between sizes)."""
+        if self._packed is not None:
+            self._put(self._packed.to_dense())
+            self._packed = None
+        w = self._parameters["weight"].data
+        if not w.is_contiguous(memory_format=torch.channels_last):
+            self._put(w.contiguous(memory_format=torch.channels_last))
+        return self._parameters["weight"].data
 
     def _put(self, w):
         """`w` the weight's data in place of the one held, which is let go at once (its
@@ -267,12 +291,20 @@ class OneDNNLinear(nn.Linear):
                 and x.numel() * weight.shape[0] >= ONEDNN_LINEAR_MIN_MACS
                 and not winograd.needs_grad(self, x) and not winograd.computes_in_float32(x))
 
+    def few_rows(self, x, weight):
+        """Whether a call on oneDNN (on_onednn) runs on small_gemm's kernel instead (bfloat16,
+        few rows: SD 1.5's text encoder, the UNet's 8x8 level at 256 px)."""
+        return (weight.dtype == torch.bfloat16 and weight.stride(-1) == 1
+                and small_gemm.takes(x, *weight.shape, x.numel() // x.shape[-1]))
+
     def product(self, x, weight, bias):
         """x @ weight.T + bias by this layer's rule (layers.GEGLU passes halves of the weight);
         bfloat16 where oneDNN has none in float32 (winograd.computes_in_float32)."""
         if winograd.computes_in_float32(x) and not winograd.needs_grad(self, x):
             return winograd.in_float32(x, weight, bias, self.product, -1)
         if self.on_onednn(x, weight):
+            if self.few_rows(x, weight):
+                return small_gemm.linear(x, weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
@@ -286,7 +318,8 @@ class OneDNNLinear(nn.Linear):
         9.1e-4 -> 6.1e-4. (float32 gained nothing there: its products' time is most of it.)"""
         n = self.out_features // 2
         w, b = self.weight, self.bias
-        if x.dtype != torch.bfloat16 or not self.on_onednn(x, w[n:]):
+        if (x.dtype != torch.bfloat16 or not self.on_onednn(x, w[n:])
+                or self.few_rows(x, w[n:])):
             return None
         op = torch.ops.mkldnn._linear_pointwise
         gate = op(x, w[n:], None if b is None else b[n:], "gelu", [], "none")

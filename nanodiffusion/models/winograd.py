@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import small_gemm
+
 M, R = 4, 3          # outputs per tile side, filter side
 A = M + R - 1        # tile side: 6
 # bytes of transformed tiles per chunk: SD's VAE decoder at 512 px in float32 6.6 s at 16 MB
@@ -284,7 +286,9 @@ class Conv2d(nn.Conv2d):
     says, without gradients: the UNet's and the VAE's stride-1 3x3 convolutions. Its packed
     form (models/packing.py) makes the same choice, so packing changes no bits. A bfloat16 call
     where oneDNN has no bfloat16 computes in float32 (`computes_in_float32`: Winograd's too,
-    where worth_it says); the UNet and the VAE build all their convolutions from this class."""
+    where worth_it says), and one of few output pixels on an AMX CPU runs as a product on
+    small_gemm's kernel (`small_gemm.takes_conv`, which the packed form asks too); the UNet and
+    the VAE build all their convolutions from this class."""
 
     def forward(self, x):
         if needs_grad(self, x):
@@ -292,6 +296,9 @@ class Conv2d(nn.Conv2d):
         if worth_it(self, x):
             return conv3x3(x, self.weight, self.bias, dtype=x.dtype)
         if not computes_in_float32(x):
+            size = output_size(self, x)
+            if small_gemm.takes_conv(self, x, self.weight.dtype, size):  # bf16, few rows, AMX
+                return small_gemm.conv2d(self, x, self.weight, size)
             return super().forward(x)
         plain = self.padding_mode == "zeros" and not isinstance(self.padding, str)
         if (plain and onednn_product() is not None and self.groups == 1

@@ -1,0 +1,174 @@
+// A bfloat16 matrix product for few rows on AMX's tiles: y = x w^T + bias, x (M x K), w (N x K,
+// a Linear's weight or a channels-last convolution's, as it lies in memory), y (M x N), all
+// bfloat16, the sums in float32 and one rounding. For products whose weight is read once
+// and used by few rows (SD 1.5's UNet at 4x4 and 8x8: 32 to 128 rows of 1280 to 11520), the
+// time is the weight's trip from memory, which oneDNN's kernels made at 7-10 GB/s where the
+// two cores read 26. Built by small_gemm.py (fused_attention.build, its "amx" level) and
+// loaded with ctypes: plain C++, no torch headers; its threads are OpenMP's (torch's pool).
+//
+// It computes y^T = w x^T, so that the weight is the tiles' A operand as it lies (16 rows of
+// 32 elements a tile, the row stride K), read once, in order, by one thread per block of 32
+// of its rows: nothing of it is copied or laid out anew. x is the B operand: packed first,
+// per 16 rows, into tiles of 16 pairs of k x 16 rows (a 16 x 16 transpose of 32-bit pairs),
+// small beside the weight for these shapes. Each 32-row block of w goes KC tiles of k at a
+// time (its chunk then stays in L1, the next one prefetched), each chunk over all the rows
+// of x 32 at a time: four 16 x 16 float32 result tiles, loaded from and stored to the
+// thread's float32 sums between chunks. At the end the sums are transposed back, the bias
+// added and rounded once to bfloat16. (Blocks of 64 rows of w a B tile, and chunks of 8 or 16
+// k tiles or of all K, measured no faster on an AMX Xeon; at 128 rows of x the kernel runs at
+// 1.4 TFLOP/s, limited by x's tiles read from L2, about oneDNN's speed there.)
+// Tiles: 0-3 results, 4-5 A (w), 6-7 B (x).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t KC = 4;  // k tiles (32 each) at a time: the block's rows stay in L1
+
+typedef uint16_t bf16;
+
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+// r[0..15] transposed in place as a 16 x 16 matrix of 32-bit elements
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    // each 128-bit lane of r[i] now holds a 4 x 4 block; gather lanes across groups of four
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+// x's rows m0 .. m0 + 15 (those below M; zero past them) packed as K / 32 B tiles, each 16
+// pairs of k (its rows) x 16 rows of x (its columns): dst[kt][p][c] = x[m0 + c][32 kt + 2p ..]
+void pack_rows(const bf16* x, int64_t xs, int64_t M, int64_t K, int64_t m0, bf16* dst) {
+    const int n = M - m0 < 16 ? (int)(M - m0) : 16;
+    for (int64_t kt = 0; kt < K / 32; ++kt) {
+        __m512i r[16];
+        for (int c = 0; c < 16; ++c)
+            r[c] = c < n ? _mm512_loadu_si512(x + (m0 + c) * xs + 32 * kt) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + kt * 512 + p * 32, r[p]);
+    }
+}
+
+// The 16 x 16 float32 results c (rows: n0 .. n0 + 15 of w, columns: rows m0 .. of x)
+// transposed, the bias added, rounded to bfloat16 into y's rows m0 .. m0 + n - 1
+void store_rows(const float* c, const float* bias, bf16* y, int64_t ys, int64_t n0, int64_t m0,
+                int n) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + 16 * i);
+    transpose16(r);
+    const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    for (int i = 0; i < n; ++i) {
+        const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[i]), b);
+        _mm256_storeu_si256((__m256i*)(y + (m0 + i) * ys + n0), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+}  // namespace
+
+// y (M x N, row stride ys) = x (M x K, row stride xs) w^T (w: N x K, row stride ws) + bias
+// (float32, N, or null); K and N multiples of 32. packed: scratch for x's B tiles, room for
+// ceil(M / 32) * 32 * K bfloat16s. 0 on success, -1 for shapes it does not take. Linux must
+// have granted the tiles (small_gemm.py asks through fused_attention.amx_permitted).
+extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int64_t ws,
+                                  const float* bias, bf16* y, int64_t ys, int64_t M, int64_t N,
+                                  int64_t K, bf16* packed, int threads) {
+    if (K % 32 || N % 32 || M <= 0) return -1;
+    // MB2: x's 16-row blocks, even (packed has room: a zero block past the last)
+    const int64_t MB = (M + 15) / 16, MB2 = (MB + 1) / 2 * 2, KT = K / 32, NB = N / 32;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t mb = 0; mb < MB2; ++mb)
+            pack_rows(x, xs, M, K, 16 * mb, packed + mb * KT * 512);
+        configure_tiles();
+        float* acc = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 512 * MB2));
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < NB; ++nb) {
+            const bf16* a0 = w + 32 * nb * ws;
+            const bf16* a1 = a0 + 16 * ws;
+            for (int64_t k0 = 0; k0 < KT; k0 += KC) {
+                const int64_t k1 = k0 + KC < KT ? k0 + KC : KT;
+                if (k1 < KT)  // the next chunk of this block's rows on its way from memory
+                    for (int r = 0; r < 32; ++r)
+                        for (int64_t l = 32 * k1; l < 32 * (k1 + KC) && l < K; l += 32)
+                            _mm_prefetch((const char*)(a0 + r * ws + l), _MM_HINT_T0);
+                for (int64_t mb = 0; mb < MB2; mb += 2) {
+                    float* c = acc + mb * 512;  // tiles (mb, n 0-15), (mb, 16-31), (mb + 1, ..)
+                    if (k0 == 0) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        _tile_zero(2);
+                        _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, c, 64);
+                        _tile_loadd(1, c + 512, 64);
+                        _tile_loadd(2, c + 256, 64);
+                        _tile_loadd(3, c + 768, 64);
+                    }
+                    const bf16* b0 = packed + mb * KT * 512;
+                    const bf16* b1 = b0 + KT * 512;
+                    for (int64_t kt = k0; kt < k1; ++kt) {
+                        _tile_loadd(4, a0 + 32 * kt, 2 * ws);
+                        _tile_loadd(6, b0 + 512 * kt, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_loadd(7, b1 + 512 * kt, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_loadd(5, a1 + 32 * kt, 2 * ws);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, c, 64);
+                    _tile_stored(1, c + 512, 64);
+                    _tile_stored(2, c + 256, 64);
+                    _tile_stored(3, c + 768, 64);
+                }
+            }
+            for (int64_t mb = 0; mb < MB; ++mb) {
+                const int n = M - 16 * mb < 16 ? (int)(M - 16 * mb) : 16;
+                store_rows(acc + mb * 512, bias, y, ys, 32 * nb, 16 * mb, n);
+                store_rows(acc + mb * 512 + 256, bias, y, ys, 32 * nb + 16, 16 * mb, n);
+            }
+        }
+        std::free(acc);
+        _tile_release();
+    }
+    return 0;
+}

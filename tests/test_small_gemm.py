@@ -1,0 +1,135 @@
+"""The few-row bfloat16 product on AMX's tiles (models/small_gemm.cpp): built where the CPU has
+AMX and Linux grants the tiles, within bfloat16 rounding of float64 (no more error than
+oneDNN's product), and the paths that take it at inference: Linear layers (packing.OneDNNLinear,
+GEGLU) and packed convolutions (their columns), which give the weight back as it was."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanodiffusion.models import fused_attention, layers, packing, small_gemm, winograd
+
+CL = torch.channels_last
+BF = torch.bfloat16
+
+
+def _here():
+    return "amx" in fused_attention.cpu_levels() and shutil.which("g++") is not None
+
+
+def test_built_wherever_the_cpu_and_a_compiler_allow():
+    assert (small_gemm.library() is not None) == _here()
+    x = torch.randn(4, 64, dtype=BF)
+    assert small_gemm.takes(x, 64, 64, 4) == _here()
+
+
+def test_turned_off_by_its_environment_variable():
+    code = ("from nanodiffusion.models import small_gemm as s; import torch; "
+            "x = torch.randn(4, 64, dtype=torch.bfloat16); "
+            "print(s.library() is None, s.takes(x, 64, 64, 4))")
+    env = {"NANODIFFUSION_SMALL_GEMM": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
+def test_what_it_takes():
+    """bfloat16 only, at most MAX_ROWS rows, K and N multiples of 32."""
+    if not _here():
+        assert not small_gemm.takes(torch.randn(4, 64, dtype=BF), 64, 64, 4)
+        return
+    x = torch.randn(4, 64, dtype=BF)
+    assert small_gemm.takes(x, 64, 64, small_gemm.MAX_ROWS)
+    assert not small_gemm.takes(x, 64, 64, small_gemm.MAX_ROWS + 1)
+    assert not small_gemm.takes(x.float(), 64, 64, 4)
+    assert not small_gemm.takes(x, 48, 64, 4) and not small_gemm.takes(x, 64, 36, 4)
+
+
+def test_values_within_bfloat16_rounding_of_float64():
+    """Row counts off the kernel's blocks (1, 17, 33, 160), a row stride past K, with and
+    without bias: the mean error against float64 at most oneDNN's (the sums in float32, one
+    rounding), and no element off by more than two of the output's bfloat16 steps."""
+    if not _here():
+        return
+    torch.manual_seed(0)
+    for M, K, N, bias in ((1, 32, 32, True), (17, 320, 64, False), (33, 1280, 96, True),
+                          (160, 768, 128, True), (32, 2880, 320, True)):
+        base = torch.randn(M, K + 32, dtype=BF)
+        x = base[:, 16:16 + K]  # rows K apart in a wider tensor
+        w = (torch.randn(N, K) / K ** 0.5).to(BF)
+        b = torch.randn(N, dtype=BF) if bias else None
+        with torch.no_grad():
+            y = small_gemm.linear(x, w, b)
+            ref = x.double() @ w.double().T + (0 if b is None else b.double())
+            one = torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
+        assert y.dtype == BF and y.shape == (M, N)
+        err, err_onednn = (y.double() - ref).abs(), (one.double() - ref).abs()
+        assert err.mean() <= err_onednn.mean() * 1.1, (M, K, N)
+        assert (err <= 2 * 2.0 ** -8 * ref.abs() + 1e-3).all(), (M, K, N)
+
+
+def test_linear_layers_take_it_for_few_rows(monkeypatch):
+    """OneDNNLinear (and GEGLU through it) runs few bfloat16 rows on the kernel, many on
+    oneDNN's; the results within bfloat16 rounding of float64."""
+    calls = []
+    real = small_gemm.linear
+    monkeypatch.setattr(small_gemm, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    lin = nn.Linear(320, 640).to(BF)
+    packing.onednn_linears(lin)
+    geglu = layers.GEGLU(320, 640).to(BF)
+    packing.onednn_linears(geglu)
+    for rows in (8, 2 * small_gemm.MAX_ROWS):
+        x = torch.randn(2, rows // 2, 320, dtype=BF)
+        calls.clear()
+        with torch.no_grad():
+            y, g = lin(x), geglu(x)
+        ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+        h, gate = F.linear(x.double(), geglu.proj.weight.double(),
+                           geglu.proj.bias.double()).chunk(2, dim=-1)
+        assert (y.double() - ref).abs().max() <= 2.0 ** -7 * ref.abs().max()
+        gref = h * F.gelu(gate)
+        assert (g.double() - gref).abs().max() <= 2.0 ** -6 * gref.abs().max()
+        assert len(calls) == (3 if rows <= small_gemm.MAX_ROWS and _here() else 0)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_packed_convolutions_take_it_at_small_sizes(kernel, stride, padding, monkeypatch):
+    """A packed bfloat16 convolution (winograd.Conv2d's, as the UNet and the VAE build them)
+    runs few output pixels on the kernel (its columns against the dense channels-last weight)
+    and many on oneDNN's packed weight, both within bfloat16 rounding of float64, bit for bit
+    the plain layer's, and moving between the two sizes leaves its weight (state_dict) bit for
+    bit as it was."""
+    calls = []
+    real = small_gemm.conv2d
+    monkeypatch.setattr(small_gemm, "conv2d", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = winograd.Conv2d(64, 96, kernel, stride=stride, padding=padding).to(BF)
+    conv.to(memory_format=CL)
+    before = conv.weight.detach().clone()
+    xs = [torch.randn(2, 64, s, s, dtype=BF).contiguous(memory_format=CL) for s in (4, 32, 5, 4)]
+    with torch.no_grad():
+        plain = [conv(x) for x in xs]
+    packing.pack(conv)
+    for x, want in zip(xs, plain):
+        side = x.shape[-1]
+        calls.clear()
+        with torch.no_grad():
+            y = conv(x)
+        assert torch.equal(y, want), side
+        ref = F.conv2d(x.double(), before.double(), conv.bias.double(), stride, padding)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=CL)
+        assert (y.double() - ref).abs().max() <= 2.0 ** -7 * ref.abs().max(), side
+        small = 2 * ref.shape[2] * ref.shape[3] <= small_gemm.MAX_ROWS
+        assert len(calls) == (1 if small and _here() else 0), side
+    calls.clear()
+    with torch.no_grad():
+        nn.Conv2d.forward(conv, xs[0])  # torch's own layer has no such rule: oneDNN's
+    assert not calls
+    assert torch.equal(conv.state_dict()["weight"], before)
+    packing.unpack(conv)
+    assert torch.equal(conv.weight, before)
