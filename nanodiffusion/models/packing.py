@@ -218,11 +218,13 @@ def _packable(m):
 
 def _unpack(m):
     """`m` (a PackedConv2d) a plain Conv2d again with its dense weight; -> m."""
-    if m._packed is not None:
-        shape, stride = m._dense
-        with torch.no_grad():
+    shape, stride = m._dense
+    w = m._parameters["weight"].data
+    if m._packed is not None or w.stride() != stride:  # packed, or laid out channels-last
+        with torch.no_grad():  # for small_gemm (_channels_last)
+            dense = m._packed.to_dense() if m._packed is not None else w
             m._parameters["weight"].data = torch.empty_strided(
-                shape, stride, dtype=m._packed.dtype).copy_(m._packed.to_dense())
+                shape, stride, dtype=dense.dtype).copy_(dense)
     m.__class__ = m._plain
     del m._packed, m._dense, m._plain, m._packed_for
     return m
