@@ -247,3 +247,22 @@ def test_a_failed_build_falls_back_to_the_next_level(monkeypatch):
     out = fused_attention.attention(q, q, q)
     ref = F.scaled_dot_product_attention(q.double(), q.double(), q.double())
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_a_header_beside_the_source_is_part_of_its_build(tmp_path, monkeypatch):
+    """The kernels include headers from their folder (amx_tiles.h): a change to one builds the
+    source again (the cache key hashes the headers with the source), where the cached library
+    would have kept the old code."""
+    if shutil.which("g++") is None:
+        return
+    import ctypes
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "value.h").write_text("#define VALUE 1\n")
+    source = tmp_path / "k.cpp"
+    source.write_text('#include "value.h"\nextern "C" int nd_value() { return VALUE; }\n')
+    first = fused_attention.build("avx512", source)
+    assert fused_attention.build("avx512", source) == first  # cached
+    (tmp_path / "value.h").write_text("#define VALUE 2\n")
+    second = fused_attention.build("avx512", source)
+    assert second != first and ctypes.CDLL(str(second)).nd_value() == 2

@@ -32,6 +32,8 @@
 #if defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "amx_tiles.h"
 #endif
 
 namespace {
@@ -389,21 +391,7 @@ constexpr int KA = 128;  // keys at a time
 // rows do not fall in one set of the L1 cache
 constexpr int SROW = KA + 16, PROW = KA + 32;
 
-struct TileConfig {
-    uint8_t palette = 1, start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-    TileConfig c;
-    for (int t = 0; t < 8; ++t) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
-    _tile_loadconfig(&c);
-}
+using nd_amx::configure_tiles;  // amx_tiles.h
 
 // the pairs of dims, padded to whole tiles (16 pairs)
 inline int amx_pairs(const Args<bf16>& a) { return a.KD2; }

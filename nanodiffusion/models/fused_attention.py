@@ -110,14 +110,17 @@ def cache_dir():
 
 
 def build(lvl, source=SOURCE):
-    """The library of `source` (a C++ file, fused_attention.cpp by default) for level `lvl`,
-    built if the cache lacks it (written under a temporary name, then renamed, so a concurrent
-    or killed build never leaves a half-written library)."""
+    """The library of `source` (a C++ file, fused_attention.cpp by default; the headers beside
+    it, which it may include, are part of its cache key) for level `lvl`, built if the cache
+    lacks it (written under a temporary name, then renamed, so a concurrent or killed build
+    never leaves a half-written library)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
     flags = _compiler_flags(lvl)
-    key = hashlib.sha256(source.read_bytes() + " ".join([cxx] + flags).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # amx_tiles.h
+    key = hashlib.sha256(source.read_bytes() + headers
+                         + " ".join([cxx] + flags).encode()).hexdigest()[:16]
     out = cache_dir() / f"{source.stem}-{lvl}-{key}.so"
     if out.exists():
         return out
@@ -139,7 +142,7 @@ def load(lvl, source, functions, argtypes, failed):
     """The library of `source` for level `lvl`, built (`build`) and loaded once per process,
     each of `functions` declared with `argtypes` and an int result; None where the build or the
     load fails: one warning, `failed` and the error, and it is not tried again. The one loader
-    of this module's kernel and fused_norm's."""
+    of this module's kernel, fused_norm's and small_gemm's."""
     key = (source, lvl)
     if key not in _libs:
         _libs[key] = None

@@ -24,27 +24,15 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "amx_tiles.h"
+
 namespace {
 
 constexpr int64_t KC = 4;  // k tiles (32 each) at a time: the block's rows stay in L1
 
 typedef uint16_t bf16;
 
-struct TileConfig {
-    uint8_t palette = 1, start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-    TileConfig c;
-    for (int t = 0; t < 8; ++t) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
-    _tile_loadconfig(&c);
-}
+using nd_amx::configure_tiles;  // amx_tiles.h
 
 // r[0..15] transposed in place as a 16 x 16 matrix of 32-bit elements
 inline void transpose16(__m512i r[16]) {
