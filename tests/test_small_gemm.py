@@ -25,28 +25,35 @@ def test_built_wherever_the_cpu_and_a_compiler_allow():
     assert (small_gemm.library() is not None) == _here()
     x = torch.randn(4, 64, dtype=BF)
     assert small_gemm.takes(x, 64, 64, 4) == _here()
+    # float32 needs no kernel of ours (oneDNN's product), where measured faster: AMX CPUs
+    assert small_gemm.takes(x.float(), 2048, 2048, 4) == fused_attention.amx()
 
 
 def test_turned_off_by_its_environment_variable():
     code = ("from nanodiffusion.models import small_gemm as s; import torch; "
             "x = torch.randn(4, 64, dtype=torch.bfloat16); "
-            "print(s.library() is None, s.takes(x, 64, 64, 4))")
+            "print(s.library() is None, s.takes(x, 64, 64, 4), s.takes(x.float(), 4096, 4096, 4))")
     env = {"NANODIFFUSION_SMALL_GEMM": "0", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == ["True", "False"]
+    assert out == ["True", "False", "False"]
 
 
 def test_what_it_takes():
-    """bfloat16 only, at most MAX_ROWS rows, K and N multiples of 32."""
-    if not _here():
-        assert not small_gemm.takes(torch.randn(4, 64, dtype=BF), 64, 64, 4)
-        return
+    """bfloat16 (K and N multiples of 32) and float32 (weights of FLOAT32_MIN_WEIGHT elements
+    or more) only, at most MAX_ROWS of the dtype."""
     x = torch.randn(4, 64, dtype=BF)
-    assert small_gemm.takes(x, 64, 64, small_gemm.MAX_ROWS)
-    assert not small_gemm.takes(x, 64, 64, small_gemm.MAX_ROWS + 1)
-    assert not small_gemm.takes(x.float(), 64, 64, 4)
-    assert not small_gemm.takes(x, 48, 64, 4) and not small_gemm.takes(x, 64, 36, 4)
+    assert not small_gemm.takes(x.half(), 64, 64, 4)
+    if _here():
+        assert small_gemm.takes(x, 64, 64, small_gemm.MAX_ROWS[BF])
+        assert not small_gemm.takes(x, 64, 64, small_gemm.MAX_ROWS[BF] + 1)
+        assert not small_gemm.takes(x, 48, 64, 4) and not small_gemm.takes(x, 64, 36, 4)
+    else:
+        assert not small_gemm.takes(x, 64, 64, 4)
+    f32, big = small_gemm.MAX_ROWS[torch.float32], small_gemm.FLOAT32_MIN_WEIGHT
+    assert small_gemm.takes(x.float(), -(-big // 1000), 1000, f32) == fused_attention.amx()
+    assert not small_gemm.takes(x.float(), big // 1000, 1000, f32)  # 304 elements short
+    assert not small_gemm.takes(x.float(), -(-big // 1000), 1000, f32 + 1)
 
 
 def test_values_within_bfloat16_rounding_of_float64():
@@ -83,7 +90,7 @@ def test_linear_layers_take_it_for_few_rows(monkeypatch):
     packing.onednn_linears(lin)
     geglu = layers.GEGLU(320, 640).to(BF)
     packing.onednn_linears(geglu)
-    for rows in (8, 2 * small_gemm.MAX_ROWS):
+    for rows in (8, 2 * small_gemm.MAX_ROWS[BF]):
         x = torch.randn(2, rows // 2, 320, dtype=BF)
         calls.clear()
         with torch.no_grad():
@@ -94,43 +101,53 @@ def test_linear_layers_take_it_for_few_rows(monkeypatch):
         assert (y.double() - ref).abs().max() <= 2.0 ** -7 * ref.abs().max()
         gref = h * F.gelu(gate)
         assert (g.double() - gref).abs().max() <= 2.0 ** -6 * gref.abs().max()
-        assert len(calls) == (3 if rows <= small_gemm.MAX_ROWS and _here() else 0)
+        assert len(calls) == (3 if rows <= small_gemm.MAX_ROWS[BF] and _here() else 0)
 
 
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
 @pytest.mark.parametrize("kernel,stride,padding,layout", [(3, 1, 1, CL), (3, 2, 1, CL),
                                                           (1, 1, 0, CL),
                                                           (3, 1, 1, torch.contiguous_format)])
-def test_packed_convolutions_take_it_at_small_sizes(kernel, stride, padding, layout,
+def test_packed_convolutions_take_it_at_small_sizes(kernel, stride, padding, layout, dtype,
                                                     monkeypatch):
-    """A packed bfloat16 convolution (winograd.Conv2d's, as the UNet and the VAE build them)
-    runs few output pixels on the kernel (its columns against the dense channels-last weight)
-    and many on oneDNN's packed weight, both within bfloat16 rounding of float64, bit for bit
-    the plain layer's (whose weight need not be channels-last), and moving between the two
-    sizes leaves its weight as it was: state_dict's values, and unpacked its values and
-    layout."""
+    """A packed convolution (winograd.Conv2d's, as the UNet and the VAE build them) runs few
+    output pixels as one product of its columns against the dense channels-last weight
+    (bfloat16 on the kernel; float32, for a large weight, on oneDNN's product) and many on
+    oneDNN's packed weight, both within rounding of float64, bit for bit the plain layer's
+    (whose weight need not be channels-last), and moving between the two sizes leaves its
+    weight as it was: state_dict's values, and unpacked its values and layout."""
     calls = []
     real = small_gemm.conv2d
     monkeypatch.setattr(small_gemm, "conv2d", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    conv = winograd.Conv2d(64, 96, kernel, stride=stride, padding=padding).to(BF)
+    cin, cout = (64, 96) if dtype == BF else (768, 640) if kernel == 3 else (2048, 2048)
+    conv = winograd.Conv2d(cin, cout, kernel, stride=stride, padding=padding).to(dtype)
+    conv.weight.data.mul_(8 / cin ** 0.5)  # outputs of a similar scale whatever the width
     conv.to(memory_format=layout)
     before = conv.weight.detach().clone()
     stride_before = conv.weight.stride()
-    xs = [torch.randn(2, 64, s, s, dtype=BF).contiguous(memory_format=CL) for s in (4, 32, 5, 4)]
+    xs = [torch.randn(2, cin, s, s, dtype=dtype).contiguous(memory_format=CL)
+          for s in (4, 32, 5, 4)]
     with torch.no_grad():
         plain = [conv(x) for x in xs]
     packing.pack(conv)
+    bound = 2.0 ** -7 if dtype == BF else 1e-4  # float32: sums of up to 6912 products
     for x, want in zip(xs, plain):
         side = x.shape[-1]
         calls.clear()
         with torch.no_grad():
             y = conv(x)
-        assert torch.equal(y, want), side
         ref = F.conv2d(x.double(), before.double(), conv.bias.double(), stride, padding)
         assert y.shape == ref.shape and y.is_contiguous(memory_format=CL)
-        assert (y.double() - ref).abs().max() <= 2.0 ** -7 * ref.abs().max(), side
-        small = 2 * ref.shape[2] * ref.shape[3] <= small_gemm.MAX_ROWS
-        assert len(calls) == (1 if small and _here() else 0), side
+        assert (y.double() - ref).abs().max() <= bound * ref.abs().max(), side
+        rows = 2 * ref.shape[2] * ref.shape[3]
+        small = (rows <= small_gemm.MAX_ROWS[dtype] and fused_attention.amx()
+                 and (dtype != BF or _here()))
+        assert len(calls) == small, side
+        # the plain layer's bits where the same product ran, and where oneDNN's packed
+        # convolution ran in bfloat16 (packing's contract; float32 within rounding there)
+        if small or dtype == BF:
+            assert torch.equal(y, want), side
     assert torch.equal(conv.state_dict()["weight"], before)
     packing.unpack(conv)
     assert torch.equal(conv.weight, before) and conv.weight.stride() == stride_before

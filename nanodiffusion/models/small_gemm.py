@@ -1,18 +1,22 @@
-"""bfloat16 products of few rows on AMX's tiles (small_gemm.cpp): y = x w^T + bias for Linear
-layers and, through their columns (im2col), convolutions, where the weight is read once from
-memory for few rows and the time is that read. SD 1.5's UNet at 256 px runs its 1280-channel
-levels at 4x4 and 8x8 (32 and 128 rows at batch 2), and its text encoder 154 rows: oneDNN's
-kernels read those weights at 7-10 GB/s where the two cores of an Intel Xeon with AMX read 26
-(a 1280-channel 3x3 convolution at 4x4, its weight not in cache: 2.2 -> 1.4 ms).
+"""Products of few rows: y = x w^T + bias for Linear layers and, through their columns (im2col),
+convolutions, where the weight is read once from memory for few rows and the time is that
+read. SD 1.5's UNet at 256 px runs its 1280-channel levels at 4x4 and 8x8 (32 and 128 rows at
+batch 2), and its text encoder 154 rows: oneDNN's kernels read those weights at 7-10 GB/s where
+the two cores of an Intel Xeon with AMX read 26 (a 1280-channel 3x3 convolution at 4x4, its
+weight not in cache: 2.2 -> 1.4 ms in bfloat16).
 
-`linear(x, weight, bias)` and `conv2d(conv, x, weight)` are the calls; `takes(x, n, k, rows)`
-and `takes_conv(conv, x, dtype)` say which products they run: bfloat16 on the CPU (callers
-route gradients elsewhere), at most MAX_ROWS rows, K (the inputs per row) and N (outputs)
-multiples of 32, where the CPU has AMX, Linux grants the tiles and the build succeeds
-(fused_attention's "amx" level and loader), and NANODIFFUSION_SMALL_GEMM is not 0. Elsewhere
-oneDNN's kernels run as before. The sums are in float32 with one rounding, as oneDNN's, in
-another order: the results differ in the last bfloat16 bit here and there (mean error against
-float64 1.6e-3 of the output's scale, oneDNN's 2.0e-3).
+bfloat16 runs on AMX's tiles (small_gemm.cpp); float32 convolutions with large weights run as
+one oneDNN product of their columns (oneDNN's convolution kernel is the slow one there).
+`linear(x, weight, bias)` and `conv2d(conv, x, weight, size)` are the calls; `takes(x, n, k,
+rows)` and `takes_conv(conv, x, dtype, size)` say which products they run: on the CPU (callers
+route gradients elsewhere), at most MAX_ROWS[dtype] rows, where the CPU has AMX (the only kind
+measured) and NANODIFFUSION_SMALL_GEMM is not 0; bfloat16 with K (the inputs per row) and N
+(outputs) multiples of 32, where Linux grants the tiles and the build succeeds
+(fused_attention's "amx" level and loader); float32 with N x K at least FLOAT32_MIN_WEIGHT.
+Elsewhere oneDNN's kernels run as before. The kernel's sums are in float32 with one rounding,
+as oneDNN's, in another order: the results differ in the last bfloat16 bit here and there (mean
+error against float64 1.6e-3 of the output's scale, oneDNN's 2.0e-3); float32's differ from the
+convolution's by float32 roundings.
 """
 import ctypes
 import os
@@ -29,11 +33,19 @@ ENV = "NANODIFFUSION_SMALL_GEMM"
 FUNCTION = "nd_small_gemm_bf16"
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, ctypes.c_int]
-# Rows taken: up to here the weight's read from memory is the product's time and the kernel
-# beats oneDNN's (2 threads, AMX Xeon, weights not in cache: 32 x 11520 -> 1280 1.4 against
-# 2.2 ms, 154 x 768 -> 3072 0.9 against 1.3, 128 x 11520 -> 1280 both 3.7); past it oneDNN's
-# blocking for cache wins (512 x 11520 -> 1280: 11.4 against 9.0 ms)
-MAX_ROWS = 160
+# Rows taken, by dtype. bfloat16: up to here the weight's read from memory is the product's
+# time and the kernel beats oneDNN's (2 threads, AMX Xeon, weights not in cache: 32 x 11520 ->
+# 1280 1.4 against 2.2 ms, 154 x 768 -> 3072 0.9 against 1.3, 128 x 11520 -> 1280 both 3.7);
+# past it oneDNN's blocking for cache wins (512 x 11520 -> 1280: 11.4 against 9.0 ms).
+# float32: a convolution of few output pixels with a weight of at least FLOAT32_MIN_WEIGHT
+# elements runs as one oneDNN product of its columns (no kernel of ours: an AVX-512 one ran at
+# 0.14 TFLOP/s there, below oneDNN's product), which beats oneDNN's convolution on them: SD
+# 1.5's UNet call at 256 px 1.52 -> 1.41 s with 128 rows (1.35 with 512, noise apart), 512 px
+# unchanged. Smaller weights keep the convolution, whose bits diffusers' match (TAESD, the
+# VAE's layers, up to its 512-channel 3x3's 2.4M); the product's are float32 roundings apart
+# (3e-8).
+MAX_ROWS = {torch.bfloat16: 160, torch.float32: 128}
+FLOAT32_MIN_WEIGHT = 1 << 22  # elements: SD 1.5's 1280-channel 3x3 convolutions (14.7M)
 
 
 def library():
@@ -45,20 +57,30 @@ def library():
 
 
 def takes(x, n, k, rows):
-    """Whether the kernel runs `rows` rows of `x` (bfloat16, K = `k` each) against a bfloat16
-    weight of `n` rows (the caller checks the weight's dtype and that no gradient is wanted)."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < rows <= MAX_ROWS
-            and n % 32 == 0 and k % 32 == 0 and library() is not None)
+    """Whether `linear` runs `rows` rows of `x` (K = `k` each) against a weight of `n` rows in
+    x's dtype (the caller checks the weight's dtype and that no gradient is wanted): bfloat16 on
+    the kernel (n and k multiples of 32); float32 as oneDNN's product, for a weight of at least
+    FLOAT32_MIN_WEIGHT elements (`conv2d`'s columns; measured faster on an AMX CPU only)."""
+    if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS.get(x.dtype, 0):
+        return False
+    if x.dtype == torch.float32:
+        return (n * k >= FLOAT32_MIN_WEIGHT and fused_attention.amx()
+                and os.environ.get(ENV, "1") != "0" and torch.backends.mkldnn.is_available()
+                and hasattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"))
+    return n % 32 == 0 and k % 32 == 0 and library() is not None
 
 
 def linear(x, weight, bias=None):
-    """x @ weight.T + bias (x: (..., K); weight: (N, K), its rows contiguous) on the kernel, as
-    `takes` takes it."""
+    """x @ weight.T + bias (x: (..., K); weight: (N, K), its rows contiguous) on the kernel
+    (float32: oneDNN's product), as `takes` takes it."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     b = None if bias is None else bias.detach()
-    y = torch.ops.nanodiffusion.small_linear(rows, weight.detach(), b)
+    if x.dtype == torch.float32:
+        y = torch.ops.mkldnn._linear_pointwise(rows, weight.detach(), b, "none", [], "")
+    else:
+        y = torch.ops.nanodiffusion.small_linear(rows, weight.detach(), b)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -84,7 +106,7 @@ def takes_conv(conv, x, dtype, size):
     and width, winograd.output_size): a plain convolution (zero padding, no dilation, one
     group) whose product `takes`. winograd.Conv2d and its packed form (packing.PackedConv2d)
     ask alike, so packing changes no bits."""
-    if (dtype != torch.bfloat16 or x.dim() != 4 or conv.groups != 1
+    if (dtype != x.dtype or x.dim() != 4 or conv.groups != 1
             or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros"
             or isinstance(conv.padding, str)):
         return False
