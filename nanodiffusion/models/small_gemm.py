@@ -41,10 +41,10 @@ ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, ctypes.c_int
 # float32: a convolution of few output pixels with a weight of at least FLOAT32_MIN_WEIGHT
 # elements runs as one oneDNN product of its columns (no kernel of ours: an AVX-512 one ran at
 # 0.14 TFLOP/s there, below oneDNN's product), which beats oneDNN's convolution on them: SD
-# 1.5's UNet call at 256 px 1.52 -> 1.41 s with 128 rows (1.35 with 512, noise apart), 512 px
-# unchanged. Smaller weights keep the convolution, whose bits diffusers' match (TAESD, the
-# VAE's layers, up to its 512-channel 3x3's 2.4M); the product's are float32 roundings apart
-# (3e-8).
+# 1.5's UNet call at 256 px 1.49 -> 1.37 s (every small convolution so, without the weight's
+# floor: 1.52 -> 1.41 s at 128 rows, 1.35 at 512, noise apart), 512 px unchanged. Smaller
+# weights keep the convolution, whose bits diffusers' match (TAESD, the VAE's layers, up to
+# its 512-channel 3x3's 2.4M); the product's are float32 roundings apart (3e-8).
 MAX_ROWS = {torch.bfloat16: 160, torch.float32: 128}
 FLOAT32_MIN_WEIGHT = 1 << 22  # elements: SD 1.5's 1280-channel 3x3 convolutions (14.7M)
 
