@@ -26,9 +26,10 @@ block only (low memory, whose parts go to disk after each run).
 
 A float32 call that Winograd's F(4x4, 3x3) is to run (models/winograd.py's rule, the one the
 plain layer asks too) runs it on the dense weight, which a packed weight gives back for it; so
-does a bfloat16 call of few output pixels on an AMX CPU (models/small_gemm.py's rule, asked by
-the plain layer too), which reads the dense weight laid out channels-last: at SD 1.5's 4x4 and
-8x8 levels the weight's read from memory is the call's time, which that kernel makes faster.
+does a call of few output pixels on an AMX CPU (models/small_gemm.py's rule, asked by the plain
+layer too: one product of its columns, bfloat16 on small_gemm's kernel, float32 with a large
+weight on oneDNN's), which reads the dense weight laid out channels-last: at SD 1.5's 4x4 and
+8x8 levels the weight's read from memory is the call's time, which a product makes faster.
 
 Other dtypes are left as they are (bfloat16 too where this CPU's oneDNN lacks it: `packs`), and
 so is anything that is not a plain zero-padded Conv2d on the CPU, or a torch without the mkldnn
@@ -102,7 +103,7 @@ class PackedConv2d(nn.Conv2d):
             self._put(torch.empty(0, dtype=self._packed.dtype))  # the packed one holds it
 
     def _few_rows(self, x, size):
-        """Whether this call runs on small_gemm's kernel, on the dense channels-last weight:
+        """Whether this call runs as small_gemm's product, on the dense channels-last weight:
         where the plain layer's would (winograd.Conv2d's rule; torch's nn.Conv2d has none), so
         packing changes no bits."""
         dtype = (self._parameters["weight"] if self._packed is None else self._packed).dtype

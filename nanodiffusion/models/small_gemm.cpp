@@ -22,7 +22,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 
 #include "amx_tiles.h"
 

@@ -49,9 +49,13 @@ MAX_ROWS = {torch.bfloat16: 160, torch.float32: 128}
 FLOAT32_MIN_WEIGHT = 1 << 22  # elements: SD 1.5's 1280-channel 3x3 convolutions (14.7M)
 
 
+def _enabled():
+    return os.environ.get(ENV, "1") != "0"
+
+
 def library():
     """The loaded library, or None where it does not run here (see the module's text)."""
-    if os.environ.get(ENV, "1") == "0" or LEVEL not in fused_attention.cpu_levels():
+    if not _enabled() or LEVEL not in fused_attention.cpu_levels():
         return None
     return fused_attention.load(LEVEL, SOURCE, [FUNCTION], ARGTYPES,
                                 "small-product kernel not built, oneDNN's runs")
@@ -65,8 +69,10 @@ def takes(x, n, k, rows):
     if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS.get(x.dtype, 0):
         return False
     if x.dtype == torch.float32:
-        return (n * k >= FLOAT32_MIN_WEIGHT and fused_attention.amx()
-                and os.environ.get(ENV, "1") != "0" and torch.backends.mkldnn.is_available()
+        # oneDNN's product: winograd.onednn_product's check, written here because winograd
+        # imports this module
+        return (n * k >= FLOAT32_MIN_WEIGHT and fused_attention.amx() and _enabled()
+                and torch.backends.mkldnn.is_available()
                 and hasattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"))
     return n % 32 == 0 and k % 32 == 0 and library() is not None
 
@@ -116,7 +122,7 @@ def takes_conv(conv, x, dtype, size):
 
 
 def conv2d(conv, x, weight, size):
-    """conv(x) with `weight` on the kernel, channels-last out, as `takes_conv` takes it: x's
+    """conv(x) with `weight` as `linear` runs it, channels-last out, as `takes_conv` takes it: x's
     columns against the weight's rows (a channels-last weight's memory is that matrix as it
     lies; another layout is copied to it, every call)."""
     y = linear(columns(conv, x, size),

@@ -286,9 +286,10 @@ class Conv2d(nn.Conv2d):
     says, without gradients: the UNet's and the VAE's stride-1 3x3 convolutions. Its packed
     form (models/packing.py) makes the same choice, so packing changes no bits. A bfloat16 call
     where oneDNN has no bfloat16 computes in float32 (`computes_in_float32`: Winograd's too,
-    where worth_it says), and one of few output pixels on an AMX CPU runs as a product on
-    small_gemm's kernel (`small_gemm.takes_conv`, which the packed form asks too); the UNet and
-    the VAE build all their convolutions from this class."""
+    where worth_it says), and one of few output pixels on an AMX CPU runs as one product of its
+    columns (`small_gemm.takes_conv`, which the packed form asks too: bfloat16 on small_gemm's
+    kernel, float32 with a large weight on oneDNN's product); the UNet and the VAE build all
+    their convolutions from this class."""
 
     def forward(self, x):
         if needs_grad(self, x):
@@ -297,7 +298,7 @@ class Conv2d(nn.Conv2d):
             return conv3x3(x, self.weight, self.bias, dtype=x.dtype)
         if not computes_in_float32(x):
             size = output_size(self, x)
-            if small_gemm.takes_conv(self, x, self.weight.dtype, size):  # bf16, few rows, AMX
+            if small_gemm.takes_conv(self, x, self.weight.dtype, size):  # few rows, AMX CPU
                 return small_gemm.conv2d(self, x, self.weight, size)
             return super().forward(x)
         plain = self.padding_mode == "zeros" and not isinstance(self.padding, str)
