@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import nanodiffusion
 import tiny_sd
-from nanodiffusion.models import packing, winograd
+from nanodiffusion.models import fused_attention, packing, winograd
 
 PROMPT = "a red circle above a blue square"
 
@@ -149,10 +149,13 @@ def test_pipelines_run_it_and_low_memory_still_gives_the_default_bytes(everywher
     assert diff.max() <= 2
 
 
-def test_the_products_run_on_onednn_and_equal_bmm():
+@pytest.mark.parametrize("on_mkl", [False, True])
+def test_the_products_run_on_the_kernel_of_the_rule_and_equal_bmm(monkeypatch, on_mkl):
     """The 36 products of the transformed tiles and filter (winograd.products) are torch.bmm's
-    within float32 rounding, and a convolution's run on oneDNN's kernel (torch.bmm's float32 is
-    MKL's, which runs AVX2 code on AMD CPUs)."""
+    within float32 rounding, and a convolution's run as one torch.bmm where on_mkl
+    (Intel CPUs: MKL's AVX-512 code), else on oneDNN's kernel (torch.bmm's float32 is MKL's,
+    which runs AVX2 code on AMD CPUs); its transforms (winograd._mm) on the same."""
+    monkeypatch.setattr(winograd, "on_mkl", lambda: on_mkl)
     g = torch.Generator().manual_seed(3)
     v = torch.randn(36, 50, 24, generator=g)
     u = winograd.filter_transform(torch.randn(16, 24, 3, 3, generator=g))
@@ -161,9 +164,24 @@ def test_the_products_run_on_onednn_and_equal_bmm():
     x, w = torch.randn(1, 24, 12, 12, generator=g), torch.randn(16, 24, 3, 3, generator=g)
     with torch.profiler.profile() as prof:
         got = winograd.conv3x3(x, w)
-    keys = {e.key for e in prof.key_averages()}
-    assert "mkldnn::_linear_pointwise" in keys and not keys & {"aten::bmm", "aten::mm"}
+    counts = {e.key: e.count for e in prof.key_averages()}
+    if on_mkl:  # the filter's, the tiles' and the output's transforms, and the products
+        assert counts.get("aten::bmm") == 1 and counts.get("aten::mm") == 3
+        assert "mkldnn::_linear_pointwise" not in counts
+    else:
+        assert counts.get("aten::bmm", 0) == 0 and "aten::mm" not in counts
+        assert counts.get("mkldnn::_linear_pointwise") == 36 + 3
     assert _relative_error(got, x, w, None) < 5e-6
+
+
+def test_the_products_are_on_mkl_on_intel_cpus_only(monkeypatch):
+    """on_mkl: where MKL is in this torch and the CPU is Intel's, not AMD's."""
+    for vendor, expected in [("GenuineIntel", torch.backends.mkl.is_available()),
+                             ("AuthenticAMD", False), ("", False)]:
+        monkeypatch.setattr(fused_attention, "cpu_vendor", lambda v=vendor: v)
+        winograd.on_mkl.cache_clear()
+        assert winograd.on_mkl() is expected
+    winograd.on_mkl.cache_clear()
 
 
 class _Dtypes(torch.utils._python_dispatch.TorchDispatchMode):

@@ -51,16 +51,29 @@ _libs = {}  # (source, level) -> its loaded library, or None where its build fai
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flags():
-    """The flags /proc/cpuinfo lists (Linux; empty elsewhere), read once."""
+def _cpuinfo():
+    """The first processor's fields in /proc/cpuinfo (Linux; empty elsewhere), read once."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break  # the end of the first processor's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def cpu_flags():
+    """The flags /proc/cpuinfo lists (Linux; empty elsewhere)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_vendor():
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"; "" where there is none)."""
+    return _cpuinfo().get("vendor_id", "")
 
 
 @functools.lru_cache(maxsize=None)

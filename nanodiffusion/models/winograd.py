@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import small_gemm
+from . import fused_attention, small_gemm
 
 M, R = 4, 3          # outputs per tile side, filter side
 A = M + R - 1        # tile side: 6
@@ -115,21 +115,36 @@ def onednn_product():
 
 
 def _mm(a, b):
-    """a @ b (a small transform matrix times long operands) on oneDNN where this torch has it
-    (as `products`: on the 2-core AMD EPYC 2x faster than MKL's, the same values here)."""
+    """a @ b (a small transform matrix times long operands): torch's own where on_mkl, else on
+    oneDNN where this torch has it (as `products`: on the 2-core AMD EPYC 2x faster than MKL's,
+    the same values there)."""
     op = onednn_product()
-    return a @ b if op is None else op(a, b.T, None, "none", [], "")
+    return a @ b if op is None or on_mkl() else op(a, b.T, None, "none", [], "")
+
+
+@lru_cache(maxsize=None)
+def on_mkl():
+    """Whether Winograd's matrix products (`products`, `_mm`) run on torch's own, MKL's sgemm:
+    on Intel CPUs, where MKL runs its AVX-512 code. On a 2-core Intel Xeon with AMX, against
+    oneDNN's kernel (/tmp scripts, float32):
+    - `products`, (A², T, C) tiles times (A², C, K): 64 x 320 -> 320 3.6 -> 1.8 ms, 128 x 320
+      -> 320 5.2 -> 3.2, 896 x 128 -> 128 5.9 -> 3.4, 1024 x 512 -> 512 95 -> 89, 512 x 1280
+      -> 1280 227 -> 225: never slower;
+    - `_mm`: the filter transform of 204800 filters 5.0 -> 1.3 ms, the output transform of
+      327680 columns 3.5 -> 1.8.
+    Elsewhere (AMD) oneDNN's: MKL's sgemm runs its AVX2 code there (`products`)."""
+    return torch.backends.mkl.is_available() and fused_attention.cpu_vendor() == "GenuineIntel"
 
 
 def products(v, u):
     """torch.bmm(v, u) of the tiles (A², T, C) and the transformed filter (A², C, K, as
-    filter_transform gives it), each of the A² products on oneDNN's kernel where this torch has
-    it: torch.bmm's float32 is MKL's sgemm, which runs its AVX2 code on AMD CPUs (on a 2-core
-    AMD EPYC with AVX-512 these products ran 1.4-2x faster on oneDNN: 320 channels, 64 tiles
-    5.0 -> 2.5 ms; 512 channels, 1024 tiles 119 -> 73 ms). The same products within float32
-    rounding."""
+    filter_transform gives it): torch.bmm itself where on_mkl, else each of the A²
+    products on oneDNN's kernel where this torch has it (torch.bmm's float32 is MKL's sgemm,
+    which runs its AVX2 code on AMD CPUs: on a 2-core AMD EPYC with AVX-512 these products ran
+    1.4-2x faster on oneDNN: 320 channels, 64 tiles 5.0 -> 2.5 ms; 512 channels, 1024 tiles
+    119 -> 73 ms). The same products within float32 rounding."""
     op = onednn_product()
-    if op is None:
+    if op is None or on_mkl():
         return torch.bmm(v, u)
     w = u.transpose(1, 2)  # (A², K, C): filter_transform's own layout, no copy
     out = v.new_empty(v.shape[0], v.shape[1], u.shape[2])
