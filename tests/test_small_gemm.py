@@ -1,6 +1,6 @@
-"""The few-row bfloat16 product on AMX's tiles (models/small_gemm.cpp): built where the CPU has
-AMX and Linux grants the tiles, within bfloat16 rounding of float64 (no more error than
-oneDNN's product), and the paths that take it at inference: Linear layers (packing.OneDNNLinear,
+"""The few-row products of models/small_gemm.cpp, bfloat16 on AMX's tiles and float32 on
+AVX-512: built where the CPU has AMX and Linux grants the tiles, within rounding of float64
+(no more error than oneDNN's product), and the paths that take them at inference: Linear layers (packing.OneDNNLinear,
 GEGLU) and packed convolutions (their columns), which give the weight back as it was."""
 import shutil
 import subprocess
@@ -77,6 +77,37 @@ def test_values_within_bfloat16_rounding_of_float64():
         err, err_onednn = (y.double() - ref).abs(), (one.double() - ref).abs()
         assert err.mean() <= err_onednn.mean() * 1.1, (M, K, N)
         assert (err <= 2 * 2.0 ** -8 * ref.abs() + 1e-3).all(), (M, K, N)
+
+
+def _ops(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.key for e in prof.key_averages()}
+
+
+def test_float32_values_within_rounding_of_float64():
+    """float32 up to F32_ROWS rows (N a multiple of 4) on the kernel, more on oneDNN's product:
+    row counts of one and two vectors and off them (1, 5, 16, 17, 32), K of any size, a row
+    stride past K, with and without bias; no element further from float64 than twice oneDNN's
+    worst (the kernel's sums in chunks of 128 k)."""
+    torch.manual_seed(0)
+    for M, K, N, bias in ((1, 37, 4, True), (5, 300, 100, False), (16, 1000, 64, True),
+                          (17, 2880, 320, True), (32, 11520, 128, True), (33, 640, 64, True),
+                          (8, 640, 66, False)):
+        base = torch.randn(M, K + 16)
+        x = base[:, 8:8 + K]  # rows K + 16 apart
+        w = torch.randn(N, K) / K ** 0.5
+        b = torch.randn(N) if bias else None
+        with torch.no_grad():
+            y, ops = _ops(lambda: small_gemm.linear(x, w, b))
+            ref = x.double() @ w.double().T + (0 if b is None else b.double())
+            one = torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
+        kernel = M <= small_gemm.F32_ROWS and N % 4 == 0 and _here()
+        assert ("nanodiffusion::small_linear" in ops) == kernel, (M, K, N, ops)
+        assert ("mkldnn::_linear_pointwise" in ops) != kernel, (M, K, N, ops)
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        err, err_onednn = (y.double() - ref).abs(), (one.double() - ref).abs()
+        assert err.max() <= 2 * err_onednn.max() + 1e-7, (M, K, N, err.max(), err_onednn.max())
 
 
 def test_linear_layers_take_it_for_few_rows(monkeypatch):

@@ -16,10 +16,18 @@
 // thread's float32 sums between chunks. At the end the sums are transposed back, the bias
 // added and rounded once to bfloat16. (Blocks of 64 rows of w a B tile, and chunks of 8 or 16
 // k tiles or of all K, measured no faster on an AMX Xeon; at 128 rows of x the kernel runs at
-// 1.4 TFLOP/s, limited by x's tiles read from L2, about oneDNN's speed there.)
+// 1.4 TFLOP/s, limited by x's tiles read from L2, about oneDNN's speed there. Loops over
+// chunks of k outside the blocks of w, so that x's chunk stays in L1 or L2, measured no faster
+// at 128 rows and slower at 32; with x's tiles fixed in L1 (wrong values) it ran at 1.7
+// TFLOP/s; with w's fixed, no faster than unfixed.)
 // Tiles: 0-3 results, 4-5 A (w), 6-7 B (x).
+//
+// A float32 product of at most 32 rows too (nd_small_gemm_f32: sums of outer products on
+// AVX-512, below), for float32 convolutions of few output pixels (small_gemm.py's F32_ROWS).
 #include <immintrin.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -86,6 +94,86 @@ void store_rows(const float* c, const float* bias, bf16* y, int64_t ys, int64_t 
         const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[i]), b);
         _mm256_storeu_si256((__m256i*)(y + (m0 + i) * ys + n0), (__m256i)_mm512_cvtneps_pbh(v));
     }
+}
+
+// float32, at most 32 rows (F32_ROWS): y^T = w x^T as sums of outer products, k by k: w's
+// element broadcast (read from w's rows as they lie, 12 of them at a time) times x^T's row of
+// 16 or 32 floats (one or two vectors: MV), into 12 x MV accumulators. x^T is packed first
+// (K x 16 MV floats, zero past M), and read KCH32 k at a time (the chunk stays in L1) by each
+// block of w's rows; each chunk's sums start from zero and are added to the thread's float32
+// sums (acc), so that rounding errors grow with KCH32 and K / KCH32, not with K.
+constexpr int F32_ROWS = 32;
+constexpr int64_t KCH32 = 128;
+
+// x's rows (M of them, zero past M up to 16 MV) transposed: xt[k][m] = x[m][k], 16 x 16 at a time
+void pack_t32(const float* x, int64_t xs, int64_t M, int64_t K, int MV, float* xt) {
+    const int MP = 16 * MV;
+#pragma omp for schedule(static)
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int nk = K - k0 < 16 ? (int)(K - k0) : 16;
+        const __mmask16 km = (__mmask16)((1u << nk) - 1);
+        for (int mb = 0; mb < MV; ++mb) {
+            __m512i r[16];
+            for (int c = 0; c < 16; ++c) {
+                const int64_t m = 16 * mb + c;
+                r[c] = m < M ? _mm512_maskz_loadu_epi32(km, x + m * xs + k0)
+                             : _mm512_setzero_si512();
+            }
+            transpose16(r);
+            for (int i = 0; i < nk; ++i) _mm512_storeu_si512(xt + (k0 + i) * MP + 16 * mb, r[i]);
+        }
+    }
+}
+
+// acc[r][v] += the sums over k0 .. k1 of w[r][k] xt[k][16 v ..], for NR rows of w from wr
+template <int NR, int MV>
+inline void outer_block(const float* wr, int64_t ws, const float* xt, int64_t k0, int64_t k1,
+                        float* acc) {
+    __m512 c[NR][MV];
+    for (int r = 0; r < NR; ++r)
+        for (int v = 0; v < MV; ++v) c[r][v] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+        __m512 x[MV];
+        for (int v = 0; v < MV; ++v) x[v] = _mm512_loadu_ps(xt + k * 16 * MV + 16 * v);
+        for (int r = 0; r < NR; ++r) {
+            const __m512 a = _mm512_set1_ps(wr[r * ws + k]);
+            for (int v = 0; v < MV; ++v) c[r][v] = _mm512_fmadd_ps(a, x[v], c[r][v]);
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int v = 0; v < MV; ++v) {
+            float* o = acc + (r * MV + v) * 16;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), c[r][v]));
+        }
+}
+
+// the float32 product, MV vectors of x^T's rows (M <= 16 MV), inside the parallel region
+template <int MV>
+void gemm_f32(const float* x, int64_t xs, const float* w, int64_t ws, const float* bias,
+              float* y, int64_t ys, int64_t M, int64_t N, int64_t K, float* xt) {
+    constexpr int NR = 12;  // rows of w at a time (24 at one vector: slower, 24 streams)
+    constexpr int MP = 16 * MV;
+    pack_t32(x, xs, M, K, MV, xt);  // ends with omp for's barrier
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t q = N / 4, n0 = 4 * (q * t / T), n1 = 4 * (q * (t + 1) / T);  // 4-row blocks
+    float* acc = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MP * (n1 - n0 + 1)));
+    std::fill(acc, acc + MP * (n1 - n0), 0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += KCH32) {
+        const int64_t k1 = k0 + KCH32 < K ? k0 + KCH32 : K;
+        int64_t n = n0;
+        for (; n + NR <= n1; n += NR) {
+            if (n + 2 * NR <= n1)  // the next block's rows of this chunk on their way
+                for (int r = 0; r < NR; ++r)
+                    for (int64_t l = k0; l < k1; l += 16)
+                        _mm_prefetch((const char*)(w + (n + NR + r) * ws + l), _MM_HINT_T0);
+            outer_block<NR, MV>(w + n * ws, ws, xt, k0, k1, acc + (n - n0) * MP);
+        }
+        for (; n < n1; n += 4) outer_block<4, MV>(w + n * ws, ws, xt, k0, k1, acc + (n - n0) * MP);
+    }
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m)
+            y[m * ys + n] = acc[(n - n0) * MP + m] + (bias ? bias[n] : 0.0f);
+    std::free(acc);
 }
 
 }  // namespace
@@ -156,6 +244,23 @@ extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int6
         }
         std::free(acc);
         _tile_release();
+    }
+    return 0;
+}
+
+// y (M x N, row stride ys) = x (M x K, row stride xs) w^T (w: N x K, row stride ws) + bias
+// (N, or null), all float32; M at most F32_ROWS, N a multiple of 4. packed: scratch for x^T,
+// room for K x 32 floats. 0 on success, -1 for shapes it does not take.
+extern "C" int nd_small_gemm_f32(const float* x, int64_t xs, const float* w, int64_t ws,
+                                 const float* bias, float* y, int64_t ys, int64_t M, int64_t N,
+                                 int64_t K, float* packed, int threads) {
+    if (M <= 0 || M > F32_ROWS || N % 4 || K <= 0) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        if (M <= 16)
+            gemm_f32<1>(x, xs, w, ws, bias, y, ys, M, N, K, packed);
+        else
+            gemm_f32<2>(x, xs, w, ws, bias, y, ys, M, N, K, packed);
     }
     return 0;
 }

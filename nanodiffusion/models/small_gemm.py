@@ -7,7 +7,9 @@ the two cores of an Intel Xeon with AMX read 26 (bfloat16, a 1280-channel 3x3 co
 product; oneDNN's convolution took 2.9 ms in the UNet's call).
 
 bfloat16 runs on AMX's tiles (small_gemm.cpp); float32 convolutions with large weights run as
-one oneDNN product of their columns (oneDNN's convolution kernel is the slow one there).
+one product of their columns (oneDNN's convolution kernel is the slow one there): up to
+F32_ROWS rows on small_gemm.cpp's float32 kernel (sums of outer products on AVX-512), more on
+oneDNN's product.
 `linear(x, weight, bias)` and `conv2d(conv, x, weight, size)` are the calls; `takes(x, n, k,
 rows)` and `takes_conv(conv, x, dtype, size)` say which products they run: on the CPU (callers
 route gradients elsewhere), at most MAX_ROWS[dtype] rows, where the CPU has AMX (the only kind
@@ -31,7 +33,7 @@ from . import fused_attention
 SOURCE = Path(__file__).with_name("small_gemm.cpp")
 LEVEL = "amx"
 ENV = "NANODIFFUSION_SMALL_GEMM"
-FUNCTION = "nd_small_gemm_bf16"
+FUNCTIONS = {torch.bfloat16: "nd_small_gemm_bf16", torch.float32: "nd_small_gemm_f32"}
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, ctypes.c_int]
 # Rows taken, by dtype. bfloat16: up to here the weight's read from memory is the product's
@@ -39,14 +41,22 @@ ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, ctypes.c_int
 # 1280 1.4 against 2.2 ms, 154 x 768 -> 3072 0.9 against 1.3, 128 x 11520 -> 1280 both 3.7);
 # past it oneDNN's blocking for cache wins (512 x 11520 -> 1280: 11.4 against 9.0 ms).
 # float32: a convolution of few output pixels with a weight of at least FLOAT32_MIN_WEIGHT
-# elements runs as one oneDNN product of its columns (no kernel of ours: an AVX-512 one ran at
-# 0.14 TFLOP/s there, below oneDNN's product), which beats oneDNN's convolution on them: SD
+# elements runs as one product of its columns (oneDNN's, or up to F32_ROWS the kernel's: an
+# AVX-512 kernel of dot products ran at 0.14 TFLOP/s at 128 rows, below oneDNN's product; the
+# kernel's outer products beat it at 32 rows only), which beats oneDNN's convolution: SD
 # 1.5's UNet call at 256 px 1.49 -> 1.37 s (every small convolution so, without the weight's
 # floor: 1.52 -> 1.41 s at 128 rows, 1.35 at 512, noise apart), 512 px unchanged. Smaller
 # weights keep the convolution, whose bits diffusers' match (TAESD, the VAE's layers, up to
 # its 512-channel 3x3's 2.4M); the product's are float32 roundings apart (3e-8).
 MAX_ROWS = {torch.bfloat16: 160, torch.float32: 128}
 FLOAT32_MIN_WEIGHT = 1 << 22  # elements: SD 1.5's 1280-channel 3x3 convolutions (14.7M)
+# float32 rows up to which those products run on the kernel (small_gemm.cpp's F32_ROWS), past
+# it on oneDNN's. 2 threads, AMX Xeon, weights not in cache (/tmp script), against oneDNN's
+# product: 32 x 11520 -> 1280 4.6 against 5.9 ms, 32 x 23040 -> 1280 9.3 against 11.3, 16 x
+# 11520 -> 1280 3.8 against 4.3; in SD 1.5's UNet call at 256 px (the 4x4 level) 4.5 against
+# 5.5 and 8.9 against 10.4 ms. Its sums in chunks of 128 k: the max error against float64
+# 1.5-2.6e-6 of the output's scale, oneDNN's 2.7-3.1e-6 (one running sum: 1.8e-5).
+F32_ROWS = 32
 
 
 def _enabled():
@@ -57,7 +67,7 @@ def library():
     """The loaded library, or None where it does not run here (see the module's text)."""
     if not _enabled() or LEVEL not in fused_attention.cpu_levels():
         return None
-    return fused_attention.load(LEVEL, SOURCE, [FUNCTION], ARGTYPES,
+    return fused_attention.load(LEVEL, SOURCE, list(FUNCTIONS.values()), ARGTYPES,
                                 "small-product kernel not built, oneDNN's runs")
 
 
@@ -79,12 +89,14 @@ def takes(x, n, k, rows):
 
 def linear(x, weight, bias=None):
     """x @ weight.T + bias (x: (..., K); weight: (N, K), its rows contiguous) on the kernel
-    (float32: oneDNN's product), as `takes` takes it."""
+    (float32: up to F32_ROWS rows, N a multiple of 4, where it is built; else oneDNN's
+    product), as `takes` takes it."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     b = None if bias is None else bias.detach()
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and not (rows.shape[0] <= F32_ROWS and weight.shape[0] % 4 == 0
+                                         and library() is not None):
         y = torch.ops.mkldnn._linear_pointwise(rows, weight.detach(), b, "none", [], "")
     else:
         y = torch.ops.nanodiffusion.small_linear(rows, weight.detach(), b)
@@ -134,9 +146,12 @@ def _run(x, w, b):
     M, K = x.shape
     N = w.shape[0]
     y = x.new_empty(M, N)
-    packed = x.new_empty((M + 31) // 32 * 32 * K)  # the kernel's B tiles (an even block count)
+    if x.dtype == torch.float32:
+        packed = x.new_empty(K * F32_ROWS)  # x^T
+    else:
+        packed = x.new_empty((M + 31) // 32 * 32 * K)  # the kernel's B tiles (an even block count)
     b = None if b is None else b.float().contiguous()  # added to the float32 sums
-    err = getattr(library(), FUNCTION)(
+    err = getattr(library(), FUNCTIONS[x.dtype])(
         x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
         y.data_ptr(), N, M, N, K, packed.data_ptr(), torch.get_num_threads())
     if err:
