@@ -25,7 +25,8 @@ def test_built_wherever_the_cpu_and_a_compiler_allow():
     assert (small_gemm.library() is not None) == _here()
     x = torch.randn(4, 64, dtype=BF)
     assert small_gemm.takes(x, 64, 64, 4) == _here()
-    # float32 needs no kernel of ours (oneDNN's product), where measured faster: AMX CPUs
+    # float32 needs no build of ours (oneDNN's product is its fallback), where measured
+    # faster: AMX CPUs
     assert small_gemm.takes(x.float(), 2048, 2048, 4) == fused_attention.amx()
 
 
@@ -143,7 +144,8 @@ def test_packed_convolutions_take_it_at_small_sizes(kernel, stride, padding, lay
                                                     monkeypatch):
     """A packed convolution (winograd.Conv2d's, as the UNet and the VAE build them) runs few
     output pixels as one product of its columns against the dense channels-last weight
-    (bfloat16 on the kernel; float32, for a large weight, on oneDNN's product) and many on
+    (bfloat16 on the kernel; float32, for a large weight, on the float32 kernel up to F32_ROWS
+    rows, else oneDNN's product) and many on
     oneDNN's packed weight, both within rounding of float64, bit for bit the plain layer's
     (whose weight need not be channels-last), and moving between the two sizes leaves its
     weight as it was: state_dict's values, and unpacked its values and layout."""

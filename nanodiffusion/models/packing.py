@@ -28,7 +28,8 @@ A float32 call that Winograd's F(4x4, 3x3) is to run (models/winograd.py's rule,
 plain layer asks too) runs it on the dense weight, which a packed weight gives back for it; so
 does a call of few output pixels on an AMX CPU (models/small_gemm.py's rule, asked by the plain
 layer too: one product of its columns, bfloat16 on small_gemm's kernel, float32 with a large
-weight on oneDNN's), which reads the dense weight laid out channels-last: at SD 1.5's 4x4 and
+weight on its float32 kernel or, past F32_ROWS rows, oneDNN's product), which reads the dense
+weight laid out channels-last: at SD 1.5's 4x4 and
 8x8 levels the weight's read from memory is the call's time, which a product makes faster.
 
 Other dtypes are left as they are (bfloat16 too where this CPU's oneDNN lacks it: `packs`), and

@@ -74,8 +74,10 @@ def library():
 def takes(x, n, k, rows):
     """Whether `linear` runs `rows` rows of `x` (K = `k` each) against a weight of `n` rows in
     x's dtype (the caller checks the weight's dtype and that no gradient is wanted): bfloat16 on
-    the kernel (n and k multiples of 32); float32 as oneDNN's product, for a weight of at least
-    FLOAT32_MIN_WEIGHT elements (`conv2d`'s columns; measured faster on an AMX CPU only)."""
+    the kernel (n and k multiples of 32); float32, for a weight of at least FLOAT32_MIN_WEIGHT
+    elements (`conv2d`'s columns; measured faster on an AMX CPU only), on the float32 kernel or
+    oneDNN's product (`linear` chooses by the rows; oneDNN's is the fallback, so it must be
+    there)."""
     if x.device.type != "cpu" or not 0 < rows <= MAX_ROWS.get(x.dtype, 0):
         return False
     if x.dtype == torch.float32:

@@ -303,7 +303,8 @@ class Conv2d(nn.Conv2d):
     where oneDNN has no bfloat16 computes in float32 (`computes_in_float32`: Winograd's too,
     where worth_it says), and one of few output pixels on an AMX CPU runs as one product of its
     columns (`small_gemm.takes_conv`, which the packed form asks too: bfloat16 on small_gemm's
-    kernel, float32 with a large weight on oneDNN's product); the UNet and the VAE build all
+    kernel, float32 with a large weight on its float32 kernel up to small_gemm.F32_ROWS rows,
+    on oneDNN's product past them); the UNet and the VAE build all
     their convolutions from this class."""
 
     def forward(self, x):
