@@ -176,10 +176,12 @@ def test_best_of_in_low_memory(pair):
 
 def test_large_latents_are_decoded_in_tiles(monkeypatch, pair):
     """Above offload.TILE latents per side low memory decodes in tiles (VAE.tiled_decode);
-    at TILE or less, and always without low memory, the whole decode."""
+    at TILE or less, and always without low memory, the whole decode (to float32 rounding:
+    the default's decoder runs on packed weights, which on the AMX Xeon round its conv_in
+    1.4e-6 apart from the dense weights low memory reads back)."""
     plain, low = pair
     z = torch.randn(1, low.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert low.decode_latents(z)[0].tobytes() == plain.decode_latents(z)[0].tobytes()
+    tiny_sd.assert_float32_rounding_apart(low.decode_latents(z), plain.decode_latents(z))
     monkeypatch.setattr(offload, "TILE", 8)
     monkeypatch.setattr(offload, "TILE_OVERLAP", 2)
     tiled, whole = low.decode_latents(z)[0], plain.decode_latents(z)[0]

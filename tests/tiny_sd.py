@@ -110,8 +110,9 @@ def fixed_indices(cfg, step, chunk, rank, world):
 
 def assert_float32_rounding_apart(got, want):
     """Two float32 runs of the same images whose convolutions ran on oneDNN's packed and dense
-    kernels: bit for bit on the Intel machines measured, but on an AMD Zen 4 the two round some
-    small convolutions differently (up to 6e-6, models/packing.py), and which kernel a call gets
+    kernels: bit for bit on some machines, but on an AMD Zen 4 the two round some small
+    convolutions differently (up to 6e-6, models/packing.py), and so does an AMX Xeon a 4-channel
+    one (the shapes VAE's conv_in, 1.4e-6), and which kernel a call gets
     can depend on the calls before it: at most one level apart, on at most 1% of the bytes (a
     fresh-clone CI saw 4 of a 32x32 image's 3,072, 0.13%; a wrong setting moves most bytes by
     more than one level)."""
