@@ -57,6 +57,38 @@ def test_matches_diffusers(width, enc, dec):
     assert _maxdiff(ours.unscale_latents(z), ref.unscale_latents(z)) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_inference_decoder_upsamples_the_small_input(monkeypatch, dtype):
+    """As pipelines run it (channels-last: pipelines.decoders.for_inference), each upsampling
+    and the conv after it run as one convolution of the small input (models/upsample.py; no
+    upsampled copy): diffusers' image within float32's rounding, and in bfloat16 about the
+    direct upsampling's error."""
+    from nanodiffusion.models import packing, upsample
+    from nanodiffusion.pipelines.decoders import for_inference
+
+    if not packing.packs(dtype):
+        pytest.skip(f"this CPU's oneDNN has no {dtype} convolutions: the direct path runs")
+    ref = _reference(16, (1, 3, 3, 3), (3, 3, 3, 1))
+    ours = for_inference(_ours(ref).to(dtype))
+    z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        want = ref.decode(z).sample
+    with torch.inference_mode(), monkeypatch.context() as m:
+        m.setattr(upsample, "takes", lambda conv, x: False)
+        direct = ours.decode(z.to(dtype)).float()
+
+    def no_upsampling(*args, **kwargs):
+        raise AssertionError("the decoder made an upsampled copy")
+    monkeypatch.setattr(torch.nn.Upsample, "forward", no_upsampling)
+    with torch.inference_mode():
+        got = ours.decode(z.to(dtype)).float()
+    err, err_direct = _maxdiff(got, want), _maxdiff(direct, want)
+    if dtype == torch.float32:
+        assert err <= 1e-5, err
+    else:
+        assert err <= 1.25 * err_direct, (err, err_direct)
+
+
 def test_latent_conventions_follow_the_config():
     ref = _reference(8, (1, 2), (2, 1), latent_magnitude=2, latent_shift=0.25,
                      scaling_factor=1.5, shift_factor=0.1)
