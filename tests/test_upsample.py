@@ -112,7 +112,8 @@ def _decoders(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_decoder_upsamples_the_small_input_and_matches_diffusers(monkeypatch, dtype):
     """At inference on channels-last latents no upsampled copy is made (F.interpolate never
-    runs), each upsampling block's end gives the heap's free pages back (malloc.trim), and
+    runs), each upsampling block whose output is TRIM_ABOVE bytes or more gives the heap's
+    free pages back after it (malloc.trim; never below), and
     the image is diffusers' within float32's rounding (bfloat16's: within its rounding of the
     float32 image, as the direct upsampling's error or nearly)."""
     ours, ref = _decoders(dtype)
@@ -127,6 +128,10 @@ def test_the_decoder_upsamples_the_small_input_and_matches_diffusers(monkeypatch
 
     trims = []
     monkeypatch.setattr(vae_module, "trim", lambda: trims.append(1))
+    with torch.inference_mode():  # outputs below TRIM_ABOVE: the heap is kept
+        ours.decode(zc)
+    assert trims == []
+    monkeypatch.setattr(vae_module, "TRIM_ABOVE", 0)  # as if every output were that large
 
     def no_interpolate(*args, **kwargs):
         raise AssertionError("the decoder made an upsampled copy")
