@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import packing, winograd
 
-BAND_BYTES = 16 << 20  # the 2x2 convolution's output a band of rows holds at most
+BAND_BYTES = 16 << 20  # the 2x2 convolution's output a band of rows holds (all images)
 
 
 def takes(conv, x):
@@ -84,7 +84,7 @@ def upsample_conv(conv, x):
     k = weight.shape[0]
     w4 = phase_filters(weight)
     b4 = None if conv.bias is None else conv.bias.detach().repeat(4)
-    most = max(1, BAND_BYTES // ((w + 1) * 4 * k * x.element_size()) - 1)
+    most = max(1, BAND_BYTES // (n * (w + 1) * 4 * k * x.element_size()) - 1)
     rows = -(-h // -(-h // most))  # bands of even heights, at most `most` rows each
     # a band's input: its rows of x with the one above and the one below (zeros past the
     # edges and past the last row), so that every band has the same shape, laid out once
