@@ -62,8 +62,7 @@ class PackedConv2d(nn.Conv2d):
         if winograd.needs_grad(self, x):
             return _unpack(self).forward(x)  # no gradient through the packed kernel
         if winograd.worth_it(self, x):  # the dense weight, given back by the packed one's
-            w = self._parameters["weight"] if self._packed is None else self._packed.to_dense()
-            return winograd.conv3x3(x, w, self.bias)
+            return winograd.conv3x3(x, dense_weight(self), self.bias)
         size = winograd.output_size(self, x)
         if self._few_rows(x, size):
             return small_gemm.conv2d(self, x, self._channels_last(), size)
@@ -218,13 +217,20 @@ def _packable(m):
             and w.numel() > 0 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
+def dense_weight(conv):
+    """conv's dense weight, a packed convolution (PackedConv2d) left packed: made from its
+    packed one where it has it, else its weight parameter as it is."""
+    packed = getattr(conv, "_packed", None)
+    return conv._parameters["weight"] if packed is None else packed.to_dense()
+
+
 def _unpack(m):
     """`m` (a PackedConv2d) a plain Conv2d again with its dense weight; -> m."""
     shape, stride = m._dense
     w = m._parameters["weight"].data
     if m._packed is not None or w.stride() != stride:  # packed, or laid out channels-last
         with torch.no_grad():  # for small_gemm (_channels_last)
-            dense = m._packed.to_dense() if m._packed is not None else w
+            dense = dense_weight(m)
             m._parameters["weight"].data = torch.empty_strided(
                 shape, stride, dtype=dense.dtype).copy_(dense)
     m.__class__ = m._plain

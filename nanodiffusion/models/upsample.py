@@ -40,9 +40,7 @@ BAND_BYTES = 16 << 20  # the 2x2 convolution's output a band of rows holds (all 
 
 def takes(conv, x):
     """Whether `upsample_conv` computes conv(upsample(x)) here: see the module's text."""
-    if not (x.dim() == 4 and x.device.type == "cpu" and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
-            and conv.groups == 1 and conv.padding_mode == "zeros"
+    if not (x.dim() == 4 and x.device.type == "cpu" and winograd.same_3x3(conv)
             and x.is_contiguous(memory_format=torch.channels_last)
             and packing.packs(x.dtype) and not winograd.needs_grad(conv, x)):
         return False
@@ -69,18 +67,12 @@ def _taps():
     return torch.einsum("ayi,bxj->abyxij", s, s).reshape(16, 9)
 
 
-def dense_weight(conv):
-    """conv's weight without unpacking a packed convolution (packing.PackedConv2d)."""
-    packed = getattr(conv, "_packed", None)
-    return packed.to_dense() if packed is not None else conv._parameters["weight"]
-
-
 def upsample_conv(conv, x):
     """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for a call `takes` takes, as the
     four phases' 2x2 convolution of x, a band of x's rows at a time: -> (N, K, 2H, 2W),
     channels-last."""
     n, c, h, w = x.shape
-    weight = dense_weight(conv)
+    weight = packing.dense_weight(conv)
     k = weight.shape[0]
     w4 = phase_filters(weight)
     b4 = None if conv.bias is None else conv.bias.detach().repeat(4)

@@ -90,11 +90,17 @@ def _kron():
     return torch.kron(bt, bt).float(), torch.kron(at, at).float(), torch.kron(g, g).float()
 
 
+def same_3x3(conv):
+    """Whether `conv` (an nn.Conv2d) is a 3x3 convolution of stride 1 and zero padding 1, without
+    dilation or groups: the ones Winograd's F(4x4, 3x3) (worth_it) and the upsampling's phase
+    filters (models/upsample.py) compute."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 def worth_it(conv, x):
     """Whether `conv` (an nn.Conv2d) on input `x` runs as Winograd here: see the module's doc."""
-    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and (x.dtype == torch.float32 or computes_in_float32(x))
+    return (same_3x3(conv) and (x.dtype == torch.float32 or computes_in_float32(x))
             and x.device.type == "cpu" and x.dim() == 4
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
             and min(x.shape[-2:]) >= MIN_SIDE)
