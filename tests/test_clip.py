@@ -197,3 +197,40 @@ def test_mirrored_caption():
         "a pink square below an orange star"
     assert mirrored_caption("a large red circle in the center") == \
         "a large red circle in the center"
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_bfloat16_inference_fuses_the_activation_and_residuals(activation, monkeypatch):
+    """The text model in bfloat16 as pipelines run it (packing.onednn_linears): where
+    small_gemm's kernel takes its few rows (AMX), fc1's activation and the residual adds after
+    out_proj and fc2 run in the products' epilogues (packing.fused_linear), and the result is
+    no further from transformers' float32 than the same model's unfused bfloat16 steps
+    (NANODIFFUSION_SMALL_GEMM=0: oneDNN's products, torch's activation and adds)."""
+    from nanodiffusion.models import packing, small_gemm
+    # wide enough for oneDNN (packing.ONEDNN_LINEAR_MIN_MACS), K and N multiples of 32
+    cfg = CLIPTextConfig(**{**TEXT.__dict__, "width": 128, "mlp_dim": 256, "activation": activation})
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModel(hf_text_config(cfg)).eval()
+    ours = CLIPTextModel(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours.to(torch.bfloat16)
+    packing.onednn_linears(ours)
+    ids = random_ids(cfg)
+    here = small_gemm.library() is not None  # AMX, and the kernel built
+    calls = []
+    real = small_gemm.linear
+    monkeypatch.setattr(small_gemm, "linear", lambda *a, **k: calls.append(
+        (k.get("act", "none"), k.get("op", "none"))) or real(*a, **k))
+    with torch.no_grad():
+        want = ref(input_ids=ids).last_hidden_state.double()
+        fused = ours(ids)[0].double()
+        monkeypatch.setenv("NANODIFFUSION_SMALL_GEMM", "0")
+        unfused = ours(ids)[0].double()
+    if here:  # per layer: q, k, v; out_proj + residual; fc1 + activation; fc2 + residual
+        assert sorted(calls) == sorted(([("none", "none")] * 3 + [("none", "add")] * 2
+                                        + [(activation, "none")]) * cfg.num_layers)
+    else:
+        assert calls == []
+    err, err_unfused = (fused - want).abs(), (unfused - want).abs()
+    assert err.mean() <= err_unfused.mean() * 1.1
+    assert err.max() <= 0.05 * want.abs().max()

@@ -80,6 +80,54 @@ def test_values_within_bfloat16_rounding_of_float64():
         assert (err <= 2 * 2.0 ** -8 * ref.abs() + 1e-3).all(), (M, K, N)
 
 
+def _unfused(x, w, b, act, other, op):
+    """torch's bfloat16 steps, each rounded: the product, the activation, the residual or gate"""
+    y = F.linear(x, w, b)
+    y = {"none": y, "quick_gelu": y * torch.sigmoid(1.702 * y), "gelu": F.gelu(y)}[act]
+    return {"none": y, "add": y + other if other is not None else y,
+            "mul": y * other if other is not None else y}[op]
+
+
+@pytest.mark.parametrize("act", ["none", "quick_gelu", "gelu"])
+@pytest.mark.parametrize("op", ["none", "add", "mul"])
+def test_the_epilogue_within_bfloat16_rounding_of_float64(act, op):
+    """act(x w^T + b) op other in the kernel's epilogue (CLIP's quick GELU and residuals,
+    GEGLU's GELU and gate): against float64, each element within two of the output's bfloat16
+    steps and the mean error below torch's unfused bfloat16 steps' (one rounding, not three);
+    a float32 bias as a bfloat16 one is (the kernel reads either); large inputs saturate the
+    activations (no inf or NaN)."""
+    if not _here():
+        return
+    torch.manual_seed(0)
+    for M, K, N in ((154, 768, 3072), (17, 320, 64), (32, 1280, 1280)):
+        x = torch.randn(M, K, dtype=BF)
+        w = (torch.randn(N, K) * 3 / K ** 0.5).to(BF)  # outputs to +-12: the activations' tails
+        b = torch.randn(N, dtype=BF)
+        other = torch.randn(M, N, dtype=BF) if op != "none" else None
+        with torch.no_grad():
+            y = small_gemm.linear(x, w, b, act=act, other=other, op=op)
+            y32 = small_gemm.linear(x, w, b.float(), act=act, other=other, op=op)
+            ref = _unfused(*(t if t is None else t.double() for t in (x, w, b)), act,
+                           None if other is None else other.double(), op)
+            torch_bf16 = _unfused(x, w, b, act, other, op)
+        assert torch.equal(y, y32), (M, K, N)
+        err = (y.double() - ref).abs()
+        assert torch.isfinite(y).all()
+        assert (err <= 2 * 2.0 ** -8 * ref.abs() + 2e-3 * ref.abs().max()).all(), (M, K, N)
+        assert err.mean() <= (torch_bf16.double() - ref).abs().mean() * 1.05, (M, K, N)
+
+
+def test_the_epilogue_refuses_what_it_does_not_know():
+    x, w = torch.randn(4, 64, dtype=BF), torch.randn(64, 64, dtype=BF)
+    if _here():
+        with pytest.raises(ValueError, match="act must be one of"):
+            small_gemm.linear(x, w, act="relu")
+        with pytest.raises(ValueError, match="other is given exactly where op is not 'none'"):
+            small_gemm.linear(x, w, op="add")
+    with pytest.raises(ValueError, match="bfloat16 products only"):
+        small_gemm.linear(torch.randn(4, 4096), torch.randn(4096, 4096), act="gelu")
+
+
 def _ops(fn):
     with torch.profiler.profile() as prof:
         out = fn()
@@ -116,7 +164,8 @@ def test_linear_layers_take_it_for_few_rows(monkeypatch):
     oneDNN's; the results within bfloat16 rounding of float64."""
     calls = []
     real = small_gemm.linear
-    monkeypatch.setattr(small_gemm, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(small_gemm, "linear",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     torch.manual_seed(0)
     lin = nn.Linear(320, 640).to(BF)
     packing.onednn_linears(lin)

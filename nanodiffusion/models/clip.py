@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import attention
+from . import packing
+from .layers import attention, linear_residual
 
 
 @dataclass
@@ -78,7 +79,8 @@ class CLIPAttention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, residual=None):
+        """The heads' output projected (plus `residual` where given: linear_residual)."""
         B, T, C = x.shape
         nh = self.num_heads
         q = self.q_proj(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
@@ -86,7 +88,7 @@ class CLIPAttention(nn.Module):
         v = self.v_proj(x).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
         y = attention(q, k, v, causal=causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.out_proj(y)
+        return self.out_proj(y) if residual is None else linear_residual(self.out_proj, y, residual)
 
 
 class CLIPMLP(nn.Module):
@@ -94,12 +96,17 @@ class CLIPMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.act = ACTIVATIONS[activation]
+        self.activation, self.act = activation, ACTIVATIONS[activation]
         self.fc1 = nn.Linear(width, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, width)
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, residual=None):
+        """fc2(act(fc1(x))) (plus `residual` where given); at inference on small_gemm's kernel
+        the activation runs in fc1's epilogue (packing.fused_linear) and the residual in fc2's."""
+        h = None if torch.is_grad_enabled() else packing.fused_linear(self.fc1, x, self.activation)
+        if h is None:
+            h = self.act(self.fc1(x))
+        return self.fc2(h) if residual is None else linear_residual(self.fc2, h, residual)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -113,8 +120,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
 
     def forward(self, x, causal=False):
-        x = x + self.self_attn(self.layer_norm1(x), causal=causal)
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), causal=causal, residual=x)
+        return self.mlp(self.layer_norm2(x), residual=x)
 
 
 class CLIPEncoder(nn.Module):

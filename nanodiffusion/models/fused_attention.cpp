@@ -33,6 +33,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "avx512_math.h"
 #if defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -55,17 +57,12 @@ inline void vstore_n(float* p, vf x, int n) {
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), x);
 }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 inline vf vfmsub(vf a, vf b, vf c) { return _mm512_fmsub_ps(a, b, c); }
 inline float vsum(vf x) { return _mm512_reduce_add_ps(x); }
 inline float vhmax(vf x) { return _mm512_reduce_max_ps(x); }
-inline vf vround(vf x) {
-    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p 2^n
 // all ones in the lanes where a >= b, else zero; and its use: x in those lanes, else 0
 inline vf vge(vf a, vf b) {
     return _mm512_castsi512_ps(_mm512_movm_epi32(_mm512_cmp_ps_mask(a, b, _CMP_GE_OQ)));
@@ -108,26 +105,14 @@ template <typename T> struct Buffer {
     void fill(T x) { std::fill(p, p + n, x); }
 };
 
-// 2^x for x <= 0, float32-accurate: 2^round(x) times a degree-6 polynomial of 2^f on f in
-// [-0.5, 0.5] (Taylor series of exp(f ln 2); error below 2e-7); exactly 0 below -126, where
-// 2^x is no longer a normal float (a masked key's -inf too). Were it 2^-126 there, a masked
-// key would still weigh in (2^-126 times a value near float's max is about 4), and float32
-// products with it would be subnormal: Intel's cores take microcode assists on those (CLIP's
-// causal heads, float32, 2 x 12 x 77 x 64: 1.74 ms, the same heads unmasked 0.36 ms).
+// 2^x for x <= 0, float32-accurate (avx512_math.h); exactly 0 below -126, where 2^x is no
+// longer a normal float (a masked key's -inf too). Were it 2^-126 there, a masked key would
+// still weigh in (2^-126 times a value near float's max is about 4), and float32 products with
+// it would be subnormal: Intel's cores take microcode assists on those (CLIP's causal heads,
+// float32, 2 x 12 x 77 x 64: 1.74 ms, the same heads unmasked 0.36 ms).
 inline vf exp2_ps(vf x) {
     const vf lo = vset1(-126.0f);
-    const vf keep = vge(x, lo);
-    x = vmax(x, lo);
-    vf n = vround(x);
-    vf f = vmul(vsub(x, n), vset1(0.6931471805599453f));
-    vf p = vset1(1.0f / 720);
-    p = vfmadd(p, f, vset1(1.0f / 120));
-    p = vfmadd(p, f, vset1(1.0f / 24));
-    p = vfmadd(p, f, vset1(1.0f / 6));
-    p = vfmadd(p, f, vset1(0.5f));
-    p = vfmadd(p, f, vset1(1.0f));
-    p = vfmadd(p, f, vset1(1.0f));
-    return vand(vscale2(p, n), keep);
+    return vand(nd_math::exp2(vmax(x, lo)), vge(x, lo));
 }
 
 // 32 bits at p (one bfloat16 pair or one float32) in every lane

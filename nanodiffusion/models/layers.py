@@ -30,6 +30,16 @@ def residual(x, h):
     return h.add_(x) if not torch.is_grad_enabled() and h.shape == x.shape else x + h
 
 
+def linear_residual(layer, x, skip):
+    """skip + layer(x): at inference on small_gemm's kernel (few rows in bfloat16), added in
+    its epilogue (packing.fused_linear); else residual(skip, layer(x))."""
+    if not torch.is_grad_enabled():
+        out = packing.fused_linear(layer, x, other=skip, op="add")
+        if out is not None:
+            return out
+    return residual(skip, layer(x))
+
+
 def conv_residual(conv, x, skip):
     """skip + conv(x): at inference, where the call runs on oneDNN's convolution, added into
     `skip` itself in the kernel's epilogue (packing.add_into: the caller's `skip` is

@@ -14,7 +14,8 @@
 // time (its chunk then stays in L1, the next one prefetched), each chunk over all the rows
 // of x 32 at a time: four 16 x 16 float32 result tiles, loaded from and stored to the
 // thread's float32 sums between chunks. At the end the sums are transposed back, the bias
-// added and rounded once to bfloat16. (Blocks of 64 rows of w a B tile, and chunks of 8 or 16
+// added, the epilogue applied (an activation, a residual or a gate: Epilogue below) and
+// rounded once to bfloat16. (Blocks of 64 rows of w a B tile, and chunks of 8 or 16
 // k tiles or of all K, measured no faster on an AMX Xeon; at 128 rows of x the kernel runs at
 // 1.4 TFLOP/s, limited by x's tiles read from L2, about oneDNN's speed there. Loops over
 // chunks of k outside the blocks of w, so that x's chunk stays in L1 or L2, measured no faster
@@ -32,6 +33,7 @@
 #include <cstdlib>
 
 #include "amx_tiles.h"
+#include "avx512_math.h"
 
 namespace {
 
@@ -82,16 +84,68 @@ void pack_rows(const bf16* x, int64_t xs, int64_t M, int64_t K, int64_t m0, bf16
     }
 }
 
+// What store_rows does with a result before its one rounding to bfloat16: y = act(sum + bias)
+// op other. bias: N values, float32 or bfloat16 (read as it lies: a bfloat16 layer's bias needs
+// no float32 copy at each call); other: a bfloat16 matrix of y's shape (row stride os), added
+// (a residual) or multiplied (GEGLU's gate) in float32.
+enum Act { ACT_NONE = 0, ACT_QUICK_GELU = 1, ACT_GELU = 2 };
+enum Op { OP_NONE = 0, OP_ADD = 1, OP_MUL = 2 };
+struct Epilogue {
+    const void* bias;
+    int bias_bf16, act, op;
+    const bf16* other;
+    int64_t os;
+};
+
+inline __m512 load_bf16(const bf16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// OpenAI CLIP's quick GELU, v sigmoid(1.702 v), as v / (1 + 2^(-1.702 log2(e) v))
+inline __m512 quick_gelu(__m512 v) {
+    const __m512 e = nd_math::exp2(_mm512_mul_ps(v, _mm512_set1_ps(-1.702f * 1.4426950408889634f)));
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// GELU, v (1 + erf(v / sqrt 2)) / 2, erf by Abramowitz and Stegun's 7.1.26 (absolute error
+// below 1.5e-7, far within bfloat16's rounding of the result)
+inline __m512 gelu(__m512 v) {
+    const __m512 z = _mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f));
+    const __m512 a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                   _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    const __m512 e = nd_math::exp2(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.4426950408889634f)));
+    __m512 erf = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));  // erf(|z|)
+    erf = _mm512_mask_sub_ps(erf, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ),
+                             _mm512_setzero_ps(), erf);
+    return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
 // The 16 x 16 float32 results c (rows: n0 .. n0 + 15 of w, columns: rows m0 .. of x)
-// transposed, the bias added, rounded to bfloat16 into y's rows m0 .. m0 + n - 1
-void store_rows(const float* c, const float* bias, bf16* y, int64_t ys, int64_t n0, int64_t m0,
+// transposed, through the epilogue, rounded to bfloat16 into y's rows m0 .. m0 + n - 1
+void store_rows(const float* c, const Epilogue& ep, bf16* y, int64_t ys, int64_t n0, int64_t m0,
                 int n) {
     __m512i r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + 16 * i);
     transpose16(r);
-    const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    const __m512 b = !ep.bias ? _mm512_setzero_ps()
+                     : ep.bias_bf16 ? load_bf16(static_cast<const bf16*>(ep.bias) + n0)
+                                    : _mm512_loadu_ps(static_cast<const float*>(ep.bias) + n0);
     for (int i = 0; i < n; ++i) {
-        const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[i]), b);
+        __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[i]), b);
+        if (ep.act == ACT_QUICK_GELU) v = quick_gelu(v);
+        else if (ep.act == ACT_GELU) v = gelu(v);
+        if (ep.op != OP_NONE) {
+            const __m512 o = load_bf16(ep.other + (m0 + i) * ep.os + n0);
+            v = ep.op == OP_ADD ? _mm512_add_ps(v, o) : _mm512_mul_ps(v, o);
+        }
         _mm256_storeu_si256((__m256i*)(y + (m0 + i) * ys + n0), (__m256i)_mm512_cvtneps_pbh(v));
     }
 }
@@ -178,14 +232,20 @@ void gemm_f32(const float* x, int64_t xs, const float* w, int64_t ws, const floa
 
 }  // namespace
 
-// y (M x N, row stride ys) = x (M x K, row stride xs) w^T (w: N x K, row stride ws) + bias
-// (float32, N, or null); K and N multiples of 32. packed: scratch for x's B tiles, room for
-// ceil(M / 32) * 32 * K bfloat16s. 0 on success, -1 for shapes it does not take. Linux must
-// have granted the tiles (small_gemm.py asks through fused_attention.amx_permitted).
+// y (M x N, row stride ys) = act(x (M x K, row stride xs) w^T (w: N x K, row stride ws) + bias)
+// op other (Epilogue: bias N values, float32 or, where bias_bf16, bfloat16, or null; act and op
+// as the enums; other M x N, row stride os, where op is not OP_NONE); K and N multiples of 32.
+// packed: scratch for x's B tiles, room for ceil(M / 32) * 32 * K bfloat16s. 0 on success, -1
+// for shapes or epilogues it does not take. Linux must have granted the tiles (small_gemm.py
+// asks through fused_attention.amx_permitted).
 extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int64_t ws,
-                                  const float* bias, bf16* y, int64_t ys, int64_t M, int64_t N,
-                                  int64_t K, bf16* packed, int threads) {
-    if (K % 32 || N % 32 || M <= 0) return -1;
+                                  const void* bias, bf16* y, int64_t ys, int64_t M, int64_t N,
+                                  int64_t K, bf16* packed, int threads, int bias_bf16, int act,
+                                  int op, const bf16* other, int64_t os) {
+    if (K % 32 || N % 32 || M <= 0 || act < ACT_NONE || act > ACT_GELU || op < OP_NONE
+        || op > OP_MUL || (op != OP_NONE && !other))
+        return -1;
+    const Epilogue ep{bias, bias_bf16, act, op, other, os};
     // MB2: x's 16-row blocks, even (packed has room: a zero block past the last)
     const int64_t MB = (M + 15) / 16, MB2 = (MB + 1) / 2 * 2, KT = K / 32, NB = N / 32;
 #pragma omp parallel num_threads(threads)
@@ -238,8 +298,8 @@ extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int6
             }
             for (int64_t mb = 0; mb < MB; ++mb) {
                 const int n = M - 16 * mb < 16 ? (int)(M - 16 * mb) : 16;
-                store_rows(acc + mb * 512, bias, y, ys, 32 * nb, 16 * mb, n);
-                store_rows(acc + mb * 512 + 256, bias, y, ys, 32 * nb + 16, 16 * mb, n);
+                store_rows(acc + mb * 512, ep, y, ys, 32 * nb, 16 * mb, n);
+                store_rows(acc + mb * 512 + 256, ep, y, ys, 32 * nb + 16, 16 * mb, n);
             }
         }
         std::free(acc);
@@ -250,11 +310,14 @@ extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int6
 
 // y (M x N, row stride ys) = x (M x K, row stride xs) w^T (w: N x K, row stride ws) + bias
 // (N, or null), all float32; M at most F32_ROWS, N a multiple of 4. packed: scratch for x^T,
-// room for K x 32 floats. 0 on success, -1 for shapes it does not take.
+// room for K x 32 floats. The arguments after threads are the bfloat16 kernel's epilogue: none
+// is taken here (all zero). 0 on success, -1 for shapes or epilogues it does not take.
 extern "C" int nd_small_gemm_f32(const float* x, int64_t xs, const float* w, int64_t ws,
                                  const float* bias, float* y, int64_t ys, int64_t M, int64_t N,
-                                 int64_t K, float* packed, int threads) {
-    if (M <= 0 || M > F32_ROWS || N % 4 || K <= 0) return -1;
+                                 int64_t K, float* packed, int threads, int bias_bf16, int act,
+                                 int op, const void* other, int64_t os) {
+    if (M <= 0 || M > F32_ROWS || N % 4 || K <= 0 || bias_bf16 || act || op || other || os)
+        return -1;
 #pragma omp parallel num_threads(threads)
     {
         if (M <= 16)

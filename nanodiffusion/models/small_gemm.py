@@ -35,7 +35,12 @@ LEVEL = "amx"
 ENV = "NANODIFFUSION_SMALL_GEMM"
 FUNCTIONS = {torch.bfloat16: "nd_small_gemm_bf16", torch.float32: "nd_small_gemm_f32"}
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
-ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, ctypes.c_int]
+_int = ctypes.c_int
+ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _int, _int, _int, _int, _p, _i64]
+# The bfloat16 kernel's epilogue (small_gemm.cpp's Act and Op): y = act(x w^T + bias) op other,
+# in float32 before the one rounding, so that no pass over y is left to torch.
+ACTS = {"none": 0, "quick_gelu": 1, "gelu": 2}
+OPS = {"none": 0, "add": 1, "mul": 2}
 # Rows taken, by dtype. bfloat16: up to here the weight's read from memory is the product's
 # time and the kernel beats oneDNN's (2 threads, AMX Xeon, weights not in cache: 32 x 11520 ->
 # 1280 1.4 against 2.2 ms, 154 x 768 -> 3072 0.9 against 1.3, 128 x 11520 -> 1280 both 3.7);
@@ -89,19 +94,24 @@ def takes(x, n, k, rows):
     return n % 32 == 0 and k % 32 == 0 and library() is not None
 
 
-def linear(x, weight, bias=None):
+def linear(x, weight, bias=None, act="none", other=None, op="none"):
     """x @ weight.T + bias (x: (..., K); weight: (N, K), its rows contiguous) on the kernel
     (float32: up to F32_ROWS rows, N a multiple of 4, where it is built; else oneDNN's
-    product), as `takes` takes it."""
+    product), as `takes` takes it. bfloat16 only: `act` ("quick_gelu", "gelu") applied to it
+    and `other` (x's shape but N last) added or multiplied in (`op` "add", "mul"), all in the
+    kernel's epilogue (ACTS, OPS)."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     b = None if bias is None else bias.detach()
+    if x.dtype == torch.float32 and (act != "none" or op != "none"):
+        raise ValueError(f"small_gemm: act={act!r}, op={op!r} are for bfloat16 products only")
     if x.dtype == torch.float32 and not (rows.shape[0] <= F32_ROWS and weight.shape[0] % 4 == 0
                                          and library() is not None):
         y = torch.ops.mkldnn._linear_pointwise(rows, weight.detach(), b, "none", [], "")
     else:
-        y = torch.ops.nanodiffusion.small_linear(rows, weight.detach(), b)
+        o = None if other is None else other.reshape(-1, weight.shape[0])
+        y = torch.ops.nanodiffusion.small_linear(rows, weight.detach(), b, act, o, op)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -144,26 +154,43 @@ def conv2d(conv, x, weight, size):
     return y.view(x.shape[0], *size, -1).permute(0, 3, 1, 2)
 
 
-def _run(x, w, b):
+def _run(x, w, b, act="none", other=None, op="none"):
     M, K = x.shape
     N = w.shape[0]
+    if act not in ACTS or op not in OPS:
+        raise ValueError(f"small_gemm: act must be one of {sorted(ACTS)} and op one of "
+                         f"{sorted(OPS)}, got act={act!r}, op={op!r}")
+    if (op == "none") != (other is None):
+        raise ValueError(f"small_gemm: op={op!r} with other={'a tensor' if other is not None else None}:"
+                         " other is given exactly where op is not 'none'")
+    if other is not None and (other.shape != (M, N) or other.dtype != x.dtype
+                              or other.stride(-1) != 1):
+        other = other.to(x.dtype).expand(M, N).contiguous()
     y = x.new_empty(M, N)
     if x.dtype == torch.float32:
         packed = x.new_empty(K * F32_ROWS)  # x^T
     else:
         packed = x.new_empty((M + 31) // 32 * 32 * K)  # the kernel's B tiles (an even block count)
-    b = None if b is None else b.float().contiguous()  # added to the float32 sums
+    # bfloat16's bias as it lies (the kernel widens it); else float32, added to the float32 sums
+    b16 = b is not None and b.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+    if b is not None:
+        b = b.contiguous() if b16 else b.float().contiguous()
     err = getattr(library(), FUNCTIONS[x.dtype])(
         x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
-        y.data_ptr(), N, M, N, K, packed.data_ptr(), torch.get_num_threads())
+        y.data_ptr(), N, M, N, K, packed.data_ptr(), torch.get_num_threads(), int(b16),
+        ACTS[act], OPS[op], None if other is None else other.data_ptr(),
+        0 if other is None else other.stride(0))
     if err:
-        raise RuntimeError(f"small_gemm: the kernel refused {M} x {K} -> {N} (code {err})")
+        raise RuntimeError(f"small_gemm: the kernel refused {M} x {K} -> {N} "
+                           f"(act {act!r}, op {op!r}; code {err})")
     return y
 
 
 # The op, registered with torch's dispatcher directly (fused_attention's library, defined
 # there first), so that profilers and FLOP counters see it.
 _OPS = torch.library.Library("nanodiffusion", "FRAGMENT")
-_OPS.define("small_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_OPS.define("small_linear(Tensor x, Tensor weight, Tensor? bias, str act='none', "
+            "Tensor? other=None, str op='none') -> Tensor")
 _OPS.impl("small_linear", _run, "CPU")
-_OPS.impl("small_linear", lambda x, w, b: x.new_empty(x.shape[0], w.shape[0]), "Meta")
+_OPS.impl("small_linear", lambda x, w, b, act="none", other=None, op="none":
+          x.new_empty(x.shape[0], w.shape[0]), "Meta")
