@@ -436,3 +436,38 @@ def test_vae_resblocks_add_their_residual_in_the_kernel(monkeypatch):
             apart = model.decode(z).float()
         monkeypatch.undo()
         assert (fused - apart).abs().max() <= tol, dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [64, 256])
+def test_transformer_blocks_add_their_residuals_in_the_products(monkeypatch, dtype, tokens):
+    """A UNet transformer block at inference adds its three residuals (after attn1's and attn2's
+    to_out and the feed-forward's last linear) in those products' epilogues
+    (packing.linear_add: oneDNN's binary add, or small_gemm's for few bfloat16 rows), where
+    the call runs on oneDNN; its output is within rounding of the steps apart (float32) and no
+    further from float64 than they are (bfloat16)."""
+    from nanodiffusion.models.unet import TransformerBlock
+    torch.manual_seed(0)
+    block = TransformerBlock(320, 8, 64, upcast=False).eval()
+    exact = TransformerBlock(320, 8, 64, upcast=False).double().eval()
+    exact.load_state_dict(block.state_dict())
+    block.to(dtype)
+    packing.onednn_linears(block)
+    x = torch.randn(2, tokens, 320).to(dtype)
+    context = torch.randn(2, 77, 64).to(dtype)
+    fused = []
+    real = packing.linear_add
+    monkeypatch.setattr(packing, "linear_add",
+                        lambda *a: fused.append(real(*a)) or fused[-1])
+    with torch.no_grad():
+        got = block(x, context).double()
+        monkeypatch.setattr(packing, "linear_add", lambda *a: None)  # the steps apart
+        apart = block(x, context).double()
+        want = exact(x.double(), context.double())
+        out = block.ff.net[2]
+        takes = out.on_onednn(torch.empty(2, tokens, 1280, dtype=dtype), out.weight)
+    assert len(fused) == 3 and all((f is not None) == takes for f in fused)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, apart, rtol=1e-5, atol=1e-5)
+    else:
+        assert (got - want).abs().mean() <= (apart - want).abs().mean() * 1.1

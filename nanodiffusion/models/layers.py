@@ -31,10 +31,10 @@ def residual(x, h):
 
 
 def linear_residual(layer, x, skip):
-    """skip + layer(x): at inference on small_gemm's kernel (few rows in bfloat16), added in
-    its epilogue (packing.fused_linear); else residual(skip, layer(x))."""
+    """skip + layer(x): at inference on oneDNN or small_gemm's kernel, added in the product's
+    epilogue (packing.linear_add); else residual(skip, layer(x))."""
     if not torch.is_grad_enabled():
-        out = packing.fused_linear(layer, x, other=skip, op="add")
+        out = packing.linear_add(layer, x, skip)
         if out is not None:
             return out
     return residual(skip, layer(x))
@@ -135,13 +135,14 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x, context=None, mask=None):
+    def forward(self, x, context=None, mask=None, residual=None):
         context = x if context is None else context
-        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context), mask)
+        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context), mask, residual)
 
-    def attend(self, q, k, v, mask=None):
+    def attend(self, q, k, v, mask=None, residual=None):
         """The heads' attention of projected (B, T, C) queries over (B, S, C) keys and values,
-        then to_out: forward after its projections."""
+        then to_out (plus `residual` where given: linear_residual): forward after its
+        projections."""
         B, T, C = q.shape
         nh = self.num_heads
         q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
@@ -151,7 +152,7 @@ class Attention(nn.Module):
         if self.upcast and dtype == torch.float16:
             q, k, v = q.float(), k.float(), v.float()
         y = attention(q, k, v, mask).to(dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.to_out[0](y)
+        return self.to_out[0](y) if residual is None else linear_residual(self.to_out[0], y, residual)
 
 
 class GEGLU(nn.Module):
@@ -194,10 +195,10 @@ class FeedForward(nn.Module):
         # net.1 is a parameter-free dropout in diffusers; an Identity keeps the indices.
         self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
 
-    def forward(self, x):
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x, residual=None):
+        """The MLP of x (plus `residual` where given: linear_residual)."""
+        h = self.net[1](self.net[0](x))
+        return self.net[2](h) if residual is None else linear_residual(self.net[2], h, residual)
 
 
 def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000):

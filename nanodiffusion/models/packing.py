@@ -352,6 +352,20 @@ def fused_linear(layer, x, act="none", other=None, op="none"):
     return small_gemm.linear(x, layer.weight, layer.bias, act=act, other=other, op=op)
 
 
+def linear_add(layer, x, skip):
+    """skip + layer(x) as one product whose epilogue adds `skip` (a residual of the output's
+    shape and dtype): small_gemm's for few rows (fused_linear), else oneDNN's binary add
+    post-op where the call runs on oneDNN (OneDNNLinear.on_onednn: bfloat16 and float32, no
+    hooks); None elsewhere, where the caller adds."""
+    out = fused_linear(layer, x, other=skip, op="add")
+    if (out is not None or type(layer) is not OneDNNLinear or layer._forward_hooks
+            or layer._forward_pre_hooks or not layer.on_onednn(x, layer.weight)
+            or skip.dtype != x.dtype or not skip.is_contiguous()
+            or skip.shape != (*x.shape[:-1], layer.out_features)):
+        return out
+    return torch.ops.mkldnn._linear_pointwise.binary(x, skip, layer.weight, layer.bias, "add")
+
+
 def onednn_linears(*modules):
     """The plain nn.Linear layers of `modules` (None skipped) made OneDNNLinear, for inference
     (pipelines call it on every part they run); nothing where this torch lacks the op. -> how

@@ -86,11 +86,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x, context, merge=None):
         """`merge` (models/tome.py): the self-attention runs on the merged tokens."""
         if merge is None:
-            x = x + self.attn1(self.norm1(x))
+            x = self.attn1(self.norm1(x), residual=x)
         else:
             x = x + merge.unmerge(self.attn1(merge.merge(self.norm1(x))))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
