@@ -148,3 +148,31 @@ def test_profilers_see_it_as_an_op():
         assert "into x itself" in str(e)
     else:
         raise AssertionError("an out other than x was taken")
+
+
+def test_the_bfloat16_build_rounds_as_the_plain_one():
+    """Where the CPU has AVX512-BF16 the kernel is built for it (fused_norm.LEVELS), and its one
+    rounding instruction gives the plain AVX-512 build's bits: ties, infinities, NaN and all.
+    Its bfloat16 SiLU (a shorter fit, fused_norm.cpp's silu_bf16) is checked against float64
+    in test_values_within_float32_sums_of_float64."""
+    have = [lvl for lvl in fused_norm.LEVELS if lvl in fused_attention.cpu_levels()]
+    if len(have) < 2 or shutil.which("g++") is None:
+        return
+    libs = [fused_attention.load(lvl, fused_norm.SOURCE, fused_norm.FUNCTIONS.values(),
+                                 fused_norm.ARGTYPES, "not built") for lvl in have]
+    assert fused_norm.library() is libs[0]
+    torch.manual_seed(0)
+    x = (torch.randn(1, 64, 32, 32) * 3).bfloat16().contiguous(memory_format=CL)
+    flat = x.permute(0, 2, 3, 1).reshape(-1)
+    flat[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e38])
+    w = torch.ones(64)
+    b = torch.linspace(-1, 1, 64)
+    outs = []
+    for lib in libs:
+        out = torch.empty_like(x)
+        assert lib.nd_group_norm_bf16(x.data_ptr(), out.data_ptr(), 1, 32 * 32, 64, 64,
+                                      w.data_ptr(), b.data_ptr(), 1e-6, 0, 2) == 0
+        outs.append(out)
+    same = outs[0].view(torch.int16) == outs[1].view(torch.int16)
+    assert (same | outs[0].isnan() & outs[1].isnan()).all()
+    assert same.float().mean() > 0.9  # the finite channels, bit for bit

@@ -2,7 +2,8 @@
 // (N, HW, C) rows, C a multiple of 16. Two passes over the input, where torch's GroupNorm and
 // an in-place SiLU made five (its statistics, its output, then SiLU's read and write), each
 // bfloat16 element converted to float32 and back by the slower generic code. Built by
-// fused_norm.py with g++ for AVX-512 (F, BW, DQ) and loaded with ctypes: plain C++, no torch
+// fused_norm.py with g++ for AVX-512 (F, BW, DQ; and AVX512-BF16 where the CPU has it, for its
+// rounding instruction) and loaded with ctypes: plain C++, no torch
 // headers; its threads are OpenMP's, torch's own pool in a torch process (as
 // fused_attention.cpp's).
 //   statistics: per channel, float32 sums of x and x^2 over blocks of BLOCK rows, added up in
@@ -10,12 +11,17 @@
 //               from its channels' sums (float64: E[x^2] - E[x]^2 loses nothing that matters
 //               at these sizes);
 //   output:     y = x a + b per channel (a = w / sqrt(var + eps), b = bias - mean a), then
-//               SiLU y / (1 + exp(-y)) where asked, in float32, rounded once to the dtype.
+//               SiLU y / (1 + exp(-y)) where asked, in float32 (to float32's precision, or to
+//               bfloat16's for a bfloat16 output: silu_bf16), rounded once to the dtype.
+// SD 1.5's VAE decoder at 512 px, 1 x 128 x 512 x 512 bfloat16 in place with SiLU (2-core
+// Intel Xeon with AMX): 18.2 -> 14.4 ms with silu_bf16 and the one rounding instruction (the
+// pass without SiLU 7.8-8.5 ms, a copy 4.4); the decode 1.57-1.64 -> 1.51-1.53 s.
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512DQ__)
@@ -34,8 +40,14 @@ inline __m512 load(const bf16* p) {
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-// rounded to the nearest bfloat16, ties to even (NaN stays NaN: its payload's top bit is set)
+// rounded to the nearest bfloat16, ties to even (NaN stays NaN: its payload's top bit is set):
+// one instruction where the CPU has AVX512-BF16 (fused_norm.py builds for it there), the same
+// bits as the integer steps after it
 inline void store(bf16* p, __m512 x) {
+#if defined(__AVX512BF16__)
+    _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x));
+    return;
+#endif
     __m512i u = _mm512_castps_si512(x);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
@@ -60,6 +72,21 @@ inline __m512 silu(__m512 x) {
     __m512 r = _mm512_rcp14_ps(d);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
     return _mm512_mul_ps(x, r);
+}
+
+// the same to bfloat16's precision, for a result rounded to bfloat16: a degree-3 fit of 2^f
+// (relative error 7.5e-5) and rcp14's reciprocal (2^-14) without the Newton step, together
+// far below bfloat16's rounding (2^-9)
+inline __m512 silu_bf16(__m512 x) {
+    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f));
+    z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    const __m512 f = _mm512_reduce_ps(z, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(0.07802445285768202f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2260673282509298f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958334392765183f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999252310222465f));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, z));
+    return _mm512_mul_ps(x, _mm512_rcp14_ps(d));
 }
 
 template <typename E>
@@ -121,10 +148,14 @@ int run(const E* x, E* out, int64_t N, int64_t HW, int64_t C, int64_t G, const f
             E* dst = out + i * C;
             const float* an = a.data() + n * C;
             const float* bn = b.data() + n * C;
-            for (int64_t c = 0; c < C; c += L) {
-                __m512 y = _mm512_fmadd_ps(load(row + c), load(an + c), load(bn + c));
-                store(dst + c, with_silu ? silu(y) : y);
-            }
+            if (!with_silu)
+                for (int64_t c = 0; c < C; c += L)
+                    store(dst + c, _mm512_fmadd_ps(load(row + c), load(an + c), load(bn + c)));
+            else
+                for (int64_t c = 0; c < C; c += L) {
+                    const __m512 y = _mm512_fmadd_ps(load(row + c), load(an + c), load(bn + c));
+                    store(dst + c, std::is_same<E, bf16>::value ? silu_bf16(y) : silu(y));
+                }
         }
     }
     return 0;

@@ -9,7 +9,8 @@ against 1.5e-4).
 
 `group_norm(norm, x, silu, out)` is the one call; `supports(norm, x)` says which it takes: an
 nn.GroupNorm without gradients, on a float32 or bfloat16 CPU tensor (N, C, H, W) laid out
-channels-last, C a multiple of 16, where the CPU has AVX-512 (F, BW, DQ), a compiler is found and
+channels-last, C a multiple of 16, where the CPU has AVX-512 (F, BW, DQ; the build takes
+AVX512-BF16 too where the CPU has it), a compiler is found and
 NANODIFFUSION_FUSED_NORM is not 0. Elsewhere layers.norm_silu keeps torch's.
 """
 import ctypes
@@ -22,7 +23,9 @@ import torch.nn as nn
 from . import fused_attention
 
 SOURCE = Path(__file__).with_name("fused_norm.cpp")
-LEVEL = "avx512"  # fused_attention.LEVELS' flags it is built with
+# fused_attention.LEVELS' flags it is built with: AVX512-BF16's where the CPU has it (one
+# instruction rounds to bfloat16), else AVX-512's
+LEVELS = ("avx512bf16", "avx512")
 ENV = "NANODIFFUSION_FUSED_NORM"
 FUNCTIONS = {torch.bfloat16: "nd_group_norm_bf16", torch.float32: "nd_group_norm_f32"}
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
@@ -32,9 +35,10 @@ ARGTYPES = [_p, _p, _i64, _i64, _i64, _i64, _p, _p, ctypes.c_float, ctypes.c_int
 
 def library():
     """The loaded library, or None where it does not run here (see the module's text)."""
-    if os.environ.get(ENV, "1") == "0" or LEVEL not in fused_attention.cpu_levels():
+    have = [lvl for lvl in LEVELS if lvl in fused_attention.cpu_levels()]
+    if os.environ.get(ENV, "1") == "0" or not have:
         return None
-    return fused_attention.load(LEVEL, SOURCE, FUNCTIONS.values(), ARGTYPES,
+    return fused_attention.load(have[0], SOURCE, FUNCTIONS.values(), ARGTYPES,
                                 "fused GroupNorm not built, torch's runs")
 
 
