@@ -176,3 +176,18 @@ def test_the_bfloat16_build_rounds_as_the_plain_one():
     same = outs[0].view(torch.int16) == outs[1].view(torch.int16)
     assert (same | outs[0].isnan() & outs[1].isnan()).all()
     assert same.float().mean() > 0.9  # the finite channels, bit for bit
+
+
+def test_a_failed_bfloat16_build_falls_back_to_the_plain_one(monkeypatch):
+    """An older g++ without AVX512-BF16 (its build fails) still gets the kernel: the plain
+    AVX-512 build, not torch's GroupNorm."""
+    if "avx512" not in fused_attention.cpu_levels() or shutil.which("g++") is None:
+        return
+    real = fused_attention.load
+    tried = []
+    monkeypatch.setattr(fused_attention, "load", lambda lvl, *a: tried.append(lvl) or (
+        None if lvl == "avx512bf16" else real(lvl, *a)))
+    assert fused_norm.library() is real("avx512", fused_norm.SOURCE, fused_norm.FUNCTIONS.values(),
+                                        fused_norm.ARGTYPES, "not built")
+    assert tried[-1] == "avx512" and tried[:-1] == [
+        lvl for lvl in fused_norm.LEVELS[:-1] if lvl in fused_attention.cpu_levels()]

@@ -35,11 +35,14 @@ ARGTYPES = [_p, _p, _i64, _i64, _i64, _i64, _p, _p, ctypes.c_float, ctypes.c_int
 
 def library():
     """The loaded library, or None where it does not run here (see the module's text)."""
-    have = [lvl for lvl in LEVELS if lvl in fused_attention.cpu_levels()]
-    if os.environ.get(ENV, "1") == "0" or not have:
+    if os.environ.get(ENV, "1") == "0":
         return None
-    return fused_attention.load(have[0], SOURCE, FUNCTIONS.values(), ARGTYPES,
-                                "fused GroupNorm not built, torch's runs")
+    for lvl in (lvl for lvl in LEVELS if lvl in fused_attention.cpu_levels()):
+        lib = fused_attention.load(lvl, SOURCE, FUNCTIONS.values(), ARGTYPES,
+                                   f"fused GroupNorm's {lvl} build failed (the next, or torch's, runs)")
+        if lib is not None:  # else the next level's (an older g++ without AVX512-BF16)
+            return lib
+    return None
 
 
 def supports(norm, x):
