@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -129,25 +131,39 @@ def test_vae_decode_equals_torchs_norms_within_rounding(monkeypatch):
 
 
 def test_profilers_see_it_as_an_op():
-    """The kernel runs as torch ops (nanodiffusion::group_norm, and group_norm_ in place), so
-    torch.profiler names it; an `out` other than x itself is refused."""
+    """The kernel runs as torch ops (nanodiffusion::group_norm, group_norm_ in place and
+    group_norm_out into a given tensor), so torch.profiler names it; an `out` other than x
+    gets x's values in place of a new tensor's, and one of another shape, dtype or layout, or
+    overlapping x, is refused."""
     if fused_norm.library() is None:
         return
     norm = nn.GroupNorm(4, 16)
     x = torch.randn(1, 16, 4, 4).contiguous(memory_format=CL)
+    out = torch.full_like(x, float("nan"))
     with torch.no_grad(), torch.profiler.profile() as prof:
-        fused_norm.group_norm(norm, x, True)
+        new = fused_norm.group_norm(norm, x, True)
         fused_norm.group_norm(norm, x.clone(memory_format=CL), True, out=None)
         y = x.clone(memory_format=CL)
         fused_norm.group_norm(norm, y, True, out=y)
+        into = fused_norm.group_norm(norm, x, True, out=out)
     keys = [e.key for e in prof.key_averages()]
-    assert "nanodiffusion::group_norm" in keys and "nanodiffusion::group_norm_" in keys, keys
-    try:
-        fused_norm.group_norm(norm, x, True, out=torch.empty_like(x))
-    except ValueError as e:
-        assert "into x itself" in str(e)
-    else:
-        raise AssertionError("an out other than x was taken")
+    for op in ("group_norm", "group_norm_", "group_norm_out"):
+        assert "nanodiffusion::" + op in keys, keys
+    assert into is out and torch.equal(out, new) and torch.equal(y, new)
+    wide = torch.empty(1, 16, 4, 8).contiguous(memory_format=CL)
+    for bad in (torch.empty(1, 16, 4, 5).contiguous(memory_format=CL),  # shape
+                torch.empty_like(x, dtype=torch.bfloat16),  # dtype
+                torch.empty_like(x, memory_format=torch.contiguous_format),  # layout
+                wide[..., :4]):  # not dense
+        with pytest.raises(ValueError, match="group_norm: out"):
+            with torch.no_grad():
+                fused_norm.group_norm(norm, x, True, out=bad)
+    buf = torch.randn(2 * x.numel())
+    a, b = (buf[i:i + x.numel()].view(1, 4, 4, 16).permute(0, 3, 1, 2) for i in (0, 16))
+    assert a.is_contiguous(memory_format=CL) and b.is_contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match="overlaps x"):
+        with torch.no_grad():
+            fused_norm.group_norm(norm, a, True, out=b)
 
 
 def test_the_bfloat16_build_rounds_as_the_plain_one():
@@ -191,3 +207,38 @@ def test_a_failed_bfloat16_build_falls_back_to_the_plain_one(monkeypatch):
                                         fused_norm.ARGTYPES, "not built")
     assert tried[-1] == "avx512" and tried[:-1] == [
         lvl for lvl in fused_norm.LEVELS[:-1] if lvl in fused_attention.cpu_levels()]
+
+
+def test_the_decoder_normalises_into_the_last_resblocks_dead_activation():
+    """At inference the decoder hands each ResBlock the one before's dead activation (its
+    conv1 output, ResBlock.run), and the first norm writes into it (group_norm_out) where
+    the shapes match, in place of a new tensor: the image bit for bit the one without (every
+    ResBlock hooked, so each is called as before), float32 and bfloat16."""
+    if fused_norm.library() is None:
+        return
+    torch.manual_seed(0)
+    cfg = vae.VAEConfig(block_channels=(32, 64), layers_per_block=2, norm_groups=16,
+                        latent_channels=4)
+    model = vae.for_inference(vae.VAE(cfg).eval())
+    z = torch.randn(1, 4, 12, 12)
+    blocks = [m for m in model.decoder.up_blocks.modules() if isinstance(m, vae.ResBlock)]
+    # in each up block (3 ResBlocks) the second and third follow one of their own shape
+    expected = sum(1 for b in model.decoder.up_blocks for i, r in enumerate(b.resnets)
+                   if i > 0 and r.conv_shortcut is None)
+    assert expected == 4
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.to(dtype)
+        zz = cpu_input(z.to(dtype))
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            reused = m.decode(zz)
+        ops = [e.key for e in prof.events()]
+        assert ops.count("nanodiffusion::group_norm_out") == expected, dtype
+        hooks = [b.register_forward_pre_hook(lambda *a: None) for b in blocks]
+        try:
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                apart = m.decode(zz)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert "nanodiffusion::group_norm_out" not in [e.key for e in prof.events()]
+        assert torch.equal(reused, apart), dtype

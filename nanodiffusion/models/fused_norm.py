@@ -56,17 +56,26 @@ def supports(norm, x):
 
 
 def group_norm(norm, x, silu=False, out=None):
-    """norm(x), then SiLU where `silu`, as `supports` takes them, into `out` (x itself may be
-    given: the caller's input is then overwritten) or a new channels-last tensor. It runs as an
+    """norm(x), then SiLU where `silu`, as `supports` takes them, into `out` or a new
+    channels-last tensor. `out` may be x itself (the caller's input is then overwritten) or
+    another tensor of x's shape and dtype, channels-last, not overlapping it (a dead activation
+    reused: its pages are resident already, where a new tensor's are faulted in). It runs as an
     op of torch's (torch.ops.nanodiffusion.group_norm, as fused_attention's), so that
     profilers see it."""
     w = None if norm.weight is None else norm.weight.detach().float().contiguous()
     b = None if norm.bias is None else norm.bias.detach().float().contiguous()
     if out is None:
         return torch.ops.nanodiffusion.group_norm(x, w, b, norm.num_groups, norm.eps, silu)
-    if out.data_ptr() != x.data_ptr():
-        raise ValueError("group_norm writes into x itself or into a new tensor")
-    return torch.ops.nanodiffusion.group_norm_(x, w, b, norm.num_groups, norm.eps, silu)
+    if out.data_ptr() == x.data_ptr():
+        return torch.ops.nanodiffusion.group_norm_(x, w, b, norm.num_groups, norm.eps, silu)
+    if (out.shape != x.shape or out.dtype != x.dtype
+            or not out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"group_norm: out must be x or a channels-last {x.dtype} tensor of "
+                         f"shape {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    lo, hi = sorted((x, out), key=lambda t: t.data_ptr())
+    if lo.data_ptr() + lo.numel() * lo.element_size() > hi.data_ptr():
+        raise ValueError("group_norm: out overlaps x without being x")
+    return torch.ops.nanodiffusion.group_norm_out(x, out, w, b, norm.num_groups, norm.eps, silu)
 
 
 def _run(x, w, b, groups, eps, silu, out):
@@ -83,7 +92,7 @@ def _new(x):
 
 
 # The ops, registered with torch's dispatcher directly (fused_attention's library, defined there
-# first): a new output, and in place.
+# first): a new output, in place, and into a given tensor.
 _OPS = torch.library.Library("nanodiffusion", "FRAGMENT")
 _OPS.define("group_norm(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, "
             "bool silu) -> Tensor")
@@ -92,5 +101,9 @@ _OPS.define("group_norm_(Tensor(a!) x, Tensor? weight, Tensor? bias, int groups,
 _OPS.impl("group_norm", lambda x, w, b, g, eps, silu: _run(x, w, b, g, eps, silu, _new(x)),
           "CPU")
 _OPS.impl("group_norm_", lambda x, w, b, g, eps, silu: _run(x, w, b, g, eps, silu, x), "CPU")
+_OPS.define("group_norm_out(Tensor x, Tensor(a!) out, Tensor? weight, Tensor? bias, int groups, "
+            "float eps, bool silu) -> Tensor(a!)")
+_OPS.impl("group_norm_out", lambda x, o, w, b, g, eps, silu: _run(x, w, b, g, eps, silu, o), "CPU")
 _OPS.impl("group_norm", lambda x, w, b, g, eps, silu: _new(x), "Meta")
 _OPS.impl("group_norm_", lambda x, w, b, g, eps, silu: x, "Meta")
+_OPS.impl("group_norm_out", lambda x, o, w, b, g, eps, silu: o, "Meta")

@@ -13,15 +13,16 @@ import torch.nn.functional as F
 from . import fused_attention, fused_norm, packing, winograd
 
 
-def norm_silu(norm, x, inplace=False):
+def norm_silu(norm, x, inplace=False, out=None):
     """SiLU(norm(x)): on the fused kernel where it takes the call (fused_norm: a GroupNorm at
     inference on a channels-last CPU activation), into x itself where `inplace` (the caller's x
-    is fresh and needed no more: its page faults spared); else torch's, the SiLU in place where
+    is fresh and needed no more: its page faults spared), or into `out` where given (a dead
+    activation of x's shape and layout, for the same reason); else torch's, the SiLU in place where
     no gradient is recorded: norm's output is fresh, and on a large activation a new tensor
     costs more in page faults than SiLU itself (a 128 x 512 x 512 bfloat16 one: 45 ms out of
     place, 17 ms in place, 2 threads)."""
     if fused_norm.supports(norm, x):
-        return fused_norm.group_norm(norm, x, silu=True, out=x if inplace else None)
+        return fused_norm.group_norm(norm, x, silu=True, out=x if inplace else out)
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
