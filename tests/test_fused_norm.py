@@ -108,17 +108,21 @@ def test_norm_silu_takes_it_at_inference_only():
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
+def _small_vae(layers_per_block):
+    """A small VAE laid out for inference (32 and 64 channels, 16 groups), and latents for it."""
+    torch.manual_seed(0)
+    cfg = vae.VAEConfig(block_channels=(32, 64), layers_per_block=layers_per_block,
+                        norm_groups=16, latent_channels=4)
+    return vae.for_inference(vae.VAE(cfg).eval()), torch.randn(1, 4, 12, 12)
+
+
 def test_vae_decode_equals_torchs_norms_within_rounding(monkeypatch):
     """A small VAE decoder (its ResBlocks normalise conv1's output in place, and its last
     norm the last layer's) gives torch's GroupNorm's image within rounding, in float32 and
     bfloat16."""
     if fused_norm.library() is None:
         return
-    torch.manual_seed(0)
-    cfg = vae.VAEConfig(block_channels=(32, 64), layers_per_block=1, norm_groups=16,
-                        latent_channels=4)
-    model = vae.for_inference(vae.VAE(cfg).eval())
-    z = torch.randn(1, 4, 12, 12)
+    model, z = _small_vae(layers_per_block=1)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
         m = model.to(dtype)
         zz = cpu_input(z.to(dtype))
@@ -216,11 +220,7 @@ def test_the_decoder_normalises_into_the_last_resblocks_dead_activation():
     ResBlock hooked, so each is called as before), float32 and bfloat16."""
     if fused_norm.library() is None:
         return
-    torch.manual_seed(0)
-    cfg = vae.VAEConfig(block_channels=(32, 64), layers_per_block=2, norm_groups=16,
-                        latent_channels=4)
-    model = vae.for_inference(vae.VAE(cfg).eval())
-    z = torch.randn(1, 4, 12, 12)
+    model, z = _small_vae(layers_per_block=2)
     blocks = [m for m in model.decoder.up_blocks.modules() if isinstance(m, vae.ResBlock)]
     # in each up block (3 ResBlocks) the second and third follow one of their own shape
     expected = sum(1 for b in model.decoder.up_blocks for i, r in enumerate(b.resnets)

@@ -428,30 +428,25 @@ void amx_pack_head(Args<bf16>& a, int64_t bh) {
     }
 }
 
-// 2^f for f in [0, 1): a degree-3 fit (relative error 7.5e-5, well within bfloat16's rounding
-// of p, what the output's product sees; the row's sum carries the same error as its p's, so
-// it cancels in the division: against float64 the outputs' mean error measured the same as
-// with the degree-4 fit before it, to 4 digits, and below torch's kernel's)
-inline vf exp2_fraction(vf f) {
-    vf p = vset1(0.07802445285768202f);
-    p = vfmadd(p, f, vset1(0.2260673282509298f));
-    p = vfmadd(p, f, vset1(0.6958334392765183f));
-    return vfmadd(p, f, vset1(0.9999252310222465f));
-}
+// 2^f for f in [0, 1): avx512_math.h's degree-3 fit (within bfloat16's rounding of p, what the
+// output's product sees; the row's sum carries the same error as its p's, so it cancels in
+// the division: against float64 the outputs' mean error measured the same as with the degree-4
+// fit before it, to 4 digits, and below torch's kernel's)
+using nd_math::exp2_fraction_bf16;
 
 // 2^x for x <= 0, -inf too (a masked key): 2^floor(x) (scalef's own rounding of x) times
-// exp2_fraction(x - floor(x)); 0 below -126, where the product is a subnormal or NaN
+// exp2_fraction_bf16(x - floor(x)); 0 below -126, where the product is a subnormal or NaN
 inline vf exp2_bf16(vf x) {
     const __mmask16 keep = _mm512_cmp_ps_mask(x, vset1(-126.0f), _CMP_GE_OQ);
     const vf f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    return _mm512_maskz_scalef_ps(keep, exp2_fraction(f), x);
+    return _mm512_maskz_scalef_ps(keep, exp2_fraction_bf16(f), x);
 }
 
 // the same for x > -inf (a vector of no masked key), one comparison less: below -126 the
 // product is a subnormal, which amx_worker's flush to zero (MXCSR's FTZ) makes 0
 inline vf exp2_bf16_open(vf x) {
     const vf f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    return _mm512_scalef_ps(exp2_fraction(f), x);
+    return _mm512_scalef_ps(exp2_fraction_bf16(f), x);
 }
 
 // tile t (one of 0, 1, 6, 7) += tile a (2 or 3) x tile b (4 or 5), the ids as constants

@@ -24,6 +24,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx512_math.h"
+
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512DQ__)
 #error "fused_norm.cpp needs AVX-512 F, BW and DQ"
 #endif
@@ -35,10 +37,7 @@ constexpr int L = 16;        // float32 lanes
 constexpr int BLOCK = 256;   // rows summed in float32 before adding into float64
 
 inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load(const bf16* p) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+inline __m512 load(const bf16* p) { return nd_math::load_bf16(p); }
 inline void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 // rounded to the nearest bfloat16, ties to even (NaN stays NaN: its payload's top bit is set):
 // one instruction where the CPU has AVX512-BF16 (fused_norm.py builds for it there), the same
@@ -54,39 +53,40 @@ inline void store(bf16* p, __m512 x) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
-// x / (1 + exp(-x)): exp(-x) = 2^n 2^f (f in [0, 1), a degree-5 fit: relative error 1e-7),
-// -x clamped to [-126, 126] (outside it the sigmoid is 0 or 1 to float32's precision)
-inline __m512 silu(__m512 x) {
-    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f));
-    z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
-    const __m512 f = _mm512_reduce_ps(z, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+// 2^f for f in [0, 1) to float32's precision: a degree-5 fit (relative error 1e-7)
+inline __m512 exp2_fraction_f32(__m512 f) {
     __m512 p = _mm512_set1_ps(0.0018951072911098906f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.008946214666062526f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05586328265952245f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401407700917158f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931546200033188f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998957631356f));
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, z));  // 1 + exp(-x)
-    // x / d as x r, r = 1 / d from rcp14 and a Newton step (relative error ~2^-28; a division
-    // is ~10x the cost)
+    return _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998957631356f));
+}
+
+// 1 + exp(-x): exp(-x) = 2^n 2^f (f in [0, 1), 2^f by `fraction`), -x clamped to [-126, 126]
+// (outside it the sigmoid is 0 or 1 to float32's precision)
+template <__m512 (*fraction)(__m512)>
+inline __m512 one_plus_exp_neg(__m512 x) {
+    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f));
+    z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    const __m512 f = _mm512_reduce_ps(z, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    return _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(fraction(f), z));
+}
+
+// x / (1 + exp(-x)) to float32's precision: x / d as x r, r = 1 / d from rcp14 and a Newton
+// step (relative error ~2^-28; a division is ~10x the cost)
+inline __m512 silu(__m512 x) {
+    const __m512 d = one_plus_exp_neg<exp2_fraction_f32>(x);
     __m512 r = _mm512_rcp14_ps(d);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
     return _mm512_mul_ps(x, r);
 }
 
-// the same to bfloat16's precision, for a result rounded to bfloat16: a degree-3 fit of 2^f
-// (relative error 7.5e-5) and rcp14's reciprocal (2^-14) without the Newton step, together
-// far below bfloat16's rounding (2^-9)
+// the same to bfloat16's precision, for a result rounded to bfloat16: avx512_math.h's
+// degree-3 fit of 2^f (relative error 7.5e-5) and rcp14's reciprocal (2^-14) without the
+// Newton step, together far below bfloat16's rounding (2^-9)
 inline __m512 silu_bf16(__m512 x) {
-    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(-1.4426950408889634f));
-    z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
-    const __m512 f = _mm512_reduce_ps(z, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(0.07802445285768202f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2260673282509298f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958334392765183f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999252310222465f));
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, z));
-    return _mm512_mul_ps(x, _mm512_rcp14_ps(d));
+    return _mm512_mul_ps(x, _mm512_rcp14_ps(one_plus_exp_neg<nd_math::exp2_fraction_bf16>(x)));
 }
 
 template <typename E>

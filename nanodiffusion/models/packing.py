@@ -345,8 +345,7 @@ def fused_linear(layer, x, act="none", other=None, op="none"):
     bfloat16, few rows, no gradient: few_rows); None elsewhere, where the caller runs the steps.
     CLIP's text encoder at 2 x 77 tokens spent 6.5 of its 38 ms on quick GELU's three passes
     and 1 ms on its residual adds (2-core Intel Xeon with AMX)."""
-    if (type(layer) is not OneDNNLinear or layer._forward_hooks or layer._forward_pre_hooks
-            or x.dtype != torch.bfloat16 or not layer.on_onednn(x, layer.weight)
+    if (not _unhooked_on_onednn(layer, x) or x.dtype != torch.bfloat16
             or not layer.few_rows(x, layer.weight)):
         return None
     return small_gemm.linear(x, layer.weight, layer.bias, act=act, other=other, op=op)
@@ -358,12 +357,17 @@ def linear_add(layer, x, skip):
     post-op where the call runs on oneDNN (OneDNNLinear.on_onednn: bfloat16 and float32, no
     hooks); None elsewhere, where the caller adds."""
     out = fused_linear(layer, x, other=skip, op="add")
-    if (out is not None or type(layer) is not OneDNNLinear or layer._forward_hooks
-            or layer._forward_pre_hooks or not layer.on_onednn(x, layer.weight)
-            or skip.dtype != x.dtype or not skip.is_contiguous()
-            or skip.shape != (*x.shape[:-1], layer.out_features)):
+    if (out is not None or not _unhooked_on_onednn(layer, x) or skip.dtype != x.dtype
+            or not skip.is_contiguous() or skip.shape != (*x.shape[:-1], layer.out_features)):
         return out
     return torch.ops.mkldnn._linear_pointwise.binary(x, skip, layer.weight, layer.bias, "add")
+
+
+def _unhooked_on_onednn(layer, x):
+    """Whether `layer`'s call on x is OneDNNLinear's on oneDNN (on_onednn) with no hooks to
+    see it: fused_linear's and linear_add's common ground."""
+    return (type(layer) is OneDNNLinear and not layer._forward_hooks
+            and not layer._forward_pre_hooks and layer.on_onednn(x, layer.weight))
 
 
 def onednn_linears(*modules):

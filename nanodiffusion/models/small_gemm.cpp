@@ -97,10 +97,7 @@ struct Epilogue {
     int64_t os;
 };
 
-inline __m512 load_bf16(const bf16* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+using nd_math::load_bf16;
 
 // OpenAI CLIP's quick GELU, v sigmoid(1.702 v), as v / (1 + 2^(-1.702 log2(e) v))
 inline __m512 quick_gelu(__m512 v) {

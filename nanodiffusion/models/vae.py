@@ -81,8 +81,7 @@ class ResBlock(nn.Module):
                     and spare.is_contiguous(memory_format=torch.channels_last))
             skip, h = x, norm_silu(self.norm1, x, out=spare if fits else None)
         h = norm_silu(self.norm2, self.conv1(h), inplace=True)
-        out = conv_residual(self.conv2, h, skip)
-        return out, (h if h.data_ptr() != out.data_ptr() else None)
+        return conv_residual(self.conv2, h, skip), h  # h: conv2's input, dead after it
 
 
 class Downsample(nn.Module):
@@ -218,17 +217,16 @@ class Decoder(nn.Module):
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         spare = None  # the last ResBlock's dead activation, at inference (ResBlock.run)
-        reuse = x.device.type == "cpu" and not torch.is_grad_enabled()
+        inference = x.device.type == "cpu" and not torch.is_grad_enabled()
         for block in self.up_blocks:
             for layer in block.layers():
-                if (reuse and isinstance(layer, ResBlock) and not layer._forward_hooks
+                if (inference and isinstance(layer, ResBlock) and not layer._forward_hooks
                         and not layer._forward_pre_hooks):  # hooks see their calls as before
                     x, spare = layer.run(x, spare)
                 else:
                     spare = None
                     x = layer(x)
-            if (block.up and x.device.type == "cpu" and not torch.is_grad_enabled()
-                    and x.numel() * x.element_size() >= TRIM_ABOVE):
+            if block.up and inference and x.numel() * x.element_size() >= TRIM_ABOVE:
                 # each up block's activations are 4x the last's: glibc would keep the freed
                 # smaller ones in its heap, resident beside them (SD 1.5 at 512 px in
                 # bfloat16: txt2img's peak, the decode's, 2.93 -> 2.74 GB; the decode alone
