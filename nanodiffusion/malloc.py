@@ -108,12 +108,20 @@ def let_go(t):
     packed convolution's dense weight: models/packing.py): the file keeps its bytes, and a
     read of them faults them back in. Nothing for other tensors, or where the system is not
     Linux (madvise(MADV_DONTNEED) on a private mapping discards written pages)."""
-    start = t.untyped_storage().data_ptr()
-    end, clean = _mapped.get(start, (0, None))
-    if sys.platform != "linux" or clean is None or not clean():
+    if not in_clean_mapping(t):
         return
     first = -(-t.data_ptr() // PAGE) * PAGE
     last = (t.data_ptr() + t.numel() * t.element_size()) // PAGE * PAGE
-    if start <= first < last <= end:
+    if first < last:
         ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
                                   MADV_DONTNEED)
+
+
+def in_clean_mapping(t):
+    """Whether `t` lies in a registered file mapping (file_mapped) that is still clean, on
+    Linux: its bytes are the file's, so that its pages may be dropped (let_go) and are read
+    back from the file when it is read."""
+    start = t.untyped_storage().data_ptr()
+    end, clean = _mapped.get(start, (0, None))
+    return (sys.platform == "linux" and clean is not None and clean()
+            and start <= t.data_ptr() <= t.data_ptr() + t.numel() * t.element_size() <= end)

@@ -21,8 +21,10 @@ A packed convolution turns back into a plain one, its dense weight restored in i
 whenever anything asks for its weight (`conv.weight`: LoRA fusing, low memory's files), calls
 it with gradients, moves or casts it (`.to`), or loads a state dict into it; its state_dict
 holds the dense weight. `unpack(module)` turns them all back (about 3.5 calls' reorders: the
-packed layout to the dense one, then to channels-last), and `packed_weights` packs for a `with`
-block only (low memory, whose parts go to disk after each run).
+packed layout to the dense one, then to channels-last; none where the dense weight it packed
+was a low-memory file's, still clean: that one is given back, its pages read from the file
+again as they are used: `_file_weight`), and `packed_weights` packs for a `with` block only
+(low memory, whose parts go to disk after each run).
 
 A float32 call that Winograd's F(4x4, 3x3) is to run (models/winograd.py's rule, the one the
 plain layer asks too) runs it on the dense weight, which a packed weight gives back for it; so
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..malloc import let_go, trim
+from ..malloc import in_clean_mapping, let_go, trim
 from . import small_gemm, winograd
 
 
@@ -88,7 +90,7 @@ class PackedConv2d(nn.Conv2d):
             # against 22; packed for 8x8, 485 ms at 2x2 against 4.5), so the weight is laid
             # out again for the new size, once: a UNet run at 128 px, then at 256, ran 5x
             # slower at 256 px for good
-            self._put(self._packed.to_dense())  # plain, then channels-last, then packed
+            self._put(self._dense_back())  # plain, then channels-last, then packed
             self._packed = None
         if self._packed is None:  # for the input's shape: ~3x faster than for an unknown one
             # oneDNN's reorder of a plain weight holds two copies beside it at once, of a
@@ -113,7 +115,7 @@ class PackedConv2d(nn.Conv2d):
         """The dense weight, channels-last (a packed one given back, once: the call after at
         another size packs it again, as `_pack_for` does between sizes)."""
         if self._packed is not None:
-            self._put(self._packed.to_dense())
+            self._put(self._dense_back())
             self._packed = None
         w = self._parameters["weight"].data
         if not w.is_contiguous(memory_format=torch.channels_last):
@@ -123,14 +125,27 @@ class PackedConv2d(nn.Conv2d):
     def _put(self, w):
         """`w` the weight's data in place of the one held, which is let go at once (its
         memory back to the system: glibc would keep it in its heap; low memory's: its pages
-        in its file's mapping dropped); nothing where `w` is that one."""
+        in its file's mapping dropped, the tensor kept as `_file_weight`); nothing where `w`
+        is that one."""
         old = self._parameters["weight"].data
         if w.data_ptr() == old.data_ptr():
             return
+        if self._file_weight is None and in_clean_mapping(old):
+            self._file_weight = old
         self._parameters["weight"].data = w
         let_go(old)
         del old
         trim()
+
+    def _dense_back(self):
+        """The layer's dense weight: the file's (`_file_weight`) where it is still the file's
+        bytes and in the layout to give back (nothing to copy or reorder: low memory unpacks
+        the UNet after every loop), else the packed one reordered back (about a call's
+        reorder), else the weight held."""
+        w = self._file_weight
+        if w is not None and w.stride() == self._dense[1] and in_clean_mapping(w):
+            return w
+        return self._parameters["weight"].data if self._packed is None else self._packed.to_dense()
 
     def __getattr__(self, name):
         if name == "weight":  # anyone who reads the weight gets the dense one
@@ -230,11 +245,12 @@ def _unpack(m):
     w = m._parameters["weight"].data
     if m._packed is not None or w.stride() != stride:  # packed, or laid out channels-last
         with torch.no_grad():  # for small_gemm (_channels_last)
-            dense = dense_weight(m)
-            m._parameters["weight"].data = torch.empty_strided(
-                shape, stride, dtype=dense.dtype).copy_(dense)
+            dense = m._dense_back()
+            if dense.stride() != stride:
+                dense = torch.empty_strided(shape, stride, dtype=dense.dtype).copy_(dense)
+            m._parameters["weight"].data = dense
     m.__class__ = m._plain
-    del m._packed, m._dense, m._plain, m._packed_for
+    del m._packed, m._dense, m._plain, m._packed_for, m._file_weight
     return m
 
 
@@ -248,7 +264,7 @@ def pack(module):
         if _packable(m):
             w = m._parameters["weight"]
             m._packed, m._dense, m._plain = None, (w.shape, w.stride()), type(m)
-            m._packed_for = None
+            m._packed_for, m._file_weight = None, None
             m.__class__ = PackedConv2d
     return sum(type(m) is PackedConv2d for m in module.modules())
 

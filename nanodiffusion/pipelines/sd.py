@@ -73,7 +73,9 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         """The UNet ready for the sampling loop of `plan`. Its convolutions run on
         prepacked weights (models/packing.py), which stay packed from one call to the next;
         with low memory the UNet is in memory for the loop only, so it is packed for loops of
-        more than four steps only (unpacking it costs about 3.5 calls' weight reorders).
+        more than four steps only (packing costs about a call's weight reorders; unpacking
+        gives each layer its file's weight back, no reorder: SD 1.5 at 512 px in bfloat16, 2
+        cores, 0.38-0.43 -> 0.013 s; at four steps, packed and dense measured alike).
         When the loop ends, the heap its activations left is given back (malloc.trim: glibc
         keeps freed blocks resident), so that the decode, which sets the call's peak, starts
         from the loaded model: SD 1.5 at 512 px in bfloat16 on a 2-core Zen 3 (3 processes of
