@@ -7,6 +7,7 @@ import ctypes
 import mmap
 import os
 import sys
+from pathlib import Path
 
 MMAP_THRESHOLD = 256 << 10  # bytes: blocks this large are mapped apart and unmapped when freed
 HEAP_LIMIT = 4 << 20  # bytes: the blocks below it come from the heap (blocks_from_heap); larger
@@ -78,6 +79,60 @@ def blocks_from_heap():
         _mallopt(-3, MMAP_THRESHOLD)
         _threshold = MMAP_THRESHOLD
         trim()
+
+
+BLOCK_POOL_SOURCE = Path(__file__).with_name("block_pool.cpp")
+BLOCK_POOL_CAP = 256 << 20  # bytes of freed blocks the pool keeps at most (block_pool.cpp)
+BLOCK_POOL_STATS = ("mapped", "kept", "reused", "resized", "fresh", "on")
+
+
+def block_pool():
+    """The block pool's library (block_pool.cpp: built with g++ against torch's c10 headers,
+    in the kernels' cache, and loaded once: models/fused_attention.load), or None where it does
+    not run: not Linux, no compiler, or its build failed (one warning)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import torch  # here: the CLI imports this module before torch (torch_huge_pages)
+
+    from .models.fused_attention import load
+    root = Path(torch.__file__).parent
+    return load(None, BLOCK_POOL_SOURCE, ["nd_block_pool", "nd_block_pool_stats"],
+                [ctypes.c_int64], "the block pool not built: low memory's UNet maps its blocks "
+                "anew", extra=[f"-I{root / 'include'}", f"-L{root / 'lib'}", "-lc10",
+                               f"-Wl,-rpath,{root / 'lib'}",
+                               f"-DND_TORCH_VERSION={torch.__version__}"])  # in the cache key
+
+
+def block_pool_stats():
+    """The block pool's counters (BLOCK_POOL_STATS: bytes mapped and kept; requests served by a
+    kept block as it was, resized, or by a new mapping; whether it is on), or None where it does
+    not run (block_pool)."""
+    lib = block_pool()
+    if lib is None:
+        return None
+    out = (ctypes.c_int64 * len(BLOCK_POOL_STATS))()
+    lib.nd_block_pool_stats(ctypes.addressof(out))
+    return dict(zip(BLOCK_POOL_STATS, out))
+
+
+@contextlib.contextmanager
+def pooled_blocks(cap=BLOCK_POOL_CAP):
+    """A context in which torch's CPU blocks of MMAP_THRESHOLD bytes and more come from the
+    block pool (block_pool.cpp): the blocks freed in it, up to `cap` bytes of them, serve the
+    next requests with their pages resident, instead of each block being mapped and its pages
+    faulted in and zeroed anew (malloc_returns_big_blocks), and without glibc's heap, whose
+    freed blocks stay resident as it grows. At its end the kept blocks are unmapped. For low
+    memory's UNet run (Pipeline.unet_loop), whose peak is the process's. Nothing where the pool
+    does not run (block_pool) or inside another such context."""
+    lib = block_pool()
+    if lib is None or block_pool_stats()["on"]:
+        yield
+        return
+    lib.nd_block_pool(cap)
+    try:
+        yield
+    finally:
+        lib.nd_block_pool(0)
 
 
 def torch_huge_pages():

@@ -16,6 +16,7 @@ import nanodiffusion
 import tiny_sd
 from front_door import run_cli, served
 from proc_maps import linux_only, mapping
+from nanodiffusion import malloc
 from nanodiffusion.pipelines import offload
 
 PROMPT = "a red circle above a blue square"
@@ -494,3 +495,71 @@ def test_serve_low_memory_skips_full_vae_previews():
     finally:
         hook.remove()
         pipe.tiny_decoder = tiny
+
+
+@linux_only
+def test_the_block_pool_serves_freed_blocks_again_and_lets_them_go():
+    """malloc.pooled_blocks: torch's blocks of MMAP_THRESHOLD bytes or more come from the
+    blocks freed inside it (the same one for the same size; the smallest larger one shrunk, or
+    a smaller one grown, for another), at most `cap` bytes kept; smaller blocks, and every
+    block outside it, are torch's own; at its end the kept blocks are unmapped, and a block
+    still live then stays valid and is unmapped when it is freed."""
+    assert malloc.block_pool() is not None  # built with g++ against torch's headers
+    mib = 1 << 20
+
+    def stats():
+        return malloc.block_pool_stats()
+
+    before = stats()
+    outside = torch.empty(mib // 4)  # 1 MiB of float32, outside: torch's own
+    assert stats()["fresh"] == before["fresh"] and not stats()["on"]
+    with malloc.pooled_blocks(cap=3 * mib):
+        assert stats()["on"]
+        a = torch.empty(mib // 4)
+        where = a.data_ptr()
+        del a
+        b = torch.empty(mib // 4)  # the same size: the same block
+        assert b.data_ptr() == where and stats()["reused"] == before["reused"] + 1
+        c = torch.empty(mib // 2)  # 2 MiB: a new block
+        del c
+        d = torch.empty(mib // 8)  # 512 KiB: the 2 MiB one shrunk
+        assert stats()["resized"] == before["resized"] + 1 and stats()["kept"] == 0
+        small = torch.empty(1000)  # below MMAP_THRESHOLD: torch's own
+        assert stats()["fresh"] == before["fresh"] + 2
+        many = [torch.empty(mib // 4) for _ in range(5)]
+        del many  # 5 MiB freed, 3 kept at most
+        assert stats()["kept"] <= 3 * mib
+        with malloc.pooled_blocks(cap=100 * mib):  # inside another: nothing changes
+            e = torch.empty(mib // 4)
+            del e
+        assert stats()["on"] and stats()["kept"] <= 3 * mib
+        b.fill_(2.0)
+    after = stats()
+    assert not after["on"] and after["kept"] == 0
+    assert float(b.sum()) == 2.0 * b.numel()  # live past the pool's end
+    mapped = after["mapped"]
+    del b, d
+    assert stats()["mapped"] == mapped - mib - (mib // 2)
+    outside.fill_(1.0)
+    del outside, small
+
+
+def test_low_memory_runs_the_unet_on_the_block_pool(pair, monkeypatch):
+    """Low memory's UNet calls run inside the block pool (and only they: the decode does not),
+    which serves their big blocks again from the second call on; the images are the default's."""
+    plain, low = pair
+    seen = []
+    unet_forward, decode = low.unet.forward, low._decode
+    monkeypatch.setattr(low.unet, "forward",
+                        lambda *a, **k: seen.append(("unet", malloc.block_pool_stats()["on"]))
+                        or unet_forward(*a, **k))
+    monkeypatch.setattr(low, "_decode",
+                        lambda *a, **k: seen.append(("decode", malloc.block_pool_stats()["on"]))
+                        or decode(*a, **k))
+    before = malloc.block_pool_stats()
+    got = low.generate(PROMPT, seed=4, steps=3, width=128, height=128)[0]
+    after = malloc.block_pool_stats()
+    assert seen == [("unet", 1)] * 3 + [("decode", 0)] and not after["on"]
+    assert after["reused"] + after["resized"] > before["reused"] + before["resized"]
+    assert after["kept"] == 0
+    assert got.tobytes() == plain.generate(PROMPT, seed=4, steps=3, width=128, height=128)[0].tobytes()

@@ -305,9 +305,9 @@ def test_lora_fused_into_a_packed_unet(monkeypatch, tmp_path, bf16):
     _same_image(got, want, str(dtype).removeprefix("torch."))
 
 
-def test_low_memory_packs_long_loops_only(monkeypatch, bf16):
-    """Low memory: the UNet goes to disk after each loop, so it is packed for loops of more
-    than four steps and unpacked at their end; the images are the default's."""
+def test_low_memory_packs_every_loop(monkeypatch, bf16):
+    """Low memory: the UNet goes to disk after each loop, so it is packed for each loop and
+    unpacked at its end; the images are the default's."""
     low = nanodiffusion.load("shapes", dtype=torch.bfloat16, low_memory=True)
     counts, real = [], packing.packed_weights
 
@@ -319,7 +319,7 @@ def test_low_memory_packs_long_loops_only(monkeypatch, bf16):
     for steps in (5, 3):
         img = low.generate(PROMPT, seed=2, steps=steps)[0]
         assert img.tobytes() == bf16.generate(PROMPT, seed=2, steps=steps)[0].tobytes()
-    assert counts == [True, False] and not _packed(low.unet)
+    assert counts == [True, True] and not _packed(low.unet)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -113,6 +113,8 @@ def level():
 
 
 def _compiler_flags(lvl):
+    if lvl is None:  # no instruction set of LEVELS (malloc.py's block pool)
+        return list(FLAGS)
     return FLAGS + ["-m" + (flag.replace("_", "-") if flag.startswith("amx_") else
                             flag.replace("_", "")) for flag in LEVELS[lvl][0]]
 
@@ -122,18 +124,19 @@ def cache_dir():
     return Path(base) / "nanodiffusion" / "kernels"
 
 
-def build(lvl, source=SOURCE):
+def build(lvl, source=SOURCE, extra=()):
     """The library of `source` (a C++ file, fused_attention.cpp by default; the headers beside
-    it, which it may include, are part of its cache key) for level `lvl`, built if the cache
-    lacks it (written under a temporary name, then renamed, so a concurrent or killed build
-    never leaves a half-written library)."""
+    it, which it may include, are part of its cache key) for level `lvl` (None: none of
+    LEVELS'), with the compiler flags `extra` after the source, built if the cache lacks it
+    (written under a temporary name, then renamed, so a concurrent or killed build never leaves
+    a half-written library)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
-    flags = _compiler_flags(lvl)
+    flags, extra = _compiler_flags(lvl), list(extra)
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # amx_tiles.h
     key = hashlib.sha256(source.read_bytes() + headers
-                         + " ".join([cxx] + flags).encode()).hexdigest()[:16]
+                         + " ".join([cxx] + flags + extra).encode()).hexdigest()[:16]
     out = cache_dir() / f"{source.stem}-{lvl}-{key}.so"
     if out.exists():
         return out
@@ -141,7 +144,8 @@ def build(lvl, source=SOURCE):
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True)
+        r = subprocess.run([cxx, *flags, str(source), *extra, "-o", tmp], capture_output=True,
+                           text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {source.name}:\n{r.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -151,7 +155,7 @@ def build(lvl, source=SOURCE):
     return out
 
 
-def load(lvl, source, functions, argtypes, failed):
+def load(lvl, source, functions, argtypes, failed, extra=()):
     """The library of `source` for level `lvl`, built (`build`) and loaded once per process,
     each of `functions` declared with `argtypes` and an int result; None where the build or the
     load fails: one warning, `failed` and the error, and it is not tried again. The one loader
@@ -160,7 +164,7 @@ def load(lvl, source, functions, argtypes, failed):
     if key not in _libs:
         _libs[key] = None
         try:
-            lib = ctypes.CDLL(str(build(lvl, source)))
+            lib = ctypes.CDLL(str(build(lvl, source, extra)))
         except (OSError, RuntimeError) as e:
             warnings.warn(f"{failed}: {e}")
             return None
