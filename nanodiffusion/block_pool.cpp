@@ -105,7 +105,8 @@ struct Pool final : c10::Allocator {
     }
 };
 
-Pool pool;
+// never destroyed: blocks may be freed while the process exits, after static destructors ran
+Pool& pool = *new Pool;
 
 void Pool::release(void* p) {
     std::unique_lock<std::mutex> g(pool.mu);

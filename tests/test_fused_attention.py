@@ -233,11 +233,11 @@ def test_a_failed_build_falls_back_to_the_next_level(monkeypatch):
     monkeypatch.setattr(fused_attention, "_libs", {})
     real, tried = fused_attention.build, []
 
-    def build(lvl, source=fused_attention.SOURCE):
+    def build(lvl, source=fused_attention.SOURCE, extra=()):
         tried.append(lvl)
         if lvl == levels[0]:
             raise RuntimeError("g++: error: unrecognized command-line option")
-        return real(lvl, source)
+        return real(lvl, source, extra)
 
     monkeypatch.setattr(fused_attention, "build", build)
     with pytest.warns(UserWarning, match="unrecognized"):
