@@ -544,22 +544,23 @@ def test_the_block_pool_serves_freed_blocks_again_and_lets_them_go():
     del outside, small
 
 
-def test_low_memory_runs_the_unet_on_the_block_pool(pair, monkeypatch):
-    """Low memory's UNet calls run inside the block pool (and only they: the decode does not),
-    which serves their big blocks again from the second call on; the images are the default's."""
+def test_low_memory_runs_each_part_on_the_block_pool(pair, monkeypatch):
+    """Low memory runs the text encoder, the UNet and the VAE decoder inside the block pool
+    (torch's big blocks served again from those freed, pages resident), and turns it off
+    between them and after; the images are the default's."""
     plain, low = pair
+    low._prompt_cache.clear()
     seen = []
-    unet_forward, decode = low.unet.forward, low._decode
-    monkeypatch.setattr(low.unet, "forward",
-                        lambda *a, **k: seen.append(("unet", malloc.block_pool_stats()["on"]))
-                        or unet_forward(*a, **k))
-    monkeypatch.setattr(low, "_decode",
-                        lambda *a, **k: seen.append(("decode", malloc.block_pool_stats()["on"]))
-                        or decode(*a, **k))
+    for name, owner, attr in (("text", low.text_encoder, "forward"), ("unet", low.unet, "forward"),
+                              ("decode", low.vae, "decode")):
+        def spy(*a, _name=name, _real=getattr(owner, attr), **k):
+            seen.append((_name, malloc.block_pool_stats()["on"]))
+            return _real(*a, **k)
+        monkeypatch.setattr(owner, attr, spy)
     before = malloc.block_pool_stats()
     got = low.generate(PROMPT, seed=4, steps=3, width=128, height=128)[0]
     after = malloc.block_pool_stats()
-    assert seen == [("unet", 1)] * 3 + [("decode", 0)] and not after["on"]
+    assert seen == [("text", 1)] + [("unet", 1)] * 3 + [("decode", 1)]
+    assert not after["on"] and after["kept"] == 0
     assert after["reused"] + after["resized"] > before["reused"] + before["resized"]
-    assert after["kept"] == 0
     assert got.tobytes() == plain.generate(PROMPT, seed=4, steps=3, width=128, height=128)[0].tobytes()

@@ -28,7 +28,8 @@ at 512 px in bfloat16 on a 2-core Zen 3 (two txt2img calls of 4 steps): 85-88 s 
 neither, 62-63 s with both, against 54 s without low memory; peak 2.20-2.25 GB. And the UNet's
 run takes its big blocks from a pool of those it freed (malloc.pooled_blocks, Pipeline.unet_loop),
 whose pages stay resident for the next call, instead of each block's being faulted in anew:
-on a 2-core Xeon with AMX, 1.36x -> 1.18x the default's time at 2.15 -> 2.19 GB.
+on a 2-core Xeon with AMX, 1.36x -> 1.18x the default's time at 2.15 -> 2.19 GB; and so do
+the text encoder's and the VAE's runs (`Pipeline.running`).
 
 The file of a part holds each tensor's bytes in their memory order (a channels-last weight as
 it is: no copy to write it or to read it back in its layout). It is written when the part first
@@ -54,7 +55,7 @@ import torch
 
 from ..formats.files import on_build
 from ..malloc import (PAGE, blocks_from_heap, file_mapped, file_unmapped,
-                      malloc_returns_big_blocks)
+                      malloc_returns_big_blocks, pooled_blocks)
 from ..malloc import trim as _trim
 from ..models.packing import cpu_input, pack
 from ..models.unet import UNet
@@ -324,11 +325,16 @@ class OffloadMixin:
     def running(self, module):
         """A context in which `module` (the text encoder or the VAE: not the UNet) runs: its
         weights in memory, and with low memory its activations' blocks from glibc's heap
-        (malloc.blocks_from_heap), their pages given back when it ends: its run's peak is far
-        below the UNet's, which sets the process's, and blocks each mapped apart cost their
-        page faults at every use."""
+        (malloc.blocks_from_heap) and torch's big ones from the block pool (malloc.pooled_blocks:
+        the VAE decoder's of 67-134 MB at 512 px), their pages given back when it ends: its
+        run's peak is far below the UNet's, which sets the process's, and blocks each mapped
+        apart cost their page faults at every use (the decode at 512 px in bfloat16, 2-core
+        Xeon with AMX: 1.61-1.71 -> 1.40-1.46 s with the pool, the same peak)."""
         with self.resident(module):
-            with blocks_from_heap() if self.low_memory else contextlib.nullcontext():
+            if not self.low_memory:
+                yield
+                return
+            with blocks_from_heap(), pooled_blocks():
                 yield
 
     @contextlib.contextmanager
