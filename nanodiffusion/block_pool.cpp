@@ -19,10 +19,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 
 namespace {
@@ -36,7 +36,7 @@ struct Pool final : c10::Allocator {
     std::unordered_map<void*, size_t> mine;  // this pool's blocks, live or kept: their bytes
     std::multimap<size_t, void*> kept;       // the freed ones, by size
     size_t cap = 0, kept_bytes = 0, mapped = 0, reused = 0, resized = 0, fresh = 0;
-    bool on = false;
+    std::atomic<bool> on{false};
 
     // under mu: a kept block made n bytes, or nullptr where none is kept
     void* take(size_t n) {
@@ -75,7 +75,7 @@ struct Pool final : c10::Allocator {
         }
         if (p == nullptr) {
             p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (p == MAP_FAILED) throw std::bad_alloc();
+            if (p == MAP_FAILED) return base->allocate(bytes);  // torch's, and its error
             if (n >= HUGE) madvise(p, n, MADV_HUGEPAGE);  // one fault per 2 MiB where THP allows
             std::lock_guard<std::mutex> g(mu);
             mine[p] = n;

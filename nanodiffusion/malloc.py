@@ -97,7 +97,7 @@ def block_pool():
     from .models.fused_attention import load
     root = Path(torch.__file__).parent
     return load(None, BLOCK_POOL_SOURCE, ["nd_block_pool", "nd_block_pool_stats"],
-                [ctypes.c_int64], "the block pool not built: low memory's UNet maps its blocks "
+                [ctypes.c_int64], "the block pool not built: low memory maps its big blocks "
                 "anew", extra=[f"-I{root / 'include'}", f"-L{root / 'lib'}", "-lc10",
                                f"-Wl,-rpath,{root / 'lib'}",
                                f"-DND_TORCH_VERSION={torch.__version__}"])  # in the cache key
@@ -122,8 +122,9 @@ def pooled_blocks(cap=BLOCK_POOL_CAP):
     next requests with their pages resident, instead of each block being mapped and its pages
     faulted in and zeroed anew (malloc_returns_big_blocks), and without glibc's heap, whose
     freed blocks stay resident as it grows. At its end the kept blocks are unmapped. For low
-    memory's UNet run (Pipeline.unet_loop), whose peak is the process's. Nothing where the pool
-    does not run (block_pool) or inside another such context."""
+    memory's runs of each part (Pipeline.unet_loop, whose peak is the process's, and
+    Pipeline.running). Nothing where the pool does not run (block_pool) or inside another such
+    context."""
     lib = block_pool()
     if lib is None or block_pool_stats()["on"]:
         yield
