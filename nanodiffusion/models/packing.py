@@ -90,7 +90,7 @@ class PackedConv2d(nn.Conv2d):
             # against 22; packed for 8x8, 485 ms at 2x2 against 4.5), so the weight is laid
             # out again for the new size, once: a UNet run at 128 px, then at 256, ran 5x
             # slower at 256 px for good
-            self._put(self._dense_back())  # plain, then channels-last, then packed
+            self._put(dense_weight(self))  # plain, then channels-last, then packed
             self._packed = None
         if self._packed is None:  # for the input's shape: ~3x faster than for an unknown one
             # oneDNN's reorder of a plain weight holds two copies beside it at once, of a
@@ -115,7 +115,7 @@ class PackedConv2d(nn.Conv2d):
         """The dense weight, channels-last (a packed one given back, once: the call after at
         another size packs it again, as `_pack_for` does between sizes)."""
         if self._packed is not None:
-            self._put(self._dense_back())
+            self._put(dense_weight(self))
             self._packed = None
         w = self._parameters["weight"].data
         if not w.is_contiguous(memory_format=torch.channels_last):
@@ -136,16 +136,6 @@ class PackedConv2d(nn.Conv2d):
         let_go(old)
         del old
         trim()
-
-    def _dense_back(self):
-        """The layer's dense weight: the file's (`_file_weight`) where it is still the file's
-        bytes and in the layout to give back (nothing to copy or reorder: low memory unpacks
-        the UNet after every loop), else the packed one reordered back (about a call's
-        reorder), else the weight held."""
-        w = self._file_weight
-        if w is not None and w.stride() == self._dense[1] and in_clean_mapping(w):
-            return w
-        return self._parameters["weight"].data if self._packed is None else self._packed.to_dense()
 
     def __getattr__(self, name):
         if name == "weight":  # anyone who reads the weight gets the dense one
@@ -233,8 +223,14 @@ def _packable(m):
 
 
 def dense_weight(conv):
-    """conv's dense weight, a packed convolution (PackedConv2d) left packed: made from its
-    packed one where it has it, else its weight parameter as it is."""
+    """conv's dense weight, a packed convolution (PackedConv2d) left packed: the low-memory
+    file's weight it packed (`_file_weight`) where that is still the file's bytes and in the
+    layout to give back (nothing to copy or reorder: low memory unpacks the UNet after every
+    loop), else made from its packed one (about a call's reorder) where it has it, else its
+    weight parameter as it is."""
+    kept = getattr(conv, "_file_weight", None)
+    if kept is not None and kept.stride() == conv._dense[1] and in_clean_mapping(kept):
+        return kept
     packed = getattr(conv, "_packed", None)
     return conv._parameters["weight"] if packed is None else packed.to_dense()
 
@@ -245,7 +241,7 @@ def _unpack(m):
     w = m._parameters["weight"].data
     if m._packed is not None or w.stride() != stride:  # packed, or laid out channels-last
         with torch.no_grad():  # for small_gemm (_channels_last)
-            dense = m._dense_back()
+            dense = dense_weight(m)
             if dense.stride() != stride:
                 dense = torch.empty_strided(shape, stride, dtype=dense.dtype).copy_(dense)
             m._parameters["weight"].data = dense
