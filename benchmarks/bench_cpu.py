@@ -1,7 +1,7 @@
-"""Whole txt2img on the CPU, each system in its own process: ours and diffusers in float32 and
-bfloat16, and stable-diffusion.cpp (f32 / f16 / q8_0) where its python bindings are installed.
-The Stable Diffusion 1.5 architecture with random weights, euler, CFG 7.5, one fixed prompt
-and seed, at 256 and 512 px.
+"""Whole txt2img on the CPU, each system in its own process: ours and diffusers in float32,
+bfloat16 and float16, and stable-diffusion.cpp (f32 / f16 / q8_0) where its python bindings
+are installed. The Stable Diffusion 1.5 architecture with random weights, euler, CFG 7.5, one
+fixed prompt and seed, at 256 and 512 px.
 
     nice .venv/bin/python benchmarks/bench_cpu.py                     # 256 and 512 px, 4 steps
     nice .venv/bin/python benchmarks/bench_cpu.py --sizes 256 --system ours-bf16 \
@@ -96,8 +96,10 @@ SYSTEMS = {
     "ours-bf16": System("ours", "bfloat16", "bfloat16", "diffusers-bf16"),
     "ours-bf16-lowmem": System("ours", "bfloat16", "bfloat16", "diffusers-bf16",
                                load={"low_memory": True}),
+    "ours-fp16": System("ours", "float16", "float16", "diffusers-fp16"),
     "diffusers-fp32": System("diffusers", "float32", "float32", "diffusers-fp32"),
     "diffusers-bf16": System("diffusers", "bfloat16", "bfloat16", "diffusers-bf16"),
+    "diffusers-fp16": System("diffusers", "float16", "float16", "diffusers-fp16"),
     "sdcpp-f32": System("sdcpp", "f32", "float32", "diffusers-fp32"),
     "sdcpp-f16": System("sdcpp", "f16", "float32", "diffusers-bf16"),
     "sdcpp-q8_0": System("sdcpp", "q8_0", "float32", "diffusers-bf16"),

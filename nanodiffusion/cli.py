@@ -58,7 +58,8 @@ def _add_sampling_args(p):
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations "
                    "of a Stable Diffusion model (bfloat16: about 2x faster on CPUs with "
                    "AVX-512 BF16 or AMX, half the weights' memory everywhere, computed in "
-                   "float32 on AVX2-only CPUs; float16 for GPUs)")
+                   "float32 on AVX2-only CPUs; float16: half the memory too, computed in "
+                   "float32 on CPUs without AMX-FP16, a little slower than float32)")
     p.add_argument("--low-memory", action="store_true", help="keep the text encoder's, the "
                    "UNet's and the VAE's weights on disk except while each runs (same images, "
                    "but latents above 64 per side, 512 px for SD, are decoded in tiles; for "

@@ -119,7 +119,7 @@ def test_a_part_runs_on_its_files_pages(pair):
 
 @linux_only
 def test_a_packed_convolution_gives_its_files_pages_back(pair):
-    """With low memory the UNet is packed for loops of more than four steps: a packed
+    """With low memory the UNet is packed for each loop: a packed
     convolution lets its dense weight go, and with it that weight's pages of the part's
     mapping (malloc.let_go), so the weights are not held twice while the UNet runs."""
     from nanodiffusion.models.packing import PackedConv2d, available

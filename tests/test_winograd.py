@@ -5,6 +5,7 @@ choice, so their images stay equal (bit for bit but for oneDNN's own packed-agai
 rounding on some CPUs: tiny_sd.assert_float32_rounding_apart)."""
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,10 @@ def test_where_it_runs(monkeypatch):
     assert not winograd.worth_it(wide, x.bfloat16())           # float32 arithmetic only
     monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
     assert winograd.worth_it(wide, x.bfloat16())               # computed in float32 there
-    assert not winograd.worth_it(wide, x.half())
+    monkeypatch.setattr(winograd, "float16_tiles", lambda: True)
+    assert not winograd.worth_it(wide, x.half())               # float16 on its tiles
+    monkeypatch.setattr(winograd, "float16_tiles", lambda: False)
+    assert winograd.worth_it(wide, x.half())                   # else in float32
     assert not winograd.worth_it(torch.nn.Conv2d(255, 256, 3, padding=1), x[:, :255])
     for other in (dict(stride=2, padding=1), dict(padding=2, dilation=2),
                   dict(padding=1, groups=2), dict(padding=1, padding_mode="reflect"),
@@ -137,11 +141,11 @@ def test_pipelines_run_it_and_low_memory_still_gives_the_default_bytes(everywher
     monkeypatch.setattr(winograd, "conv3x3", spy)
     pipe = nanodiffusion.load("shapes")
     low = nanodiffusion.load("shapes", low_memory=True)
-    for steps in (3, 5):  # low memory packs loops of more than 4 steps only
+    for steps in (3, 5):
         calls.clear()
         a = pipe.generate(PROMPT, seed=3, steps=steps)[0]
         assert calls  # the UNet's and the VAE decoder's convolutions
-        b = low.generate(PROMPT, seed=3, steps=steps)[0]  # at 3 steps on dense kernels
+        b = low.generate(PROMPT, seed=3, steps=steps)[0]
         tiny_sd.assert_float32_rounding_apart([a], [b])
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 10 ** 9)  # the direct kernels alone
     c = nanodiffusion.load("shapes").generate(PROMPT, seed=3, steps=5)[0]
@@ -209,13 +213,22 @@ class _Dtypes(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_bfloat16_computes_in_float32_where_onednn_has_none(monkeypatch):
+# (dtype, the check that says whether the CPU computes it, its relative rounding step)
+LOW_PRECISION = [(torch.bfloat16, "onednn_bfloat16", 2 ** -8),
+                 (torch.float16, "float16_tiles", 2 ** -11)]
+
+
+@pytest.mark.parametrize("dtype, check, step", LOW_PRECISION)
+def test_low_precision_computes_in_float32_where_the_cpu_has_none(monkeypatch, dtype, check,
+                                                                   step):
     """On a CPU whose oneDNN has no bfloat16 (AVX2 only: AMD Zen 3), torch's bfloat16
     convolutions and products ran at 1-20 GFLOP/s (SD 1.5's UNet call at 256 px 17 s against
-    float32's 2.4 s, its VAE decode past 10 minutes). There a bfloat16 layer reads its weights
-    and input into float32, computes in float32 and rounds its output to bfloat16: every
-    product runs on float32 tensors, and the result is bfloat16 rounding of the exact one."""
-    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: False)
+    float32's 2.4 s, its VAE decode past 10 minutes); float16 is as slow there, and on CPUs
+    without float16 tiles (AMX-FP16) it runs at float32's speed at best. There a bfloat16 or
+    float16 layer reads its weights and input into float32, computes in float32 and rounds its
+    output to its dtype: every product runs on float32 tensors, and the result is the rounding
+    of the exact one."""
+    monkeypatch.setattr(winograd, check, lambda: False)
     torch.manual_seed(0)
     cases = [(winograd.Conv2d(256, 256, 3, padding=1), (1, 256, 32, 32)),  # Winograd's
              (winograd.Conv2d(64, 32, 3, padding=1), (2, 64, 8, 8)),
@@ -225,24 +238,41 @@ def test_bfloat16_computes_in_float32_where_onednn_has_none(monkeypatch):
              (packing.OneDNNLinear(96, 160), (3, 40, 96)),
              (packing.OneDNNLinear(8, 8), (1, 2, 8))]  # below ONEDNN_LINEAR_MIN_MACS
     for layer, shape in cases:
-        layer = layer.bfloat16()
-        x = torch.randn(shape).bfloat16()
+        layer = layer.to(dtype)
+        x = torch.randn(shape).to(dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)  # as pipelines give it
         with torch.no_grad(), _Dtypes() as mode:
             got = layer(x)
-        assert got.dtype == torch.bfloat16 and mode.seen, (layer, mode.seen)
+        assert got.dtype == dtype and mode.seen, (layer, mode.seen)
         assert all(d == {torch.float32} for _, d in mode.seen), (layer, mode.seen)
         ref = (F.linear(x.double(), layer.weight.double(), layer.bias.double())
                if x.dim() == 3 else F.conv2d(x.double(), layer.weight.double(),
                                               layer.bias.double(), layer.stride, layer.padding))
         err = (got.double() - ref).abs()
-        assert (err <= 2 ** -8 * ref.abs() + 1e-4 * ref.abs().max()).all(), layer
-    monkeypatch.setattr(winograd, "onednn_bfloat16", lambda: True)  # elsewhere: bfloat16
-    layer, x = cases[-2][0], torch.randn(3, 40, 96).bfloat16()
+        assert (err <= step * ref.abs() + 1e-4 * ref.abs().max()).all(), layer
+    monkeypatch.setattr(winograd, check, lambda: True)  # elsewhere: in its own dtype
+    layer, x = cases[-2][0], torch.randn(3, 40, 96).to(dtype)
     with torch.no_grad(), _Dtypes() as mode:
         layer(x)
-    assert mode.seen and all(d == {torch.bfloat16} for _, d in mode.seen), mode.seen
+    assert mode.seen and all(d == {dtype} for _, d in mode.seen), mode.seen
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+def test_a_float16_pipeline_computes_in_float32_without_float16_tiles(monkeypatch, tiles):
+    """`--dtype float16` on a CPU without AMX-FP16: the bundled model's text encoder, UNet and
+    VAE decoder hold float16 weights and run every product in float32 (its image a float16
+    rounding or so from float32's); with float16 tiles, on oneDNN's float16 kernels."""
+    monkeypatch.setattr(winograd, "float16_tiles", lambda: tiles)
+    pipe = nanodiffusion.load("shapes", dtype=torch.float16)
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float16}
+    with torch.no_grad(), _Dtypes() as mode:
+        got = pipe.generate(PROMPT, seed=3, steps=4)[0]
+    kinds = {frozenset(d) for _, d in mode.seen}
+    assert kinds == ({frozenset({torch.float16})} if tiles else {frozenset({torch.float32})}), kinds
+    want = nanodiffusion.load("shapes").generate(PROMPT, seed=3, steps=4)[0]
+    diff = np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int))
+    assert diff.mean() < 0.5 and diff.max() <= 16, (diff.mean(), diff.max())
 
 
 def test_float32_copies_of_bfloat16_weights_are_made_a_block_at_a_time(monkeypatch):

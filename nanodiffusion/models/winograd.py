@@ -242,15 +242,32 @@ def onednn_bfloat16():
             and bool(ops._is_mkldnn_bf16_supported()))
 
 
+def float16_tiles():
+    """Whether this CPU multiplies float16 matrices on AMX's tiles (AMX-FP16: Intel's Granite
+    Rapids), where oneDNN's float16 kernels run there. Elsewhere torch's and oneDNN's float16
+    products are float32's speed at best: on a 2-core Xeon with AMX-BF16 and AVX512-FP16 but
+    no AMX-FP16, a 2048^3 product 386 GFLOP/s (float32 373, bfloat16 2628) and a 3x3
+    convolution (320 channels, 32x32) 240 (float32 410); AVX2-only CPUs have no float16
+    arithmetic at all (a 2-core AMD EPYC Zen 3: that convolution at 1.3 GFLOP/s,
+    MEASUREMENTS)."""
+    return "amx_fp16" in fused_attention.cpu_flags()
+
+
 def computes_in_float32(x):
-    """Whether a bfloat16 layer (Conv2d here, packing.OneDNNLinear) computes its call on `x` in
-    float32 (when it needs no gradient: needs_grad): bfloat16 on a CPU whose oneDNN has none
-    (onednn_bfloat16). Its weights stay bfloat16 in memory and are read into float32 for the
-    call, its input too, and its output is rounded to bfloat16: the products of bfloat16 values
-    are exact in float32, so this is bfloat16 arithmetic summed in float32, as the bfloat16
-    kernels sum. On a 2-core AMD EPYC (Zen 3), SD 1.5's UNet call at 256 px (batch 2): 17.2 s
-    on torch's bfloat16 kernels, 3.7-4.1 s so, float32 2.4-2.8 s."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not onednn_bfloat16()
+    """Whether a bfloat16 or float16 layer (Conv2d here, packing.OneDNNLinear; float16's
+    attention too, layers.attention) computes its call on `x` in float32 (when it needs no
+    gradient: needs_grad): on the CPU, bfloat16 where oneDNN has none (onednn_bfloat16),
+    float16 where the CPU has no float16 tiles (float16_tiles). Its weights stay in their
+    dtype in memory and are read into float32 for the call, its input too, and its output is
+    rounded to x's dtype: the products of bfloat16 or float16 values are exact in float32, so
+    this is their arithmetic summed in float32, as their kernels sum. On a 2-core AMD EPYC
+    (Zen 3), SD 1.5's UNet call at 256 px (batch 2) in bfloat16: 17.2 s on torch's bfloat16
+    kernels, 3.7-4.1 s so, float32 2.4-2.8 s."""
+    if x.device.type != "cpu":
+        return False
+    if x.dtype == torch.bfloat16:
+        return not onednn_bfloat16()
+    return x.dtype == torch.float16 and not float16_tiles()
 
 
 _SCRATCH = threading.local()
