@@ -184,3 +184,70 @@ def test_upcast_attention_is_float32_for_float16_only(monkeypatch):
     for dt, out in outs.items():
         assert out.dtype == dt
         assert (out.float() - ref).abs().max() <= 0.03 * ref.abs().max(), dt
+
+
+def test_kept_context_projections_project_a_context_once_per_loop():
+    """Inside kept_context_projections (a sampling loop) a cross-attention layer projects the
+    same context tensor once and reuses its keys and values: the same output bits. A context
+    written in place, another context, self-attention, gradients and hooks on to_k or to_v
+    (LoRA training's) project anew; outside it nothing is kept."""
+    from nanodiffusion.models.layers import kept_context_projections
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, context_dim=24).eval()
+    calls = []
+    real = attn.to_k.forward
+    attn.to_k.forward = lambda t: calls.append(t) or real(t)  # counts, without being a hook
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        want = attn(x, context)
+        assert len(calls) == 1
+        with kept_context_projections():
+            for _ in range(3):
+                assert torch.equal(attn(x, context), want)
+            assert len(calls) == 2  # once for the loop
+            attn(x, torch.randn(2, 7, 24))  # another context: projected
+            assert len(calls) == 3
+            assert torch.equal(attn(x, context), want)  # another context in between
+            assert len(calls) == 4
+            context.mul_(2)  # written in place: projected anew
+            assert not torch.equal(attn(x, context), want)
+            assert len(calls) == 5
+            with kept_context_projections():  # nested: the outer one's
+                attn(x, context)
+            assert len(calls) == 5
+            handle = attn.to_v.register_forward_hook(lambda *a: None)
+            attn(x, context)
+            handle.remove()
+            assert len(calls) == 6
+        attn(x, context)  # after the loop: nothing kept
+        assert len(calls) == 7
+    with kept_context_projections():
+        attn(x, context).sum()  # gradients on: projected every call
+        attn(x, context)
+    assert len(calls) == 9
+
+
+def test_a_sampling_loop_projects_the_prompt_once_with_the_same_image(monkeypatch):
+    """txt2img keeps the cross-attention's keys and values of the prompt for its loop (one
+    projection per layer, not one per step), and its image is the one projecting at every
+    step gives, byte for byte."""
+    import contextlib
+
+    import nanodiffusion
+    from nanodiffusion.pipelines import sd
+
+    pipe = nanodiffusion.load("shapes")
+    layers = [m.attn2 for m in pipe.unet.modules() if hasattr(m, "attn2")]
+    assert layers
+    calls = []
+    for attn in layers:
+        real = attn.to_k.forward
+        attn.to_k.forward = lambda t, real=real: calls.append(t) or real(t)
+    kept = pipe.generate("a red circle", seed=1, steps=5)[0]
+    assert len(calls) == len(layers)
+    monkeypatch.setattr(sd, "kept_context_projections", contextlib.nullcontext)
+    calls.clear()
+    every = pipe.generate("a red circle", seed=1, steps=5)[0]
+    assert len(calls) == 5 * len(layers)
+    assert kept.tobytes() == every.tobytes()

@@ -17,7 +17,7 @@ from .. import samplers
 from ..diffusion import Denoiser, NoiseSchedule, ScheduleConfig, cfg_denoiser
 from ..errors import InputError
 from ..malloc import pooled_blocks, trim
-from ..models.layers import guidance_embedding
+from ..models.layers import guidance_embedding, kept_context_projections
 from ..models.packing import cpu_input, onednn_linears, pack, packed_weights
 from ..models.unet import for_inference as unet_for_inference
 from ..models.vae import for_encoding
@@ -70,7 +70,9 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
 
     @contextlib.contextmanager
     def unet_loop(self, plan):
-        """The UNet ready for the sampling loop of `plan`. Its convolutions run on
+        """The UNet ready for the sampling loop of `plan`. Its cross-attention layers
+        project the prompt's states to keys and values once for the loop
+        (layers.kept_context_projections). Its convolutions run on
         prepacked weights (models/packing.py), which stay packed from one call to the next;
         with low memory the UNet is in memory for the loop only: it is packed for the loop
         (about a dense call's weight reorders), then unpacked, each layer given back its
@@ -85,7 +87,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         2 calls each way), RSS before the decode 2.71-2.89 -> 2.45-2.47 GB and the call's peak
         3.04-3.24 -> 2.94-3.12 GB (where the decode's blocks land in the heap moves it), for
         ~40 ms (low memory's UNet gives its memory back as it goes to disk)."""
-        with self.resident(self.unet):
+        with self.resident(self.unet), kept_context_projections():
             if self.low_memory:
                 with packed_weights(self.unet), pooled_blocks():
                     yield
