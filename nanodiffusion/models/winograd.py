@@ -242,6 +242,7 @@ def onednn_bfloat16():
             and bool(ops._is_mkldnn_bf16_supported()))
 
 
+@lru_cache(maxsize=None)
 def float16_tiles():
     """Whether this CPU multiplies float16 matrices on AMX's tiles (AMX-FP16: Intel's Granite
     Rapids), where oneDNN's float16 kernels run there. Elsewhere torch's and oneDNN's float16
@@ -249,7 +250,7 @@ def float16_tiles():
     no AMX-FP16, a 2048^3 product 386 GFLOP/s (float32 373, bfloat16 2628) and a 3x3
     convolution (320 channels, 32x32) 240 (float32 410); AVX2-only CPUs have no float16
     arithmetic at all (a 2-core AMD EPYC Zen 3: that convolution at 1.3 GFLOP/s,
-    MEASUREMENTS)."""
+    MEASUREMENTS). Asked once: computes_in_float32 asks it at every float16 layer's call."""
     return "amx_fp16" in fused_attention.cpu_flags()
 
 
