@@ -143,7 +143,7 @@ def _sample(pipe, members):
     model = pipe._model_fn(None, m0.req)
     denoiser = cfg_denoiser(Denoiser(model, plan.schedule, quantize_t=plan.quantize_t),
                             guidance, m0.req.guidance_rescale)
-    with pipe.unet_loop(plan):
+    with pipe.unet_loop():
         return pipe._sample(plan, denoiser, noise.to(pipe._device), None,
                             samplers.Generators(gens, rows), _dispatch(members, rows), None,
                             _merge([m.cond for m in members], guidance != 1.0))

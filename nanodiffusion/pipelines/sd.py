@@ -69,8 +69,8 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         self._prompt_cache = {}
 
     @contextlib.contextmanager
-    def unet_loop(self, plan):
-        """The UNet ready for the sampling loop of `plan`. Its cross-attention layers
+    def unet_loop(self):
+        """The UNet ready for a sampling loop. Its cross-attention layers
         project the prompt's states to keys and values once for the loop
         (layers.kept_context_projections). Its convolutions run on
         prepacked weights (models/packing.py), which stay packed from one call to the next;
@@ -246,7 +246,7 @@ class Pipeline(LoraMixin, VaeMixin, EmbeddingMixin, OffloadMixin):
         model = self._model_fn(unet_extra, req)
         denoiser = cfg_denoiser(Denoiser(model, plan.schedule, quantize_t=plan.quantize_t),
                                 1.0 if embedded else s.guidance, rescale)
-        with self.unet_loop(plan):
+        with self.unet_loop():
             latents = self._sample(plan, denoiser, noise, init_latents, gen,
                                    self._wrap_callback(req.callback, req.preview), post_step,
                                    cond)
