@@ -59,13 +59,16 @@ def test_what_it_takes():
 
 def test_values_within_bfloat16_rounding_of_float64():
     """Row counts off the kernel's blocks (1, 17, 33, 160), a row stride past K, with and
-    without bias: the mean error against float64 at most oneDNN's (the sums in float32, one
+    without bias, K in one chunk and in several (small_gemm.cpp's X_CHUNK of x's tiles: at
+    160 rows 100 k tiles a chunk, at 128 rows 128, at 33 rows 256; the last chunk whole or
+    short): the mean error against float64 at most oneDNN's (the sums in float32, one
     rounding), and no element off by more than two of the output's bfloat16 steps."""
     if not _here():
         return
     torch.manual_seed(0)
     for M, K, N, bias in ((1, 32, 32, True), (17, 320, 64, False), (33, 1280, 96, True),
-                          (160, 768, 128, True), (32, 2880, 320, True)):
+                          (160, 768, 128, True), (32, 2880, 320, True), (160, 6432, 96, True),
+                          (128, 8192, 64, False), (33, 8224, 32, True)):
         base = torch.randn(M, K + 32, dtype=BF)
         x = base[:, 16:16 + K]  # rows K apart in a wider tensor
         w = (torch.randn(N, K) / K ** 0.5).to(BF)
