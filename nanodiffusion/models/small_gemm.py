@@ -43,8 +43,11 @@ ACTS = {"none": 0, "quick_gelu": 1, "gelu": 2}
 OPS = {"none": 0, "add": 1, "mul": 2}
 # Rows taken, by dtype. bfloat16: up to here the weight's read from memory is the product's
 # time and the kernel beats oneDNN's (2 threads, AMX Xeon, weights not in cache: 32 x 11520 ->
-# 1280 1.4 against 2.2 ms, 154 x 768 -> 3072 0.9 against 1.3, 128 x 11520 -> 1280 both 3.7);
-# past it oneDNN's blocking for cache wins (512 x 11520 -> 1280: 11.4 against 9.0 ms).
+# 1280 1.4 against 2.2 ms, 154 x 768 -> 3072 0.9 against 1.3, 128 x 11520 -> 1280 both 3.7,
+# before the kernel took K in chunks (small_gemm.cpp's X_CHUNK): since, 2.5-2.8 ms, 128 x 1280
+# -> 5120 1.0-1.3 against 1.4). Past it the two ran about even (512 x 11520 -> 1280: 7.3
+# against 7.5 ms; oneDNN's was the faster before the chunks, 9.0 against 11.4), and the UNet
+# call at 256 px, whose 16x16 level is 512 rows, was no faster with 256 or 512 here.
 # float32: a convolution of few output pixels with a weight of at least FLOAT32_MIN_WEIGHT
 # elements runs as one product of its columns (oneDNN's, or up to F32_ROWS the kernel's: an
 # AVX-512 kernel of dot products ran at 0.14 TFLOP/s at 128 rows, below oneDNN's product; the
