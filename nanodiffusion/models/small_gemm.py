@@ -130,9 +130,11 @@ def columns(conv, x, size):
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         return xl.reshape(n * oh * ow, c)
     xp = F.pad(xl, (0, 0, pw, pw, ph, ph)) if ph or pw else xl
-    taps = [xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-            for i in range(kh) for j in range(kw)]
-    return torch.cat(taps, dim=3).reshape(n * oh * ow, kh * kw * c)
+    # every tap at once, a view (N, OH, OW, kh, kw, C) of the padded input, copied once by the
+    # reshape (9 slices and their cat took 140 against 87 us at 1280 channels, 8x8)
+    s_n, s_h, s_w, s_c = xp.stride()
+    taps = xp.as_strided((n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h, s_w, s_c))
+    return taps.reshape(n * oh * ow, kh * kw * c)
 
 
 def takes_conv(conv, x, dtype, size):
