@@ -44,9 +44,9 @@ OPS = {"none": 0, "add": 1, "mul": 2}
 # Rows taken, by dtype. bfloat16: up to here the weight's read from memory is the product's
 # time and the kernel beats oneDNN's (2 threads, AMX Xeon, weights not in cache: 32 x 11520 ->
 # 1280 1.4 against 2.2 ms, 154 x 768 -> 3072 0.9 against 1.3, 128 x 11520 -> 1280 both 3.7,
-# before the kernel took K in chunks (small_gemm.cpp's X_CHUNK): since, 2.5-2.8 ms, 128 x 1280
-# -> 5120 1.0-1.3 against 1.4). Past it the two ran about even (512 x 11520 -> 1280: 7.3
-# against 7.5 ms; oneDNN's was the faster before the chunks, 9.0 against 11.4), and the UNet
+# before the kernel took K in chunks (small_gemm.cpp's X_CHUNK), which made the last 1.7-2.1
+# ms with its weight in cache). Past it oneDNN's blocking for cache won (512 x 11520 -> 1280:
+# 9.0 against 11.4 ms, before the chunks); since, the two ran about even there, and the UNet
 # call at 256 px, whose 16x16 level is 512 rows, was no faster with 256 or 512 here.
 # float32: a convolution of few output pixels with a weight of at least FLOAT32_MIN_WEIGHT
 # elements runs as one product of its columns (oneDNN's, or up to F32_ROWS the kernel's: an
