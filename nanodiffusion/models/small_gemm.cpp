@@ -287,13 +287,13 @@ extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int6
                     const int64_t k1 = k0 + KC < K1 ? k0 + KC : K1;
                     // The next chunk of w's rows on its way from memory (this block's, or at
                     // its last the next block's first), its lines spread over this chunk's
-                    // products: 32 rows x pn lines, `per` before each step.
+                    // products: 32 rows x pn lines, `per` before each step (line = pr pn + pc).
                     const bf16* pa = k1 < K1 ? a0 : nb + 1 < nb1 ? a0 + 32 * ws : nullptr;
                     const int64_t pk = k1 < K1 ? k1 : K0;
                     const int64_t pn = pa ? std::min<int64_t>(KC, K1 - pk) : 0;
                     const int64_t lines = 32 * pn, steps = MB2 / 2 * (k1 - k0);
                     const int64_t per = (lines + steps - 1) / steps;
-                    int64_t line = 0;
+                    int64_t line = 0, pr = 0, pc = 0;
                     for (int64_t mb = 0; mb < MB2; mb += 2) {
                         // tiles (mb, n 0-15), (mb, 16-31), (mb + 1, ..)
                         float* c = sums + mb * 512;
@@ -311,10 +311,14 @@ extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int6
                         const bf16* b0 = packed + mb * KT * 512;
                         const bf16* b1 = b0 + KT * 512;
                         for (int64_t kt = k0; kt < k1; ++kt) {
-                            for (const int64_t e = line + per; line < e && line < lines; ++line)
-                                _mm_prefetch(
-                                    (const char*)(pa + line / pn * ws + 32 * (pk + line % pn)),
-                                    _MM_HINT_T0);
+                            for (const int64_t e = line + per; line < e && line < lines; ++line) {
+                                _mm_prefetch((const char*)(pa + pr * ws + 32 * (pk + pc)),
+                                             _MM_HINT_T0);
+                                if (++pc == pn) {
+                                    pc = 0;
+                                    ++pr;
+                                }
+                            }
                             _tile_loadd(4, a0 + 32 * kt, 2 * ws);
                             _tile_loadd(6, b0 + 512 * kt, 64);
                             _tile_dpbf16ps(0, 4, 6);
