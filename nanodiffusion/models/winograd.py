@@ -256,8 +256,9 @@ def float16_tiles():
 
 def computes_in_float32(x):
     """Whether a bfloat16 or float16 layer (Conv2d here, packing.OneDNNLinear) computes its
-    call on `x` in float32 (when it needs no gradient: needs_grad): on the CPU, bfloat16 where oneDNN has none (onednn_bfloat16),
-    float16 where the CPU has no float16 tiles (float16_tiles). Its weights stay in their
+    call on `x` in float32 (when it needs no gradient: needs_grad): on the CPU, bfloat16 where
+    oneDNN has none (onednn_bfloat16), float16 where the CPU has no float16 tiles
+    (float16_tiles). Its weights stay in their
     dtype in memory and are read into float32 for the call, its input too, and its output is
     rounded to x's dtype: the products of bfloat16 or float16 values are exact in float32, so
     this is their arithmetic summed in float32, as their kernels sum. On a 2-core AMD EPYC
