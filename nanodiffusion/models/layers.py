@@ -170,7 +170,7 @@ class Attention(nn.Module):
         written to since)."""
         kept = getattr(_KEPT, "projections", None)
         if (not cross or kept is None or torch.is_grad_enabled()
-                or any(m._forward_hooks or m._forward_pre_hooks for m in (self.to_k, self.to_v))):
+                or packing.hooked(self.to_k) or packing.hooked(self.to_v)):
             return self.to_k(context), self.to_v(context)
         # an inference tensor (torch.inference_mode) has no version counter: its identity
         version = None if context.is_inference() else context._version
@@ -215,7 +215,7 @@ class GEGLU(nn.Module):
     def forward(self, x):
         proj = self.proj
         if (torch.is_grad_enabled() or type(proj) not in (nn.Linear, packing.OneDNNLinear)
-                or proj._forward_hooks or proj._forward_pre_hooks):
+                or packing.hooked(proj)):
             h, gate = proj(x).chunk(2, dim=-1)
             return h * F.gelu(gate)
         fused = proj.gated_gelu(x) if type(proj) is packing.OneDNNLinear else None

@@ -375,11 +375,17 @@ def linear_add(layer, x, skip):
     return torch.ops.mkldnn._linear_pointwise.binary(x, skip, layer.weight, layer.bias, "add")
 
 
+def hooked(module):
+    """Whether hooks wait on `module`'s calls (forward or pre-forward: LoRA training's, a
+    user's): a fused path that would run its work without calling it (fused_linear, GEGLU's,
+    the cross-attention's kept projections, the VAE's ResBlock.run) calls it instead."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _unhooked_on_onednn(layer, x):
     """Whether `layer`'s call on x is OneDNNLinear's on oneDNN (on_onednn) with no hooks to
     see it: fused_linear's and linear_add's common ground."""
-    return (type(layer) is OneDNNLinear and not layer._forward_hooks
-            and not layer._forward_pre_hooks and layer.on_onednn(x, layer.weight))
+    return type(layer) is OneDNNLinear and not hooked(layer) and layer.on_onednn(x, layer.weight)
 
 
 def onednn_linears(*modules):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..malloc import trim
 from . import upsample
 from .layers import Attention, conv_residual, norm_silu
-from .packing import onednn_linears
+from .packing import hooked, onednn_linears
 from .winograd import Conv2d
 
 
@@ -220,8 +220,7 @@ class Decoder(nn.Module):
         inference = x.device.type == "cpu" and not torch.is_grad_enabled()
         for block in self.up_blocks:
             for layer in block.layers():
-                if (inference and isinstance(layer, ResBlock) and not layer._forward_hooks
-                        and not layer._forward_pre_hooks):  # hooks see their calls as before
+                if inference and isinstance(layer, ResBlock) and not hooked(layer):
                     x, spare = layer.run(x, spare)
                 else:
                     spare = None
