@@ -48,9 +48,11 @@ stable-diffusion.cpp loads the single file our exporter writes (the original LDM
 `nanodiffusion export <folder> <file> --format single-file` does, converted to its wtype on
 load. Its systems are held to the float32 peak (ggml's kernels are not torch's; f16 and q8_0
 are its weights' format). It draws its own noise on its own sigma schedule, so its max |diff|
-says only that it made an image. Its code path follows stable-diffusion-cpp-python's
-documented API (StableDiffusion(model_path, wtype, n_threads, ...).generate_image; txt_to_img
-before that) and is not exercised by --tiny: sd.cpp knows only the published architectures.
+says only that it made an image. Its code path is stable-diffusion-cpp-python's documented API
+(StableDiffusion(model_path, wtype, n_threads, ...).generate_image; txt_to_img before that), at
+sd.cpp's defaults otherwise; it ran with 0.4.7 (`pip install stable-diffusion-cpp-python==0.4.7`
+builds it from source with -march=native: 3 minutes on a 2-core AMX Xeon). Not in CI, and not
+exercised by --tiny: sd.cpp knows only the published architectures.
 
 --tiny: the tiny SD of tests/tiny_sd.py (its own cache folder; sizes 64 128 and 2 steps unless
 given) and quick machine probes (smaller shapes: rough peaks, its roofline column means
@@ -103,6 +105,11 @@ SYSTEMS = {
     "sdcpp-f32": System("sdcpp", "f32", "float32", "diffusers-fp32"),
     "sdcpp-f16": System("sdcpp", "f16", "float32", "diffusers-bf16"),
     "sdcpp-q8_0": System("sdcpp", "q8_0", "float32", "diffusers-bf16"),
+    # sd.cpp's flash attention (off by default): its attention's scores never whole in memory
+    "sdcpp-f16-fa": System("sdcpp", "f16", "float32", "diffusers-bf16",
+                           load={"flash_attn": True}),
+    "sdcpp-q8_0-fa": System("sdcpp", "q8_0", "float32", "diffusers-bf16",
+                            load={"flash_attn": True}),
 }
 REFERENCE, OURS_EXACT = "diffusers-fp32", "ours-fp32"
 
@@ -390,8 +397,8 @@ def _diffusers(system, args):
 
 
 def _sdcpp(system, args):
-    """Untested here: stable-diffusion-cpp-python's documented API (StableDiffusion,
-    generate_image; txt_to_img in versions before generate_image)."""
+    """stable-diffusion-cpp-python's documented API (StableDiffusion, generate_image;
+    txt_to_img in versions before generate_image), run with 0.4.7."""
     from stable_diffusion_cpp import StableDiffusion
 
     def load():
