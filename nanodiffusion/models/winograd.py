@@ -258,10 +258,10 @@ def computes_in_float32(x):
     """Whether a bfloat16 or float16 layer (Conv2d here, packing.OneDNNLinear) computes its
     call on `x` in float32 (when it needs no gradient: needs_grad): on the CPU, bfloat16 where
     oneDNN has none (onednn_bfloat16), float16 where the CPU has no float16 tiles
-    (float16_tiles). Its weights stay in their
-    dtype in memory and are read into float32 for the call, its input too, and its output is
-    rounded to x's dtype: the products of bfloat16 or float16 values are exact in float32, so
-    this is their arithmetic summed in float32, as their kernels sum. On a 2-core AMD EPYC
+    (float16_tiles). Its weights stay in their dtype in memory and are read into float32 for
+    the call, its input too, and its output is rounded to x's dtype: the products of bfloat16
+    or float16 values are exact in float32, so this is their arithmetic summed in float32, as
+    their kernels sum. On a 2-core AMD EPYC
     (Zen 3), SD 1.5's UNet call at 256 px (batch 2) in bfloat16: 17.2 s on torch's bfloat16
     kernels, 3.7-4.1 s so, float32 2.4-2.8 s. (Attention is not among them: float16 heads in
     float32 on the fused kernel were no faster than torch's float16 kernel on an AVX512-FP16
