@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .layers import (Attention, FeedForward, TimestepEmbedding, norm_silu, residual,
                      timestep_embedding)
-from .packing import onednn_linears
+from .packing import channels_last, onednn_linears
 from .winograd import Conv2d
 
 
@@ -433,7 +433,7 @@ def for_inference(unet):
     rounding. Returns `unet`."""
     unet.eval()
     if relayouts(unet):
-        unet.to(memory_format=torch.channels_last)
+        channels_last(unet)
     onednn_linears(unet)
     return unet
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..malloc import trim
 from . import upsample
 from .layers import Attention, conv_residual, norm_silu
-from .packing import hooked, onednn_linears
+from .packing import channels_last, hooked, onednn_linears
 from .winograd import Conv2d
 
 
@@ -325,8 +325,8 @@ def for_inference(vae):
     (formats.files.read_safetensors), so that txt2img, which never runs it, never holds them
     (SD 1.5's: 137 MB in float32)."""
     vae = vae.eval()
-    vae.decoder.to(memory_format=torch.channels_last)
-    vae.post_quant_conv.to(memory_format=torch.channels_last)
+    channels_last(vae.decoder)
+    channels_last(vae.post_quant_conv)
     onednn_linears(vae)
     return vae
 
@@ -334,8 +334,8 @@ def for_inference(vae):
 def for_encoding(vae):
     """`vae` (for_inference's) with its encoder laid out as the decoder is, channels-last;
     nothing to do after its first call. -> vae."""
-    vae.encoder.to(memory_format=torch.channels_last)
-    vae.quant_conv.to(memory_format=torch.channels_last)
+    channels_last(vae.encoder)
+    channels_last(vae.quant_conv)
     return vae
 
 

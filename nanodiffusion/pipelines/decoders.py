@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..models.packing import channels_last
 
 VAE_DECODERS = ("full", "tiny")
 A1111_DECODERS = {"full": "Full", "tiny": "TAESD"}  # A1111's sd_vae_decode_method values
@@ -70,4 +71,4 @@ def tiny_decode(tiny, latents):
 def for_inference(tiny):
     """The tiny decoder as pipelines run it: eval mode, channels-last convolutions (as the
     VAE's: models/vae.for_inference)."""
-    return tiny.eval().to(memory_format=torch.channels_last)
+    return channels_last(tiny.eval())
