@@ -24,11 +24,13 @@ call s, warm s (the median of --repeats calls), best s (the fastest of them: on 
 size after them), "vs diffusers" (the warm time of the system's diffusers baseline, same
 dtype, over its own: above 1x is faster), roofline (the fraction of the machine's roofline
 reached: the work's FLOPs / the matmul peak of the dtype it computes in (the faster of torch.mm
-and oneDNN's product: machine_peaks; float32's where that is faster, as on CPUs without
-bfloat16 instructions), over the warm time;
+and oneDNN's product: matmul_peak; float32's where that is faster, as on CPUs without
+bfloat16 instructions), over the warm time; the peak is measured by the system's own child
+right after its calls, since the machine's speed moves within a run (the same bfloat16 2048
+product at 1522 GFLOP/s in a run's first probe and 2183-2319 in the same hour);
 "at best": over the best time; ours float32 runs the wide 3x3 convolutions as Winograd's
 F(4x4, 3x3), 4x fewer multiply-adds than counted, so its fraction can pass the direct
-kernels'), and max |diff| to diffusers float32 in 1/255 steps. Every
+kernels'), peak (that GFLOP/s), and max |diff| to diffusers float32 in 1/255 steps. Every
 system of ours but ours-fp32 also gets its max |diff| and PSNR against ours-fp32.
 
 How it works. The parent never imports torch. It has children write the model once (a
@@ -233,17 +235,8 @@ def machine_peaks(quick):
     import torch.nn.functional as F
 
     ns, cs, hw = ((256, 512, 1024), (32, 64, 128), 32) if quick else \
-        ((512, 1024, 2048), (64, 128, 320), 32)
+        ((512, 1024, 2048), (64, 128, 320), 32)  # ns: matmul_peak's
     g = torch.Generator().manual_seed(0)
-
-    def matmul(dt, mm=torch.mm):
-        def make(n):
-            a, b = (torch.randn(n, n, generator=g).to(dt) for _ in range(2))
-            return (lambda: mm(a, b)), 2 * n ** 3
-        return make
-
-    def onednn(a, b):  # a @ b.T on oneDNN's kernel (float32: not MKL's, models/packing.py)
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
     def conv(dt):
         def make(c):
@@ -256,21 +249,45 @@ def machine_peaks(quick):
     with torch.no_grad():
         for name in DTYPES:
             dt = getattr(torch, name)
-            out["matmul_mm"][name], n = _peak(matmul(dt), ns)
-            out["matmul_shape"][name] = f"{n}x{n}"
-            try:
-                out["matmul_onednn"][name], m = _peak(matmul(dt, onednn), ns)
-            except RuntimeError:  # no oneDNN kernel for this dtype here
-                out["matmul_onednn"][name], m = None, None
-            if out["matmul_onednn"][name] and out["matmul_onednn"][name] > out["matmul_mm"][name]:
-                out["matmul"][name], out["matmul_shape"][name] = \
-                    out["matmul_onednn"][name], f"{m}x{m} oneDNN"
-            else:
-                out["matmul"][name] = out["matmul_mm"][name]
+            mm = matmul_peak(name, quick)
+            for k in ("matmul", "matmul_shape", "matmul_mm", "matmul_onednn"):
+                out[k][name] = mm[k]
             out["conv3x3"][name], c = _peak(conv(dt), cs)
             out["conv3x3_shape"][name] = f"2x{c}x{hw}x{hw}, {c} -> {c}"
     out["tried"] = {"matmul n": ns, "conv3x3 C": cs}
     return out
+
+
+def matmul_peak(name, quick=False):
+    """The matmul peak of dtype `name` (machine_peaks's "matmul" and its parts): GFLOP/s of an
+    n x n product at the largest n of the growing shapes reached (_peak), the faster of
+    torch.mm's and oneDNN's (torch.ops.mkldnn._linear_pointwise), with both ("matmul_mm",
+    "matmul_onednn": None where oneDNN has no kernel for the dtype) and the shape."""
+    import torch
+
+    ns = (256, 512, 1024) if quick else (512, 1024, 2048)
+    dt = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+
+    def matmul(mm):
+        def make(n):
+            a, b = (torch.randn(n, n, generator=g).to(dt) for _ in range(2))
+            return (lambda: mm(a, b)), 2 * n ** 3
+        return make
+
+    def onednn(a, b):  # a @ b.T on oneDNN's kernel (float32: not MKL's, models/packing.py)
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+    with torch.no_grad():
+        mm, n = _peak(matmul(torch.mm), ns)
+        try:
+            dnn, m = _peak(matmul(onednn), ns)
+        except RuntimeError:  # no oneDNN kernel for this dtype here
+            dnn, m = None, None
+    if dnn and dnn > mm:
+        return {"matmul": dnn, "matmul_shape": f"{m}x{m} oneDNN", "matmul_mm": mm,
+                "matmul_onednn": dnn}
+    return {"matmul": mm, "matmul_shape": f"{n}x{n}", "matmul_mm": mm, "matmul_onednn": dnn}
 
 
 def cpu_info():
@@ -479,11 +496,18 @@ def child_run(args):
     path = image_path(args.cache, name, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
-    return {"system": name, "size": size, "import_s": import_s, "load_s": load_s,
-            "first_s": first_s, "warm_s": statistics.median(warm), "warm_all_s": warm,
-            "peak_rss_bytes": max(load_peak, peak_rss_bytes()), "load_peak_bytes": load_peak,
-            "call_peak_bytes": peak_rss_bytes() if apart else None, "loaded_rss_bytes": loaded,
-            "after_rss_bytes": _status_bytes("VmRSS"), "image": str(path)}
+    out = {"system": name, "size": size, "import_s": import_s, "load_s": load_s,
+           "first_s": first_s, "warm_s": statistics.median(warm), "warm_all_s": warm,
+           "peak_rss_bytes": max(load_peak, peak_rss_bytes()), "load_peak_bytes": load_peak,
+           "call_peak_bytes": peak_rss_bytes() if apart else None, "loaded_rss_bytes": loaded,
+           "after_rss_bytes": _status_bytes("VmRSS"), "image": str(path)}
+    # the roofline's peaks measured here, right after the calls (the memory figures are taken
+    # above: sd.cpp's child imports torch only now)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out["peaks"] = {d: matmul_peak(d, args.tiny)["matmul"] for d in {system.peak, "float32"}}
+    return out
 
 
 def child_probe(args):
@@ -568,13 +592,17 @@ def add_derived(rows, probe):
         system, size = SYSTEMS[r["system"]], r["size"]
         base = by.get((system.baseline, size))
         r["ratio"] = base["warm_s"] / r["warm_s"] if base else None
-        peaks = probe.get("peaks", {}).get("matmul", {})
+        # the peaks its own child measured right after its calls (the machine's speed moves
+        # within a run: the same bfloat16 2048 product 1522 GFLOP/s in the run's probe, 2183-2319
+        # in the same hour), else the run's probe's
+        peaks = r.get("peaks") or probe.get("peaks", {}).get("matmul", {})
         # the faster of its dtype's peak and float32's: a CPU without bfloat16 instructions
         # (AVX2 only: 1 GFLOP/s for torch.mm) computes ours' bfloat16 in float32
         # (winograd.computes_in_float32), so float32's peak is its roofline there
         peak = max((p for p in (peaks.get(system.peak), peaks.get("float32")) if p),
                    default=None)
         work = probe.get("flops", {}).get(str(size), {}).get("total")
+        r["roofline_peak"] = peak
         r["roofline_s"] = work / (peak * 1e9) if peak and work else None
         r["roofline_fraction"] = r["roofline_s"] / r["warm_s"] if r["roofline_s"] else None
         r["best_s"] = min(r.get("warm_all_s") or [r["warm_s"]])
@@ -616,7 +644,8 @@ def print_size(size, rows, probe, args):
           f"{f['vae_decode'] / 1e12:.3f})")
     width = 24 if any(r.get("ratio_range") for r in rows) else 13  # merged rounds
     print(f"{'system':<18}{'import s':>9}{'load s':>8}{'first s':>9}{'warm s':>9}{'best s':>8}"
-          f"{'RSS GB':>8}{'vs diffusers':>{width}}{'roofline':>9}{'at best':>8}{'max|diff| /255':>16}")
+          f"{'RSS GB':>8}{'vs diffusers':>{width}}{'roofline':>9}{'at best':>8}{'peak':>7}"
+          f"{'max|diff| /255':>16}")
     for r in rows:
         if "error" in r:
             print(f"{r['system']:<18} failed: {r['error'][:300]}")
@@ -628,7 +657,7 @@ def print_size(size, rows, probe, args):
         print(f"{r['system']:<18}{r['import_s']:>9.2f}{r['load_s']:>8.2f}{r['first_s']:>9.2f}"
               f"{r['warm_s']:>9.2f}{r['best_s']:>8.2f}{r['peak_rss_bytes'] / 1e9:>8.2f}"
               f"{_fmt(ratio, ''):>{width}}{_fmt(r['roofline_fraction'], '.0%'):>9}"
-              f"{_fmt(r['roofline_best'], '.0%'):>8}"
+              f"{_fmt(r['roofline_best'], '.0%'):>8}{_fmt(r.get('roofline_peak'), '.0f'):>7}"
               f"{_fmt(diff and diff[0], 'd'):>16}")
     print(f"{'RSS GB of':<18}{'loaded':>9}{'load peak':>10}{'call peak':>10}{'after':>8}")
     for r in rows:
