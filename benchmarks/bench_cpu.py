@@ -25,9 +25,9 @@ size after them), "vs diffusers" (the warm time of the system's diffusers baseli
 dtype, over its own: above 1x is faster), roofline (the fraction of the machine's roofline
 reached: the work's FLOPs / the matmul peak of the dtype it computes in (the faster of torch.mm
 and oneDNN's product: matmul_peak; float32's where that is faster, as on CPUs without
-bfloat16 instructions), over the warm time; the peak is measured by the system's own child
-right after its calls, since the machine's speed moves within a run (the same bfloat16 2048
-product at 1522 GFLOP/s in a run's first probe and 2183-2319 in the same hour);
+bfloat16 instructions), over the warm time; the peak is measured by a fresh child right after
+the system's own, since the machine's speed moves within a run (the same bfloat16 2048 product
+at 1522 GFLOP/s in a run's first probe and 2183-2319 in the same hour);
 "at best": over the best time; ours float32 runs the wide 3x3 convolutions as Winograd's
 F(4x4, 3x3), 4x fewer multiply-adds than counted, so its fraction can pass the direct
 kernels'), peak (that GFLOP/s), and max |diff| to diffusers float32 in 1/255 steps. Every
@@ -41,7 +41,8 @@ the largest reached in a bounded time: fp16 without native support runs at ~1 GF
 count the work's FLOPs (FlopCounterMode over our modules on the meta device: --steps UNet
 calls of batch 2, the text encoder on 2 x 77 tokens, one VAE decode); then it runs one fresh
 child per (system, size), `bench_cpu.py --child run --system S --sizes N`, which loads, calls,
-saves its image in --cache/images and prints one JSON line. Our prompt cache is cleared
+saves its image in --cache/images and prints one JSON line, and after each a fresh
+`--child peaks` that measures the matmul peaks of that row's roofline. Our prompt cache is cleared
 before each call (diffusers encodes the prompt at every call). Peak RSS is the child's VmHWM
 from /proc, not ru_maxrss: Linux carries the parent's high-water mark across fork and exec
 into the child's ru_maxrss (ru_maxrss where there is no /proc).
@@ -496,18 +497,23 @@ def child_run(args):
     path = image_path(args.cache, name, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
-    out = {"system": name, "size": size, "import_s": import_s, "load_s": load_s,
-           "first_s": first_s, "warm_s": statistics.median(warm), "warm_all_s": warm,
-           "peak_rss_bytes": max(load_peak, peak_rss_bytes()), "load_peak_bytes": load_peak,
-           "call_peak_bytes": peak_rss_bytes() if apart else None, "loaded_rss_bytes": loaded,
-           "after_rss_bytes": _status_bytes("VmRSS"), "image": str(path)}
-    # the roofline's peaks measured here, right after the calls (the memory figures are taken
-    # above: sd.cpp's child imports torch only now)
+    return {"system": name, "size": size, "import_s": import_s, "load_s": load_s,
+            "first_s": first_s, "warm_s": statistics.median(warm), "warm_all_s": warm,
+            "peak_rss_bytes": max(load_peak, peak_rss_bytes()), "load_peak_bytes": load_peak,
+            "call_peak_bytes": peak_rss_bytes() if apart else None, "loaded_rss_bytes": loaded,
+            "after_rss_bytes": _status_bytes("VmRSS"), "image": str(path)}
+
+
+def child_peaks(args):
+    """The matmul peaks of a system's roofline (its dtype's and float32's), measured in a fresh
+    process right after the system's own: the run child's allocator settings (low memory maps
+    every block of 256 KiB and more anew) would slow the probe's products there (the bfloat16
+    peak 1425-1462 GFLOP/s inside low memory's child, 1874-2013 in the others' in that run)."""
     import torch
 
     torch.set_num_threads(args.threads)
-    out["peaks"] = {d: matmul_peak(d, args.tiny)["matmul"] for d in {system.peak, "float32"}}
-    return out
+    system = SYSTEMS[args.system[0]]
+    return {"peaks": {d: matmul_peak(d, args.tiny)["matmul"] for d in {system.peak, "float32"}}}
 
 
 def child_probe(args):
@@ -592,9 +598,9 @@ def add_derived(rows, probe):
         system, size = SYSTEMS[r["system"]], r["size"]
         base = by.get((system.baseline, size))
         r["ratio"] = base["warm_s"] / r["warm_s"] if base else None
-        # the peaks its own child measured right after its calls (the machine's speed moves
-        # within a run: the same bfloat16 2048 product 1522 GFLOP/s in the run's probe, 2183-2319
-        # in the same hour), else the run's probe's
+        # the peaks a child measured right after its run (child_peaks: the machine's speed
+        # moves within a run, the same bfloat16 2048 product 1522 GFLOP/s in the run's probe
+        # and 2183-2319 in the same hour), else the run's probe's
         peaks = r.get("peaks") or probe.get("peaks", {}).get("matmul", {})
         # the faster of its dtype's peak and float32's: a CPU without bfloat16 instructions
         # (AVX2 only: 1 GFLOP/s for torch.mm) computes ours' bfloat16 in float32
@@ -728,6 +734,8 @@ def parent(args):
             for name in (names if k % 2 == 0 else names[::-1]):
                 print(f"  {name} at {size} px ...", flush=True)
                 r = _child(args, "run", ["--system", name, "--sizes", str(size)])
+                if "error" not in r:  # the machine's peaks now, for this row's roofline
+                    r["peaks"] = _child(args, "peaks", ["--system", name]).get("peaks")
                 rows.append({"system": name, "size": size, **r})
         add_derived(rows, probe)
         rounds.append(sorted(rows, key=lambda r: (r["size"], names.index(r["system"]))))
@@ -765,7 +773,7 @@ def parse_args(argv=None):
                     "tiny-random with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="a tiny SD: a smoke test")
     ap.add_argument("--json", default=None, help="also write every number to this file")
-    ap.add_argument("--child", choices=["write", "single-file", "probe", "run"],
+    ap.add_argument("--child", choices=["write", "single-file", "probe", "run", "peaks"],
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeats < 1:
@@ -790,7 +798,7 @@ def main():
         return write_model(args.model, args.tiny)
     if args.child == "single-file":
         return write_single_file(args.model, args.single_file)
-    result = child_probe(args) if args.child == "probe" else child_run(args)
+    result = {"probe": child_probe, "run": child_run, "peaks": child_peaks}[args.child](args)
     print(RESULT + json.dumps(result), flush=True)
 
 

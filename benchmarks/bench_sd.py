@@ -4,8 +4,9 @@ encoder (2 x 77 tokens) and a VAE decode. Ours runs as the pipelines run it (for
 float32 linears on oneDNN, the UNet's and the VAE decoder's convolutions packed, channels-last
 input on the CPU). Prints medians, ratios (diffusers / ours), each part's FLOPs (counted on
 diffusers' call by bench_cpu.flop_counter, attention's products included) and, on the CPU, our
-GFLOP/s and its fraction of the machine's matmul peak in that dtype (bench_cpu.machine_peaks:
-the faster of torch.mm and oneDNN's product).
+GFLOP/s and its fraction of the machine's matmul peak in that dtype (bench_cpu.matmul_peak: the
+faster of torch.mm and oneDNN's product), measured right after each part's calls, as the
+machine's speed moves.
 
     .venv/bin/python benchmarks/bench_sd.py --size 256 --repeats 3
 
@@ -98,23 +99,27 @@ def run(size, repeats, device, dtype):
          lambda: ref_text(ids).last_hidden_state),
         (f"vae decode {size}px", lambda: ours_vae.decode(zo), lambda: ref_vae.decode(z).sample),
     ]
-    peak = None
-    if device.type == "cpu":
-        from bench_cpu import machine_peaks
-
-        peak = machine_peaks(quick=False)["matmul"][str(dtype).removeprefix("torch.")]
-        print(f"matmul peak {peak:.1f} GFLOP/s ({dtype}, the faster of torch.mm and oneDNN)")
     print(f"torch {torch.__version__}, {device}, {dtype}, threads {torch.get_num_threads()}, "
-          f"{size}px, median of {repeats}, interleaved")
+          f"{size}px, median of {repeats}, interleaved; peak: the {dtype} matmul peak in "
+          "GFLOP/s (bench_cpu.matmul_peak), measured right after each part's calls")
     print(f"{'part':<26}{'ours s':>10}{'diffusers s':>13}{'ratio':>8}{'GFLOP':>8}"
-          f"{'ours GFLOP/s':>14}{'roofline':>10}{'max |diff|':>12}")
+          f"{'ours GFLOP/s':>14}{'peak':>7}{'roofline':>10}{'max |diff|':>12}")
     for name, ours, ref in rows:
         diff = (ours().float() - ref().float()).abs().max().item()
         work = _flops(ref) / 1e9
         a, b = _median_times([ours, ref], repeats, device)
+        peak = None
+        if device.type == "cpu":
+            from bench_cpu import matmul_peak
+
+            peak = matmul_peak(str(dtype).removeprefix("torch."))["matmul"]
         roof = "-" if peak is None else f"{work / a / peak:.0%}"
         print(f"{name:<26}{a:>10.4f}{b:>13.4f}{b / a:>8.2f}{work:>8.0f}{work / a:>14.0f}"
-              f"{roof:>10}{diff:>12.2e}")
+              f"{_fmt(peak):>7}{roof:>10}{diff:>12.2e}", flush=True)
+
+
+def _fmt(peak):
+    return "-" if peak is None else f"{peak:.0f}"
 
 
 def main():
