@@ -235,8 +235,7 @@ def machine_peaks(quick):
     import torch
     import torch.nn.functional as F
 
-    ns, cs, hw = ((256, 512, 1024), (32, 64, 128), 32) if quick else \
-        ((512, 1024, 2048), (64, 128, 320), 32)  # ns: matmul_peak's
+    cs, hw = ((32, 64, 128) if quick else (64, 128, 320)), 32
     g = torch.Generator().manual_seed(0)
 
     def conv(dt):
@@ -255,8 +254,11 @@ def machine_peaks(quick):
                 out[k][name] = mm[k]
             out["conv3x3"][name], c = _peak(conv(dt), cs)
             out["conv3x3_shape"][name] = f"2x{c}x{hw}x{hw}, {c} -> {c}"
-    out["tried"] = {"matmul n": ns, "conv3x3 C": cs}
+    out["tried"] = {"matmul n": MATMUL_SIZES[bool(quick)], "conv3x3 C": cs}
     return out
+
+
+MATMUL_SIZES = {False: (512, 1024, 2048), True: (256, 512, 1024)}  # n of matmul_peak, by quick
 
 
 def matmul_peak(name, quick=False):
@@ -266,7 +268,7 @@ def matmul_peak(name, quick=False):
     "matmul_onednn": None where oneDNN has no kernel for the dtype) and the shape."""
     import torch
 
-    ns = (256, 512, 1024) if quick else (512, 1024, 2048)
+    ns = MATMUL_SIZES[bool(quick)]
     dt = getattr(torch, name)
     g = torch.Generator().manual_seed(0)
 
@@ -513,7 +515,8 @@ def child_peaks(args):
 
     torch.set_num_threads(args.threads)
     system = SYSTEMS[args.system[0]]
-    return {"peaks": {d: matmul_peak(d, args.tiny)["matmul"] for d in {system.peak, "float32"}}}
+    return {"peaks": {d: matmul_peak(d, args.tiny)["matmul"]
+                      for d in dict.fromkeys((system.peak, "float32"))}}
 
 
 def child_probe(args):
