@@ -114,12 +114,9 @@ def run(size, repeats, device, dtype):
 
             peak = matmul_peak(str(dtype).removeprefix("torch."))["matmul"]
         roof = "-" if peak is None else f"{work / a / peak:.0%}"
+        top = "-" if peak is None else f"{peak:.0f}"
         print(f"{name:<26}{a:>10.4f}{b:>13.4f}{b / a:>8.2f}{work:>8.0f}{work / a:>14.0f}"
-              f"{_fmt(peak):>7}{roof:>10}{diff:>12.2e}", flush=True)
-
-
-def _fmt(peak):
-    return "-" if peak is None else f"{peak:.0f}"
+              f"{top:>7}{roof:>10}{diff:>12.2e}", flush=True)
 
 
 def main():

@@ -218,18 +218,13 @@ def channels_last(module):
                         continue
                     buf = scratch.get(t.dtype)
                     if buf is None or buf.numel() < t.numel():
-                        buf = scratch[t.dtype] = None  # the smaller one let go first
+                        scratch[t.dtype] = None  # the smaller one let go first
                         buf = scratch[t.dtype] = torch.empty(t.numel(), dtype=t.dtype)
                     copy = buf[:t.numel()].view(t.shape).copy_(t)
-                    out = torch.empty(0, dtype=t.dtype).set_(
-                        storage, 0, t.shape, _channels_last_strides(t.shape))
+                    n, c, h, w = t.shape  # the storage as NHWC, seen as NCHW: channels-last
+                    out = t.new_empty(0).set_(storage, 0, (n, h, w, c)).permute(0, 3, 1, 2)
                     group[name].data = out.copy_(copy)
     return module
-
-
-def _channels_last_strides(shape):
-    n, c, h, w = shape
-    return (h * w * c, 1, w * c, c)
 
 
 def packs(dtype):
