@@ -5,10 +5,10 @@ transformers' linears) and the text encoder (154 rows for a prompt and its negat
 one). Each product with its weight in cache ("warm": the same weight every call) and from
 memory ("cold": a new weight each call, each kernel cycling through its own --cold-mb of
 them: with one pool, the kernel that ran second in a round found the first's weights in L3,
-which on a VM reporting 480 MB of it favoured it by up to 2x), the two kernels' calls
-interleaved in rounds, the order alternating, the median of each; with the weight's read
-rate and the fraction of the machine's bfloat16 matmul peak (bench_cpu.machine_peaks). On a
-shared machine the cold figures move with its memory's load: compare within one run. Both
+which on a VM reporting 480 MB of it favoured it by up to 2x; the pools' weights allocated in
+turn), the two kernels' calls interleaved in rounds, the order alternating, the median of
+each; with the weight's read rate and the fraction of the machine's bfloat16 matmul peak
+(bench_cpu.machine_peaks). On a shared machine the cold figures move with its memory's load: compare within one run. Both
 kernels' outputs are compared (the sums are float32 in another order: the last bfloat16 bit
 here and there).
 
@@ -16,7 +16,10 @@ Neither case is how a model reads its weights, once a call between other layers.
 kernel is the faster: SD 1.5 at 256 px in bfloat16, NANODIFFUSION_SMALL_GEMM=1 against 0,
 three interleaved pairs of processes on an AMX Xeon, the UNet call 407-418 against 471-481
 ms and the text encoder on 2 x 77 tokens 35-37 against 47-50 ms, where this script's cold
-column had oneDNN's ahead for 128 x 1280 -> 1280 and 154 x 768 -> 3072 in the same hour.
+column had oneDNN's ahead for 128 x 1280 -> 1280 and 154 x 768 -> 3072 in the same hour: its
+pools were then allocated one whole before the other, ours first. With them allocated in
+turn, the cold column had ours 0.99-1.40x oneDNN's at four shapes where the old allocation
+had said 0.49-0.85x (the same machine, the same hour).
 
     nice .venv/bin/python benchmarks/bench_small_gemm.py
     nice .venv/bin/python benchmarks/bench_small_gemm.py --shapes 128x11520x1280 77x768x3072 \
@@ -70,8 +73,14 @@ def main():
         x = torch.randn(M, K, generator=g).bfloat16()
         for cold in (False, True):
             count = max(1, (args.cold_mb << 20) // (2 * N * K)) if cold else 1
-            pools = {fn: [(torch.randn(N, K, generator=g) / K ** 0.5).bfloat16()
-                          for _ in range(count)] for fn in (_ours, _onednn)}
+            # the two pools' weights allocated in turn, so that both get the same mix of the
+            # process's memory: on the AMX Xeon VM a pool allocated whole before the other read
+            # up to 2.5x slower from memory (the first memory a process is handed, from free
+            # memory broken into small blocks: bench_cpu.py's --compact-memory)
+            pools = {_ours: [], _onednn: []}
+            for _ in range(count):
+                for fn in pools:
+                    pools[fn].append((torch.randn(N, K, generator=g) / K ** 0.5).bfloat16())
             w0 = pools[_ours][0]
             diff = (_ours(x, w0).float() - _onednn(x, w0).float()).abs().max().item()
             times = {_ours: [], _onednn: []}
