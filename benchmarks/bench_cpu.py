@@ -57,16 +57,6 @@ sd.cpp's defaults otherwise; it ran with 0.4.7 (`pip install stable-diffusion-cp
 builds it from source with -march=native: 3 minutes on a 2-core AMX Xeon). Not in CI, and not
 exercised by --tiny: sd.cpp knows only the published architectures.
 
---compact-memory has Linux compact its free memory (/proc/sys/vm/compact_memory, root only)
-before each system's child, so that each starts from the same state of it. On the 2-core AMX
-Xeon VM (no hardware counters to see why) memory that a process is handed first, from free
-memory broken into small blocks, was read slower than memory handed out later: SD 1.5's
-bfloat16 UNet call at 256 px, the same process, its weights as loaded against a clone made
-after the load: 710 against 566 ms (medians of 12, interleaved); after one compaction, the
-load's weights read as fast as the clone's (498 against 499 ms). So each child starts from
-the same state of free memory, whatever ran before it. Without root it says so and runs as
-without it.
-
 --tiny: the tiny SD of tests/tiny_sd.py (its own cache folder; sizes 64 128 and 2 steps unless
 given) and quick machine probes (smaller shapes: rough peaks, its roofline column means
 little). To add a system, add one line to SYSTEMS: its runner, the dtype it loads in, the
@@ -542,18 +532,6 @@ def image_path(cache, name, size):
     return Path(cache) / "images" / f"{name}-{size}.png"
 
 
-COMPACT = Path("/proc/sys/vm/compact_memory")
-
-
-def compact_memory():
-    """Have Linux compact its free memory (--compact-memory); whether it could (root only)."""
-    try:
-        COMPACT.write_text("1")
-        return True
-    except OSError:
-        return False
-
-
 def _child(args, kind, extra=(), expect_result=True):
     """Run `bench_cpu.py --child kind` with this run's settings; its JSON line, or
     {"error": ...} with the end of its output when it fails."""
@@ -745,10 +723,6 @@ def parent(args):
     if not names:
         sys.exit("no system to run")
     ensure_model(args, any(SYSTEMS[n].runner == "sdcpp" for n in names))
-    if args.compact_memory and not compact_memory():
-        print(f"--compact-memory: {COMPACT} is not writable here (root only): not compacting",
-              flush=True)
-        args.compact_memory = False
     rounds, probes = [], []
     for k in range(args.rounds):
         print(f"measuring the machine and counting the work's FLOPs"
@@ -762,8 +736,6 @@ def parent(args):
         for size in args.sizes:  # every other round in reverse: no system always goes first
             for name in (names if k % 2 == 0 else names[::-1]):
                 print(f"  {name} at {size} px ...", flush=True)
-                if args.compact_memory:  # each child from the same state of free memory
-                    compact_memory()
                 r = _child(args, "run", ["--system", name, "--sizes", str(size)])
                 if "error" not in r:  # the machine's peaks now, for this row's roofline
                     r["peaks"] = _child(args, "peaks", ["--system", name]).get("peaks")
@@ -804,8 +776,6 @@ def parse_args(argv=None):
                     "tiny-random with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="a tiny SD: a smoke test")
     ap.add_argument("--json", default=None, help="also write every number to this file")
-    ap.add_argument("--compact-memory", action="store_true", help="have Linux compact its "
-                    "free memory before each system's run (root only; see above)")
     ap.add_argument("--child", choices=["write", "single-file", "probe", "run", "peaks"],
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -41,18 +41,3 @@ def test_counts_the_fused_attention_kernel():
     from nanodiffusion.models import fused_attention
     q, k, v = (torch.randn(1, 2, n, 8, device="meta") for n in (30, 50, 50))  # shapes only
     assert count(lambda: fused_attention.attention(q, k, v)) == 4 * 1 * 2 * 30 * 50 * 8
-
-
-def test_compact_memory_option(tmp_path, monkeypatch):
-    """--compact-memory: parsed, written as Linux's compact_memory knob takes it ("1"), and a
-    False where the knob cannot be written (not root), so that the run goes on without it."""
-    import bench_cpu
-
-    assert bench_cpu.parse_args(["--tiny", "--compact-memory"]).compact_memory
-    assert not bench_cpu.parse_args(["--tiny"]).compact_memory
-    knob = tmp_path / "compact_memory"
-    knob.write_text("")
-    monkeypatch.setattr(bench_cpu, "COMPACT", knob)
-    assert bench_cpu.compact_memory() and knob.read_text() == "1"
-    monkeypatch.setattr(bench_cpu, "COMPACT", tmp_path / "no-such-dir" / "compact_memory")
-    assert not bench_cpu.compact_memory()
