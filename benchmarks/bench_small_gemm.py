@@ -8,9 +8,9 @@ them: with one pool, the kernel that ran second in a round found the first's wei
 which on a VM reporting 480 MB of it favoured it by up to 2x; the pools' weights allocated in
 turn), the two kernels' calls interleaved in rounds, the order alternating, the median of
 each; with the weight's read rate and the fraction of the machine's bfloat16 matmul peak
-(bench_cpu.machine_peaks). On a shared machine the cold figures move with its memory's load: compare within one run. Both
-kernels' outputs are compared (the sums are float32 in another order: the last bfloat16 bit
-here and there).
+(bench_cpu.machine_peaks). On a shared machine the cold figures move with its memory's load:
+compare within one run. Both kernels' outputs are compared (the sums are float32 in another
+order: the last bfloat16 bit here and there).
 
 Neither case is how a model reads its weights, once a call between other layers. There the
 kernel is the faster: SD 1.5 at 256 px in bfloat16, NANODIFFUSION_SMALL_GEMM=1 against 0,
@@ -75,8 +75,8 @@ def main():
             count = max(1, (args.cold_mb << 20) // (2 * N * K)) if cold else 1
             # the two pools' weights allocated in turn, so that both get the same mix of the
             # process's memory: on the AMX Xeon VM a pool allocated whole before the other read
-            # up to 2.5x slower from memory (the first memory a process is handed, from free
-            # memory broken into small blocks: bench_cpu.py's --compact-memory)
+            # up to 3.7x slower from memory (the first memory a process is handed, from free
+            # memory broken into small blocks: docs/performance.md's twelfth AMX session)
             pools = {_ours: [], _onednn: []}
             for _ in range(count):
                 for fn in pools:
