@@ -188,6 +188,45 @@ def test_linear_layers_take_it_for_few_rows(monkeypatch):
         assert len(calls) == (3 if rows <= small_gemm.MAX_ROWS[BF] and _here() else 0)
 
 
+def _oihw_columns(x, size, stride):
+    """The reference: x's 3x3 columns (padding 1) in a dense weight's row order (c, kh, kw)."""
+    n, c = x.shape[:2]
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    s = xp.stride()
+    return xp.as_strided((n, *size, c, 3, 3), (s[0], s[1] * stride, s[2] * stride, s[3], s[1],
+                                               s[2])).reshape(n * size[0] * size[1], 9 * c)
+
+
+def test_float32_few_row_convolutions_read_the_weight_where_it_lies(monkeypatch):
+    """Float32 convolutions of few output pixels (AMX CPUs) read the dense weight as a file
+    holds it (OIHW), x's columns in its row order (small_gemm.file_columns: the library's
+    nd_columns_f32 where it runs, a strided copy elsewhere, the same values): packed, the first
+    call lays no weight out anew, so a weight still in its file's mapping stays there."""
+    torch.manual_seed(0)
+    for c, stride, side in ((64, 1, 4), (64, 2, 8), (40, 1, 4)):  # 40: no multiple of 16
+        conv = nn.Conv2d(c, 32, 3, stride=stride, padding=1)
+        x = torch.randn(2, c, side, side).contiguous(memory_format=CL)
+        size = winograd.output_size(conv, x)
+        want = _oihw_columns(x, size, stride)
+        assert torch.equal(small_gemm.file_columns(conv, x, size), want)
+        with monkeypatch.context() as m:
+            m.setattr(small_gemm, "library", lambda: None)
+            assert torch.equal(small_gemm.file_columns(conv, x, size), want)
+    conv = winograd.Conv2d(768, 640, 3, padding=1)  # a weight past FLOAT32_MIN_WEIGHT
+    x = torch.randn(2, 768, 4, 4).contiguous(memory_format=CL)
+    few = small_gemm.takes_conv(conv, x, torch.float32, (4, 4))
+    assert few == fused_attention.amx()
+    weight = conv.weight.detach()
+    packing.pack(conv)
+    with torch.no_grad():
+        y = conv(x)
+    ref = F.conv2d(x.double(), weight.double(), conv.bias.double(), 1, 1)
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if few:
+        assert conv._parameters["weight"].data_ptr() == weight.data_ptr()
+        assert conv._parameters["weight"].is_contiguous()
+
+
 @pytest.mark.parametrize("dtype", [BF, torch.float32])
 @pytest.mark.parametrize("kernel,stride,padding,layout", [(3, 1, 1, CL), (3, 2, 1, CL),
                                                           (1, 1, 0, CL),
@@ -195,8 +234,8 @@ def test_linear_layers_take_it_for_few_rows(monkeypatch):
 def test_packed_convolutions_take_it_at_small_sizes(kernel, stride, padding, layout, dtype,
                                                     monkeypatch):
     """A packed convolution (winograd.Conv2d's, as the UNet and the VAE build them) runs few
-    output pixels as one product of its columns against the dense channels-last weight
-    (bfloat16 on the kernel; float32, for a large weight, on the float32 kernel up to F32_ROWS
+    output pixels as one product of its columns against the dense weight (channels-last for
+    bfloat16, as a file holds it for float32: small_gemm.weight_layout; bfloat16 on the kernel; float32, for a large weight, on the float32 kernel up to F32_ROWS
     rows, else oneDNN's product) and many on
     oneDNN's packed weight, both within rounding of float64, bit for bit the plain layer's
     (whose weight need not be channels-last), and moving between the two sizes leaves its

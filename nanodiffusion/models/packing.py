@@ -31,8 +31,9 @@ plain layer asks too) runs it on the dense weight, which a packed weight gives b
 does a call of few output pixels on an AMX CPU (models/small_gemm.py's rule, asked by the plain
 layer too: one product of its columns, bfloat16 on small_gemm's kernel, float32 with a large
 weight on its float32 kernel or, past F32_ROWS rows, oneDNN's product), which reads the dense
-weight laid out channels-last: at SD 1.5's 4x4 and
-8x8 levels the weight's read from memory is the call's time, which a product makes faster.
+weight as it lies in small_gemm.weight_layout (bfloat16 channels-last, float32 as a file holds
+it, so a float32 file's weight is read in its mapping, never copied): at SD 1.5's 4x4 and 8x8
+levels the weight's read from memory is the call's time, which a product makes faster.
 
 Other dtypes are left as they are (bfloat16 too where this CPU's oneDNN lacks it: `packs`), and
 so is anything that is not a plain zero-padded Conv2d on the CPU, or a torch without the mkldnn
@@ -67,7 +68,7 @@ class PackedConv2d(nn.Conv2d):
             return winograd.conv3x3(x, dense_weight(self), self.bias)
         size = winograd.output_size(self, x)
         if self._few_rows(x, size):
-            return small_gemm.conv2d(self, x, self._channels_last(), size)
+            return small_gemm.conv2d(self, x, self._dense_for_rows(), size)
         self._pack_for(x)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed, self.bias, list(self.padding), list(self.stride),
@@ -105,21 +106,24 @@ class PackedConv2d(nn.Conv2d):
             self._put(torch.empty(0, dtype=self._packed.dtype))  # the packed one holds it
 
     def _few_rows(self, x, size):
-        """Whether this call runs as small_gemm's product, on the dense channels-last weight:
+        """Whether this call runs as small_gemm's product, on the dense weight (_dense_for_rows):
         where the plain layer's would (winograd.Conv2d's rule; torch's nn.Conv2d has none), so
         packing changes no bits."""
         dtype = (self._parameters["weight"] if self._packed is None else self._packed).dtype
         return self._plain is winograd.Conv2d and small_gemm.takes_conv(self, x, dtype, size)
 
-    def _channels_last(self):
-        """The dense weight, channels-last (a packed one given back, once: the call after at
-        another size packs it again, as `_pack_for` does between sizes)."""
+    def _dense_for_rows(self):
+        """The dense weight in the layout small_gemm.conv2d reads as it lies (weight_layout:
+        float32 as its file holds it, bfloat16 channels-last), laid out so once where it is
+        not; a packed one given back, once: the call after at another size packs it again, as
+        `_pack_for` does between sizes."""
         if self._packed is not None:
             self._put(dense_weight(self))
             self._packed = None
         w = self._parameters["weight"].data
-        if not w.is_contiguous(memory_format=torch.channels_last):
-            self._put(w.contiguous(memory_format=torch.channels_last))
+        layout = small_gemm.weight_layout(w.dtype)
+        if not w.is_contiguous(memory_format=layout):
+            self._put(w.contiguous(memory_format=layout))
         return self._parameters["weight"].data
 
     def _put(self, w):
@@ -274,7 +278,7 @@ def _unpack(m):
     shape, stride = m._dense
     w = m._parameters["weight"].data
     if m._packed is not None or w.stride() != stride:  # packed, or laid out channels-last
-        with torch.no_grad():  # for small_gemm (_channels_last)
+        with torch.no_grad():  # for small_gemm (_dense_for_rows)
             dense = dense_weight(m)
             if dense.stride() != stride:
                 dense = torch.empty_strided(shape, stride, dtype=dense.dtype).copy_(dense)

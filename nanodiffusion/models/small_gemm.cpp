@@ -367,3 +367,56 @@ extern "C" int nd_small_gemm_f32(const float* x, int64_t xs, const float* w, int
     }
     return 0;
 }
+
+// The columns of a float32 3x3 convolution (zero padding ph, pw; stride sh, sw) of x, N images
+// of H x W x C laid out channels-last (NHWC), for a weight as it lies in a file (OIHW: each
+// output channel's row is (c, kh, kw)): out (N OH OW rows of 9 C) with out[m][9 c + t] = tap t
+// (kh 3 + kw) of channel c at output pixel m, zero outside the image. small_gemm.py's columns
+// for a float32 weight read as it lies, so that no channels-last copy of it is made: the 9
+// taps' 16 channels at a time interleaved by masked permutes (9 of them per vector of the
+// row), as fast as the channels-last order's plain copies (2 threads, AMX Xeon: 1280
+// channels at 8x8, batch 2, 0.23 against 0.24 ms). C a multiple of 16; 0 on success, -1 else.
+extern "C" int nd_columns_f32(const float* x, int64_t N, int64_t H, int64_t W, int64_t C,
+                              int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t ph,
+                              int64_t pw, float* out, int threads) {
+    if (C % 16 || C <= 0 || N <= 0 || OH <= 0 || OW <= 0 || sh <= 0 || sw <= 0) return -1;
+    // output vector j (16 floats of a 16-channel group's 144) takes lane i from tap
+    // (16 j + i) % 9, channel (16 j + i) / 9 of the group
+    __m512i idx[9][9];
+    __mmask16 msk[9][9];
+    for (int j = 0; j < 9; ++j)
+        for (int t = 0; t < 9; ++t) {
+            alignas(64) int32_t v[16];
+            unsigned m = 0;
+            for (int i = 0; i < 16; ++i) {
+                v[i] = (16 * j + i) / 9;
+                if ((16 * j + i) % 9 == t) m |= 1u << i;
+            }
+            idx[j][t] = _mm512_load_si512(v);
+            msk[j][t] = (__mmask16)m;
+        }
+    const int64_t rows = N * OH * OW;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = r / (OH * OW), oh = r / OW % OH, ow = r % OW;
+        const float* src[9];
+        for (int kh = 0; kh < 3; ++kh)
+            for (int kw = 0; kw < 3; ++kw) {
+                const int64_t ih = oh * sh + kh - ph, iw = ow * sw + kw - pw;
+                src[3 * kh + kw] = ih < 0 || ih >= H || iw < 0 || iw >= W
+                                       ? nullptr : x + ((n * H + ih) * W + iw) * C;
+            }
+        float* o = out + r * 9 * C;
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            __m512 v[9];
+            for (int t = 0; t < 9; ++t)
+                v[t] = src[t] ? _mm512_loadu_ps(src[t] + c0) : _mm512_setzero_ps();
+            for (int j = 0; j < 9; ++j) {
+                __m512 y = _mm512_setzero_ps();
+                for (int t = 0; t < 9; ++t) y = _mm512_mask_permutexvar_ps(y, msk[j][t], idx[j][t], v[t]);
+                _mm512_storeu_ps(o + 9 * c0 + 16 * j, y);
+            }
+        }
+    }
+    return 0;
+}

@@ -150,12 +150,53 @@ def takes_conv(conv, x, dtype, size):
     return takes(x, conv.out_channels, conv.in_channels * kh * kw, x.shape[0] * size[0] * size[1])
 
 
+def weight_layout(dtype):
+    """The memory format in which `conv2d` reads a weight of `dtype` as it lies (another is
+    copied to it, every call): float32 the dense one a file holds (OIHW), so that a float32
+    weight still in its file's mapping is read there, not copied channels-last at its first
+    call (SD 1.5 at 256 px: 1.85 GB of them, 0.6-3.8 s of page faults on a 2-core AMX Xeon);
+    bfloat16 channels-last, as the pipelines lay bfloat16 weights out at load
+    (packing.channels_last). packing.PackedConv2d asks it too, so packing changes no bits."""
+    return torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+
+
+def file_columns(conv, x, size):
+    """x's columns for `conv` as `columns` gives them, but in the order of a dense (OIHW)
+    weight's rows, (c, kh, kw): on small_gemm.cpp's nd_columns_f32 for float32 3x3
+    convolutions of channels a multiple of 16 where the library runs (as fast as `columns`),
+    else a strided copy (6-8x slower)."""
+    n, c = x.shape[:2]
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    oh, ow = size
+    if (kh, kw) == (1, 1):  # one tap: the two orders are one
+        return columns(conv, x, size)
+    lib = library()
+    if x.dtype == torch.float32 and (kh, kw) == (3, 3) and c % 16 == 0 and lib is not None:
+        xl = x.contiguous(memory_format=torch.channels_last)
+        out = x.new_empty(n * oh * ow, 9 * c)
+        fn = lib.nd_columns_f32
+        fn.argtypes = [_p] + [_i64] * 10 + [_p, _int]
+        if fn(xl.data_ptr(), n, x.shape[2], x.shape[3], c, oh, ow, sh, sw, ph, pw,
+              out.data_ptr(), torch.get_num_threads()) == 0:
+            return out
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)) if ph or pw else x.permute(0, 2, 3, 1)
+    s_n, s_h, s_w, s_c = xp.stride()
+    taps = xp.as_strided((n, oh, ow, c, kh, kw), (s_n, s_h * sh, s_w * sw, s_c, s_h, s_w))
+    return taps.reshape(n * oh * ow, c * kh * kw)
+
+
 def conv2d(conv, x, weight, size):
     """conv(x) with `weight` as `linear` runs it, channels-last out, as `takes_conv` takes it: x's
-    columns against the weight's rows (a channels-last weight's memory is that matrix as it
-    lies; another layout is copied to it, every call)."""
-    y = linear(columns(conv, x, size),
-               weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), conv.bias)
+    columns against the weight's rows, the columns in the order of the weight's layout for its
+    dtype (weight_layout: its memory is that matrix as it lies; a weight in another layout is
+    copied to it, every call): float32 `file_columns` against the dense weight, bfloat16
+    `columns` against the channels-last one."""
+    o = weight.shape[0]
+    if weight_layout(weight.dtype) == torch.contiguous_format:
+        cols, w = file_columns(conv, x, size), weight.reshape(o, -1)
+    else:
+        cols, w = columns(conv, x, size), weight.permute(0, 2, 3, 1).reshape(o, -1)
+    y = linear(cols, w, conv.bias)
     return y.view(x.shape[0], *size, -1).permute(0, 3, 1, 2)
 
 
