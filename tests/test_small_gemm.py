@@ -199,7 +199,7 @@ def _oihw_columns(x, size, stride):
 
 def test_float32_few_row_convolutions_read_the_weight_where_it_lies(monkeypatch):
     """Float32 convolutions of few output pixels (AMX CPUs) read the dense weight as a file
-    holds it (OIHW), x's columns in its row order (small_gemm.file_columns: the library's
+    holds it (OIHW), x's columns in its row order (small_gemm.columns, dense: the library's
     nd_columns_f32 where it runs, a strided copy elsewhere, the same values): packed, the first
     call lays no weight out anew, so a weight still in its file's mapping stays there."""
     torch.manual_seed(0)
@@ -208,10 +208,10 @@ def test_float32_few_row_convolutions_read_the_weight_where_it_lies(monkeypatch)
         x = torch.randn(2, c, side, side).contiguous(memory_format=CL)
         size = winograd.output_size(conv, x)
         want = _oihw_columns(x, size, stride)
-        assert torch.equal(small_gemm.file_columns(conv, x, size), want)
+        assert torch.equal(small_gemm.columns(conv, x, size, dense=True), want)
         with monkeypatch.context() as m:
             m.setattr(small_gemm, "library", lambda: None)
-            assert torch.equal(small_gemm.file_columns(conv, x, size), want)
+            assert torch.equal(small_gemm.columns(conv, x, size, dense=True), want)
     conv = winograd.Conv2d(768, 640, 3, padding=1)  # a weight past FLOAT32_MIN_WEIGHT
     x = torch.randn(2, 768, 4, 4).contiguous(memory_format=CL)
     few = small_gemm.takes_conv(conv, x, torch.float32, (4, 4))
@@ -235,8 +235,9 @@ def test_packed_convolutions_take_it_at_small_sizes(kernel, stride, padding, lay
                                                     monkeypatch):
     """A packed convolution (winograd.Conv2d's, as the UNet and the VAE build them) runs few
     output pixels as one product of its columns against the dense weight (channels-last for
-    bfloat16, as a file holds it for float32: small_gemm.weight_layout; bfloat16 on the kernel; float32, for a large weight, on the float32 kernel up to F32_ROWS
-    rows, else oneDNN's product) and many on
+    bfloat16, as a file holds it for float32: small_gemm.weight_layout; bfloat16 on the
+    kernel; float32, for a large weight, on the float32 kernel up to F32_ROWS rows, else
+    oneDNN's product) and many on
     oneDNN's packed weight, both within rounding of float64, bit for bit the plain layer's
     (whose weight need not be channels-last), and moving between the two sizes leaves its
     weight as it was: state_dict's values, and unpacked its values and layout."""

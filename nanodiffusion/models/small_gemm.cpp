@@ -413,7 +413,8 @@ extern "C" int nd_columns_f32(const float* x, int64_t N, int64_t H, int64_t W, i
                 v[t] = src[t] ? _mm512_loadu_ps(src[t] + c0) : _mm512_setzero_ps();
             for (int j = 0; j < 9; ++j) {
                 __m512 y = _mm512_setzero_ps();
-                for (int t = 0; t < 9; ++t) y = _mm512_mask_permutexvar_ps(y, msk[j][t], idx[j][t], v[t]);
+                for (int t = 0; t < 9; ++t)
+                    y = _mm512_mask_permutexvar_ps(y, msk[j][t], idx[j][t], v[t]);
                 _mm512_storeu_ps(o + 9 * c0 + 16 * j, y);
             }
         }

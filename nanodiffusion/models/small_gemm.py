@@ -37,6 +37,8 @@ FUNCTIONS = {torch.bfloat16: "nd_small_gemm_bf16", torch.float32: "nd_small_gemm
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _int = ctypes.c_int
 ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _int, _int, _int, _int, _p, _i64]
+# nd_columns_f32's: x, N, H, W, C, OH, OW, sh, sw, ph, pw, out, threads
+COLUMNS_ARGTYPES = [_p] + [_i64] * 10 + [_p, _int]
 # The bfloat16 kernel's epilogue (small_gemm.cpp's Act and Op): y = act(x w^T + bias) op other,
 # in float32 before the one rounding, so that no pass over y is left to torch.
 ACTS = {"none": 0, "quick_gelu": 1, "gelu": 2}
@@ -118,23 +120,40 @@ def linear(x, weight, bias=None, act="none", other=None, op="none"):
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def columns(conv, x, size):
+def columns(conv, x, size, dense=False):
     """x's columns for `conv` (zero padding, no dilation, one group; `size` its output's height
     and width: winograd.output_size): (N * OH * OW, kh * kw * C) in the order of a
-    channels-last weight's rows (kh, kw, c); a view where the convolution is 1x1 and x
-    channels-last."""
+    channels-last weight's rows (kh, kw, c), a view where the convolution is 1x1 and x
+    channels-last; `dense`: in the order of a dense (OIHW) weight's rows, (c, kh, kw), on
+    small_gemm.cpp's nd_columns_f32 for float32 3x3 convolutions of channels a multiple of 16
+    where the library runs (as fast as the other order's copy), else the same strided copy
+    (6-8x slower in that order)."""
     n, c = x.shape[:2]
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     oh, ow = size
     xl = x.permute(0, 2, 3, 1)  # N, H, W, C: channels-last memory as it lies
-    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):  # one tap: the two orders are one
         return xl.reshape(n * oh * ow, c)
+    lib = library() if dense and x.dtype == torch.float32 and (kh, kw) == (3, 3) and c % 16 == 0 \
+        else None
+    if lib is not None:
+        out = x.new_empty(n * oh * ow, 9 * c)
+        fn = lib.nd_columns_f32
+        if fn.argtypes is None:  # the loader declares the products' arguments only
+            fn.argtypes = COLUMNS_ARGTYPES
+        xc = x.contiguous(memory_format=torch.channels_last)
+        if fn(xc.data_ptr(), n, x.shape[2], x.shape[3], c, oh, ow, sh, sw, ph, pw,
+              out.data_ptr(), torch.get_num_threads()) == 0:
+            return out
     xp = F.pad(xl, (0, 0, pw, pw, ph, ph)) if ph or pw else xl
-    # every tap at once, a view (N, OH, OW, kh, kw, C) of the padded input, copied once by the
-    # reshape (9 slices and their cat took 140 against 87 us at 1280 channels, 8x8)
+    # every tap at once, a view (N, OH, OW, kh, kw, C) (dense: (N, OH, OW, C, kh, kw)) of the
+    # padded input, copied once by the reshape (9 slices and their cat took 140 against 87 us
+    # at 1280 channels, 8x8)
     s_n, s_h, s_w, s_c = xp.stride()
-    taps = xp.as_strided((n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h, s_w, s_c))
-    return taps.reshape(n * oh * ow, kh * kw * c)
+    shape, strides = (n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h, s_w, s_c)
+    if dense:
+        shape, strides = (n, oh, ow, c, kh, kw), (s_n, s_h * sh, s_w * sw, s_c, s_h, s_w)
+    return xp.as_strided(shape, strides).reshape(n * oh * ow, kh * kw * c)
 
 
 def takes_conv(conv, x, dtype, size):
@@ -160,43 +179,16 @@ def weight_layout(dtype):
     return torch.contiguous_format if dtype == torch.float32 else torch.channels_last
 
 
-def file_columns(conv, x, size):
-    """x's columns for `conv` as `columns` gives them, but in the order of a dense (OIHW)
-    weight's rows, (c, kh, kw): on small_gemm.cpp's nd_columns_f32 for float32 3x3
-    convolutions of channels a multiple of 16 where the library runs (as fast as `columns`),
-    else a strided copy (6-8x slower)."""
-    n, c = x.shape[:2]
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    oh, ow = size
-    if (kh, kw) == (1, 1):  # one tap: the two orders are one
-        return columns(conv, x, size)
-    lib = library()
-    if x.dtype == torch.float32 and (kh, kw) == (3, 3) and c % 16 == 0 and lib is not None:
-        xl = x.contiguous(memory_format=torch.channels_last)
-        out = x.new_empty(n * oh * ow, 9 * c)
-        fn = lib.nd_columns_f32
-        fn.argtypes = [_p] + [_i64] * 10 + [_p, _int]
-        if fn(xl.data_ptr(), n, x.shape[2], x.shape[3], c, oh, ow, sh, sw, ph, pw,
-              out.data_ptr(), torch.get_num_threads()) == 0:
-            return out
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)) if ph or pw else x.permute(0, 2, 3, 1)
-    s_n, s_h, s_w, s_c = xp.stride()
-    taps = xp.as_strided((n, oh, ow, c, kh, kw), (s_n, s_h * sh, s_w * sw, s_c, s_h, s_w))
-    return taps.reshape(n * oh * ow, c * kh * kw)
-
-
 def conv2d(conv, x, weight, size):
     """conv(x) with `weight` as `linear` runs it, channels-last out, as `takes_conv` takes it: x's
     columns against the weight's rows, the columns in the order of the weight's layout for its
     dtype (weight_layout: its memory is that matrix as it lies; a weight in another layout is
-    copied to it, every call): float32 `file_columns` against the dense weight, bfloat16
-    `columns` against the channels-last one."""
+    copied to it, every call): float32 against the dense weight, bfloat16 against the
+    channels-last one."""
     o = weight.shape[0]
-    if weight_layout(weight.dtype) == torch.contiguous_format:
-        cols, w = file_columns(conv, x, size), weight.reshape(o, -1)
-    else:
-        cols, w = columns(conv, x, size), weight.permute(0, 2, 3, 1).reshape(o, -1)
-    y = linear(cols, w, conv.bias)
+    dense = weight_layout(weight.dtype) == torch.contiguous_format
+    w = weight.reshape(o, -1) if dense else weight.permute(0, 2, 3, 1).reshape(o, -1)
+    y = linear(columns(conv, x, size, dense), w, conv.bias)
     return y.view(x.shape[0], *size, -1).permute(0, 3, 1, 2)
 
 
