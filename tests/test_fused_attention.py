@@ -112,6 +112,36 @@ def test_masked_and_far_keys_weigh_nothing():
             assert out[0, 0, :, 0].tolist() == [1.0] * T, (name, dtype, out[0, 0, :, 0])
 
 
+def test_scores_rising_from_chunk_to_chunk():
+    """Keys whose scores climb along the sequence, so that each row's best score rises from one
+    chunk of keys to the next: slowly (a chunk exponentiated against an older, lower max, its
+    probabilities above 1) and steeply (past the kernel's slack: the chunk done again from its
+    own max). Both within torch's rounding, none infinite or NaN; with the steep climb alone
+    every probability but the last keys' is far below 2^-126."""
+    if not fused_attention.available():
+        return
+    torch.manual_seed(0)
+    T, S, hs = 70, 1000, 40
+    for name in fused_attention.cpu_levels():
+        lib = fused_attention.library(name)
+        for dtype in fused_attention.LEVELS[name][1]:
+            for slope in (0.02, 0.1, 2.0):  # score units per key (the slack is 35 at hs 40)
+                q = torch.zeros(1, 1, T, hs)
+                q[..., 0] = 1.0
+                q[..., 1:] = torch.randn(1, 1, T, hs - 1) * 0.3
+                k = torch.randn(1, 1, S, hs) * 0.3
+                k[..., 0] = torch.arange(S) * slope * hs ** 0.5
+                v = torch.randn(1, 1, S, hs)
+                q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+                ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+                kernel = F.scaled_dot_product_attention(q, k, v)
+                out = fused_attention.run(lib, q, k, v).double()
+                assert torch.isfinite(out).all(), (name, dtype, slope)
+                err, kernel_err = (out - ref).abs(), (kernel.double() - ref).abs()
+                floor = 2e-2 if dtype == torch.bfloat16 else 2e-6
+                assert err.max() <= max(floor, 1.5 * kernel_err.max()), (name, dtype, slope)
+
+
 def _within_torch_rounding(lib, dtypes):
     shapes = ((2, 300, 300, 3, 40), (1, 77, 1001, 2, 64), (2, 9, 77, 2, 160), (1, 33, 5, 1, 5),
               (1, 1, 1, 1, 8), (1, 64, 4096, 2, 40))
