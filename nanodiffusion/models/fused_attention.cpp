@@ -367,11 +367,12 @@ int run(const E* q, const E* k, const E* v, E* out, int64_t B, int64_t H, int64_
 //   softmax: each row's running max; where a chunk raises it by more than SLACK powers of
 //           two (or it is the row's first, or has masked keys), the row's sum and output so
 //           far are scaled down by 2^(old - new); p = exp(scores - max) rounded to bfloat16;
-//           Where the head's width leaves padding in its last tile of dims (HP > D: SD 1.5's
-//           40-wide heads), the rows' sums are the output product's: the values' first padding
-//           dim is 1 at every key (amx_pack_head), so the tiles sum the rounded p themselves
-//           and the vector code adds nothing (ONES); and an unmasked chunk after a row's first
-//           is exponentiated in one pass against the max so far (below);
+//           The rows' sums are of the rounded p, as the output's product sees them: where the
+//           head's width leaves padding in its last tile of dims (HP > D: SD 1.5's 40-wide
+//           heads) the output's product makes them, the values' first padding dim being 1 at
+//           every key (amx_pack_head; ONES), else one vdpbf16ps against ones per 32 p. An
+//           unmasked chunk after a row's first is exponentiated in one pass against the max
+//           so far (below);
 //   output: p (16 x 32 keys) times vp (16 key pairs x 16 dims), a tile of dims at a time,
 //           summed in float32 on the tiles, which load the rows' float32 output so far (as
 //           the softmax scaled it) and store it back: one running sum over the keys (its error
@@ -462,6 +463,9 @@ inline vf exp2_bf16_open(vf x) {
     const vf f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     return _mm512_scalef_ps(exp2_fraction_bf16(f), x);
 }
+
+// bfloat16 1.0 in every element: a row's sum of 32 rounded probabilities in one vdpbf16ps
+#define ONE_PAIRS ((__m512bh)_mm512_set1_epi16(0x3F80))
 
 // tile t (one of 0, 1, 6, 7) += tile a (2 or 3) x tile b (4 or 5), the ids as constants
 #define AMX_DP(t, a, b) _tile_dpbf16ps(t, a, b)
@@ -594,28 +598,33 @@ void amx_rows(Args<bf16>& a, AmxScratch& w, int64_t bh, int64_t t0) {
             }
             // the vectors from `edge` on hold a key past last[r], up to `end`
             const int edge = std::min(s1, (last[r] + 1) / L * L), end = std::min(s1, (last[r] + L) / L * L);
-            if (ONES && end == s1 && edge == s1 && mx[r] > -INFINITY) {
+            if (end == s1 && edge == s1 && mx[r] > -INFINITY) {
                 // No key of the chunk masked, and a max from the chunks before: one pass,
                 // p = exp(score - that max) (two vectors rounded by one instruction) while the
-                // chunk's own max is found, and no sums (ONES: the tiles make them); only
-                // where it passes the old max by more than SLACK powers of two is the chunk
-                // done again below, from its own. 2 x 8 heads of 4096 x 40 (the 512 px UNet's
-                // first level), 2 threads of an AMX Xeon, against the max pass at every chunk
-                // and the sums in the vector code: 61.6-63.3 -> 52.1-53.9 ms, 1024 x 40
-                // 4.8-5.1 -> 3.9-4.3 ms. A row's best key found in such a chunk has its p
-                // rounded (below the max found first it is 1, exact): the mean error against
-                // float64 1.11x torch's kernel's, from 0.99x (SLACK 0, every rise done again:
-                // 0.99x, but 60.2 ms; the one pass with the sums in the vector code: 1.2x)
+                // chunk's own max is found; only where it passes the old max by more than
+                // SLACK powers of two is the chunk done again below, from its own. 2 x 8 heads,
+                // 2 threads of an AMX Xeon, against the max pass at every chunk and the sums of
+                // the unrounded p in the vector code: 4096 x 40 (the 512 px UNet's first level)
+                // 56.0 -> 48.2 ms, 1024 x 80 5.8 -> 5.1, 1024 x 40 4.2 -> 3.5. A row's best key
+                // found in such a chunk has its p rounded (the max found first makes it 1,
+                // exact): the mean error against float64 1.02-1.13x torch's kernel's, from
+                // 0.98-0.99x (SLACK 0, every rise done again: 0.99x, but 4096 x 40 60.2 against
+                // 61.6 ms; this pass with the sums of the unrounded p: 1.2x)
                 const vf mm = vset1(mx[r] * c);
-                vf m = vset1(-INFINITY);
+                vf m = vset1(-INFINITY), acc = sum[r];
                 for (int k = s0; k < s1; k += 2 * L) {  // s1 - s0: a multiple of 32
                     const vf x0 = vload(sr + (k - s0)), x1 = vload(sr + (k - s0) + L);
                     m = vmax(m, vmax(x0, x1));
                     const vf e0 = exp2_bf16_open(vfmsub(x0, cc, mm));
                     const vf e1 = exp2_bf16_open(vfmsub(x1, cc, mm));
-                    _mm512_storeu_si512(pr + (k - s0), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+                    const __m512bh pb = _mm512_cvtne2ps_pbh(e1, e0);
+                    _mm512_storeu_si512(pr + (k - s0), (__m512i)pb);
+                    if (!ONES) acc = _mm512_dpbf16_ps(acc, pb, ONE_PAIRS);
                 }
-                if (!_mm512_cmp_ps_mask(m, vset1(mx[r] + SLACK / c), _CMP_GT_OQ)) continue;
+                if (!_mm512_cmp_ps_mask(m, vset1(mx[r] + SLACK / c), _CMP_GT_OQ)) {
+                    sum[r] = acc;
+                    continue;
+                }
             }
             vf m = vset1(-INFINITY);
             for (int k = s0; k < edge; k += L) m = vmax(m, vload(sr + (k - s0)));
@@ -637,15 +646,15 @@ void amx_rows(Args<bf16>& a, AmxScratch& w, int64_t bh, int64_t t0) {
             const vf mm = vset1(mx[r] * c);
             vf acc = sum[r];
             int k = s0;
-            for (; k < edge; k += L) {  // summed before rounding, as torch's kernel (!ONES)
-                const vf e = exp2_bf16_open(vfmsub(vload(sr + (k - s0)), cc, mm));
-                _mm256_storeu_si256((__m256i*)(pr + (k - s0)), (__m256i)_mm512_cvtneps_pbh(e));
-                if (!ONES) acc = vadd(acc, e);
+            for (; k < edge; k += L) {
+                const __m256bh pb = _mm512_cvtneps_pbh(exp2_bf16_open(vfmsub(vload(sr + (k - s0)), cc, mm)));
+                _mm256_storeu_si256((__m256i*)(pr + (k - s0)), (__m256i)pb);
+                if (!ONES) acc = vadd(acc, _mm512_cvtpbh_ps(pb));
             }
             for (; k < end; k += L) {
-                const vf e = exp2_bf16(vfmsub(vload(sr + (k - s0)), cc, mm));
-                _mm256_storeu_si256((__m256i*)(pr + (k - s0)), (__m256i)_mm512_cvtneps_pbh(e));
-                if (!ONES) acc = vadd(acc, e);
+                const __m256bh pb = _mm512_cvtneps_pbh(exp2_bf16(vfmsub(vload(sr + (k - s0)), cc, mm)));
+                _mm256_storeu_si256((__m256i*)(pr + (k - s0)), (__m256i)pb);
+                if (!ONES) acc = vadd(acc, _mm512_cvtpbh_ps(pb));
             }
             sum[r] = acc;
             if (end < s1) std::memset(pr + (end - s0), 0, sizeof(bf16) * (s1 - end));
