@@ -344,3 +344,36 @@ def test_bfloat16_on_large_inputs_computes_in_float32_a_band_of_rows_at_a_time(m
         assert (err <= 2 ** -8 * whole.float().abs() + 1e-6).all(), layer
         ref = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), 1, layer.padding)
         assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-4 * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("on_mkl", [True, False])
+def test_the_filter_transform_writes_into_this_threads_buffer(monkeypatch, on_mkl):
+    """Where the transform runs on MKL (on_mkl) and fits SCRATCH_MAX, it writes into a buffer
+    its thread keeps, not a fresh tensor paged in at every call: two calls, the second's filter
+    smaller, return views of one storage, each the transform of its own filter (G g G^T, as
+    _kron's exact matrices make it); a filter past SCRATCH_MAX, or oneDNN's transform, gets a
+    tensor of its own."""
+    monkeypatch.setattr(winograd, "on_mkl", lambda: on_mkl)
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(32, 24, 3, 3, generator=g), torch.randn(16, 8, 3, 3, generator=g)
+
+    def reference(w):  # (A², C, K), each filter's G g G^T in float64
+        G = winograd._matrices()[1]
+        t = torch.einsum("ai,kcij,bj->abck", G, w.double(), G)
+        return t.reshape(36, w.shape[1], w.shape[0])
+
+    def run():
+        kept = []  # both alive, so that a fresh second cannot take the first's freed memory
+        for w in (w1, w2):
+            kept.append(winograd.filter_transform(w))
+            torch.testing.assert_close(kept[-1].double(), reference(w), rtol=1e-5, atol=1e-5)
+        return [u.untyped_storage().data_ptr() for u in kept]
+
+    first, second = [], []
+    t = threading.Thread(target=lambda: first.extend(run()))  # a thread of its own: no buffer yet
+    t.start(), t.join()
+    assert (first[0] == first[1]) == on_mkl
+    monkeypatch.setattr(winograd, "SCRATCH_MAX", 36 * 16 * 8 * 4 - 4)  # w2's transform past it
+    t = threading.Thread(target=lambda: second.extend(run()))
+    t.start(), t.join()
+    assert second[0] != second[1]
