@@ -396,6 +396,12 @@ using nd_amx::configure_tiles;  // amx_tiles.h
 // the pairs of dims, padded to whole tiles (16 pairs)
 inline int amx_pairs(const Args<bf16>& a) { return a.KD2; }
 
+// ONES: whether the head's width leaves padding in its last tile of dims (HP > D), whose first
+// dim the values carry as 1 at every key (amx_pack_head), so that the output's product makes
+// the rows' sums (amx_rows<true>)
+inline bool ones(const Args<bf16>& a) { return a.HP > a.D; }
+constexpr bf16 BF16_ONE = 0x3F80;  // bfloat16 1.0
+
 // Head bh's keys and values packed for the tiles: keys as SP / 16 blocks of (amx_pairs x 16
 // pairs), each pair the key's two dims (a.keys(bh): `run` leaves room for the padding); values
 // as vp (a pair of keys' dims interleaved, HP wide). Zero past the keys and the dims. Written
@@ -436,9 +442,9 @@ void amx_pack_head(Args<bf16>& a, int64_t bh) {
             _mm256_storeu_si256((__m256i*)(dst + 2 * d + 16),
                                 _mm256_permute2x128_si256(lo, hi, 0x31));
         }
-        if (a.HP > a.D) {  // ONES: the padding's first dim 1 at every key (bfloat16 1.0)
-            dst[2 * a.D] = r0 ? 0x3F80 : 0;
-            dst[2 * a.D + 1] = r1 ? 0x3F80 : 0;
+        if (ones(a)) {  // the padding's first dim 1 at every key
+            dst[2 * a.D] = r0 ? BF16_ONE : 0;
+            dst[2 * a.D + 1] = r1 ? BF16_ONE : 0;
         }
     }
 }
@@ -465,7 +471,7 @@ inline vf exp2_bf16_open(vf x) {
 }
 
 // bfloat16 1.0 in every element: a row's sum of 32 rounded probabilities in one vdpbf16ps
-#define ONE_PAIRS ((__m512bh)_mm512_set1_epi16(0x3F80))
+#define ONE_PAIRS ((__m512bh)_mm512_set1_epi16(BF16_ONE))
 
 // tile t (one of 0, 1, 6, 7) += tile a (2 or 3) x tile b (4 or 5), the ids as constants
 #define AMX_DP(t, a, b) _tile_dpbf16ps(t, a, b)
@@ -703,7 +709,7 @@ void amx_worker(Args<bf16>& a) {
     _mm_setcsr(csr | 0x8040);  // FTZ, DAZ
     const int64_t blocks = (a.T + MA - 1) / MA;
     for (int64_t i; (i = a.next.fetch_add(1)) < heads * blocks;)
-        if (a.HP > a.D) amx_rows<true>(a, w, i / blocks, i % blocks * MA);
+        if (ones(a)) amx_rows<true>(a, w, i / blocks, i % blocks * MA);
         else amx_rows<false>(a, w, i / blocks, i % blocks * MA);
     _mm_setcsr(csr);
     _tile_release();
