@@ -125,8 +125,9 @@ def test_geglu_at_inference_is_two_products_and_in_place_gelu():
     """Without gradients GEGLU runs its halves as two products, GELU and the product in place
     (no out-of-place gelu or mul), with the one-product path's values; in bfloat16 on oneDNN
     (where it has bfloat16: winograd.onednn_bfloat16) the GELU and the product run inside the
-    two products (no gelu or mul op at all); a hooked layer (LoRA training's) keeps its hook."""
-    from nanodiffusion.models import winograd
+    two products (no gelu or mul op at all), and on AMX CPUs as one product of small_gemm's
+    kernel of many rows; a hooked layer (LoRA training's) keeps its hook."""
+    from nanodiffusion.models import small_gemm, winograd
     from nanodiffusion.models.layers import GEGLU
     from nanodiffusion.models.packing import onednn_linears
 
@@ -142,7 +143,12 @@ def test_geglu_at_inference_is_two_products_and_in_place_gelu():
             with torch.no_grad(), torch.profiler.profile() as prof:
                 out = g(x)
             names = [e.name for e in prof.events()]
-            if onednn and dtype == torch.bfloat16 and winograd.onednn_bfloat16():
+            if onednn and dtype == torch.bfloat16 and small_gemm.linear_takes(x, 96, 64, 600):
+                # AMX: GEGLU whole in one product of the kernel of many rows
+                assert names.count("nanodiffusion::small_linear") == 1, names
+                assert "mkldnn::_linear_pointwise" not in names, names
+                assert not {"aten::gelu_", "aten::mul_"} & set(names), names
+            elif onednn and dtype == torch.bfloat16 and winograd.onednn_bfloat16():
                 assert names.count("mkldnn::_linear_pointwise") == 2, names
                 assert not {"aten::gelu_", "aten::mul_"} & set(names), names
             else:

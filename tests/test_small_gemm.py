@@ -51,6 +51,12 @@ def test_what_it_takes():
         assert not small_gemm.takes(x, 48, 64, 4) and not small_gemm.takes(x, 64, 36, 4)
     else:
         assert not small_gemm.takes(x, 64, 64, 4)
+    # a Linear layer's bfloat16 product of any number of rows (the kernel of many rows past
+    # MAX_ROWS); convolutions' columns and float32 as `takes`
+    many = small_gemm.MAX_ROWS[BF] + 1
+    assert small_gemm.linear_takes(x, 64, 64, many) == _here()
+    assert small_gemm.linear_takes(x, 64, 64, 8192) == _here()
+    assert not small_gemm.linear_takes(x, 48, 64, many) and not small_gemm.linear_takes(x, 64, 36, many)
     f32, big = small_gemm.MAX_ROWS[torch.float32], small_gemm.FLOAT32_MIN_WEIGHT
     assert small_gemm.takes(x.float(), -(-big // 1000), 1000, f32) == fused_attention.amx()
     assert not small_gemm.takes(x.float(), big // 1000, 1000, f32)  # 304 elements short
@@ -61,14 +67,19 @@ def test_values_within_bfloat16_rounding_of_float64():
     """Row counts off the kernel's blocks (1, 17, 33, 160), a row stride past K, with and
     without bias, K in one chunk and in several (small_gemm.cpp's X_CHUNK of x's tiles: at
     160 rows 100 k tiles a chunk, at 128 rows 128, at 33 rows 256; the last chunk whole or
-    short): the mean error against float64 at most oneDNN's (the sums in float32, one
-    rounding), and no element off by more than two of the output's bfloat16 steps."""
+    short); and the kernel of many rows (past MAX_ROWS): its threads sharing the rows (more
+    rows than columns) or the columns, x's last block short of 32 rows or not, w in one chunk
+    of W_CHUNK bytes or several: the mean error against float64 at most oneDNN's (the sums in
+    float32, one rounding), and no element off by more than two of the output's bfloat16
+    steps."""
     if not _here():
         return
     torch.manual_seed(0)
     for M, K, N, bias in ((1, 32, 32, True), (17, 320, 64, False), (33, 1280, 96, True),
                           (160, 768, 128, True), (32, 2880, 320, True), (160, 6432, 96, True),
-                          (128, 8192, 64, False), (33, 8224, 32, True)):
+                          (128, 8192, 64, False), (33, 8224, 32, True),
+                          (161, 64, 32, True), (200, 320, 1280, True), (1000, 320, 64, False),
+                          (1031, 2560, 640, True), (300, 5120, 1280, True), (4096, 96, 96, True)):
         base = torch.randn(M, K + 32, dtype=BF)
         x = base[:, 16:16 + K]  # rows K apart in a wider tensor
         w = (torch.randn(N, K) / K ** 0.5).to(BF)
@@ -102,7 +113,8 @@ def test_the_epilogue_within_bfloat16_rounding_of_float64(act, op):
     if not _here():
         return
     torch.manual_seed(0)
-    for M, K, N in ((154, 768, 3072), (17, 320, 64), (32, 1280, 1280)):
+    for M, K, N in ((154, 768, 3072), (17, 320, 64), (32, 1280, 1280), (200, 320, 96),
+                    (1030, 64, 640)):
         x = torch.randn(M, K, dtype=BF)
         w = (torch.randn(N, K) * 3 / K ** 0.5).to(BF)  # outputs to +-12: the activations' tails
         b = torch.randn(N, dtype=BF)
@@ -120,6 +132,36 @@ def test_the_epilogue_within_bfloat16_rounding_of_float64(act, op):
         assert err.mean() <= (torch_bf16.double() - ref).abs().mean() * 1.05, (M, K, N)
 
 
+def test_geglu_in_one_product_of_many_rows():
+    """GEGLU's h * GELU(gate) past MAX_ROWS rows as one product (gated_gelu: h's and the gate's
+    tiles side by side, one rounding): within two bfloat16 steps of float64 and below the
+    two products' error (the gate rounded before its multiply), whatever splits the threads
+    and the chunks make; the two products at MAX_ROWS rows and below."""
+    if not _here():
+        return
+    torch.manual_seed(0)
+    for M, K, N in ((161, 64, 32), (1000, 320, 1280), (300, 2560, 640), (8200, 64, 32)):
+        x = torch.randn(M, K, dtype=BF)
+        w = (torch.randn(2 * N, K) * 3 / K ** 0.5).to(BF)
+        b = torch.randn(2 * N, dtype=BF)
+        with torch.no_grad():
+            y = small_gemm.gated_gelu(x, w, b)
+            two = small_gemm.linear(x, w[:N], b[:N], op="mul",
+                                    other=small_gemm.linear(x, w[N:], b[N:], act="gelu"))
+            h, g = (x.double() @ w.double().T + b.double()).chunk(2, dim=-1)
+        ref = h * F.gelu(g)
+        assert y.shape == (M, N) and y.dtype == BF
+        err = (y.double() - ref).abs()
+        assert (err <= 2 * 2.0 ** -8 * ref.abs() + 2e-3 * ref.abs().max()).all(), (M, K, N)
+        assert err.mean() < (two.double() - ref).abs().mean(), (M, K, N)
+    calls = []
+    real = small_gemm.linear
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(small_gemm, "linear", lambda *a, **k: calls.append(k.get("act")) or real(*a, **k))
+        small_gemm.gated_gelu(torch.randn(small_gemm.MAX_ROWS[BF], 64, dtype=BF), w[:64], b[:64])
+    assert calls == ["gelu", None]  # the gate's product, then h's with it multiplied in
+
+
 def test_the_epilogue_refuses_what_it_does_not_know():
     x, w = torch.randn(4, 64, dtype=BF), torch.randn(64, 64, dtype=BF)
     if _here():
@@ -127,6 +169,8 @@ def test_the_epilogue_refuses_what_it_does_not_know():
             small_gemm.linear(x, w, act="relu")
         with pytest.raises(ValueError, match="other is given exactly where op is not 'none'"):
             small_gemm.linear(x, w, op="add")
+        with pytest.raises(ValueError, match="act='geglu' takes more than 160 rows and no op"):
+            small_gemm.linear(x, w, act="geglu")
     with pytest.raises(ValueError, match="bfloat16 products only"):
         small_gemm.linear(torch.randn(4, 4096), torch.randn(4096, 4096), act="gelu")
 
@@ -162,9 +206,10 @@ def test_float32_values_within_rounding_of_float64():
         assert err.max() <= 2 * err_onednn.max() + 1e-7, (M, K, N, err.max(), err_onednn.max())
 
 
-def test_linear_layers_take_it_for_few_rows(monkeypatch):
-    """OneDNNLinear (and GEGLU through it) runs few bfloat16 rows on the kernel, many on
-    oneDNN's; the results within bfloat16 rounding of float64."""
+def test_linear_layers_take_it(monkeypatch):
+    """OneDNNLinear (and GEGLU through it) runs its bfloat16 products on the kernels, few rows
+    and many (GEGLU's as one product there); the results within bfloat16 rounding of
+    float64."""
     calls = []
     real = small_gemm.linear
     monkeypatch.setattr(small_gemm, "linear",
@@ -185,7 +230,8 @@ def test_linear_layers_take_it_for_few_rows(monkeypatch):
         assert (y.double() - ref).abs().max() <= 2.0 ** -7 * ref.abs().max()
         gref = h * F.gelu(gate)
         assert (g.double() - gref).abs().max() <= 2.0 ** -6 * gref.abs().max()
-        assert len(calls) == (3 if rows <= small_gemm.MAX_ROWS[BF] and _here() else 0)
+        few = rows <= small_gemm.MAX_ROWS[BF]
+        assert len(calls) == ((3 if few else 2) if _here() else 0)
 
 
 def _oihw_columns(x, size, stride):

@@ -355,7 +355,7 @@ class OneDNNLinear(nn.Linear):
         """Whether a call on oneDNN (on_onednn) runs on small_gemm's kernel instead (bfloat16,
         few rows: SD 1.5's text encoder, the UNet's 8x8 level at 256 px)."""
         return (weight.dtype == torch.bfloat16 and weight.stride(-1) == 1
-                and small_gemm.takes(x, *weight.shape, x.numel() // x.shape[-1]))
+                and small_gemm.linear_takes(x, *weight.shape, x.numel() // x.shape[-1]))
 
     def product(self, x, weight, bias):
         """x @ weight.T + bias by this layer's rule (layers.GEGLU passes halves of the weight);
@@ -380,9 +380,8 @@ class OneDNNLinear(nn.Linear):
         w, b = self.weight, self.bias
         if x.dtype != torch.bfloat16 or not self.on_onednn(x, w[n:]):
             return None
-        if self.few_rows(x, w[n:]):  # the same on small_gemm's kernel, in its epilogues
-            gate = small_gemm.linear(x, w[n:], None if b is None else b[n:], act="gelu")
-            return small_gemm.linear(x, w[:n], None if b is None else b[:n], other=gate, op="mul")
+        if self.few_rows(x, w[n:]):  # the same on small_gemm's kernels, in their epilogues
+            return small_gemm.gated_gelu(x, w, b)
         op = torch.ops.mkldnn._linear_pointwise
         gate = op(x, w[n:], None if b is None else b[n:], "gelu", [], "none")
         return op.binary(x, gate, w[:n], None if b is None else b[:n], "mul")

@@ -20,6 +20,14 @@ Elsewhere oneDNN's kernels run as before. The kernel's sums are in float32 with 
 as oneDNN's, in another order: the results differ in the last bfloat16 bit here and there (mean
 error against float64 1.6e-3 of the output's scale, oneDNN's 2.0e-3); float32's differ from the
 convolution's by float32 roundings.
+
+Linear layers' bfloat16 products of more rows run on the same library's kernel of many rows
+(`linear_takes`; nd_gemm_bf16), with the same epilogues, and GEGLU's two halves as one product
+(`gated_gelu`): oneDNN's product spent as long on its GELU and gate epilogues as on the
+product (8192 x 320 -> 1280 at 512 px: 2.3 ms plain, 5.3 with GELU), where the kernel runs
+its epilogue between the next block's tile products. SD 1.5's bfloat16 UNet call, 2 threads of
+an AMX Xeon, oneDNN's against these in one process, interleaved: 431 -> 408 ms at 256 px, 1631
+-> 1544 ms at 512 px (its feed-forwards 236 -> 181 ms).
 """
 import ctypes
 import os
@@ -34,6 +42,7 @@ SOURCE = Path(__file__).with_name("small_gemm.cpp")
 LEVEL = "amx"
 ENV = "NANODIFFUSION_SMALL_GEMM"
 FUNCTIONS = {torch.bfloat16: "nd_small_gemm_bf16", torch.float32: "nd_small_gemm_f32"}
+MANY_ROWS = "nd_gemm_bf16"  # bfloat16 past MAX_ROWS (linear_takes)
 _i64, _p = ctypes.c_int64, ctypes.c_void_p
 _int = ctypes.c_int
 ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _int, _int, _int, _int, _p, _i64]
@@ -41,7 +50,7 @@ ARGTYPES = [_p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _p, _int, _int, 
 COLUMNS_ARGTYPES = [_p] + [_i64] * 10 + [_p, _int]
 # The bfloat16 kernel's epilogue (small_gemm.cpp's Act and Op): y = act(x w^T + bias) op other,
 # in float32 before the one rounding, so that no pass over y is left to torch.
-ACTS = {"none": 0, "quick_gelu": 1, "gelu": 2}
+ACTS = {"none": 0, "quick_gelu": 1, "gelu": 2, "geglu": 3}  # geglu: gated_gelu's, many rows only
 OPS = {"none": 0, "add": 1, "mul": 2}
 # Rows taken, by dtype. bfloat16: up to here the weight's read from memory is the product's
 # time and the kernel beats oneDNN's (2 threads, AMX Xeon, weights not in cache: 32 x 11520 ->
@@ -77,7 +86,7 @@ def library():
     """The loaded library, or None where it does not run here (see the module's text)."""
     if not _enabled() or LEVEL not in fused_attention.cpu_levels():
         return None
-    return fused_attention.load(LEVEL, SOURCE, list(FUNCTIONS.values()), ARGTYPES,
+    return fused_attention.load(LEVEL, SOURCE, [*FUNCTIONS.values(), MANY_ROWS], ARGTYPES,
                                 "small-product kernel not built, oneDNN's runs")
 
 
@@ -99,6 +108,14 @@ def takes(x, n, k, rows):
     return n % 32 == 0 and k % 32 == 0 and library() is not None
 
 
+def linear_takes(x, n, k, rows):
+    """Whether `linear` runs a Linear layer's product of `rows` rows: as `takes`, and bfloat16
+    of any number of rows (past MAX_ROWS on the kernel of many rows, nd_gemm_bf16)."""
+    if x.dtype == torch.bfloat16 and rows > MAX_ROWS[torch.bfloat16] and x.device.type == "cpu":
+        return n % 32 == 0 and k % 32 == 0 and library() is not None
+    return takes(x, n, k, rows)
+
+
 def linear(x, weight, bias=None, act="none", other=None, op="none"):
     """x @ weight.T + bias (x: (..., K); weight: (N, K), its rows contiguous) on the kernel
     (float32: up to F32_ROWS rows, N a multiple of 4, where it is built; else oneDNN's
@@ -117,7 +134,20 @@ def linear(x, weight, bias=None, act="none", other=None, op="none"):
     else:
         o = None if other is None else other.reshape(-1, weight.shape[0])
         y = torch.ops.nanodiffusion.small_linear(rows, weight.detach(), b, act, o, op)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def gated_gelu(x, weight, bias=None):
+    """GEGLU's h * GELU(gate) of x's product with `weight`'s halves (h: its first rows, gate: the
+    rest), bfloat16, as `linear_takes` takes x with one half: past MAX_ROWS rows as one product
+    whose epilogue does it all, each block's h and gate side by side on the tiles (nd_gemm_bf16's
+    ACT_GEGLU: the gates are never stored and read back), else as two (the gate's GELU in its
+    product's epilogue, then h's product with the gate multiplied in)."""
+    n = weight.shape[0] // 2
+    if x.numel() // x.shape[-1] > MAX_ROWS[torch.bfloat16]:
+        return linear(x, weight, bias, act="geglu")
+    gate = linear(x, weight[n:], None if bias is None else bias[n:], act="gelu")
+    return linear(x, weight[:n], None if bias is None else bias[:n], other=gate, op="mul")
 
 
 def columns(conv, x, size, dense=False):
@@ -204,18 +234,24 @@ def _run(x, w, b, act="none", other=None, op="none"):
     if other is not None and (other.shape != (M, N) or other.dtype != x.dtype
                               or other.stride(-1) != 1):
         other = other.to(x.dtype).expand(M, N).contiguous()
-    y = x.new_empty(M, N)
+    if act == "geglu" and (M <= MAX_ROWS[x.dtype] or op != "none"):
+        raise ValueError(f"small_gemm: act='geglu' takes more than {MAX_ROWS[x.dtype]} rows and "
+                         f"no op, got {M} rows and op={op!r}")
+    y = x.new_empty(M, N // 2 if act == "geglu" else N)
+    fn = FUNCTIONS[x.dtype]
     if x.dtype == torch.float32:
         packed = x.new_empty(K * F32_ROWS)  # x^T
+    elif M > MAX_ROWS[x.dtype]:
+        fn, packed = MANY_ROWS, None  # it keeps its own scratch
     else:
         packed = x.new_empty((M + 31) // 32 * 32 * K)  # the kernel's B tiles (an even block count)
     # bfloat16's bias as it lies (the kernel widens it); else float32, added to the float32 sums
     b16 = b is not None and b.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
     if b is not None:
         b = b.contiguous() if b16 else b.float().contiguous()
-    err = getattr(library(), FUNCTIONS[x.dtype])(
+    err = getattr(library(), fn)(
         x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
-        y.data_ptr(), N, M, N, K, packed.data_ptr(), torch.get_num_threads(), int(b16),
+        y.data_ptr(), y.shape[1], M, N, K, None if packed is None else packed.data_ptr(), torch.get_num_threads(), int(b16),
         ACTS[act], OPS[op], None if other is None else other.data_ptr(),
         0 if other is None else other.stride(0))
     if err:
@@ -231,4 +267,4 @@ _OPS.define("small_linear(Tensor x, Tensor weight, Tensor? bias, str act='none',
             "Tensor? other=None, str op='none') -> Tensor")
 _OPS.impl("small_linear", _run, "CPU")
 _OPS.impl("small_linear", lambda x, w, b, act="none", other=None, op="none":
-          x.new_empty(x.shape[0], w.shape[0]), "Meta")
+          x.new_empty(x.shape[0], w.shape[0] // (2 if act == "geglu" else 1)), "Meta")
