@@ -21,9 +21,14 @@ pools were then allocated one whole before the other, ours first. With them allo
 turn, the cold column had ours 0.99-1.40x oneDNN's at four shapes where the old allocation
 had said 0.49-0.85x (the same machine, the same hour).
 
+`--many` runs the same library's kernel of many rows (past small_gemm.MAX_ROWS: Linear layers'
+bfloat16 products) at SD 1.5's 512 px shapes instead, and GEGLU whole (`small_gemm.gated_gelu`,
+one product) against oneDNN's two (GELU's post-op, then the value's with the gate multiplied).
+
     nice .venv/bin/python benchmarks/bench_small_gemm.py
     nice .venv/bin/python benchmarks/bench_small_gemm.py --shapes 128x11520x1280 77x768x3072 \
         --rounds 8
+    nice .venv/bin/python benchmarks/bench_small_gemm.py --many --cold-mb 300
 
 Needs an AMX CPU where Linux grants the tiles (the kernel runs nowhere else). Not a test:
 nothing here gates CI.
@@ -39,26 +44,42 @@ from nanodiffusion.models import small_gemm
 
 SHAPES = ["128x11520x1280", "128x1280x1280", "128x1280x5120", "32x11520x1280",
           "32x23040x1280", "154x768x3072", "154x3072x768", "77x768x768", "77x768x3072"]
+# --many: the kernel of many rows at SD 1.5's 512 px shapes (its transformers' linears at the
+# 64x64, 32x32 and 16x16 levels, batch 2), and GEGLU whole ("geglu": N the weight's rows, both
+# halves) against oneDNN's two products (GELU's, then the value's with the gate multiplied in)
+MANY = ["8192x320x1280", "8192x1280x320", "8192x320x320", "2048x640x2560", "2048x2560x640",
+        "2048x640x640", "512x1280x5120", "512x5120x1280", "512x1280x1280", "8192x320x2560geglu",
+        "2048x640x5120geglu", "512x1280x10240geglu"]
 
 
-def _ours(x, w):
+def _ours(x, w, geglu=False):
+    if geglu:
+        return small_gemm.gated_gelu(x, w)
     return torch.ops.nanodiffusion.small_linear(x, w, None, "none", None, "none")
 
 
-def _onednn(x, w):
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+def _onednn(x, w, geglu=False):
+    op = torch.ops.mkldnn._linear_pointwise
+    if geglu:
+        n = w.shape[0] // 2
+        return op.binary(x, op(x, w[n:], None, "gelu", [], "none"), w[:n], None, "mul")
+    return op(x, w, None, "none", [], "")
 
 
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="MxKxN: rows, inputs, outputs")
+    ap.add_argument("--shapes", nargs="+", default=SHAPES,
+                    help="MxKxN: rows, inputs, outputs (a 'geglu' suffix: GEGLU whole)")
+    ap.add_argument("--many", action="store_true", help="the shapes of many rows (MANY)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--calls", type=int, default=10, help="timed calls per kernel and round")
     ap.add_argument("--cold-mb", type=int, default=1000,
                     help="MB of weights cycled through for the cold calls")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.many:
+        args.shapes = MANY
     torch.set_num_threads(args.threads)
     if small_gemm.library() is None:
         raise SystemExit("small_gemm's kernel does not run here (it needs AMX and g++)")
@@ -69,7 +90,8 @@ def main():
           f"{'ours GB/s':>10} {'ours of peak':>13} {'max|diff|':>10}")
     g = torch.Generator().manual_seed(0)
     for shape in args.shapes:
-        M, K, N = (int(v) for v in shape.split("x"))
+        geglu = shape.endswith("geglu")
+        M, K, N = (int(v) for v in shape.removesuffix("geglu").split("x"))
         x = torch.randn(M, K, generator=g).bfloat16()
         for cold in (False, True):
             count = max(1, (args.cold_mb << 20) // (2 * N * K)) if cold else 1
@@ -82,17 +104,17 @@ def main():
                 for fn in pools:
                     pools[fn].append((torch.randn(N, K, generator=g) / K ** 0.5).bfloat16())
             w0 = pools[_ours][0]
-            diff = (_ours(x, w0).float() - _onednn(x, w0).float()).abs().max().item()
+            diff = (_ours(x, w0, geglu).float() - _onednn(x, w0, geglu).float()).abs().max().item()
             times = {_ours: [], _onednn: []}
             for r in range(args.rounds):
                 for fn in (_ours, _onednn) if r % 2 == 0 else (_onednn, _ours):
                     ws = pools[fn]
                     for w in ws[:2]:
-                        fn(x, w)
+                        fn(x, w, geglu)
                     for i in range(args.calls):
                         w = ws[(r * args.calls + i) % count]
                         t0 = time.perf_counter()
-                        fn(x, w)
+                        fn(x, w, geglu)
                         times[fn].append(time.perf_counter() - t0)
             del pools
             ours, theirs = (statistics.median(times[f]) for f in (_ours, _onednn))

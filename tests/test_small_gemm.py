@@ -56,7 +56,8 @@ def test_what_it_takes():
     many = small_gemm.MAX_ROWS[BF] + 1
     assert small_gemm.linear_takes(x, 64, 64, many) == _here()
     assert small_gemm.linear_takes(x, 64, 64, 8192) == _here()
-    assert not small_gemm.linear_takes(x, 48, 64, many) and not small_gemm.linear_takes(x, 64, 36, many)
+    assert not small_gemm.linear_takes(x, 48, 64, many)
+    assert not small_gemm.linear_takes(x, 64, 36, many)
     f32, big = small_gemm.MAX_ROWS[torch.float32], small_gemm.FLOAT32_MIN_WEIGHT
     assert small_gemm.takes(x.float(), -(-big // 1000), 1000, f32) == fused_attention.amx()
     assert not small_gemm.takes(x.float(), big // 1000, 1000, f32)  # 304 elements short
@@ -92,6 +93,31 @@ def test_values_within_bfloat16_rounding_of_float64():
         err, err_onednn = (y.double() - ref).abs(), (one.double() - ref).abs()
         assert err.mean() <= err_onednn.mean() * 1.1, (M, K, N)
         assert (err <= 2 * 2.0 ** -8 * ref.abs() + 1e-3).all(), (M, K, N)
+
+
+def test_many_rows_whatever_the_threads():
+    """The kernel of many rows shares out x's rows or w's among however many threads torch
+    has (1, 3: blocks that do not divide evenly, a thread with none): the same values as with
+    two, within rounding of float64."""
+    if not _here():
+        return
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    try:
+        for M, K, N in ((1000, 320, 64), (200, 64, 1280), (161, 64, 32)):
+            x = torch.randn(M, K, dtype=BF)
+            w = (torch.randn(N, K) / K ** 0.5).to(BF)
+            ref = x.double() @ w.double().T
+            got = []
+            for threads in (2, 1, 3, 7):
+                torch.set_num_threads(threads)
+                with torch.no_grad():
+                    got.append(small_gemm.linear(x, w))
+            for y in got:
+                assert torch.equal(y, got[0]), (M, K, N)  # each sum over all of K, in order
+            assert ((got[0].double() - ref).abs() <= 2 * 2.0 ** -8 * ref.abs() + 1e-3).all()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _unfused(x, w, b, act, other, op):

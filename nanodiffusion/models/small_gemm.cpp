@@ -454,7 +454,8 @@ bf16* gemm_scratch(size_t elements) {
     static thread_local Scratch s;
     if (elements > s.size) {
         std::free(s.buf);
-        s.buf = static_cast<bf16*>(std::aligned_alloc(64, (elements * sizeof(bf16) + 63) / 64 * 64));
+        const size_t bytes = (elements * sizeof(bf16) + 63) / 64 * 64;
+        s.buf = static_cast<bf16*>(std::aligned_alloc(64, bytes));
         s.size = s.buf ? elements : 0;
     }
     return s.buf;

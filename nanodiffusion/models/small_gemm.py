@@ -251,7 +251,8 @@ def _run(x, w, b, act="none", other=None, op="none"):
         b = b.contiguous() if b16 else b.float().contiguous()
     err = getattr(library(), fn)(
         x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
-        y.data_ptr(), y.shape[1], M, N, K, None if packed is None else packed.data_ptr(), torch.get_num_threads(), int(b16),
+        y.data_ptr(), y.shape[1], M, N, K, None if packed is None else packed.data_ptr(),
+        torch.get_num_threads(), int(b16),
         ACTS[act], OPS[op], None if other is None else other.data_ptr(),
         0 if other is None else other.stride(0))
     if err:
