@@ -87,6 +87,21 @@ inline void transpose16(__m512i r[16]) {
     }
 }
 
+// One k tile of both kernels' 2 x 2 blocks: results 0-3 += the A tiles at a0, a1 (16 rows of 32
+// elements, rows `stride` bytes apart) x the B tiles at b0, b1 (pack_rows'). Tiles do not
+// rename, so each load waits only on the product before the one that last read its tile.
+inline void products_2x2(const bf16* a0, const bf16* a1, int64_t stride, const bf16* b0,
+                         const bf16* b1) {
+    _tile_loadd(4, a0, stride);
+    _tile_loadd(6, b0, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a1, stride);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+}
+
 // x's rows m0 .. m0 + 15 (those below M; zero past them) packed as K / 32 B tiles, each 16
 // pairs of k (its rows) x 16 rows of x (its columns): dst[kt][p][c] = x[m0 + c][32 kt + 2p ..]
 void pack_rows(const bf16* x, int64_t xs, int64_t M, int64_t K, int64_t m0, bf16* dst) {
@@ -328,14 +343,8 @@ extern "C" int nd_small_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int6
                                     ++pr;
                                 }
                             }
-                            _tile_loadd(4, a0 + 32 * kt, 2 * ws);
-                            _tile_loadd(6, b0 + 512 * kt, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_loadd(7, b1 + 512 * kt, 64);
-                            _tile_dpbf16ps(1, 4, 7);
-                            _tile_loadd(5, a1 + 32 * kt, 2 * ws);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
+                            products_2x2(a0 + 32 * kt, a1 + 32 * kt, 2 * ws, b0 + 512 * kt,
+                                         b1 + 512 * kt);
                         }
                         _tile_stored(0, c, 64);
                         _tile_stored(1, c + 512, 64);
@@ -527,14 +536,8 @@ extern "C" int nd_gemm_bf16(const bf16* x, int64_t xs, const bf16* w, int64_t ws
                     _tile_zero(2);
                     _tile_zero(3);
                     for (int64_t kt = 0; kt < KT; ++kt) {
-                        _tile_loadd(4, a0 + 32 * kt, 2 * as);
-                        _tile_loadd(6, b0 + 512 * kt, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_loadd(7, b1 + 512 * kt, 64);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_loadd(5, a1 + 32 * kt, 2 * as);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
+                        products_2x2(a0 + 32 * kt, a1 + 32 * kt, 2 * as, b0 + 512 * kt,
+                                     b1 + 512 * kt);
                         if (pn >= 0)
                             store(c[cur ^ 1], ep, y, ys, pn, pm,
                                         std::min<int>(prows, (int)(32 * kt / KT)),
